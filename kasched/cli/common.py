@@ -1,0 +1,62 @@
+"""What every command handler shares: the configuration, the API session, and table printing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from kasched import config as config_module
+from kasched.config import Config
+
+
+class Context:
+    """Lazily loads the configuration and opens the API for a command."""
+
+    def __init__(self, config_path: str | None = None) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+        self._api: Any = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = config_module.load(self.config_path)
+        return self._config
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            from kasched.api import Kasched
+
+            self._api = Kasched.open(self.config)
+        return self._api
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.close()
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: Any = None) -> None:
+    """Print rows as aligned columns under their headers."""
+    out = out or sys.stdout
+    text_rows = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line.rstrip(), file=out)
+    for row in text_rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str, sort_keys=True))
+
+
+def print_mapping(data: dict[str, Any]) -> None:
+    """Print ``key: value`` lines, aligned."""
+    width = max((len(k) for k in data), default=0)
+    for key, value in data.items():
+        print(f"{key.ljust(width)}  {'' if value is None else value}")

@@ -1,0 +1,136 @@
+"""Database access: one engine per URL, short transactions, and SQLite made safe for many processes.
+
+SQLite is the embedded default. Many prolog processes may write at once, so every SQLite transaction
+starts with ``BEGIN IMMEDIATE`` (it takes the write lock up front, so two writers never deadlock on a
+lock upgrade), the file runs in WAL mode, and a busy connection waits instead of failing.
+PostgreSQL (``postgresql+psycopg://``) and MariaDB (``mysql+pymysql://``) are used as they are.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from kasched.errors import DatabaseError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_MS = 60_000
+
+
+class Database:
+    """An engine, a session factory and the schema's migrations for one database URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = _make_engine(url)
+        except (ArgumentError, NoSuchModuleError, ValueError) as error:
+            raise DatabaseError(f"database {_safe(url)}: {error}") from None
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed when the block ends, rolled back on any error."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as error:
+            raise DatabaseError(f"database {_safe(self.url)}: {_first_line(error)}") from None
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (creating it on an empty database)."""
+        with self._migration_lock():
+            if self.is_current():
+                return
+            try:
+                with self.engine.begin() as connection:
+                    alembic_config = _alembic_config()
+                    alembic_config.attributes["connection"] = connection
+                    command.upgrade(alembic_config, "head")
+            except SQLAlchemyError as error:
+                raise DatabaseError(f"database {_safe(self.url)}: migration failed: {_first_line(error)}") from None
+
+    def is_current(self) -> bool:
+        """Whether the schema is at the newest migration."""
+        head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+        try:
+            with self.engine.connect() as connection:
+                current = MigrationContext.configure(connection).get_current_revision()
+        except OperationalError as error:
+            raise DatabaseError(f"database {_safe(self.url)}: {_first_line(error)}") from None
+        return current == head
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        # Several processes may open a new SQLite file at once: one migrates, the others wait.
+        path = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else None
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+    database = engine.url.database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _alembic_config() -> AlembicConfig:
+    alembic_config = AlembicConfig()
+    alembic_config.set_main_option("script_location", str(MIGRATIONS))
+    return alembic_config
+
+
+def _safe(url: str) -> str:
+    """The URL with its password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparsable URL>"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

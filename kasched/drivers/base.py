@@ -1,0 +1,112 @@
+"""The driver contracts (after Ironic's interfaces): small ABCs with a fast ``validate()``.
+
+A driver acts on one node. It raises :class:`~kasched.errors.DriverError` (naming the node) for any
+failure, wrapping the errors of the library it uses; callers that act on many nodes turn those into
+per-node results, so one failing node never hides the others.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """What a driver needs to know of a node; built from the inventory, with credentials resolved."""
+
+    name: str
+    mac: str
+    ip: str
+    bmc_address: str | None = None
+    bmc_port: int = 623
+    bmc_user: str | None = None
+    bmc_password: str | None = None
+    disk_device: str = "/dev/sda"
+    reference_partition: int = 2
+    deploy_partition: int = 3
+
+
+class PowerState(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
+class BootDevice(enum.StrEnum):
+    NETWORK = "network"  # PXE: the node follows the boot profile the site serves for it
+    DISK = "disk"
+
+
+class BootTarget(enum.StrEnum):
+    """What a node's boot profile makes it boot."""
+
+    DEPLOY = "deploy"  # the deployment system, running from the network, nothing taken from the disk
+    LOCAL = "local"  # a partition of its local disk
+    STATELESS = "stateless"  # an environment in RAM, no disk write
+
+
+class PowerDriver(ABC):
+    """Turns a node on and off, and chooses its next boot device."""
+
+    name: str = ""
+
+    @abstractmethod
+    def validate(self, node: NodeTarget) -> None:
+        """Check quickly, without touching the hardware, that ``node`` has what this driver needs."""
+
+    @abstractmethod
+    def status(self, node: NodeTarget) -> PowerState: ...
+
+    @abstractmethod
+    def on(self, node: NodeTarget) -> None: ...
+
+    @abstractmethod
+    def off(self, node: NodeTarget) -> None: ...
+
+    @abstractmethod
+    def reset(self, node: NodeTarget) -> None:
+        """Hard reset: the node restarts at once, without a clean shutdown."""
+
+    def cycle(self, node: NodeTarget) -> None:
+        """Very hard: off, then on."""
+        self.off(node)
+        self.on(node)
+
+    def set_boot_device(self, node: NodeTarget, device: BootDevice) -> None:  # noqa: B027
+        """Choose the device of the next boot; drivers that cannot do it keep this default (no-op)."""
+
+
+class BootDriver(ABC):
+    """Writes the boot profile a node finds on the network (iPXE, PXELINUX, GRUB)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def validate(self, node: NodeTarget) -> None: ...
+
+    @abstractmethod
+    def set_profile(
+        self,
+        node: NodeTarget,
+        target: BootTarget,
+        *,
+        partition: int | None = None,
+        kernel: str = "",
+        initrd: str = "",
+        cmdline: str = "",
+    ) -> None:
+        """Write, atomically, the profile that makes ``node`` boot ``target`` at its next network boot."""
+
+
+class ConsoleDriver(ABC):
+    """Gives access to a node's console (serial-over-LAN)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def validate(self, node: NodeTarget) -> None: ...
+
+    @abstractmethod
+    def command(self, node: NodeTarget) -> list[str]:
+        """The command a user runs to attach to the console."""

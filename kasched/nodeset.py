@@ -1,0 +1,91 @@
+"""Node ranges such as ``node-[1-64]``, everywhere a node list is accepted.
+
+We use ClusterShell's NodeSet (the reference implementation of this syntax on HPC sites) rather than
+a parser of our own, and turn its errors into :class:`~kasched.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+from ClusterShell.RangeSet import RangeSetParseError
+
+from kasched.errors import InputError
+
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def expand(pattern: str, *, field: str = "nodes") -> list[str]:
+    """Expand a node range (``node-[1-3,7]``, or several separated by commas) to sorted names."""
+    pattern = pattern.strip()
+    if not pattern:
+        raise InputError("empty node list", field=field)
+    try:
+        names = list(NodeSet(pattern))
+    except (NodeSetParseError, RangeSetParseError, ValueError) as error:
+        raise InputError(f"bad node range {pattern!r}: {error}", field=field) from None
+    if not names:
+        raise InputError(f"node range {pattern!r} names no node", field=field)
+    return names
+
+
+def expand_many(patterns: Iterable[str], *, field: str = "nodes") -> list[str]:
+    """Expand several ranges; keep each name once, in the order first given."""
+    seen: dict[str, None] = {}
+    for pattern in patterns:
+        for name in expand(pattern, field=field):
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+def fold(names: Iterable[str]) -> str:
+    """Fold names back into the shortest range string (``node-[1-4]``)."""
+    return str(NodeSet.fromlist(list(names)))
+
+
+def expand_value(value: str, count: int, *, field: str) -> list[str]:
+    """Expand one per-node value given as a pattern with one bracketed range, in order.
+
+    ``10.0.0.[11-18]`` gives eight addresses; ``02:00:00:00:00:[01-08]`` eight MACs. A value without
+    brackets is returned ``count`` times. The number of values must equal ``count``.
+    """
+    matches = list(_BRACKET.finditer(value))
+    if not matches:
+        return [value] * count
+    if len(matches) > 1:
+        raise InputError(f"{value!r}: only one [range] is allowed in a per-node value", field=field)
+    match = matches[0]
+    values = []
+    for part in match.group(1).split(","):
+        values.extend(_expand_part(part, value, field))
+    if len(values) != count:
+        raise InputError(f"{value!r} gives {len(values)} values for {count} nodes", field=field)
+    return [value[: match.start()] + item + value[match.end() :] for item in values]
+
+
+def _expand_part(part: str, value: str, field: str) -> list[str]:
+    bounds = part.strip().split("-")
+    if len(bounds) == 1 and bounds[0].isdigit():
+        return [bounds[0]]
+    if len(bounds) != 2 or not all(b.isdigit() for b in bounds) or int(bounds[0]) > int(bounds[1]):
+        raise InputError(f"bad range [{part}] in {value!r}", field=field)
+    width = len(bounds[0]) if bounds[0].startswith("0") else 0
+    return [str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1)]
+
+
+def expand_ordered(pattern: str, *, field: str = "name") -> list[str]:
+    """Expand a name with at most one bracketed range, keeping the order as written.
+
+    Used where names are paired with per-node values (``name: node-[1-8]`` with
+    ``ip: 10.0.0.[11-18]``): both sides must expand in the same order.
+    """
+    matches = list(_BRACKET.finditer(pattern))
+    if not matches:
+        return expand(pattern, field=field)
+    if len(matches) > 1:
+        raise InputError(f"{pattern!r}: only one [range] is allowed here", field=field)
+    inner = matches[0].group(1)
+    count = sum(len(_expand_part(part, pattern, field)) for part in inner.split(","))
+    return expand_value(pattern, count, field=field)
