@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deploy the operating system of your choice on the nodes of your batch job.",
     )
     parser.add_argument("--version", action="version", version=f"kasched {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="configuration file (default: $KASCHED_CONFIG "
-                        "or /etc/kasched/kasched.yaml)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="configuration file (default: $KASCHED_CONFIG or /etc/kasched/kasched.yaml)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:

@@ -5,9 +5,8 @@ Revises:
 Create Date: 2026-11-21 05:23:37.230796
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = "0001"
 down_revision = None
