@@ -168,9 +168,9 @@ def read_channel(channel: paramiko.Channel, deadline: float, node: str) -> tuple
             stdout += channel.recv(_READ_SIZE)
         while channel.recv_stderr_ready():
             stderr += channel.recv_stderr(_READ_SIZE)
-        if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-            if channel.eof_received or channel.closed:
-                return bytes(stdout), bytes(stderr)
+        drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+        if channel.exit_status_ready() and drained and (channel.eof_received or channel.closed):
+            return bytes(stdout), bytes(stderr)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DriverTimeout("command timed out", node=node)

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sshd_nodes import SshdCluster  # noqa: E402
+from sshd_nodes import SshdCluster
 
 
 @pytest.fixture(scope="module")

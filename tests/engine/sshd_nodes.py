@@ -3,6 +3,7 @@ its own 127.0.x.y address, with a generated host key and an authorized_keys file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
@@ -89,10 +90,8 @@ class SshdCluster:
             if process.poll() is None:
                 process.kill()
         for process in self.processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         self.processes.clear()
 
 
