@@ -98,8 +98,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     return value
 
 
-def check(config: Config) -> list[str]:
-    """Problems a running site would meet with this configuration (empty when all is well)."""
+def check(config: Config) -> tuple[list[str], list[str]]:
+    """Problems (fatal) and warnings a running site would meet with this configuration."""
     problems = []
     for name in ("state_dir", "boot_dir", "image_dir"):
         directory: Path = getattr(config, name)
@@ -115,11 +115,12 @@ def check(config: Config) -> list[str]:
             load_credentials(config)
         except ConfigError as error:
             problems.append(str(error))
+    warnings = []
     try:
         grp.getgrnam(config.admin_group)
     except KeyError:
-        problems.append(f"admin_group: Unix group {config.admin_group!r} does not exist (only root is admin)")
-    return problems
+        warnings.append(f"admin_group: Unix group {config.admin_group!r} does not exist (only root is admin)")
+    return problems, warnings
 
 
 def _creatable(directory: Path) -> bool:

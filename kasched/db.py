@@ -59,9 +59,7 @@ class Database:
                     alembic_config.attributes["connection"] = connection
                     command.upgrade(alembic_config, "head")
             except SQLAlchemyError as error:
-                raise DatabaseError(
-                    f"database {_safe(self.url)}: migration failed: {_first_line(error)}"
-                ) from None
+                raise DatabaseError(f"database {_safe(self.url)}: migration failed: {_first_line(error)}") from None
 
     def is_current(self) -> bool:
         """Whether the schema is at the newest migration."""

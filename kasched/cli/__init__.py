@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -69,5 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as error:  # a bug of ours: say so in one line, keep the traceback for those who ask
+        if os.environ.get("KASCHED_DEBUG"):
+            raise
+        print(
+            f"kasched: internal error: {type(error).__name__}: {error} (set KASCHED_DEBUG=1 for the "
+            "traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 70
     finally:
         context.close()

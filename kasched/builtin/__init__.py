@@ -1,0 +1,1 @@
+"""Built-in behaviour, registered on the plugin bus like any third-party plugin."""
