@@ -3,7 +3,7 @@ same calls. Each call checks the caller's rights, runs in a short transaction an
 
 from __future__ import annotations
 
-import time
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +252,7 @@ class Kasched:
         job = JobInfo(
             scheduler="admin",
             cluster=self.config.site,
-            job_id=job_id or f"{int(time.time() * 1000)}",
+            job_id=job_id or f"manual-{secrets.token_hex(4)}",
             user=user,
             nodes=tuple(expand_many([nodes])),
             walltime=hours * 3600,

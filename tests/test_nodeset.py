@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+
+from kasched.errors import InputError
+from kasched.nodeset import expand, expand_many, expand_ordered, expand_value, fold
+
+
+def test_expand_and_fold() -> None:
+    assert expand("node-[1-3,7]") == ["node-1", "node-2", "node-3", "node-7"]
+    assert expand("a[01-02],b") == ["a01", "a02", "b"]
+    assert fold(["node-1", "node-2", "node-3", "node-7"]) == "node-[1-3,7]"
+    assert expand_many(["n[1-2]", "n[2-3]"]) == ["n1", "n2", "n3"]
+
+
+def test_ordered_values_follow_the_written_order() -> None:
+    assert expand_ordered("n[3,1-2]") == ["n3", "n1", "n2"]
+    assert expand_value("10.0.0.[9-11]", 3, field="ip") == ["10.0.0.9", "10.0.0.10", "10.0.0.11"]
+    assert expand_value("same", 2, field="x") == ["same", "same"]
+
+
+@pytest.mark.parametrize("bad", ["", "node-[3-1", "node-[a-b]", "[]"])
+def test_bad_ranges(bad: str) -> None:
+    with pytest.raises(InputError):
+        expand(bad)
+
+
+def test_value_count_mismatch() -> None:
+    with pytest.raises(InputError, match="gives 2 values for 3 nodes"):
+        expand_value("x[1-2]", 3, field="ip")
+    with pytest.raises(InputError, match="only one"):
+        expand_value("x[1-2][1-2]", 4, field="ip")
