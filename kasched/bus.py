@@ -40,7 +40,7 @@ class Bus:
             self.manager.register(plugin, name=name)
 
     def plugin_names(self) -> list[str]:
-        return sorted(name for name, _ in self.manager.list_name_plugin() if name)
+        return sorted(name for name, plugin in self.manager.list_name_plugin() if name and plugin is not None)
 
     # Discovery
     def scheduler_adapters(self) -> list[Any]:

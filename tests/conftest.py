@@ -25,16 +25,18 @@ def server_url(backend: str) -> str:
     if backend not in _server_urls:
         if os.geteuid() != 0:
             pytest.fail("database tests need root to start PostgreSQL/MariaDB (run scripts/test.sh as root)")
-        result = subprocess.run(["bash", str(ROOT / "scripts/start-databases.sh"), backend], capture_output=True,
-                                text=True, timeout=180)
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts/start-databases.sh"), backend], capture_output=True, text=True, timeout=180
+        )
         if result.returncode != 0:
             pytest.fail(f"could not start {backend}: {result.stderr.strip()} (scripts/setup.sh installs it)")
         _server_urls[backend] = result.stdout.split()[-1]
     return _server_urls[backend]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db),
-                        pytest.param("mariadb", marks=pytest.mark.db)])
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.db), pytest.param("mariadb", marks=pytest.mark.db)]
+)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database on each backend: a file for SQLite, a scratch database on the servers."""
     if request.param == "sqlite":
@@ -58,15 +60,24 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture
 def config(tmp_path: Path, database_url: str) -> Config:
-    return Config(site="test", state_dir=tmp_path / "state", database=database_url,
-                  credentials_file=tmp_path / "credentials.yaml", admin_group="kasched-test-admins")
+    return Config(
+        site="test",
+        state_dir=tmp_path / "state",
+        database=database_url,
+        credentials_file=tmp_path / "credentials.yaml",
+        admin_group="kasched-test-admins",
+    )
 
 
 @pytest.fixture
 def sqlite_config(tmp_path: Path) -> Config:
     """A site on the embedded default, for tests that are about something other than the backend."""
-    return Config(site="test", state_dir=tmp_path / "state", credentials_file=tmp_path / "credentials.yaml",
-                  admin_group="kasched-test-admins")
+    return Config(
+        site="test",
+        state_dir=tmp_path / "state",
+        credentials_file=tmp_path / "credentials.yaml",
+        admin_group="kasched-test-admins",
+    )
 
 
 @pytest.fixture

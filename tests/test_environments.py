@@ -25,15 +25,19 @@ def make_image(directory: Path, name: str = "root.tar.gz", marker: str = "hello"
     return image
 
 
-def env_yaml(directory: Path, name: str = "tiny", visibility: str = "private", extra: str = "",
-             image: str = "root.tar.gz") -> Path:
-    return write(directory / f"{name}-{visibility}.yaml", f"""
+def env_yaml(
+    directory: Path, name: str = "tiny", visibility: str = "private", extra: str = "", image: str = "root.tar.gz"
+) -> Path:
+    return write(
+        directory / f"{name}-{visibility}.yaml",
+        f"""
 name: {name}
 description: a tiny test image
 visibility: {visibility}
 image: {{file: {image}, kind: tar}}
 boot: {{kernel: /vmlinuz, initrd: /initrd.img, cmdline: "console=ttyS0"}}
-{extra}""")
+{extra}""",
+    )
 
 
 @pytest.fixture
@@ -41,8 +45,9 @@ def image(tmp_path: Path) -> Path:
     return make_image(tmp_path)
 
 
-def test_add_records_size_checksum_and_versions(admin: Kasched, as_user: Callable[[str], Kasched],
-                                                tmp_path: Path, image: Path) -> None:
+def test_add_records_size_checksum_and_versions(
+    admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path
+) -> None:
     alice = as_user("alice")
     first = alice.add_environment(env_yaml(tmp_path))
     assert (first.name, first.version, first.owner, first.compression) == ("tiny", 1, "alice", "gz")
@@ -76,8 +81,9 @@ def test_visibility_rules(admin: Kasched, as_user: Callable[[str], Kasched], tmp
         bob.add_environment(env_yaml(tmp_path, "x", "private"), owner="alice")
 
 
-def test_ambiguous_name_needs_an_owner(admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path,
-                                       image: Path) -> None:
+def test_ambiguous_name_needs_an_owner(
+    admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path
+) -> None:
     as_user("alice").add_environment(env_yaml(tmp_path, "dup", "shared"))
     as_user("bob").add_environment(env_yaml(tmp_path, "dup", "shared"))
     carol = as_user("carol")
@@ -87,8 +93,9 @@ def test_ambiguous_name_needs_an_owner(admin: Kasched, as_user: Callable[[str], 
     assert as_user("alice").show_environment("dup").owner == "alice"  # one's own comes first
 
 
-def test_remove_only_by_owner_or_admin_and_never_the_reference(admin: Kasched, as_user: Callable[[str], Kasched],
-                                                               tmp_path: Path, image: Path) -> None:
+def test_remove_only_by_owner_or_admin_and_never_the_reference(
+    admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path
+) -> None:
     as_user("alice").add_environment(env_yaml(tmp_path, "team", "shared"))
     with pytest.raises(PermissionDenied, match="owned by alice"):
         as_user("bob").remove_environment("team@alice")
@@ -113,15 +120,18 @@ def test_checksum_is_checked_again_before_use(admin: Kasched, tmp_path: Path, im
         admin.check_environment("tiny")
 
 
-@pytest.mark.parametrize(("extra", "name", "message"), [
-    ("", "../../etc", "is not a valid environment name"),
-    ("", "a/b", "is not a valid environment name"),
-    ("colour: red", "x", "unknown field(s) colour"),
-    ("visibility2: x", "x", "unknown field(s) visibility2"),
-    ("destructive: maybe", "x", "destructive: expected true or false"),
-    ("version: 0", "x", "version: 0 is not a positive whole number"),
-    ("postinstall: [missing.sh]", "x", "script"),
-])
+@pytest.mark.parametrize(
+    ("extra", "name", "message"),
+    [
+        ("", "../../etc", "is not a valid environment name"),
+        ("", "a/b", "is not a valid environment name"),
+        ("colour: red", "x", "unknown field(s) colour"),
+        ("visibility2: x", "x", "unknown field(s) visibility2"),
+        ("destructive: maybe", "x", "destructive: expected true or false"),
+        ("version: 0", "x", "version: 0 is not a positive whole number"),
+        ("postinstall: [missing.sh]", "x", "script"),
+    ],
+)
 def test_bad_descriptions(admin: Kasched, tmp_path: Path, image: Path, extra: str, name: str, message: str) -> None:
     path = write(tmp_path / "bad.yaml", f"name: {name}\nimage: {{file: root.tar.gz}}\n{extra}\n")
     with pytest.raises((InputError, NotFoundError)) as error:
@@ -134,8 +144,9 @@ def test_bad_kind_boot_path_and_missing_image(admin: Kasched, tmp_path: Path, im
     with pytest.raises(InputError, match="image.kind: 'iso' is not one of tar, raw"):
         admin.add_environment(write(tmp_path / "a.yaml", "name: a\nimage: {file: root.tar.gz, kind: iso}\n"))
     with pytest.raises(InputError, match="boot.kernel: .* without '..'"):
-        admin.add_environment(write(tmp_path / "b.yaml", "name: b\nimage: {file: root.tar.gz}\n"
-                                                         "boot: {kernel: ../../vmlinuz}\n"))
+        admin.add_environment(
+            write(tmp_path / "b.yaml", "name: b\nimage: {file: root.tar.gz}\nboot: {kernel: ../../vmlinuz}\n")
+        )
     with pytest.raises(NotFoundError, match="image .*nothere.tar.gz does not exist"):
         admin.add_environment(write(tmp_path / "c.yaml", "name: c\nimage: {file: nothere.tar.gz}\n"))
     with pytest.raises(InputError, match="only files and http"):

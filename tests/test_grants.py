@@ -13,10 +13,22 @@ from kasched.jobs import JobEnd, JobInfo
 from kasched.models import utcnow
 
 
-def job(job_id: str = "42", user: str = "alice", nodes: tuple[str, ...] = ("node-1", "node-2"),
-        walltime: float | None = 3600, scheduler: str = "slurm") -> JobInfo:
-    return JobInfo(scheduler=scheduler, cluster="c1", job_id=job_id, user=user, nodes=nodes, walltime=walltime,
-                   environment="debian12")
+def job(
+    job_id: str = "42",
+    user: str = "alice",
+    nodes: tuple[str, ...] = ("node-1", "node-2"),
+    walltime: float | None = 3600,
+    scheduler: str = "slurm",
+) -> JobInfo:
+    return JobInfo(
+        scheduler=scheduler,
+        cluster="c1",
+        job_id=job_id,
+        user=user,
+        nodes=nodes,
+        walltime=walltime,
+        environment="debian12",
+    )
 
 
 def test_job_start_grants_and_job_end_revokes(cluster: Kasched) -> None:
@@ -73,8 +85,9 @@ def test_check_says_why_per_node(cluster: Kasched, as_user: Callable[[str], Kasc
 
 
 def test_expired_grants_allow_nothing(cluster: Kasched) -> None:
-    cluster.job_started(JobInfo("oar", "c1", "7", "alice", ("node-1",), walltime=3600,
-                                started_at=utcnow() - timedelta(hours=2)))
+    cluster.job_started(
+        JobInfo("oar", "c1", "7", "alice", ("node-1",), walltime=3600, started_at=utcnow() - timedelta(hours=2))
+    )
     assert not cluster.check("node-1", user="alice").allowed
     assert cluster.rights() == [] and len(cluster.rights(include_ended=True)) == 1
 
@@ -124,8 +137,10 @@ def test_large_job(cluster: Kasched, tmp_path) -> None:  # type: ignore[no-untyp
     # 3000 nodes with unique MACs and IPs, written out one per line.
     lines = ["site: s", "clusters:", "  - name: big", "    defaults: {bmc: {driver: ssh}}", "    nodes:"]
     for i in range(3000):
-        lines += [f"      - {{name: big-{i}, mac: '0a:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}', "
-                  f"ip: 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}}}"]
+        lines += [
+            f"      - {{name: big-{i}, mac: '0a:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}', "
+            f"ip: 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}}}"
+        ]
     cluster.import_nodes(write(tmp_path / "big.yaml", "\n".join(lines)))
     names = tuple(f"big-{i}" for i in range(3000))
     grant = cluster.job_started(job("big", nodes=names))

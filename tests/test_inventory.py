@@ -30,7 +30,12 @@ def test_import_expands_ranges_in_order_and_keeps_topology(cluster: Kasched) -> 
     assert [n.name for n in nodes] == [f"node-{i}" for i in range(1, 9)]
     node5 = cluster.show_node("node-5")
     assert (node5.ip, node5.mac, node5.bmc_address, node5.switch, node5.rack) == (
-        "10.77.2.15", "02:00:00:00:02:05", "10.77.0.15", "sw2", "r2")
+        "10.77.2.15",
+        "02:00:00:00:02:05",
+        "10.77.0.15",
+        "sw2",
+        "r2",
+    )
     assert (node5.disk_device, node5.reference_partition, node5.deploy_partition) == ("/dev/sda", 2, 3)
     assert node5.state == "reference" and node5.site == "demo" and node5.cluster == "demo"
 
@@ -44,43 +49,75 @@ def test_import_again_updates_in_place(cluster: Kasched, tmp_path: Path) -> None
 
 
 def test_ranges_with_padding_and_lists(admin: Kasched, tmp_path: Path) -> None:
-    path = inventory(tmp_path, """      - name: n-[08-10]
+    path = inventory(
+        tmp_path,
+        """      - name: n-[08-10]
         mac: "aa:00:00:00:00:[08-10]"
         ip: 10.0.0.[8-10]
-        bmc: {address: "10.1.0.[8-10]"}""")
+        bmc: {address: "10.1.0.[8-10]"}""",
+    )
     admin.import_nodes(path)
     assert [(n.name, n.ip, n.mac) for n in admin.list_nodes("n-[08-10]")] == [
-        ("n-08", "10.0.0.8", "aa:00:00:00:00:08"), ("n-09", "10.0.0.9", "aa:00:00:00:00:09"),
-        ("n-10", "10.0.0.10", "aa:00:00:00:00:10")]
+        ("n-08", "10.0.0.8", "aa:00:00:00:00:08"),
+        ("n-09", "10.0.0.9", "aa:00:00:00:00:09"),
+        ("n-10", "10.0.0.10", "aa:00:00:00:00:10"),
+    ]
 
 
-@pytest.mark.parametrize(("nodes", "message"), [
-    ("      - name: n1\n        mac: zz\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}",
-     "clusters[0].nodes[0].mac: 'zz' is not a MAC address"),
-    ("      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.300\n        bmc: {address: 10.1.0.1}",
-     "clusters[0].nodes[0].ip: '10.0.0.300' is not an IP address"),
-    ("      - name: n[1-3]\n        mac: aa:00:00:00:00:[1-2]\n        ip: 10.0.0.[1-3]\n        bmc: {address: 10.1.0.1}",
-     "clusters[0].nodes[0].mac: 'aa:00:00:00:00:[1-2]' gives 2 values for 3 nodes"),
-    ("      - name: n[3-1]\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1",
-     "clusters[0].nodes[0].name: bad range [3-1]"),
-    ("      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        colour: red",
-     "clusters[0].nodes[0]: unknown field(s) colour"),
-    ("      - name: ../etc\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}",
-     "clusters[0].nodes[0].name: '../etc' is not a valid name"),
-    ("      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1",
-     "clusters[0].nodes[0].bmc.address: required for the ipmi driver"),
-    ("      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1, port: 70000}",
-     "bmc.port: 70000 is not a whole number from 1 to 65535"),
-    ("      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}\n"
-     "        disk: {reference_partition: 3, deploy_partition: 3}",
-     "disk.deploy_partition: must differ from the reference partition"),
-    ("      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}\n"
-     "        disk: {device: /dev/../etc/passwd}", "is not a device path under /dev"),
-    ("      - name: n[1-2]\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.[1-2]\n        bmc: {address: 10.1.0.1}",
-     "mac: aa:00:00:00:00:01 is given to more than one node"),
-])
-def test_bad_inventory_is_refused_with_the_field_named(admin: Kasched, tmp_path: Path, nodes: str,
-                                                       message: str) -> None:
+@pytest.mark.parametrize(
+    ("nodes", "message"),
+    [
+        (
+            "      - name: n1\n        mac: zz\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}",
+            "clusters[0].nodes[0].mac: 'zz' is not a MAC address",
+        ),
+        (
+            "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.300\n        bmc: {address: 10.1.0.1}",
+            "clusters[0].nodes[0].ip: '10.0.0.300' is not an IP address",
+        ),
+        (
+            "      - name: n[1-3]\n        mac: aa:00:00:00:00:[1-2]\n        ip: 10.0.0.[1-3]\n        bmc: {address: 10.1.0.1}",
+            "clusters[0].nodes[0].mac: 'aa:00:00:00:00:[1-2]' gives 2 values for 3 nodes",
+        ),
+        (
+            "      - name: n[3-1]\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1",
+            "clusters[0].nodes[0].name: bad range [3-1]",
+        ),
+        (
+            "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        colour: red",
+            "clusters[0].nodes[0]: unknown field(s) colour",
+        ),
+        (
+            "      - name: ../etc\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}",
+            "clusters[0].nodes[0].name: '../etc' is not a valid name",
+        ),
+        (
+            "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1",
+            "clusters[0].nodes[0].bmc.address: required for the ipmi driver",
+        ),
+        (
+            "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1, port: 70000}",
+            "bmc.port: 70000 is not a whole number from 1 to 65535",
+        ),
+        (
+            "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}\n"
+            "        disk: {reference_partition: 3, deploy_partition: 3}",
+            "disk.deploy_partition: must differ from the reference partition",
+        ),
+        (
+            "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}\n"
+            "        disk: {device: /dev/../etc/passwd}",
+            "is not a device path under /dev",
+        ),
+        (
+            "      - name: n[1-2]\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.[1-2]\n        bmc: {address: 10.1.0.1}",
+            "mac: aa:00:00:00:00:01 is given to more than one node",
+        ),
+    ],
+)
+def test_bad_inventory_is_refused_with_the_field_named(
+    admin: Kasched, tmp_path: Path, nodes: str, message: str
+) -> None:
     with pytest.raises(InputError) as error:
         admin.import_nodes(inventory(tmp_path, nodes))
     assert message in str(error.value)
@@ -98,10 +135,13 @@ def test_bad_yaml_and_missing_file(admin: Kasched, tmp_path: Path) -> None:
 
 
 def test_duplicate_against_database_is_refused_and_nothing_written(cluster: Kasched, tmp_path: Path) -> None:
-    path = inventory(tmp_path, """      - name: fresh-[1-2]
+    path = inventory(
+        tmp_path,
+        """      - name: fresh-[1-2]
         mac: "aa:00:00:00:00:[01-02]"
         ip: 10.77.1.[11-12]
-        bmc: {address: 10.1.0.1}""")
+        bmc: {address: 10.1.0.1}""",
+    )
     with pytest.raises(ConflictError, match="IP 10.77.1.11 of node fresh-1 belongs to node node-1"):
         cluster.import_nodes(path)
     with pytest.raises(NotFoundError):

@@ -1,0 +1,27 @@
+"""Scheduler adapters: what a scheduler plugin provides so that prolog, epilog and reconcile can work
+with any scheduler through the plugin bus."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+from kasched.jobs import JobEnd, JobInfo
+
+
+class SchedulerAdapter(ABC):
+    """Knows one batch scheduler: recognises its hook environment and reads its jobs."""
+
+    name: str = ""
+
+    @abstractmethod
+    def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
+        """Whether the current process is a hook (prolog/epilog) run by this scheduler."""
+
+    @abstractmethod
+    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+        """The job whose start the hook reports; a KaschedError if it cannot be read."""
+
+    @abstractmethod
+    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+        """The job whose end the hook reports."""

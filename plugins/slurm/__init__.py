@@ -1,0 +1,1 @@
+"""kasched's Slurm plugin (PrologSlurmctld / EpilogSlurmctld)."""

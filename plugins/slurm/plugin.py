@@ -1,0 +1,67 @@
+"""Slurm adapter: reads a job from the environment Slurm gives PrologSlurmctld and EpilogSlurmctld.
+
+The variables (SLURM_JOB_ID, SLURM_JOB_USER, SLURM_JOB_NODELIST, SLURM_JOB_CONSTRAINTS,
+SLURM_JOB_COMMENT, SLURM_CLUSTER_NAME, SLURM_SCRIPT_CONTEXT...) were observed with Slurm 22.05's
+slurmctld; see ../shared/LAB-NOTES.md. The rest of the integration (time limit, node state, reconcile)
+comes with the scheduler-integration issue.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from kasched.errors import InputError
+from kasched.hookspecs import hookimpl
+from kasched.jobs import JobEnd, JobInfo
+from kasched.nodeset import expand
+from kasched.schedulers import SchedulerAdapter
+
+COMMENT_ENV_RE = re.compile(r"(?:^|[\s,;])(?:kasched:)?env=(?P<env>[^\s,;]+)")
+
+
+class SlurmAdapter(SchedulerAdapter):
+    name = "slurm"
+
+    def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
+        return "SLURM_JOB_ID" in environ and "SLURM_SCRIPT_CONTEXT" in environ
+
+    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+        missing = [v for v in ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_NODELIST") if not environ.get(v)]
+        if missing:
+            raise InputError(f"Slurm did not set {', '.join(missing)}", field="slurm")
+        comment = environ.get("SLURM_JOB_COMMENT", "")
+        match = COMMENT_ENV_RE.search(comment)
+        return JobInfo(
+            scheduler=self.name,
+            cluster=environ.get("SLURM_CLUSTER_NAME", "cluster"),
+            job_id=environ["SLURM_JOB_ID"],
+            user=environ["SLURM_JOB_USER"],
+            nodes=tuple(expand(environ["SLURM_JOB_NODELIST"], field="SLURM_JOB_NODELIST")),
+            environment=match.group("env") if match else None,
+            extra={
+                "constraints": environ.get("SLURM_JOB_CONSTRAINTS", ""),
+                "partition": environ.get("SLURM_JOB_PARTITION", ""),
+            },
+        )
+
+    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+        if not environ.get("SLURM_JOB_ID"):
+            raise InputError("Slurm did not set SLURM_JOB_ID", field="slurm")
+        code = environ.get("SLURM_JOB_EXIT_CODE")
+        return JobEnd(
+            scheduler=self.name,
+            cluster=environ.get("SLURM_CLUSTER_NAME", "cluster"),
+            job_id=environ["SLURM_JOB_ID"],
+            reason=f"job ended (exit {code})" if code else "job ended",
+        )
+
+    @staticmethod
+    def is_deploy_job(job: JobInfo) -> bool:
+        """A deploy job asks for the ``deploy`` feature (``salloc -C deploy``)."""
+        return "deploy" in re.split(r"[&|,\[\]*\s]+", str(job.extra.get("constraints", "")))
+
+
+@hookimpl
+def kasched_scheduler_adapters() -> list[SchedulerAdapter]:
+    return [SlurmAdapter()]
