@@ -1,0 +1,254 @@
+"""Chain broadcast, server side: the image leaves the server once, into a TCP pipeline of nodes
+ordered by switch then rack then name (one crossing per switch uplink); each node writes it to its
+sink while forwarding it (:mod:`kasched.engine.chain_agent`), checks its sha256 and reports here.
+
+The agents must already listen on their nodes (started over SSH by the deployment workflow, e.g.
+with :func:`kasched.engine.tree.run` and :func:`agent_command`). A node that dies mid-stream is
+bypassed by its predecessor and reported failed; the others still get the whole stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeVar
+
+from kasched.engine.chain_agent import (
+    CHUNK,
+    END_PAYLOAD,
+    HEADER,
+    Forwarder,
+    ProtocolError,
+    Superseded,
+    recv_frame,
+)
+from kasched.errors import DriverError, DriverTimeout, IntegrityError
+from kasched.results import GroupResult, NodeResult
+
+STEP = "broadcast"
+AGENT_MODULE = "kasched.engine.chain_agent"
+
+
+class Placed(Protocol):
+    """Anything with a name and a place in the network (an inventory node, a :class:`ChainNode`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def switch(self) -> str: ...
+    @property
+    def rack(self) -> str: ...
+
+
+PlacedT = TypeVar("PlacedT", bound=Placed)
+
+
+@dataclass(frozen=True)
+class ChainNode:
+    """A node of the chain: its name, the ``host:port`` its agent listens on, its place."""
+
+    name: str
+    address: str
+    switch: str = ""
+    rack: str = ""
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What a node reported, as stored in ``NodeResult.value``."""
+
+    bytes: int
+    sha256: str
+    sink_status: int | None = None
+
+
+def natural_key(text: str) -> list[tuple[int, int | str]]:
+    """``node2`` before ``node10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part]
+
+
+def order_chain(nodes: Iterable[PlacedT]) -> list[PlacedT]:
+    """The order of the pipeline: grouped by switch, then rack, then name (natural sort), so the
+    stream crosses each switch uplink once."""
+    return sorted(nodes, key=lambda n: (natural_key(n.switch), natural_key(n.rack), natural_key(n.name)))
+
+
+def agent_command(listen: str, name: str, python: str = "python3", accept_timeout: float = 120.0) -> str:
+    """The shell command that starts an agent on a node (kasched importable there)."""
+    return (
+        f"{shlex.quote(python)} -m {AGENT_MODULE} --listen {shlex.quote(listen)} --name {shlex.quote(name)}"
+        f" --accept-timeout {accept_timeout:g}"
+    )
+
+
+@dataclass
+class BroadcastOptions:
+    """Tunables of one broadcast."""
+
+    timeout: float = 3600.0  # the whole broadcast
+    stall_timeout: float = 30.0  # a connection without progress for this long is dead
+    reconnect_timeout: float = 30.0  # how long a node whose upstream died waits to be resumed
+    replay_bytes: int = 64 << 20  # bounded replay buffer per node
+    lost_grace: float = 3.0  # how long to wait for a report from a node said lost by its predecessor
+    rate_limit: float | None = None  # bytes/s at the source (tests and benches)
+    report_host: str = "127.0.0.1"  # the address nodes report to (the server's, seen from the nodes)
+
+
+class ReportCollector:
+    """Listens for the nodes' reports: one JSON frame per connection."""
+
+    def __init__(self, host: str) -> None:
+        self.listener = socket.create_server((host, 0), backlog=128)
+        self.listener.settimeout(0.2)
+        self.address = "{}:{}".format(*self.listener.getsockname()[:2])
+        self.results: dict[str, dict[str, Any]] = {}
+        self.lost: dict[str, tuple[float, str]] = {}
+        self.changed = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, name="chain-reports", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(5.0)
+                    kind, payload = recv_frame(conn)
+                    if kind == HEADER:
+                        self.record(json.loads(payload))
+                except (OSError, ProtocolError, ValueError):
+                    continue
+
+    def record(self, message: dict[str, Any]) -> None:
+        with self.changed:
+            if message.get("type") == "result":
+                self.results[message["node"]] = message
+            elif message.get("type") == "lost":
+                self.lost.setdefault(message["node"], (time.monotonic(), f"{message['error']}"))
+            self.changed.notify_all()
+
+    def wait(self, nodes: Sequence[str], deadline: float, grace: float) -> None:
+        """Until every node reported, or was said lost ``grace`` seconds ago, or the deadline."""
+        with self.changed:
+            while (now := time.monotonic()) < deadline:
+                pending = [n for n in nodes if n not in self.results]
+                waiting = [n for n in pending if n not in self.lost or self.lost[n][0] + grace > now]
+                if not waiting:
+                    return
+                self.changed.wait(min(0.2, deadline - now))
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(2.0)
+        self.listener.close()
+
+
+def broadcast(
+    source: str | Path | BinaryIO,
+    nodes: Sequence[ChainNode],
+    sink: dict[str, Any],
+    *,
+    expected_sha256: str | None = None,
+    options: BroadcastOptions | None = None,
+    ordered: bool = True,
+) -> GroupResult:
+    """Send ``source`` (a path or a binary file object) once through the chain of ``nodes``.
+
+    ``sink`` says where each node writes it (see :class:`~kasched.engine.chain_agent.Sink`).
+    ``expected_sha256`` (the image catalogue's) is what nodes check against; by default the sha256
+    the server computes while sending. Results are in the order of ``nodes``; a node is ok when it
+    reported the whole stream with the right checksum and a clean sink.
+    """
+    options = options or BroadcastOptions()
+    chain = order_chain(nodes) if ordered else list(nodes)
+    started = time.monotonic()
+    deadline = started + options.timeout
+    collector = ReportCollector(options.report_host)
+    try:
+        config = _session_config(sink, options, collector.address)
+        forwarder = Forwarder(config, [[n.name, n.address] for n in chain], _server_note(collector))
+        forwarder.attach(0)
+        digest, total = _pump(source, forwarder, options.rate_limit)
+        expected = bytes.fromhex(expected_sha256) if expected_sha256 else digest
+        forwarder.finish(END_PAYLOAD.pack(expected, total), deadline)
+        collector.wait([n.name for n in chain], deadline, options.lost_grace)
+    except (OSError, Superseded, ProtocolError) as error:
+        raise DriverError(f"broadcast failed at the source: {error}") from error
+    finally:
+        collector.close()
+    return _results(nodes, collector, time.monotonic() - started)
+
+
+def _session_config(sink: dict[str, Any], options: BroadcastOptions, report: str) -> dict[str, Any]:
+    return {
+        "session": uuid.uuid4().hex,
+        "sink": sink,
+        "report": report,
+        "timeout": options.timeout,
+        "stall_timeout": options.stall_timeout,
+        "reconnect_timeout": options.reconnect_timeout,
+        "replay_bytes": options.replay_bytes,
+    }
+
+
+def _server_note(collector: ReportCollector) -> Any:
+    def note_lost(node: str, error: str) -> None:
+        collector.record({"type": "lost", "node": node, "by": "server", "error": error})
+
+    return note_lost
+
+
+def _pump(source: str | Path | BinaryIO, forwarder: Forwarder, rate_limit: float | None) -> tuple[bytes, int]:
+    """Read the source once, hash it and feed it to the chain, at most ``rate_limit`` bytes/s."""
+    hasher = hashlib.sha256()
+    total = 0
+    started = time.monotonic()
+    handle = open(source, "rb") if isinstance(source, str | Path) else source  # noqa: SIM115
+    try:
+        while chunk := handle.read(CHUNK):
+            hasher.update(chunk)
+            forwarder.send(chunk)
+            total += len(chunk)
+            if rate_limit:
+                ahead = total / rate_limit - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        if handle is not source:
+            handle.close()
+    return hasher.digest(), total
+
+
+def _results(nodes: Sequence[ChainNode], collector: ReportCollector, elapsed: float) -> GroupResult:
+    group = GroupResult()
+    for node in nodes:
+        report = collector.results.get(node.name)
+        if report is not None:
+            value = ChainReport(int(report.get("bytes", 0)), report.get("sha256", ""), report.get("sink_status"))
+            error = report.get("error")
+            if error:
+                kind = IntegrityError if error.startswith("sha256 mismatch") else DriverError
+                error = str(kind(error, field=node.name) if kind is IntegrityError else kind(error, node=node.name))
+            group.add(NodeResult(node.name, bool(report["ok"]), STEP, error, elapsed, value))
+            continue
+        if node.name in collector.lost:
+            error = DriverError(f"lost: {collector.lost[node.name][1]}", node=node.name)
+        else:
+            error = DriverTimeout("no report before the deadline", node=node.name)
+        group.add(NodeResult(node.name, False, STEP, str(error), elapsed))
+    return group

@@ -1,0 +1,517 @@
+"""The node side of the chain broadcast: receive an image stream from the predecessor, write it to a
+sink (untar into a directory, or raw into a file/device), forward it to the successor, check its
+sha256 and report to the server. Standalone, standard library only: run it as
+``python3 -m kasched.engine.chain_agent --listen HOST:PORT --name NODE`` or ship this file over SSH
+(``python3 - --listen ... < chain_agent.py``). The server side is :mod:`kasched.engine.chain`, which
+also uses :class:`Forwarder` and the framing below. The protocol is described in
+``docs/engine-transports.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import select
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+FRAME = struct.Struct("!BI")  # kind, payload length
+OFFSET = struct.Struct("!Q")
+END_PAYLOAD = struct.Struct("!32sQ")  # sha256 digest of the whole stream, its length in bytes
+CHUNK = 1 << 20
+MAX_CONTROL = 1 << 20
+SINK_QUEUE = 16  # chunks buffered between the network and the sink: bounded memory
+
+HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
+OFFSET_REPLY, ACK, SUPERSEDED = b"O"[0], b"K"[0], b"S"[0]  # upstream direction
+TAR_FLAGS = {"gz": ["--gzip"], "xz": ["--xz"], "zst": ["--zstd"], "none": []}
+
+
+class ProtocolError(Exception):
+    """The peer did not speak the protocol, or the stream cannot continue."""
+
+
+class Superseded(Exception):
+    """Our successor was taken over by our predecessor: we were bypassed and must stop."""
+
+
+class UpstreamLost(Exception):
+    """The connection from the predecessor closed or stalled before the end of the stream."""
+
+
+class NewUpstream(Exception):
+    """A predecessor resumed the stream on a new connection; restart the frame parser."""
+
+
+# --- framing ---------------------------------------------------------------------------------------
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
+    header = FRAME.pack(kind, len(payload))
+    sent = sock.sendmsg([header, payload]) if payload else sock.send(header)
+    if sent < len(header) + len(payload):
+        sock.sendall((header + payload)[sent:])
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    parts, left = [], size
+    while left:
+        part = sock.recv(left)
+        if not part:
+            raise ProtocolError("connection closed")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
+    kind, size = FRAME.unpack(recv_exact(sock, FRAME.size))
+    if size > MAX_CONTROL:
+        raise ProtocolError(f"control frame of {size} bytes")
+    return kind, recv_exact(sock, size)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# --- downstream side: forwarding with a bounded replay buffer ---------------------------------------
+
+
+class ReplayBuffer:
+    """The last ``capacity`` bytes sent (whole chunks kept by reference, no copy)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.start = 0  # stream offset of the first byte kept
+        self.end = 0  # stream offset after the last byte kept
+        self.size = 0
+
+    def append(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.end += len(chunk)
+        self.size += len(chunk)
+        while len(self.chunks) > 1 and self.size - len(self.chunks[0]) >= self.capacity:
+            dropped = self.chunks.popleft()
+            self.start += len(dropped)
+            self.size -= len(dropped)
+
+    def since(self, offset: int) -> Iterator[memoryview]:
+        if not self.start <= offset <= self.end:
+            raise ProtocolError(f"cannot resume at byte {offset}: replay buffer holds {self.start}-{self.end}")
+        position = self.start
+        for chunk in list(self.chunks):
+            if position + len(chunk) > offset:
+                yield memoryview(chunk)[max(0, offset - position) :]
+            position += len(chunk)
+
+
+class Forwarder:
+    """Send the stream to the first live successor; when it dies, bypass it: connect to the next one,
+    learn how many bytes it has and resend from there out of the replay buffer."""
+
+    def __init__(
+        self, config: dict[str, Any], successors: list[list[str]], note_lost: Callable[[str, str], None]
+    ) -> None:
+        self.config = config
+        self.successors = successors
+        self.note_lost = note_lost
+        self.stall = float(config["stall_timeout"])
+        self.ring = ReplayBuffer(int(config["replay_bytes"]))
+        self.sock: socket.socket | None = None
+        self.index = -1
+
+    @property
+    def current(self) -> str:
+        return self.successors[self.index][0] if self.sock else ""
+
+    def attach(self, start: int) -> None:
+        """Connect to the first successor from ``start`` on that answers and can be resumed."""
+        for index in range(start, len(self.successors)):
+            name, address = self.successors[index]
+            try:
+                self.sock = self._handshake(index, address)
+                self.index = index
+                return
+            except (OSError, ProtocolError) as error:
+                self.note_lost(name, f"cannot reach {name} at {address}: {error}")
+        self.sock, self.index = None, len(self.successors)
+
+    def _handshake(self, index: int, address: str) -> socket.socket:
+        sock = socket.create_connection(split_address(address), timeout=self.stall)
+        try:
+            sock.settimeout(self.stall)
+            header = dict(self.config, chain=self.successors[index + 1 :])
+            send_frame(sock, HEADER, json.dumps(header).encode())
+            kind, payload = recv_frame(sock)
+            if kind != OFFSET_REPLY:
+                raise ProtocolError(f"expected an offset, got frame {kind!r}")
+            (offset,) = OFFSET.unpack(payload)
+            try:
+                for piece in self.ring.since(offset):
+                    send_frame(sock, DATA, piece)
+            except ProtocolError as error:
+                send_frame(sock, ABORT, str(error).encode())
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def send(self, chunk: bytes) -> None:
+        self.ring.append(chunk)
+        if self.sock is not None:
+            try:
+                send_frame(self.sock, DATA, chunk)
+            except OSError as error:
+                self._bypass(error)  # attach() resends the chunk from the replay buffer
+
+    def _bypass(self, error: BaseException) -> None:
+        assert self.sock is not None
+        if _was_superseded(self.sock):
+            raise Superseded(f"{self.current} was taken over by our predecessor")
+        self.note_lost(self.current, f"connection to {self.current} lost: {error or type(error).__name__}")
+        self.sock.close()
+        self.attach(self.index + 1)
+
+    def finish(self, end_payload: bytes, deadline: float) -> None:
+        """Send the end of stream and wait until the successor acknowledges that it and everything
+        after it have the whole stream; bypass successors that die meanwhile."""
+        while self.sock is not None:
+            try:
+                send_frame(self.sock, END, end_payload)
+                self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+                kind, _ = recv_frame(self.sock)
+                if kind == SUPERSEDED:
+                    raise Superseded(f"{self.current} was taken over by our predecessor")
+                if kind != ACK:
+                    raise ProtocolError(f"expected an acknowledgement, got frame {kind!r}")
+                self.sock.close()
+                self.sock = None
+            except (OSError, ProtocolError) as error:
+                if time.monotonic() >= deadline:
+                    self.note_lost(self.current, "no acknowledgement before the deadline")
+                    self.sock.close()
+                    self.sock = None
+                else:
+                    self._bypass(error)
+
+    def abort(self, reason: str) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                send_frame(self.sock, ABORT, reason.encode()[:MAX_CONTROL])
+            self.sock.close()
+            self.sock = None
+
+
+def _was_superseded(sock: socket.socket) -> bool:
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable:
+            return sock.recv(FRAME.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)[:1] == bytes([SUPERSEDED])
+    except OSError:
+        pass
+    return False
+
+
+# --- sinks ------------------------------------------------------------------------------------------
+
+
+class Sink:
+    """Where a node writes the stream, fed by its own thread through a bounded queue; it also hashes
+    the stream. ``spec``: {"kind": "tar", "dest": dir, "compression": "gz|xz|zst|none"},
+    {"kind": "raw", "dest": file or device}, {"kind": "command", "argv": [...]} or {"kind": "discard"}.
+    ``{node}`` in ``dest`` is replaced by the node's name."""
+
+    def __init__(self, spec: dict[str, Any], node: str) -> None:
+        self.spec = spec
+        self.node = node
+        self.hasher = hashlib.sha256()
+        self.error: str | None = None
+        self.status: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.fd: int | None = None
+        try:
+            self.fd = self._open()
+        except (OSError, ProtocolError, KeyError) as error:  # keep forwarding for the others anyway
+            self.error = f"cannot open sink: {error}"
+        self.queue: queue.Queue[bytes | None] = queue.Queue(SINK_QUEUE)
+        self.thread = threading.Thread(target=self._drain, name="sink", daemon=True)
+        self.thread.start()
+
+    def _open(self) -> int | None:
+        kind = self.spec.get("kind", "discard")
+        dest = str(self.spec.get("dest", "")).replace("{node}", self.node)
+        if kind == "discard":
+            return None
+        if kind == "raw":
+            flags = os.O_WRONLY | os.O_CREAT
+            if not os.path.exists(dest) or stat.S_ISREG(os.stat(dest).st_mode):
+                flags |= os.O_TRUNC
+            return os.open(dest, flags, 0o644)
+        if kind == "tar":
+            os.makedirs(dest, exist_ok=True)
+            argv = ["tar", "-x", "-f", "-", "-C", dest, *TAR_FLAGS[self.spec.get("compression", "none")]]
+        elif kind == "command":
+            argv = [str(arg).replace("{node}", self.node) for arg in self.spec["argv"]]
+        else:
+            raise ProtocolError(f"unknown sink kind {kind!r}")
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.process.stdin is not None
+        return self.process.stdin.fileno()
+
+    def put(self, chunk: bytes) -> None:
+        self.queue.put(chunk)
+
+    def _drain(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            self.hasher.update(chunk)
+            if self.fd is not None and self.error is None:
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(self.fd, view) :]
+                except OSError as error:
+                    self.error = f"sink write failed: {error.strerror}"
+
+    def close(self, timeout: float) -> str:
+        """Wait for the sink to finish; the hex sha256 of what went through it."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.process is not None:
+            self._close_process(self.process, timeout)
+        elif self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError as error:
+                self.error = self.error or f"sink sync failed: {error.strerror}"
+            os.close(self.fd)
+        return self.hasher.hexdigest()
+
+    def _close_process(self, process: subprocess.Popen[bytes], timeout: float) -> None:
+        assert process.stdin is not None and process.stderr is not None
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        try:
+            self.status = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            self.status = process.wait()
+        message = process.stderr.read().decode(errors="replace").strip()
+        if self.status != 0 and self.error is None:
+            self.error = f"sink exited with status {self.status}: {message[-400:]}"
+        elif self.status != 0:
+            self.error = f"{self.error}; sink exited with status {self.status}: {message[-400:]}"
+
+
+# --- upstream side: the agent -----------------------------------------------------------------------
+
+
+class Reporter:
+    """Send one JSON message per connection to the server's report address (best effort)."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            with socket.create_connection(split_address(self.address), timeout=self.timeout) as sock:
+                send_frame(sock, HEADER, json.dumps(message).encode())
+        except OSError as error:
+            print(f"chain agent: cannot report to {self.address}: {error}", file=sys.stderr)
+
+
+class Agent:
+    """One node of the chain: accepts the stream, sinks it, forwards it, reports."""
+
+    def __init__(self, listener: socket.socket, name: str) -> None:
+        self.listener = listener
+        self.name = name
+        self.upstream: socket.socket | None = None
+        self.abandoned: list[socket.socket] = []
+        self.config: dict[str, Any] = {}
+        self.have = 0
+        self.stall = 30.0
+
+    def accept_first(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.upstream is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.listener], [], [], remaining)[0]:
+                raise ProtocolError(f"nobody connected within {timeout:g}s")
+            header = self._accept_header()
+            if header is not None:
+                self.config = header
+                self.stall = float(header["stall_timeout"])
+
+    def _accept_header(self) -> dict[str, Any] | None:
+        """Accept a connection; if it opens our session (or a first one), make it the upstream."""
+        conn, _ = self.listener.accept()
+        try:
+            conn.settimeout(self.stall)
+            kind, payload = recv_frame(conn)
+            header = json.loads(payload)
+            if kind != HEADER or (self.config and header.get("session") != self.config["session"]):
+                raise ProtocolError("not our session")
+            send_frame(conn, OFFSET_REPLY, OFFSET.pack(self.have))
+        except (OSError, ProtocolError, ValueError):
+            conn.close()
+            return None
+        if self.upstream is not None:  # we were resumed by an earlier node: leave the old one out
+            with contextlib.suppress(OSError):
+                send_frame(self.upstream, SUPERSEDED)
+            self.abandoned.append(self.upstream)
+        self.upstream = conn
+        return header
+
+    def read_some(self, size: int) -> bytes:
+        assert self.upstream is not None
+        readable, _, _ = select.select([self.upstream, self.listener], [], [], self.stall)
+        if not readable:
+            raise UpstreamLost(f"no data for {self.stall:g}s")
+        if self.listener in readable and self._accept_header() is not None:
+            raise NewUpstream()
+        if self.upstream not in readable:
+            return b""
+        try:
+            data = self.upstream.recv(size)
+        except OSError as error:
+            raise UpstreamLost(str(error)) from error
+        if not data:
+            raise UpstreamLost("connection closed before the end of the stream")
+        return data
+
+    def read_exact(self, size: int) -> bytes:
+        parts, left = [], size
+        while left:
+            part = self.read_some(left)
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def await_resume(self, reason: str) -> None:
+        """The upstream is gone: wait for an earlier node to resume the stream on a new connection."""
+        deadline = time.monotonic() + float(self.config["reconnect_timeout"])
+        while (remaining := deadline - time.monotonic()) > 0:
+            if select.select([self.listener], [], [], remaining)[0] and self._accept_header() is not None:
+                return
+        raise ProtocolError(f"upstream lost ({reason}) and not resumed")
+
+    def receive(self, consume: Callable[[bytes], None]) -> bytes:
+        """Parse frames until the end of stream, whoever sends them; return the END payload."""
+        while True:
+            try:
+                kind, size = FRAME.unpack(self.read_exact(FRAME.size))
+                if kind == END:
+                    return self.read_exact(size)
+                if kind == ABORT:
+                    raise ProtocolError(f"aborted upstream: {self.read_exact(size).decode(errors='replace')}")
+                if kind != DATA:
+                    raise ProtocolError(f"unexpected frame {kind!r}")
+                while size:
+                    chunk = self.read_some(min(size, CHUNK))
+                    if chunk:
+                        self.have += len(chunk)
+                        size -= len(chunk)
+                        consume(chunk)
+            except NewUpstream:
+                continue
+            except UpstreamLost as lost:
+                self.await_resume(str(lost))
+
+    def acknowledge(self) -> None:
+        if self.upstream is not None:
+            with contextlib.suppress(OSError):
+                send_frame(self.upstream, ACK)
+
+    def close(self) -> None:
+        for sock in [*self.abandoned, self.upstream, self.listener]:
+            if sock is not None:
+                sock.close()
+
+
+def serve(agent: Agent, accept_timeout: float) -> dict[str, Any]:
+    """Take part in one broadcast; return the report sent to the server."""
+    agent.accept_first(accept_timeout)
+    config = agent.config
+    deadline = time.monotonic() + float(config["timeout"])
+    reporter = Reporter(config["report"], agent.stall)
+    result: dict[str, Any] = {"type": "result", "node": agent.name, "ok": False, "error": None, "lost": []}
+
+    def note_lost(node: str, error: str) -> None:
+        result["lost"].append(node)
+        reporter.send({"type": "lost", "node": node, "by": agent.name, "error": error})
+
+    forwarder = Forwarder(config, config["chain"], note_lost)
+    forwarder.attach(0)
+    sink = Sink(config["sink"], agent.name)
+    end = b""
+
+    def consume(chunk: bytes) -> None:
+        forwarder.send(chunk)
+        sink.put(chunk)
+
+    try:
+        end = agent.receive(consume)
+        forwarder.finish(end, deadline)
+        agent.acknowledge()
+    except (ProtocolError, OSError) as error:
+        forwarder.abort(str(error))
+        result["error"] = str(error)
+    except Superseded as error:
+        result["error"] = f"bypassed by an earlier node: {error}"
+    finally:
+        sha256 = sink.close(max(1.0, deadline - time.monotonic()))
+        agent.close()
+    if result["error"] is None:
+        result["error"] = _verify(END_PAYLOAD.unpack(end), agent.have, sha256, sink)
+    result.update(ok=result["error"] is None, bytes=agent.have, sha256=sha256, sink_status=sink.status)
+    reporter.send(result)
+    return result
+
+
+def _verify(end: tuple[bytes, int], have: int, sha256: str, sink: Sink) -> str | None:
+    expected, total = end
+    if have != total:
+        return f"received {have} bytes, the stream has {total}"
+    if sha256 != expected.hex():
+        return f"sha256 mismatch: got {sha256}, expected {expected.hex()}"
+    return sink.error
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chain_agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True, help="HOST:PORT to listen on (port 0: any)")
+    parser.add_argument("--name", required=True, help="this node's name, as the server knows it")
+    parser.add_argument("--accept-timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    listener = socket.create_server(split_address(args.listen), backlog=16)
+    host, port = listener.getsockname()[:2]
+    print(f"ready {host}:{port}", flush=True)
+    try:
+        result = serve(Agent(listener, args.name), args.accept_timeout)
+    except ProtocolError as error:
+        print(f"chain agent {args.name}: {error}", file=sys.stderr)
+        return 2
+    if not result["ok"]:
+        print(f"chain agent {args.name}: {result['error']}", file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

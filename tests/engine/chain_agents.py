@@ -1,0 +1,77 @@
+"""Chain agents for engine tests and benches: real agent processes listening on 127.0.x.y, started
+from the agent's file alone (it must need nothing but the standard library)."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kasched.engine.chain import ChainNode
+
+AGENT_FILE = Path(__file__).resolve().parents[2] / "kasched" / "engine" / "chain_agent.py"
+
+
+@dataclass
+class AgentGroup:
+    """``count`` agents; node i listens on 127.<subnet>.0.<i+1>, on switch sw<i // per_switch>."""
+
+    count: int
+    subnet: int = 42
+    per_switch: int = 4
+    accept_timeout: float = 60.0
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    nodes: list[ChainNode] = field(default_factory=list)
+
+    def start(self, timeout: float = 20.0) -> AgentGroup:
+        try:
+            for index in range(self.count):
+                self._start_one(index)
+            deadline = time.monotonic() + timeout
+            self.nodes = [self._wait_ready(name, deadline) for name in self.processes]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_one(self, index: int) -> None:
+        name = f"a{index + 1:02d}"
+        argv = [sys.executable, str(AGENT_FILE), "--listen", f"127.{self.subnet}.0.{index + 1}:0"]
+        argv += ["--name", name, "--accept-timeout", str(self.accept_timeout)]
+        self.processes[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def _wait_ready(self, name: str, deadline: float) -> ChainNode:
+        process = self.processes[name]
+        assert process.stdout is not None
+        if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise RuntimeError(f"agent {name} did not start")
+        line = process.stdout.readline().decode().split()
+        if not line or line[0] != "ready":
+            raise RuntimeError(f"agent {name} failed: {process.stderr.read().decode() if process.stderr else ''}")
+        index = int(name[1:]) - 1
+        return ChainNode(name, line[1], switch=f"sw{index // self.per_switch}", rack="r1")
+
+    def wait(self, timeout: float = 30.0) -> dict[str, int | None]:
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name, process in self.processes.items():
+            try:
+                codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()

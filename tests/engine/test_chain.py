@@ -1,0 +1,206 @@
+"""Chain broadcast over real loopback sockets to real agent processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from chain_agents import AgentGroup
+
+from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast, order_chain
+from kasched.engine.chain_agent import ProtocolError, ReplayBuffer
+
+FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
+
+
+@pytest.fixture
+def agents() -> Iterator[AgentGroup]:
+    group = AgentGroup(8, accept_timeout=60.0).start()
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture(scope="module")
+def tree_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("image") / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("deployed\n")
+    (root / "boot").mkdir()
+    (root / "boot" / "vmlinuz").write_bytes(os.urandom(3 << 20))
+    (root / "usr" / "lib").mkdir(parents=True)
+    (root / "usr" / "lib" / "big.bin").write_bytes(b"kasched" * (300 << 10))
+    return root
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def random_image(path: Path, mebibytes: int) -> Path:
+    with open(path, "wb") as handle:
+        for _ in range(mebibytes):
+            handle.write(os.urandom(1 << 20))
+    return path
+
+
+def test_order_chain_groups_by_switch_then_rack_then_natural_name() -> None:
+    nodes = [
+        ChainNode("node10", "", "sw2", "r1"), ChainNode("node2", "", "sw10", "r1"),
+        ChainNode("node9", "", "sw2", "r1"), ChainNode("node1", "", "sw2", "r0"),
+        ChainNode("node3", "", "sw1", "r9"),
+    ]  # fmt: skip
+    assert [n.name for n in order_chain(nodes)] == ["node3", "node1", "node9", "node10", "node2"]
+
+
+def test_replay_buffer_keeps_a_bounded_tail() -> None:
+    ring = ReplayBuffer(10)
+    for chunk in [b"aaaa", b"bbbb", b"cccc", b"dddd"]:
+        ring.append(chunk)
+    assert ring.start == 4 and ring.end == 16
+    assert b"".join(ring.since(6)) == b"bbccccdddd"
+    assert b"".join(ring.since(16)) == b""
+    with pytest.raises(ProtocolError):
+        list(ring.since(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("compression", "tar_flag"), [("gz", "-z"), ("xz", "-J"), ("zst", "--zstd")])
+def test_tarball_reaches_every_node_with_the_same_checksum(
+    agents: AgentGroup, tree_dir: Path, tmp_path: Path, compression: str, tar_flag: str
+) -> None:
+    image = tmp_path / f"image.tar.{compression}"
+    subprocess.run(["tar", "-c", tar_flag, "-f", str(image), "-C", str(tree_dir), "."], check=True, timeout=60)
+    sink = {"kind": "tar", "dest": str(tmp_path / "nodes" / "{node}"), "compression": compression}
+    result = broadcast(image, agents.nodes, sink, options=FAST)
+    assert result.ok, {n: r.error for n, r in result.items()}
+    assert {r.value.sha256 for r in result.values()} == {sha256_file(image)}
+    for node in agents.nodes:
+        dest = tmp_path / "nodes" / node.name
+        assert (dest / "etc" / "hostname").read_text() == "deployed\n"
+        assert sha256_file(dest / "boot" / "vmlinuz") == sha256_file(tree_dir / "boot" / "vmlinuz")
+    assert set(agents.wait(10).values()) == {0}
+
+
+@pytest.mark.slow
+def test_raw_image_is_written_identically_on_every_node(agents: AgentGroup, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 12)
+    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=FAST)
+    assert result.ok
+    assert list(result) == [n.name for n in agents.nodes]
+    for node in agents.nodes:
+        assert sha256_file(tmp_path / f"{node.name}.img") == sha256_file(image)
+        assert result[node.name].value.bytes == image.stat().st_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["a01", "a04", "a08"])
+def test_a_node_killed_mid_stream_is_bypassed(agents: AgentGroup, tmp_path: Path, victim: str) -> None:
+    image = random_image(tmp_path / "disk.img", 32)
+    options = BroadcastOptions(
+        timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0, rate_limit=12 << 20
+    )
+    killer = _kill_when_written(agents, tmp_path / f"{victim}.img", victim)
+    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+    assert killer()  # it was killed mid-stream, not after
+    assert result.failed == [victim]
+    assert "lost" in (result[victim].error or "")
+    for node in agents.nodes:
+        if node.name != victim:
+            assert result[node.name].value.sha256 == sha256_file(image)
+            assert sha256_file(tmp_path / f"{node.name}.img") == sha256_file(image)
+
+
+def _kill_when_written(agents: AgentGroup, output: Path, victim: str) -> Callable[[], bool]:
+    """Start a watcher that SIGKILLs the victim once it wrote 4 MiB; returns a join() → killed."""
+    state = {"killed": False}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if output.exists() and output.stat().st_size >= 4 << 20:
+                agents.processes[victim].send_signal(signal.SIGKILL)
+                state["killed"] = True
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def join() -> bool:
+        thread.join(35)
+        return state["killed"]
+
+    return join
+
+
+@pytest.mark.slow
+def test_a_wrong_checksum_is_reported_by_every_node(agents: AgentGroup, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 2)
+    result = broadcast(
+        image, agents.nodes[:3], {"kind": "discard"}, expected_sha256="00" * 32, options=FAST
+    )  # fmt: skip
+    assert result.failed == ["a01", "a02", "a03"]
+    for node_result in result.values():
+        assert "sha256 mismatch" in (node_result.error or "")
+        assert node_result.value.sha256 == sha256_file(image)
+
+
+@pytest.mark.slow
+def test_unreachable_node_and_failing_sink_do_not_stop_the_others(agents: AgentGroup, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 4)
+    nodes = list(agents.nodes[:6])
+    nodes.insert(2, ChainNode("ghost", "127.42.9.9:9", "sw0", "r1"))  # nobody listens there
+    sink = {"kind": "command", "argv": ["sh", "-c", 'test {node} != a04 || exit 7; exec cat > "$0"', "x"]}
+    sink["argv"][-1] = str(tmp_path / "{node}.img")
+    result = broadcast(image, nodes, sink, options=FAST, ordered=False)
+    assert sorted(result.failed) == ["a04", "ghost"]
+    assert "status 7" in (result["a04"].error or "")
+    assert "cannot reach ghost" in (result["ghost"].error or "")
+    for name in ["a01", "a02", "a03", "a05", "a06"]:
+        assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
+
+
+@pytest.mark.slow
+def test_backpressure_keeps_memory_bounded(agents: AgentGroup, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 96)
+    options = BroadcastOptions(timeout=60.0, stall_timeout=10.0, reconnect_timeout=5.0, replay_bytes=4 << 20)
+    slow_sink = {"kind": "command", "argv": ["sh", "-c", "sleep 2; exec cat > /dev/null"]}
+    nodes = agents.nodes[:3]
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            for node in nodes:
+                peaks[node.name] = _peak_rss(agents.processes[node.name].pid) or peaks.get(node.name, 0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = broadcast(image, nodes, slow_sink, options=options)
+    finally:
+        done.set()
+        sampler.join(5)
+    assert result.ok
+    assert 0 < max(peaks.values()) < 64 << 20, peaks  # far less than the 96 MiB image
+
+
+def _peak_rss(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
