@@ -52,7 +52,11 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     """
     explicit = path or os.environ.get("KASCHED_CONFIG")
     config_path = Path(explicit) if explicit else DEFAULT_PATH
-    if not config_path.exists():
+    try:
+        exists = config_path.exists()
+    except OSError as error:
+        raise ConfigError(f"configuration file {config_path}: {error.strerror}") from None
+    if not exists:
         if explicit:
             raise ConfigError(f"configuration file {config_path} does not exist")
         return Config()

@@ -50,6 +50,8 @@ class Database:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (creating it on an empty database)."""
+        if self.is_current():
+            return
         with self._migration_lock():
             if self.is_current():
                 return
@@ -78,7 +80,11 @@ class Database:
         if not path or path == ":memory:":
             yield
             return
-        with open(f"{path}.migrate-lock", "a") as lock:
+        try:
+            lock = open(f"{path}.migrate-lock", "a")  # noqa: SIM115 (held for the whole block)
+        except OSError as error:
+            raise DatabaseError(f"database {path}: cannot migrate the schema: {error.strerror}") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
