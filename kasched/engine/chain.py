@@ -9,6 +9,7 @@ bypassed by its predecessor and reported failed; the others still get the whole 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -154,6 +155,8 @@ class ReportCollector:
 
     def close(self) -> None:
         self.stopping = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() up at once
         self.thread.join(2.0)
         self.listener.close()
 
