@@ -29,8 +29,9 @@ def site(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     directory = base / "site"
     directory.mkdir()
     directory.chmod(0o777)
-    config = write(directory / "kasched.yaml", f"site: t\nstate_dir: {directory / 'state'}\n"
-                                               "admin_group: kasched-test-admins\n")
+    config = write(
+        directory / "kasched.yaml", f"site: t\nstate_dir: {directory / 'state'}\nadmin_group: kasched-test-admins\n"
+    )
     monkeypatch.setenv("KASCHED_CONFIG", str(config))
     monkeypatch.delenv("KASCHED_DEBUG", raising=False)
     yield directory
@@ -68,12 +69,18 @@ def test_nodes_commands(run: Run) -> None:
     assert code == 0 and "removed: 2 node(s) node-[7-8]" in out
 
 
-@pytest.mark.parametrize(("content", "text", "exit_code"), [
-    ("site: [x", "not valid YAML", 2),
-    ("site: s\nclusters:\n  - name: c\n    nodes: [{name: 'n[1-', mac: 'aa:00:00:00:00:01', ip: 10.0.0.1}]\n",
-     "nodes[0].name", 2),
-    ("site: s\nclusters:\n  - name: c\n    size: 3\n    nodes: []\n", "unknown field(s) size", 2),
-])
+@pytest.mark.parametrize(
+    ("content", "text", "exit_code"),
+    [
+        ("site: [x", "not valid YAML", 2),
+        (
+            "site: s\nclusters:\n  - name: c\n    nodes: [{name: 'n[1-', mac: 'aa:00:00:00:00:01', ip: 10.0.0.1}]\n",
+            "nodes[0].name",
+            2,
+        ),
+        ("site: s\nclusters:\n  - name: c\n    size: 3\n    nodes: []\n", "unknown field(s) size", 2),
+    ],
+)
 def test_import_refusals(run: Run, tmp_path: Path, content: str, text: str, exit_code: int) -> None:
     code, out, err = run("nodes", "import", str(write(tmp_path / "bad.yaml", content)))
     assert code == exit_code and out == ""
@@ -171,6 +178,7 @@ def test_no_command_prints_help(run: Run) -> None:
 
 # --- As ordinary Unix users, in real processes --------------------------------------------------------
 
+
 def unix_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
@@ -183,11 +191,28 @@ def unix_user(name: str) -> pwd.struct_passwd:
 
 def run_as(user: str, *args: str) -> subprocess.CompletedProcess[str]:
     entry = unix_user(user)
-    env = {"PATH": "/usr/bin:/bin", "KASCHED_CONFIG": os.environ["KASCHED_CONFIG"], "HOME": "/tmp",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
-    return subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
-                           sys.executable, "-m", "kasched", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KASCHED_CONFIG": os.environ["KASCHED_CONFIG"],
+        "HOME": "/tmp",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
+    }
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={entry.pw_uid}",
+            f"--regid={entry.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "kasched",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def test_ordinary_users_in_real_processes(run: Run, site: Path) -> None:
@@ -216,3 +241,42 @@ def test_ordinary_users_in_real_processes(run: Run, site: Path) -> None:
     assert refused.returncode == 5 and "only admins may make an environment public" in refused.stderr
     check = run_as("kasched-bob", "rights", "check", "-m", "node-1")
     assert check.returncode == 5 and "kasched-bob may not deploy node-1: node-1: no active grant" in check.stdout
+
+
+def test_prolog_and_epilog_scripts_grant_and_revoke(run: Run, site: Path) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "KASCHED_CONFIG": os.environ["KASCHED_CONFIG"],
+        "KASCHED": str(Path(sys.executable).parent / "kasched"),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_USER": "alice",
+        "SLURM_JOB_NODELIST": "node-[1-2]",
+        "SLURM_CLUSTER_NAME": "demo",
+        "SLURM_SCRIPT_CONTEXT": "prolog_slurmctld",
+    }
+    if not Path(env["KASCHED"]).exists():
+        pytest.fail("the kasched command is not installed in this Python's environment (run scripts/setup.sh)")
+    started = subprocess.run([str(ROOT / "prolog/kasched-prolog")], env=env, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    assert "alice may deploy node-[1-2] for slurm job 7" in started.stdout
+    assert run("rights", "check", "-u", "alice", "-m", "node-[1-2]")[0] == 0
+    ended = subprocess.run(
+        [str(ROOT / "epilog/kasched-epilog")],
+        capture_output=True,
+        text=True,
+        env={**env, "SLURM_SCRIPT_CONTEXT": "epilog_slurmctld"},
+    )
+    assert ended.returncode == 0, ended.stderr
+    assert run("rights", "check", "-u", "alice", "-m", "node-1")[0] == 5
+
+
+def test_job_commands_refuse_unknown_scheduler(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "PBS_"))]:
+        monkeypatch.delenv(key)
+    code, _, err = run("job", "start")
+    assert code == 2
+    one_line_error(err, "cannot tell which scheduler runs this hook")
+    code, _, err = run("job", "end", "--scheduler", "lsf")
+    assert code == 2
+    one_line_error(err, "no plugin for scheduler 'lsf'")

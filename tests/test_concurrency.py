@@ -42,9 +42,16 @@ def test_fifty_processes_grant_and_revoke_at_once(tmp_path: Path) -> None:
     api = Kasched.open(config, Caller("root", True), load_entry_points=False)
     api.import_nodes(EXAMPLES / "cluster.yaml")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(config.state_dir), str(i)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-               for i in range(PROCESSES)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(config.state_dir), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(PROCESSES)
+    ]
     failures = []
     for worker in workers:
         out, err = worker.communicate(timeout=300)

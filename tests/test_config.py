@@ -17,14 +17,17 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.boot_dir == tmp_path / "state" / "boot" and config.max_grant_hours == 12
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("datbase: x\n", "unknown setting 'datbase'"),
-    ("max_grant_hours: -1\n", "max_grant_hours: expected a positive number"),
-    ("disabled_plugins: journal\n", "disabled_plugins: expected a list"),
-    ("state_dir: 3\n", "state_dir: expected a path"),
-    ("- a\n- b\n", "expected a mapping"),
-    ("site: [\n", "cannot read"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("datbase: x\n", "unknown setting 'datbase'"),
+        ("max_grant_hours: -1\n", "max_grant_hours: expected a positive number"),
+        ("disabled_plugins: journal\n", "disabled_plugins: expected a list"),
+        ("state_dir: 3\n", "state_dir: expected a path"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("site: [\n", "cannot read"),
+    ],
+)
 def test_bad_settings(tmp_path: Path, content: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         config_module.load(write(tmp_path / "k.yaml", content))

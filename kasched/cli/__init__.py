@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "kasched.cli.nodes",
     "kasched.cli.environments",
     "kasched.cli.rights",
+    "kasched.cli.jobs",
     "kasched.cli.stats",
     "kasched.cli.config",
     "kasched.cli.lab",
