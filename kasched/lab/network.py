@@ -1,0 +1,100 @@
+"""The lab's network: one namespace holding the switches, the nodes' namespaces cabled to them.
+
+* lab namespace ``kl-<lab>``: a Linux bridge per switch (``sw1``...), the switches chained by veth
+  uplinks, the service address on ``sw1``, the BMC addresses on ``bmc0`` (a bridge with no ports); no default route,
+  so nothing leaves the lab;
+* node namespace ``kl-<lab>-<node>``: ``eth0`` (the node's MAC), the other end ``nd<i>`` plugged into
+  its switch; the address comes from the lab's DHCP server at each boot.
+
+Links and uplinks are shaped with ``tc tbf`` in both directions.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kasched.lab.system import netns_exists, run
+from kasched.lab.topology import PREFIX_LENGTH, SERVICE_ADDRESS, LabPlan, NodePlan
+
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+
+
+def rate_bits(rate: str) -> int:
+    match = re.match(r"^(\d+(?:\.\d+)?)([a-z]+)$", rate)
+    if not match or match.group(2) not in _RATE_UNITS:
+        raise ValueError(rate)
+    return int(float(match.group(1)) * _RATE_UNITS[match.group(2)])
+
+
+def shaping_command(device: str, rate: str) -> str:
+    """A ``tc`` batch line limiting ``device``'s egress to ``rate`` (token bucket)."""
+    burst = max(32 * 1024, rate_bits(rate) // 8 // 100)
+    return f"qdisc replace dev {device} root tbf rate {rate} burst {burst} latency 100ms"
+
+
+def ip_batch(netns: str, lines: list[str]) -> None:
+    if lines:
+        run(["ip", "-n", netns, "-batch", "-"], input="\n".join(lines) + "\n", timeout=120)
+
+
+def tc_batch(netns: str, lines: list[str]) -> None:
+    if lines:
+        run(["ip", "netns", "exec", netns, "tc", "-batch", "-"], input="\n".join(lines) + "\n", timeout=120)
+
+
+def create_lab_namespace(plan: LabPlan) -> None:
+    """The lab namespace with its switches, uplinks, service address and BMC interface."""
+    ns = plan.netns
+    if not netns_exists(ns):
+        run(["ip", "netns", "add", ns])
+    lines = ["link set lo up"]
+    for switch in range(1, plan.switches + 1):
+        lines += [
+            f"link add sw{switch} type bridge stp_state 0 forward_delay 0",
+            f"link set sw{switch} up",
+        ]
+    tc_lines = []
+    for switch in range(1, plan.switches):
+        a, b = f"up{switch}a", f"up{switch}b"
+        lines += [
+            f"link add {a} type veth peer name {b}",
+            f"link set {a} master sw{switch} up",
+            f"link set {b} master sw{switch + 1} up",
+        ]
+        tc_lines += [shaping_command(a, plan.uplink), shaping_command(b, plan.uplink)]
+    lines += [
+        f"addr add {SERVICE_ADDRESS}/{PREFIX_LENGTH} dev sw1",
+        "link add bmc0 type bridge",
+        "link set bmc0 up",
+    ]
+    ip_batch(ns, lines)
+    tc_batch(ns, tc_lines)
+
+
+def create_node_namespaces(plan: LabPlan, nodes: list[NodePlan]) -> None:
+    """Each node's namespace and cable (veth to its switch), shaped at ``plan.link``."""
+    lab_lines, lab_tc = [], []
+    for node in nodes:
+        if not netns_exists(node.netns):
+            run(["ip", "netns", "add", node.netns])
+        lab_lines += [
+            f"link add {node.lab_port} type veth peer name eth0 netns {node.netns}",
+            f"link set {node.lab_port} master {node.switch_name} up",
+            f"addr add {node.bmc_address}/32 dev bmc0",
+        ]
+        lab_tc.append(shaping_command(node.lab_port, plan.link))
+    ip_batch(plan.netns, lab_lines)
+    tc_batch(plan.netns, lab_tc)
+    for node in nodes:
+        ip_batch(node.netns, ["link set lo up", f"link set eth0 address {node.mac}", "link set eth0 up"])
+        tc_batch(node.netns, [shaping_command("eth0", plan.link)])
+
+
+def flush_node_addresses(netns: str) -> None:
+    """What losing power does to a node's network configuration."""
+    run(["ip", "-n", netns, "addr", "flush", "dev", "eth0"], check=False)
+
+
+def delete_namespace(netns: str) -> None:
+    if netns_exists(netns):
+        run(["ip", "netns", "del", netns], check=False)

@@ -1,0 +1,131 @@
+"""Kinds of lab nodes. The lab builds what all kinds share (switches, DHCP/TFTP, keys, the systems'
+images); a :class:`NodeKind` builds, powers and removes the nodes themselves.
+
+:class:`NamespaceNodeKind` (the light kind) makes each node a network namespace with a loop-device
+disk, an ``ipmi_sim`` BMC and the :mod:`simulated firmware <kasched.lab.firmware>`. A QEMU kind
+(VMs that PXE-boot for real, their BMC an ``ipmi_sim`` whose ``startcmd`` runs QEMU) plugs in here.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from kasched.lab import disk, power
+from kasched.lab.bmc import BmcCredentials, LabBmc
+from kasched.lab.network import create_node_namespaces, delete_namespace
+from kasched.lab.nodedir import BOOT_NETWORK, NodeDir, NodeFacts
+from kasched.lab.system import kill_and_wait, netns_list, netns_pids
+from kasched.lab.topology import LabPlan, NodePlan
+
+
+@dataclass(frozen=True)
+class LabContext:
+    """What a node kind gets from the lab."""
+
+    plan: LabPlan
+    state_dir: Path
+    golden_disk: Path
+    credentials: BmcCredentials
+
+    def node_dir(self, node: NodePlan) -> NodeDir:
+        return NodeDir(self.state_dir / "nodes" / node.name)
+
+
+class NodeKind(ABC):
+    """How one kind of lab node is made, powered and removed."""
+
+    name: str = ""
+
+    @abstractmethod
+    def create(self, ctx: LabContext, nodes: list[NodePlan]) -> None:
+        """Build the nodes (cabling, disk, BMC), powered off, their BMCs answering."""
+
+    @abstractmethod
+    def power_on(self, ctx: LabContext, node: NodePlan) -> None:
+        """Power ``node`` on with the network as boot device (what ``lab up`` does at the end)."""
+
+    @abstractmethod
+    def node_status(self, ctx: LabContext, node: NodePlan) -> dict[str, object]: ...
+
+    @abstractmethod
+    def destroy(self, lab_name: str, state_dir: Path) -> None:
+        """Remove every node of the lab, from names and files alone (works after kill -9)."""
+
+
+class NamespaceNodeKind(NodeKind):
+    """Nodes as network namespaces: real BMC, DHCP, TFTP, disk and sshd; simulated firmware."""
+
+    name = "namespace"
+
+    def create(self, ctx: LabContext, nodes: list[NodePlan]) -> None:
+        create_node_namespaces(ctx.plan, nodes)
+        bmcs = []
+        for node in nodes:
+            node_dir = ctx.node_dir(node)
+            node_dir.path.mkdir(parents=True, exist_ok=True)
+            image = node_dir.path / "disk.img"
+            disk.copy_disk(ctx.golden_disk, image)
+            device = disk.attach(image)
+            node_dir.write_facts(
+                NodeFacts(
+                    name=node.name,
+                    netns=node.netns,
+                    mac=node.mac,
+                    disk_image=str(image),
+                    disk_device=device,
+                    python=sys.executable,
+                    pythonpath=_pythonpath(),
+                )
+            )
+            node_dir.root_mount.mkdir(exist_ok=True)
+            node_dir.set_bootdev(BOOT_NETWORK)
+            power.write_supervisor(node_dir)
+            bmc = LabBmc(node_dir, node.bmc_address, ctx.credentials)
+            bmc.configure(node.index)
+            bmc.start(ctx.plan.netns)
+            bmcs.append(bmc)
+        for bmc in bmcs:
+            bmc.wait_ready()
+
+    def power_on(self, ctx: LabContext, node: NodePlan) -> None:
+        node_dir = ctx.node_dir(node)
+        node_dir.set_bootdev(BOOT_NETWORK)
+        power.power_on(node_dir)
+
+    def node_status(self, ctx: LabContext, node: NodePlan) -> dict[str, object]:
+        node_dir = ctx.node_dir(node)
+        bmc = LabBmc(node_dir, node.bmc_address, ctx.credentials)
+        facts = node_dir.facts() if node_dir.facts_file.exists() else None
+        return {
+            "node": node.name,
+            "switch": node.switch_name,
+            "ip": node.ip,
+            "bmc": node.bmc_address,
+            "bmc_running": bmc.running(),
+            "power": "on" if netns_pids(node.netns) else "off",
+            "bootdev": node_dir.bootdev(),
+            "disk": facts.disk_device if facts else "",
+        }
+
+    def destroy(self, lab_name: str, state_dir: Path) -> None:
+        namespaces = netns_list(f"kl-{lab_name}-")
+        for _ in range(3):  # supervisors may fork once more while being killed
+            pids = [pid for ns in namespaces for pid in netns_pids(ns)]
+            if not pids:
+                break
+            kill_and_wait(pids)
+        for ns in namespaces:
+            delete_namespace(ns)
+        disk.detach_all(state_dir / "nodes")
+
+
+def _pythonpath() -> str:
+    import kasched
+
+    return str(Path(kasched.__file__).resolve().parent.parent)
+
+
+NODE_KINDS: dict[str, type[NodeKind]] = {NamespaceNodeKind.name: NamespaceNodeKind}

@@ -1,0 +1,134 @@
+"""The lab's small root filesystem, built from real Debian packages and cached between runs.
+
+``apt-get download`` (or the local apt cache) gives the .deb files of busybox-static, openssh-server
+and e2fsprogs; ``dpkg-deb -x`` unpacks them, with the packages of every shared library their programs
+link to (found with ``ldd`` and ``dpkg -S`` on the host, which runs the same Debian). The result, a
+~15 MB tree, is the base of both the reference environment (on each node's disk) and the deployment
+system (an initramfs served over TFTP). Nothing lab-specific (keys, hostnames) goes into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from kasched.errors import LabError
+from kasched.lab.system import run
+
+DEFAULT_CACHE = Path("/var/cache/kasched-lab")
+BASE_PACKAGES = ("busybox-static", "openssh-server", "e2fsprogs")
+APT_ARCHIVES = Path("/var/cache/apt/archives")
+_KEEP = ("bin", "sbin", "lib", "lib64", "usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/libexec")
+_BINARIES = ("usr/sbin/sshd", "sbin/mke2fs", "usr/lib/openssh/sftp-server")
+
+
+def package_version(package: str) -> str:
+    out = run(["dpkg-query", "-W", "-f=${Version}", package], check=False)
+    if out:
+        return out.strip()
+    out = run(["apt-cache", "show", "--no-all-versions", package])
+    for line in out.splitlines():
+        if line.startswith("Version: "):
+            return line.split(": ", 1)[1]
+    raise LabError(f"package {package} has no version in the apt cache")
+
+
+def fetch_deb(package: str, version: str, dest: Path) -> Path:
+    """The .deb of ``package=version``: from apt's archive cache if there, else ``apt-get download``."""
+    arch = run(["dpkg", "--print-architecture"]).strip()
+    escaped = version.replace(":", "%3a")
+    for directory in (dest, APT_ARCHIVES):
+        for candidate_arch in (arch, "all"):
+            candidate = directory / f"{package}_{escaped}_{candidate_arch}.deb"
+            if candidate.exists():
+                return candidate
+    dest.mkdir(parents=True, exist_ok=True)
+    # The installed version first; the mirror may only have the current one (same ABI in a release).
+    out = run(["sh", "-c", f"cd '{dest}' && (apt-get download '{package}={version}' || apt-get download '{package}')"],
+              timeout=300)  # fmt: skip
+    found = sorted(dest.glob(f"{package}_*.deb"))
+    if not found:
+        raise LabError(f"apt-get download {package}={version} gave no file: {out.strip()}")
+    return found[-1]
+
+
+def library_packages(root: Path) -> set[str]:
+    """Debian packages of the shared libraries the programs of ``root`` load (ldd, then dpkg -S)."""
+    packages: set[str] = set()
+    for binary in _BINARIES:
+        path = root / binary
+        if not path.exists():
+            continue
+        for line in run(["ldd", str(path)]).splitlines():
+            parts = line.split()
+            library = next((p for p in parts if p.startswith("/")), None)
+            if library is None:
+                continue
+            name = Path(library).name
+            owner = run(["dpkg-query", "-S", f"*/{name}"], check=False)
+            for entry in owner.splitlines():
+                package = entry.split(":", 1)[0].strip()
+                if package and " " not in package and "," not in package and not package.endswith("-dev"):
+                    packages.add(package)
+    return packages
+
+
+def cache_key(packages: tuple[str, ...]) -> str:
+    text = " ".join(f"{p}={package_version(p)}" for p in packages)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_base_rootfs(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The cached base tree (built once per set of package versions); returns its directory."""
+    key = cache_key(BASE_PACKAGES)
+    final = cache_dir / f"rootfs-{key}"
+    if (final / ".complete").exists():
+        return final
+    work = cache_dir / f".rootfs-{key}.build{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    debs = cache_dir / "debs"
+    for package in BASE_PACKAGES:
+        _extract(fetch_deb(package, package_version(package), debs), work)
+    for package in sorted(library_packages(work) - set(BASE_PACKAGES)):
+        _extract(fetch_deb(package, package_version(package), debs), work)
+    _prune(work)
+    _install_busybox_links(work)
+    (work / ".complete").write_text(key + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(work, final)
+    return final
+
+
+def _extract(deb: Path, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    run(["dpkg-deb", "-x", str(deb), str(root)], timeout=120)
+
+
+def _prune(root: Path) -> None:
+    """Keep programs and libraries; drop documentation, locales and package scripts."""
+    for child in list(root.iterdir()):
+        if child.name not in {"bin", "sbin", "lib", "lib64", "usr", "etc"}:
+            shutil.rmtree(child, ignore_errors=True)
+    usr = root / "usr"
+    for child in list(usr.iterdir()) if usr.is_dir() else []:
+        if f"usr/{child.name}" not in _KEEP:
+            shutil.rmtree(child, ignore_errors=True)
+    for unwanted in ("etc/init.d", "etc/default", "etc/pam.d", "etc/systemd", "lib/systemd", "etc/ufw"):
+        shutil.rmtree(root / unwanted, ignore_errors=True)
+
+
+def _install_busybox_links(root: Path) -> None:
+    busybox = root / "bin" / "busybox"
+    if not busybox.exists():
+        raise LabError("busybox-static did not provide /bin/busybox")
+    for applet in run([str(busybox), "--list-full"]).split():
+        link = root / applet
+        if link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+    for directory in ("dev", "proc", "sys", "run", "tmp", "root", "var/log", "var/empty", "mnt"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
