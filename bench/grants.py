@@ -52,7 +52,7 @@ def populate(api: Kasched, count: int) -> list[str]:
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def measure(api: Kasched, names: list[str], size: int, runs: int) -> dict[str, list[float]]:

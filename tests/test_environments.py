@@ -113,7 +113,7 @@ def test_checksum_is_checked_again_before_use(admin: Kasched, tmp_path: Path, im
     assert admin.check_environment("tiny").name == "tiny"
     with image.open("ab") as handle:
         handle.write(b"tampered")
-    with pytest.raises(IntegrityError, match="has sha256 .* recorded .* when it was added"):
+    with pytest.raises(IntegrityError, match=r"has sha256 .* recorded .* when it was added"):
         admin.check_environment("tiny")
     image.unlink()
     with pytest.raises(NotFoundError, match="does not exist"):
@@ -141,13 +141,13 @@ def test_bad_descriptions(admin: Kasched, tmp_path: Path, image: Path, extra: st
 
 
 def test_bad_kind_boot_path_and_missing_image(admin: Kasched, tmp_path: Path, image: Path) -> None:
-    with pytest.raises(InputError, match="image.kind: 'iso' is not one of tar, raw"):
+    with pytest.raises(InputError, match=r"image.kind: 'iso' is not one of tar, raw"):
         admin.add_environment(write(tmp_path / "a.yaml", "name: a\nimage: {file: root.tar.gz, kind: iso}\n"))
-    with pytest.raises(InputError, match="boot.kernel: .* without '..'"):
+    with pytest.raises(InputError, match=r"boot.kernel: .* without '..'"):
         admin.add_environment(
             write(tmp_path / "b.yaml", "name: b\nimage: {file: root.tar.gz}\nboot: {kernel: ../../vmlinuz}\n")
         )
-    with pytest.raises(NotFoundError, match="image .*nothere.tar.gz does not exist"):
+    with pytest.raises(NotFoundError, match=r"image .*nothere.tar.gz does not exist"):
         admin.add_environment(write(tmp_path / "c.yaml", "name: c\nimage: {file: nothere.tar.gz}\n"))
     with pytest.raises(InputError, match="only files and http"):
         admin.add_environment(write(tmp_path / "d.yaml", "name: d\nimage: {file: 'ftp://x/y'}\n"))

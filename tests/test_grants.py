@@ -50,7 +50,7 @@ def test_start_and_end_are_idempotent(cluster: Kasched) -> None:
     cluster.job_ended(JobEnd("slurm", "c1", "42"))
     again = cluster.job_ended(JobEnd("slurm", "c1", "42", reason="second epilog"))
     assert again.revoke_reason == "job ended"  # the first revocation stands
-    with pytest.raises(ConflictError, match="was revoked .* a job id is granted once"):
+    with pytest.raises(ConflictError, match=r"was revoked .* a job id is granted once"):
         cluster.job_started(job())
 
 

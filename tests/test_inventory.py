@@ -142,7 +142,7 @@ def test_duplicate_against_database_is_refused_and_nothing_written(cluster: Kasc
         ip: 10.77.1.[11-12]
         bmc: {address: 10.1.0.1}""",
     )
-    with pytest.raises(ConflictError, match="IP 10.77.1.11 of node fresh-1 belongs to node node-1"):
+    with pytest.raises(ConflictError, match=r"IP 10.77.1.11 of node fresh-1 belongs to node node-1"):
         cluster.import_nodes(path)
     with pytest.raises(NotFoundError):
         cluster.show_node("fresh-1")

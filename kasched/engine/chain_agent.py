@@ -35,7 +35,7 @@ MAX_CONTROL = 1 << 20
 SINK_QUEUE = 16  # chunks buffered between the network and the sink: bounded memory
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
-OFFSET_REPLY, ACK, SUPERSEDED = b"O"[0], b"K"[0], b"S"[0]  # upstream direction
+OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
 TAR_FLAGS = {"gz": ["--gzip"], "xz": ["--xz"], "zst": ["--zstd"], "none": []}
 
 
@@ -48,7 +48,7 @@ class Superseded(Exception):
 
 
 class UpstreamLost(Exception):
-    """The connection from the predecessor closed or stalled before the end of the stream."""
+    """The connection from the predecessor closed before the end of the stream."""
 
 
 class NewUpstream(Exception):
@@ -132,26 +132,39 @@ class Forwarder:
         self.note_lost = note_lost
         self.stall = float(config["stall_timeout"])
         self.ring = ReplayBuffer(int(config["replay_bytes"]))
+        self.poll = min(1.0, self.stall / 4)  # how often a blocked send checks the successor is alive
         self.sock: socket.socket | None = None
         self.index = -1
+        self.alive_at = time.monotonic()
 
     @property
     def current(self) -> str:
         return self.successors[self.index][0] if self.sock else ""
 
     def attach(self, start: int) -> None:
-        """Connect to the first successor from ``start`` on that answers and can be resumed."""
+        """Connect to the first successor from ``start`` on that answers and can be resumed, and
+        resend it what it lacks from the replay buffer."""
         for index in range(start, len(self.successors)):
             name, address = self.successors[index]
             try:
-                self.sock = self._handshake(index, address)
-                self.index = index
+                self.sock, offset = self._handshake(index, address)
+                self.index, self.alive_at = index, time.monotonic()
+                try:
+                    pieces = list(self.ring.since(offset))
+                except ProtocolError as error:
+                    self.abort(str(error))
+                    raise
+                for piece in pieces:
+                    self._send(DATA, piece)
                 return
             except (OSError, ProtocolError) as error:
-                self.note_lost(name, f"cannot reach {name} at {address}: {error}")
+                self.note_lost(name, f"cannot reach {name} at {address}: {error or type(error).__name__}")
+                if self.sock is not None:
+                    self.sock.close()
+                    self.sock = None
         self.sock, self.index = None, len(self.successors)
 
-    def _handshake(self, index: int, address: str) -> socket.socket:
+    def _handshake(self, index: int, address: str) -> tuple[socket.socket, int]:
         sock = socket.create_connection(split_address(address), timeout=self.stall)
         try:
             sock.settimeout(self.stall)
@@ -160,24 +173,43 @@ class Forwarder:
             kind, payload = recv_frame(sock)
             if kind != OFFSET_REPLY:
                 raise ProtocolError(f"expected an offset, got frame {kind!r}")
-            (offset,) = OFFSET.unpack(payload)
-            try:
-                for piece in self.ring.since(offset):
-                    send_frame(sock, DATA, piece)
-            except ProtocolError as error:
-                send_frame(sock, ABORT, str(error).encode())
-                raise
+            sock.settimeout(self.poll)
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, OFFSET.unpack(payload)[0]
+
+    def _send(self, kind: int, payload: bytes | memoryview = b"") -> None:
+        """Send one frame; while the successor does not take it, check that it is still alive."""
+        assert self.sock is not None
+        for view in (memoryview(FRAME.pack(kind, len(payload))), memoryview(payload)):
+            while view:
+                try:
+                    view = view[self.sock.send(view) :]
+                except TimeoutError:
+                    self._poll_successor()
+
+    def _poll_successor(self) -> bool:
+        """Read what the successor sent upstream (keepalives, an ack, being superseded) without
+        blocking; True on an ack. Raises TimeoutError if it has been silent for the stall timeout."""
+        assert self.sock is not None
+        acked = False
+        while select.select([self.sock], [], [], 0)[0]:
+            kind, _ = recv_frame(self.sock)
+            if kind == SUPERSEDED:
+                raise Superseded(f"{self.current} was taken over by our predecessor")
+            self.alive_at = time.monotonic()
+            acked = acked or kind == ACK
+        if not acked and time.monotonic() - self.alive_at > self.stall:
+            raise TimeoutError(f"no sign of life for {self.stall:g}s")
+        return acked
 
     def send(self, chunk: bytes) -> None:
         self.ring.append(chunk)
         if self.sock is not None:
             try:
-                send_frame(self.sock, DATA, chunk)
-            except OSError as error:
+                self._send(DATA, chunk)
+            except (OSError, ProtocolError) as error:
                 self._bypass(error)  # attach() resends the chunk from the replay buffer
 
     def _bypass(self, error: BaseException) -> None:
@@ -186,6 +218,7 @@ class Forwarder:
             raise Superseded(f"{self.current} was taken over by our predecessor")
         self.note_lost(self.current, f"connection to {self.current} lost: {error or type(error).__name__}")
         self.sock.close()
+        self.sock = None
         self.attach(self.index + 1)
 
     def finish(self, end_payload: bytes, deadline: float) -> None:
@@ -193,26 +226,20 @@ class Forwarder:
         after it have the whole stream; bypass successors that die meanwhile."""
         while self.sock is not None:
             try:
-                send_frame(self.sock, END, end_payload)
-                self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-                kind, _ = recv_frame(self.sock)
-                if kind == SUPERSEDED:
-                    raise Superseded(f"{self.current} was taken over by our predecessor")
-                if kind != ACK:
-                    raise ProtocolError(f"expected an acknowledgement, got frame {kind!r}")
+                self._send(END, end_payload)
+                while not self._poll_successor():
+                    if time.monotonic() >= deadline:
+                        raise ProtocolError("no acknowledgement before the deadline")
+                    select.select([self.sock], [], [], self.poll)
                 self.sock.close()
                 self.sock = None
             except (OSError, ProtocolError) as error:
-                if time.monotonic() >= deadline:
-                    self.note_lost(self.current, "no acknowledgement before the deadline")
-                    self.sock.close()
-                    self.sock = None
-                else:
-                    self._bypass(error)
+                self._bypass(error)
 
     def abort(self, reason: str) -> None:
         if self.sock is not None:
             with contextlib.suppress(OSError):
+                self.sock.settimeout(1.0)
                 send_frame(self.sock, ABORT, reason.encode()[:MAX_CONTROL])
             self.sock.close()
             self.sock = None
@@ -337,16 +364,20 @@ class Reporter:
 
 
 class Agent:
-    """One node of the chain: accepts the stream, sinks it, forwards it, reports."""
+    """One node of the chain: accepts the stream, sinks it, forwards it, reports. A thread sends
+    keepalives upstream so that a predecessor blocked by backpressure knows we are alive."""
 
     def __init__(self, listener: socket.socket, name: str) -> None:
         self.listener = listener
         self.name = name
         self.upstream: socket.socket | None = None
+        self.upstream_lock = threading.Lock()
         self.abandoned: list[socket.socket] = []
         self.config: dict[str, Any] = {}
         self.have = 0
         self.stall = 30.0
+        self.deadline = 0.0
+        self.done = threading.Event()
 
     def accept_first(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -358,6 +389,18 @@ class Agent:
             if header is not None:
                 self.config = header
                 self.stall = float(header["stall_timeout"])
+                self.deadline = time.monotonic() + float(header["timeout"])
+        threading.Thread(target=self._keepalive, name="keepalive", daemon=True).start()
+
+    def _keepalive(self) -> None:
+        while not self.done.wait(self.stall / 4):
+            self.send_upstream(KEEPALIVE)
+
+    def send_upstream(self, kind: int) -> None:
+        """A small frame to the predecessor, never blocking (the other direction is the stream)."""
+        with self.upstream_lock, contextlib.suppress(OSError):
+            if self.upstream is not None:
+                self.upstream.send(FRAME.pack(kind, 0), socket.MSG_DONTWAIT)
 
     def _accept_header(self) -> dict[str, Any] | None:
         """Accept a connection; if it opens our session (or a first one), make it the upstream."""
@@ -372,18 +415,21 @@ class Agent:
         except (OSError, ProtocolError, ValueError):
             conn.close()
             return None
-        if self.upstream is not None:  # we were resumed by an earlier node: leave the old one out
-            with contextlib.suppress(OSError):
-                send_frame(self.upstream, SUPERSEDED)
+        if self.upstream is not None:  # an earlier node resumed us: the old predecessor is out
+            self.send_upstream(SUPERSEDED)
             self.abandoned.append(self.upstream)
-        self.upstream = conn
+        with self.upstream_lock:
+            self.upstream = conn
         return header
 
     def read_some(self, size: int) -> bytes:
+        """Some bytes from the predecessor. No stall timeout here: a stalled predecessor is detected
+        and bypassed by its own predecessor, which then connects to our listener."""
         assert self.upstream is not None
-        readable, _, _ = select.select([self.upstream, self.listener], [], [], self.stall)
+        remaining = self.deadline - time.monotonic()
+        readable, _, _ = select.select([self.upstream, self.listener], [], [], max(0.0, remaining))
         if not readable:
-            raise UpstreamLost(f"no data for {self.stall:g}s")
+            raise ProtocolError("the stream did not end before the deadline")
         if self.listener in readable and self._accept_header() is not None:
             raise NewUpstream()
         if self.upstream not in readable:
@@ -435,11 +481,10 @@ class Agent:
                 self.await_resume(str(lost))
 
     def acknowledge(self) -> None:
-        if self.upstream is not None:
-            with contextlib.suppress(OSError):
-                send_frame(self.upstream, ACK)
+        self.send_upstream(ACK)
 
     def close(self) -> None:
+        self.done.set()
         for sock in [*self.abandoned, self.upstream, self.listener]:
             if sock is not None:
                 sock.close()

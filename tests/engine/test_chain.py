@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,7 +17,7 @@ import pytest
 from chain_agents import AgentGroup
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast, order_chain
-from kasched.engine.chain_agent import ProtocolError, ReplayBuffer
+from kasched.engine.chain_agent import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
 
 FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
 
@@ -204,3 +206,78 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+@pytest.mark.slow
+def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 24)
+    options = BroadcastOptions(
+        timeout=60.0, stall_timeout=2.0, reconnect_timeout=5.0, lost_grace=1.0, rate_limit=12 << 20
+    )
+    victim = agents.processes["a04"]
+    output = tmp_path / "a04.img"
+
+    def freeze() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (output.exists() and output.stat().st_size >= 4 << 20):
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGSTOP)
+
+    freezer = threading.Thread(target=freeze, daemon=True)
+    freezer.start()
+    try:
+        result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+    finally:
+        freezer.join(35)
+        victim.send_signal(signal.SIGCONT)
+    assert result.failed == ["a04"]
+    for name in ["a01", "a02", "a03", "a05", "a06", "a07", "a08"]:
+        assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
+
+
+class CorruptingProxy:
+    """Forwards one chain connection, frame by frame, flipping one byte of the stream's payload."""
+
+    def __init__(self, target: str, flip_at: int) -> None:
+        self.target = split_address(target)
+        self.flip_at = flip_at
+        self.listener = socket.create_server(("127.42.8.1", 0))
+        self.address = "{}:{}".format(*self.listener.getsockname()[:2])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(30)
+        upstream, _ = self.listener.accept()
+        downstream = socket.create_connection(self.target, timeout=30)
+        upstream.settimeout(30)
+        threading.Thread(target=self._backward, args=(downstream, upstream), daemon=True).start()
+        seen = 0
+        with contextlib.suppress(OSError, ProtocolError):
+            while True:
+                header = recv_exact(upstream, FRAME.size)
+                kind, size = FRAME.unpack(header)
+                payload = bytearray(recv_exact(upstream, size))
+                if kind == DATA and seen <= self.flip_at < seen + size:
+                    payload[self.flip_at - seen] ^= 0xFF
+                seen += size if kind == DATA else 0
+                downstream.sendall(header + payload)
+
+    @staticmethod
+    def _backward(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+
+@pytest.mark.slow
+def test_a_byte_corrupted_between_two_nodes_is_reported_downstream(agents: AgentGroup, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 4)
+    nodes = list(agents.nodes[:5])
+    proxy = CorruptingProxy(nodes[2].address, flip_at=3 << 20)
+    nodes[2] = ChainNode(nodes[2].name, proxy.address)
+    result = broadcast(image, nodes, {"kind": "discard"}, options=FAST, ordered=False)
+    assert result.succeeded == ["a01", "a02"]
+    for name in ["a03", "a04", "a05"]:
+        assert "sha256 mismatch" in (result[name].error or "")
+        assert result[name].value.sha256 != sha256_file(image)
