@@ -1,0 +1,192 @@
+"""The deployment workflow as an explicit state machine (Kadeploy's model).
+
+A workflow is an ordered list of macro-steps (set up the deployment system, broadcast the image, boot
+the new environment...). Each macro-step is an ordered list of variants (PXE reboot, then kexec...),
+each with a timeout that may grow with the node count, and a number of retries. Nodes move through the
+steps together; a node that fails a variant is retried, then falls to the next variant; a node that
+fails every variant of a step leaves the workflow as failed, with the step and the reason. The others
+go on. Every node ends with an :class:`NodeOutcome`: data, never an exception that loses the others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from kasched.errors import KaschedError
+from kasched.models import utcnow
+from kasched.results import GroupResult, NodeResult
+
+CANCELLED = "cancelled"
+GRACE = 5.0  # seconds an action may overrun its deadline before its nodes are declared timed out
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """``base + per_node * n`` seconds for a variant run on ``n`` nodes (at most ``ceiling``)."""
+
+    base: float
+    per_node: float = 0.0
+    ceiling: float = 3600.0
+
+    def for_nodes(self, count: int) -> float:
+        return min(self.ceiling, self.base + self.per_node * count)
+
+
+# An action runs a variant on nodes and returns one result per node. It must honour ``deadline``
+# (a time.monotonic() value) and ``cancel``; a node it leaves out of its result is taken as failed.
+Action = Callable[[Sequence[str], float, threading.Event], GroupResult]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    action: Action
+    timeout: Timeout
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class MacroStep:
+    name: str
+    variants: tuple[Variant, ...]
+
+
+@dataclass
+class NodeOutcome:
+    """Where a node got to: the last step it reached, whether it finished, why not, and how long."""
+
+    node: str
+    ok: bool = False
+    step: str = ""
+    variant: str = ""
+    error: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return sum(self.durations.values())
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One attempt of one variant on one node, as it finished (for progress views and statistics)."""
+
+    node: str
+    step: str
+    variant: str
+    attempt: int
+    started_at: datetime
+    duration: float
+    ok: bool
+    error: str | None
+
+
+Listener = Callable[[StepReport], None]
+
+
+class Workflow:
+    """Runs macro-steps over nodes; see the module docstring."""
+
+    def __init__(
+        self, steps: Sequence[MacroStep], *, listener: Listener | None = None, cancel: threading.Event | None = None
+    ) -> None:
+        if not steps or any(not step.variants for step in steps):
+            raise ValueError("a workflow needs steps, each with at least one variant")
+        self.steps = list(steps)
+        self.listener = listener or (lambda report: None)
+        self.cancel = cancel or threading.Event()
+
+    def run(self, nodes: Sequence[str]) -> dict[str, NodeOutcome]:
+        outcomes = {node: NodeOutcome(node) for node in nodes}
+        alive = list(nodes)
+        for step in self.steps:
+            if not alive:
+                break
+            alive = self._run_step(step, alive, outcomes)
+        for node in alive:
+            outcomes[node].ok = True
+        return outcomes
+
+    def _run_step(self, step: MacroStep, nodes: list[str], outcomes: dict[str, NodeOutcome]) -> list[str]:
+        pending: list[str] = list(nodes)
+        done: list[str] = []
+        for node in nodes:
+            outcomes[node].step = step.name
+        for variant in step.variants:
+            for attempt in range(1, variant.retries + 2):
+                if not pending:
+                    break
+                if self.cancel.is_set():
+                    self._fail(pending, outcomes, CANCELLED)
+                    pending = []
+                    break
+                succeeded = set(self._attempt(step, variant, attempt, pending, outcomes))
+                done.extend(succeeded)
+                pending = [node for node in pending if node not in succeeded]
+        # Nodes still pending failed every variant (their outcome holds the last error). The others go
+        # on in the order they came in.
+        finished = set(done)
+        return [node for node in nodes if node in finished]
+
+    def _attempt(
+        self, step: MacroStep, variant: Variant, attempt: int, nodes: list[str], outcomes: dict[str, NodeOutcome]
+    ) -> list[str]:
+        started_at, start = utcnow(), time.monotonic()
+        budget = variant.timeout.for_nodes(len(nodes))
+        results = _run_with_deadline(variant.action, nodes, start + budget, self.cancel)
+        elapsed = time.monotonic() - start
+        succeeded = []
+        for node in nodes:
+            result = results.get(node) or NodeResult(node, False, step.name, f"timeout after {budget:.0f}s")
+            outcome = outcomes[node]
+            outcome.variant = variant.name
+            outcome.durations[step.name] = outcome.durations.get(step.name, 0.0) + (result.duration or elapsed)
+            outcome.error = None if result.ok else result.error
+            if result.ok:
+                succeeded.append(node)
+            self.listener(
+                StepReport(
+                    node,
+                    step.name,
+                    variant.name,
+                    attempt,
+                    started_at,
+                    result.duration or elapsed,
+                    result.ok,
+                    result.error,
+                )
+            )
+        return succeeded
+
+    @staticmethod
+    def _fail(nodes: list[str], outcomes: dict[str, NodeOutcome], reason: str) -> None:
+        for node in nodes:
+            outcomes[node].error = reason
+
+
+def _run_with_deadline(action: Action, nodes: list[str], deadline: float, cancel: threading.Event) -> GroupResult:
+    """Run ``action`` in a thread; past its deadline (plus a grace) its missing nodes are timed out."""
+    box: dict[str, GroupResult] = {}
+    failure: list[str] = []
+
+    def target() -> None:
+        try:
+            box["result"] = action(list(nodes), deadline, cancel)
+        except KaschedError as error:
+            failure.append(str(error))
+        except Exception as error:  # a bug in a step must not lose the other nodes' state
+            failure.append(f"internal error: {type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=target, name="kasched-step", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()) + GRACE)
+    if failure:
+        group = GroupResult()
+        for node in nodes:
+            group.add(NodeResult(node, False, error=failure[0]))
+        return group
+    return box.get("result", GroupResult())
