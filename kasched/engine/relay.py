@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -25,11 +26,19 @@ from kasched.errors import DriverTimeout
 from kasched.results import NodeResult
 
 
+def login_shell() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    except KeyError:
+        return "/bin/sh"
+
+
 def run_local(node: str, command: str, timeout: float) -> NodeResult:
-    """Run the command on this node as sshd would (``sh -c``), killing its process group on timeout."""
+    """Run the command on this node as sshd would (``$SHELL -c``), killing its process group on
+    timeout."""
     start = time.monotonic()
     process = subprocess.Popen(
-        ["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        [login_shell(), "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
