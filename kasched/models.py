@@ -180,3 +180,44 @@ class Operation(Base):
     duration: Mapped[float] = mapped_column(Float)
     ok: Mapped[bool]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class DeploymentState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"  # every node succeeded
+    PARTIAL = "partial"  # some nodes failed
+    FAILED = "failed"  # every node failed
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # the process running it died; its nodes were put in a known state
+
+
+class Deployment(Base):
+    """One deploy, revert or reboot operation on a set of nodes, and its outcome per node."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    environment: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[DeploymentState] = mapped_column(
+        Enum(DeploymentState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=DeploymentState.RUNNING,
+    )
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    nodes: Mapped[list[DeploymentNode]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+
+
+class DeploymentNode(Base):
+    __tablename__ = "deployment_nodes"
+
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    node: Mapped[str] = mapped_column(String(128), primary_key=True)
+    step: Mapped[str] = mapped_column(String(64), default="")
+    ok: Mapped[bool | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[float] = mapped_column(Float, default=0.0)

@@ -1,0 +1,65 @@
+"""Deployment records: atomic node acquisition, final states, cancel requests, recovery after a crash."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from sqlalchemy import update
+
+from kasched.api import Kasched
+from kasched.deploy import records
+from kasched.errors import ConflictError, NotFoundError, PermissionDenied
+from kasched.models import Deployment, NodeState
+
+
+def test_busy_nodes_are_refused_until_released(cluster: Kasched) -> None:
+    with cluster.database.session() as session:
+        first = records.start(session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING)
+    assert cluster.show_node("node-1").state == "deploying"
+    with pytest.raises(ConflictError, match=rf"node-2: busy \(deploying\) in {first} of alice"):
+        with cluster.database.session() as session:
+            records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING)
+    assert cluster.show_node("node-3").state == "reference"  # nothing half-taken
+    with cluster.database.session() as session:
+        records.record_node(session, first, "node-1", "boot", True, None, 12.5)
+        records.record_node(session, first, "node-2", "broadcast", False, "checksum mismatch", 7.0)
+        state = records.finish(session, first, {"node-1": NodeState.DEPLOYED, "node-2": NodeState.DEPLOY_FAILED})
+    assert state.value == "partial"
+    assert [cluster.show_node(n).state for n in ("node-1", "node-2")] == ["deployed", "deploy_failed"]
+    with cluster.database.session() as session:
+        shown = records.view(session, first)
+        records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING)
+    assert shown.nodes["node-2"] == {"step": "broadcast", "ok": False, "error": "checksum mismatch", "duration": 7.0}
+
+
+def test_cancel_requests(cluster: Kasched) -> None:
+    with cluster.database.session() as session:
+        deployment = records.start(session, "deploy", "alice", None, ["node-1"], NodeState.DEPLOYING)
+    with pytest.raises(PermissionDenied, match="belongs to alice"), cluster.database.session() as session:
+        records.request_cancel(session, deployment, "bob", is_admin=False)
+    with cluster.database.session() as session:
+        assert not records.cancel_requested(session, deployment)
+        records.request_cancel(session, deployment, "alice", is_admin=False)
+    with cluster.database.session() as session:
+        assert records.cancel_requested(session, deployment)
+        records.finish(session, deployment, {"node-1": NodeState.DEPLOY_FAILED}, cancelled=True)
+    with pytest.raises(ConflictError, match="is cancelled already"), cluster.database.session() as session:
+        records.request_cancel(session, deployment, "alice", is_admin=False)
+    with pytest.raises(NotFoundError), cluster.database.session() as session:
+        records.request_cancel(session, "nope", "alice", is_admin=True)
+
+
+def test_a_dead_process_s_operation_is_recovered(cluster: Kasched) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with cluster.database.session() as session:
+        crashed = records.start(session, "deploy", "alice", None, ["node-1", "node-2"], NodeState.DEPLOYING)
+        session.execute(update(Deployment).where(Deployment.id == crashed).values(pid=dead.pid))
+    with cluster.database.session() as session:
+        records.start(session, "deploy", "bob", None, ["node-2"], NodeState.DEPLOYING)  # recovers first
+    with cluster.database.session() as session:
+        view = records.view(session, crashed)
+    assert view.state == "interrupted"
+    assert view.nodes["node-1"]["error"] == "interrupted: the process running it died"
+    assert cluster.show_node("node-1").state == "deploy_failed"  # known state: to be reverted
