@@ -17,9 +17,11 @@ def test_busy_nodes_are_refused_until_released(cluster: Kasched) -> None:
     with cluster.database.session() as session:
         first = records.start(session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING)
     assert cluster.show_node("node-1").state == "deploying"
-    with pytest.raises(ConflictError, match=rf"node-2: busy \(deploying\) in {first} of alice"):
-        with cluster.database.session() as session:
-            records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING)
+    with (
+        pytest.raises(ConflictError, match=rf"node-2: busy \(deploying\) in {first} of alice"),
+        cluster.database.session() as session,
+    ):
+        records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING)
     assert cluster.show_node("node-3").state == "reference"  # nothing half-taken
     with cluster.database.session() as session:
         records.record_node(session, first, "node-1", "boot", True, None, 12.5)
