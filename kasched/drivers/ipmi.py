@@ -1,0 +1,107 @@
+"""Power through the node's BMC: IPMI 2.0 (RMCP+) with pyghmi.
+
+Every pyghmi error becomes a :class:`~kasched.errors.DriverError` naming the node: a refused user or
+password says so, a BMC that does not answer is a :class:`~kasched.errors.DriverTimeout`. Each call
+opens its own session and runs under a deadline, so one silent BMC never blocks the others.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pyghmi import exceptions as pyghmi_exceptions
+from pyghmi.ipmi import command as ipmi_command
+
+from kasched.drivers.base import BootDevice, NodeTarget, PowerDriver, PowerState
+from kasched.errors import DriverError, DriverTimeout
+
+T = TypeVar("T")
+_AUTH_WORDS = ("password", "unauthorized name", "authentication", "privilege")
+_BOOT_DEVICES = {BootDevice.NETWORK: "network", BootDevice.DISK: "hd"}
+
+
+class IpmiPowerDriver(PowerDriver):
+    """IPMI chassis control: status, on, off, reset, cycle, next boot device."""
+
+    name = "ipmi"
+
+    def __init__(self, timeout: float = 15.0) -> None:
+        self.timeout = timeout
+
+    def validate(self, node: NodeTarget) -> None:
+        missing = [
+            field
+            for field, value in (
+                ("bmc address", node.bmc_address),
+                ("BMC user", node.bmc_user),
+                ("BMC password", node.bmc_password),
+            )
+            if not value
+        ]
+        if missing:
+            raise DriverError(f"IPMI needs a {', '.join(missing)}", node=node.name)
+
+    def status(self, node: NodeTarget) -> PowerState:
+        state = self._call(node, "power status", lambda c: c.get_power())["powerstate"]
+        return PowerState.ON if state == "on" else PowerState.OFF
+
+    def on(self, node: NodeTarget) -> None:
+        self._call(node, "power on", lambda c: c.set_power("on", wait=self.timeout))
+
+    def off(self, node: NodeTarget) -> None:
+        self._call(node, "power off", lambda c: c.set_power("off", wait=self.timeout))
+
+    def reset(self, node: NodeTarget) -> None:
+        self._call(node, "reset", lambda c: c.set_power("reset"))
+
+    def set_boot_device(self, node: NodeTarget, device: BootDevice) -> None:
+        self._call(node, f"boot device {device}", lambda c: c.set_bootdev(_BOOT_DEVICES[device]))
+
+    def boot_device(self, node: NodeTarget) -> str:
+        """The BMC's next boot device as pyghmi names it (``network``, ``hd``, ``default``...)."""
+        return str(self._call(node, "boot device", lambda c: c.get_bootdev())["bootdev"])
+
+    # -- the boundary with pyghmi -----------------------------------------------------------------
+    def _call(self, node: NodeTarget, what: str, action: Callable[[Any], T]) -> T:
+        self.validate(node)
+        where = f"BMC {node.bmc_address}:{node.bmc_port}"
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                # Bytes, not str: pyghmi matches its cached sessions on bytes, and with str a second
+                # Command for the same BMC waits forever on the first one's login.
+                session = ipmi_command.Command(
+                    bmc=node.bmc_address,
+                    userid=str(node.bmc_user).encode(),
+                    password=str(node.bmc_password).encode(),
+                    port=node.bmc_port,
+                    keepalive=False,
+                )
+                outcome["value"] = action(session)
+            except Exception as error:  # pyghmi raises many kinds; all are translated below
+                outcome["error"] = error
+
+        worker = threading.Thread(target=work, name=f"ipmi-{node.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout + 5)
+        if worker.is_alive():
+            raise DriverTimeout(f"{where} did not answer {what} in {self.timeout:.0f} s", node=node.name)
+        if "error" in outcome:
+            raise _translate(outcome["error"], node, where, what, self.timeout) from None
+        return outcome["value"]
+
+
+def _translate(error: Exception, node: NodeTarget, where: str, what: str, timeout: float) -> DriverError:
+    message = str(error) if str(error) not in ("", "None") else ""
+    lowered = message.lower()
+    if isinstance(error, pyghmi_exceptions.IpmiException):
+        if any(word in lowered for word in _AUTH_WORDS):
+            return DriverError(f"{where} refused user {node.bmc_user!r} or its password ({message})", node=node.name)
+        if not message or "timeout" in lowered or "no longer connected" in lowered:
+            return DriverTimeout(f"{where} did not answer {what} (timeout)", node=node.name)
+    if isinstance(error, OSError):
+        return DriverError(f"{where}: {what}: network error: {error}", node=node.name)
+    return DriverError(f"{where}: {what} failed: {message or type(error).__name__}", node=node.name)
