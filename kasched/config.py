@@ -27,6 +27,7 @@ class Config:
     boot_dir: Path = Path()
     image_dir: Path = Path()
     credentials_file: Path = Path("/etc/kasched/credentials.yaml")
+    service_key: Path = Path()
     admin_group: str = "kasched-admin"
     max_grant_hours: float = 24 * 7
     disabled_plugins: tuple[str, ...] = ()
@@ -40,9 +41,11 @@ class Config:
             object.__setattr__(self, "boot_dir", self.state_dir / "boot")
         if self.image_dir == Path():
             object.__setattr__(self, "image_dir", self.state_dir / "images")
+        if self.service_key == Path():
+            object.__setattr__(self, "service_key", self.state_dir / "ssh" / "id_ed25519")
 
 
-_PATH_KEYS = {"state_dir", "boot_dir", "image_dir", "credentials_file"}
+_PATH_KEYS = {"state_dir", "boot_dir", "image_dir", "credentials_file", "service_key"}
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

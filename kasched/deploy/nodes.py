@@ -1,0 +1,81 @@
+"""Running commands on a deployment's nodes, and telling which system a node runs.
+
+The command runner is the engine's tree exec (direct or through relays): the steps see one function
+that runs a command on nodes and returns per-node results, whichever way it travels.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kasched.engine import tree
+from kasched.engine.ssh_session import CommandOutput
+from kasched.results import GroupResult, NodeResult
+
+# Which system a node booted, from the node side: the kernel command line says kasched.system=...
+# (the lab's simulated firmware records its command line in /run/kasched/cmdline).
+SYSTEM_PROBE = "cat /run/kasched/cmdline 2>/dev/null || cat /proc/cmdline"
+
+
+@dataclass
+class NodeShell:
+    """Runs shell commands as root on nodes, authenticated with the service's key."""
+
+    key_file: Path
+    addresses: Mapping[str, str]  # node name -> IP address
+    fanout: int = 0
+    window: int = 32
+    connect_timeout: float = 10.0
+
+    def run(self, nodes: Sequence[str], command: str, timeout: float) -> GroupResult:
+        """The same command on every node."""
+        return tree.run(
+            list(nodes),
+            command,
+            key_file=str(self.key_file),
+            addresses=self.addresses,
+            fanout=self.fanout,
+            window=self.window,
+            connect_timeout=self.connect_timeout,
+            command_timeout=timeout,
+        )
+
+    def run_each(self, nodes: Sequence[str], command_for: Callable[[str], str], timeout: float) -> GroupResult:
+        """A command of its own on each node (hostname, agent name...), at most ``window`` at once."""
+        group = GroupResult()
+        if not nodes:
+            return group
+        with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
+            futures = {node: pool.submit(self.run, [node], command_for(node), timeout) for node in nodes}
+        for node, future in futures.items():
+            group.add(future.result()[node])
+        return group
+
+
+def checked(results: GroupResult, what: str) -> GroupResult:
+    """Name what failed in each failed result, with the last line the command wrote on stderr."""
+    group = GroupResult()
+    for node, result in results.items():
+        if not result.ok:
+            output = result.value
+            if isinstance(output, CommandOutput):
+                lines = output.stderr.strip().splitlines()
+                detail = f"exit {output.exit_status}: {lines[-1] if lines else 'no message'}"
+            else:
+                detail = result.error or "failed"
+            result = NodeResult(node, False, result.step, f"{what}: {detail}", result.duration, output)
+        group.add(result)
+    return group
+
+
+def stdout_of(result: NodeResult) -> str:
+    output = result.value
+    return output.stdout if isinstance(output, CommandOutput) else ""
+
+
+def quote(text: str) -> str:
+    return shlex.quote(text)

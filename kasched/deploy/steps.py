@@ -1,0 +1,301 @@
+"""The steps of a deployment, as workflow actions: each takes nodes, a deadline and a cancel event,
+and returns one result per node (see :mod:`kasched.deploy.workflow`).
+
+* set up the deployment system: boot profile ``deploy``, reboot (escalating), check from the node;
+* broadcast: prepare the target partition, start a chain agent on every node, stream the image once
+  through the chain (or to each node alone, the unicast fallback), checked by sha256 on every node;
+* configure: hostname, the user's SSH key, the environment's postinstall scripts;
+* boot: boot profile ``local partition N``, reboot, check from the node that partition N booted.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, quote, stdout_of
+from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
+from kasched.drivers.reboot import Rebooter, RebootLevel
+from kasched.engine import chain
+from kasched.engine.chain import BroadcastOptions, ChainNode
+from kasched.errors import KaschedError
+from kasched.results import GroupResult, NodeResult, run_on_node
+from kasched.views import EnvironmentView
+
+MOUNT = "/mnt/kasched"
+AGENT_PATH = "/tmp/kasched-chain-agent.py"
+AGENT_PORT = 7373
+AGENT_SOURCE = Path(chain.__file__).with_name("chain_agent.py")
+
+
+@dataclass
+class StepContext:
+    """What the steps of one operation share."""
+
+    targets: dict[str, NodeTarget]
+    placement: dict[str, tuple[str, str]]  # node -> (switch, rack)
+    power: dict[str, PowerDriver]  # node -> its BMC's driver
+    soft: PowerDriver  # reboot through the node's own system (SSH)
+    boot: BootDriver
+    shell: NodeShell
+    environment: EnvironmentView
+    partition: Callable[[NodeTarget], int]  # the partition the environment goes to
+    user_key: str | None = None
+    report_host: str = "127.0.0.1"
+    reboot_timeout: float = 120.0
+    command_timeout: float = 120.0
+    broadcast: BroadcastOptions = field(default_factory=BroadcastOptions)
+
+    def nodes(self, names: Sequence[str]) -> list[NodeTarget]:
+        return [self.targets[name] for name in names]
+
+
+# --- Setting up the deployment system, and booting ------------------------------------------------
+
+
+def set_profiles(ctx: StepContext, names: Sequence[str], target: BootTarget, **profile: Any) -> GroupResult:
+    results = GroupResult()
+    for node in ctx.nodes(names):
+        results.add(
+            run_on_node(node.name, "boot profile", lambda node=node: ctx.boot.set_profile(node, target, **profile))
+        )
+    return results
+
+
+def reboot(ctx: StepContext, names: Sequence[str], levels: Sequence[RebootLevel], deadline: float) -> GroupResult:
+    """Reboot nodes, grouped by BMC driver, escalating through ``levels``."""
+    by_driver: dict[int, list[NodeTarget]] = {}
+    for node in ctx.nodes(names):
+        by_driver.setdefault(id(ctx.power[node.name]), []).append(node)
+    results = GroupResult()
+    for group in by_driver.values():
+        rebooter = Rebooter(
+            power=ctx.power[group[0].name],
+            soft=ctx.soft,
+            levels=levels,
+            timeout=ctx.reboot_timeout,
+            boot_device=BootDevice.NETWORK,
+        )
+        for result in rebooter.reboot(group).values():
+            results.add(result)
+    return results
+
+
+def check_system(ctx: StepContext, names: Sequence[str], expected: str, what: str) -> GroupResult:
+    """From the node side: its kernel command line must contain ``expected``."""
+    probed = checked(ctx.shell.run(names, SYSTEM_PROBE, ctx.command_timeout), what)
+    results = GroupResult()
+    for name, result in probed.items():
+        if result.ok and expected not in stdout_of(result):
+            result = NodeResult(
+                name, False, what, f"{what}: booted {stdout_of(result).strip()!r}, not {expected!r}", result.duration
+            )
+        results.add(result)
+    return results
+
+
+def boot_into(
+    ctx: StepContext,
+    names: Sequence[str],
+    target: BootTarget,
+    expected: str,
+    what: str,
+    levels: Sequence[RebootLevel],
+    deadline: float,
+    **profile: Any,
+) -> GroupResult:
+    """Profile, reboot, check: the three phases of every boot, chained per node."""
+    return _chain_phases(
+        names,
+        [
+            lambda alive: set_profiles(ctx, alive, target, **profile),
+            lambda alive: reboot(ctx, alive, levels, deadline),
+            lambda alive: check_system(ctx, alive, expected, what),
+        ],
+    )
+
+
+def setup_deploy_system(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
+    def action(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+        return boot_into(ctx, names, BootTarget.DEPLOY, "kasched.system=deploy", "deployment system", levels, deadline)
+
+    return action
+
+
+def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
+    def action(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+        results = GroupResult()
+        by_partition: dict[int, list[str]] = {}
+        for node in ctx.nodes(names):
+            by_partition.setdefault(ctx.partition(node), []).append(node.name)
+        for partition, group in by_partition.items():
+            booted = boot_into(
+                ctx,
+                group,
+                BootTarget.LOCAL,
+                f"root=/dev/sda{partition}",
+                f"partition {partition}",
+                levels,
+                deadline,
+                partition=partition,
+                cmdline=ctx.environment.cmdline,
+            )
+            for result in booted.values():
+                results.add(result)
+        return results
+
+    return action
+
+
+# --- Broadcasting the image ------------------------------------------------------------------------
+
+
+def prepare_command(ctx: StepContext, node: NodeTarget) -> str:
+    device = f"/dev/sda{ctx.partition(node)}"
+    if ctx.environment.image_kind == "raw":
+        return f"test -b {device} && umount {device} 2>/dev/null; true"
+    return (
+        f"umount {MOUNT} 2>/dev/null; mkfs.ext4 -q -F -L kasched {device} && mkdir -p {MOUNT} && mount {device} {MOUNT}"
+    )
+
+
+def agent_command(node: str) -> str:
+    source = base64.b64encode(AGENT_SOURCE.read_bytes()).decode()
+    start = chain.agent_command(f"0.0.0.0:{AGENT_PORT}", node, accept_timeout=120).replace(
+        f"-m {chain.AGENT_MODULE}", AGENT_PATH
+    )
+    return (
+        f"echo {source} | base64 -d > {AGENT_PATH} && "
+        f"(setsid {start} > /tmp/kasched-chain-agent.log 2>&1 < /dev/null &) && sleep 0.3"
+    )
+
+
+def sink_for(ctx: StepContext, partition: int) -> dict[str, Any]:
+    env = ctx.environment
+    if env.image_kind == "raw":
+        return {"kind": "raw", "dest": f"/dev/sda{partition}"}
+    return {"kind": "tar", "dest": MOUNT, "compression": env.compression}
+
+
+def broadcast_chain(
+    ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event, *, alone: bool = False
+) -> GroupResult:
+    """Prepare, start the agents, send the image once through the chain (or to each node alone)."""
+
+    def send(alive: list[str]) -> GroupResult:
+        # One chain per target partition number (the sink is the same along a chain); alone: one per node.
+        chains: dict[object, list[ChainNode]] = {}
+        for name in alive:
+            key = name if alone else ctx.partition(ctx.targets[name])
+            chains.setdefault(key, []).append(
+                ChainNode(name, f"{ctx.targets[name].ip}:{AGENT_PORT}", *ctx.placement[name])
+            )
+        results = GroupResult()
+        with ThreadPoolExecutor(max_workers=len(chains)) as pool:
+            for group in pool.map(lambda c: _send_one_chain(ctx, c), chains.values()):
+                for result in group.values():
+                    results.add(result)
+        return results
+
+    return _chain_phases(
+        names,
+        [
+            lambda alive: checked(
+                ctx.shell.run_each(alive, lambda n: prepare_command(ctx, ctx.targets[n]), ctx.command_timeout),
+                "preparing the partition",
+            ),
+            lambda alive: checked(
+                ctx.shell.run_each(alive, agent_command, ctx.command_timeout), "starting the chain agent"
+            ),
+            send,
+        ],
+    )
+
+
+def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
+    sink = sink_for(ctx, ctx.partition(ctx.targets[nodes[0].name]))
+    location = ctx.environment.image_location
+    try:
+        if location.startswith(("http://", "https://")):
+            with requests.get(location, stream=True, timeout=30) as response:
+                response.raise_for_status()
+                return chain.broadcast(
+                    response.raw, nodes, sink, expected_sha256=ctx.environment.sha256, options=ctx.broadcast
+                )
+        return chain.broadcast(location, nodes, sink, expected_sha256=ctx.environment.sha256, options=ctx.broadcast)
+    except (KaschedError, requests.RequestException, OSError) as error:
+        failed = GroupResult()
+        for node in nodes:
+            failed.add(NodeResult(node.name, False, "broadcast", f"broadcast: {error}"))
+        return failed
+
+
+# --- Configuring the written system ----------------------------------------------------------------
+
+
+def configure_command(ctx: StepContext, node: str) -> str:
+    """Hostname, the user's key, the environment's scripts, then unmount (tar images only)."""
+    if ctx.environment.image_kind == "raw":
+        return "sync"
+    lines = [f"set -e; cd {MOUNT}", f"echo {quote(node)} > etc/hostname"]
+    if ctx.user_key:
+        lines += [
+            "mkdir -p root/.ssh && chmod 700 root/.ssh",
+            f"echo {quote(ctx.user_key.strip())} >> root/.ssh/authorized_keys",
+            "chmod 600 root/.ssh/authorized_keys",
+        ]
+    lines.append(
+        f"mkdir -p root/.ssh && cat {quote('/root/.ssh/authorized_keys')} >> root/.ssh/authorized_keys "
+        "2>/dev/null || true"
+    )  # the service keeps access (to revert)
+    for script in ctx.environment.postinstall:
+        encoded = base64.b64encode(Path(script).read_bytes()).decode()
+        lines.append(
+            f"echo {encoded} | base64 -d > /tmp/kasched-postinstall && chmod +x /tmp/kasched-postinstall "
+            f"&& KASCHED_ROOT={MOUNT} KASCHED_NODE={quote(node)} /tmp/kasched-postinstall"
+        )
+    lines += ["cd /", f"sync; umount {MOUNT}"]
+    return "\n".join(lines)
+
+
+def configure(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+    return checked(
+        ctx.shell.run_each(names, lambda n: configure_command(ctx, n), ctx.command_timeout), "configuring the node"
+    )
+
+
+# --- Helpers ----------------------------------------------------------------------------------------------
+
+
+def _chain_phases(names: Sequence[str], phases: list[Callable[[list[str]], GroupResult]]) -> GroupResult:
+    """Run phases in order; a node that fails a phase skips the rest with its failure kept."""
+    results = GroupResult()
+    alive = list(names)
+    for phase in phases:
+        if not alive:
+            break
+        outcome = phase(alive)
+        for name in alive:
+            result = outcome.get(name) or NodeResult(name, False, error="no result")
+            if not result.ok:
+                results.add(result)
+        alive = [name for name in alive if (r := outcome.get(name)) is not None and r.ok]
+        last = outcome
+    for name in alive:
+        results.add(last[name])
+    return _ordered(results, names)
+
+
+def _ordered(results: GroupResult, names: Sequence[str]) -> GroupResult:
+    ordered = GroupResult()
+    for name in names:
+        if name in results:
+            ordered.add(results[name])
+    return ordered
