@@ -14,6 +14,7 @@ Whatever the mode, the caller gets the same :class:`~kasched.results.GroupResult
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -81,8 +82,9 @@ def run(
 ) -> GroupResult:
     """Run ``command`` on every node; never raises for a node's failure.
 
-    ``addresses`` maps a node name to ``host[:port]`` (default: the name, port 22). ``timeout`` bounds
-    the whole run (default: connect + command timeouts, plus a margin per tree level). With the
+    ``addresses`` maps a node name to ``host[:port]`` (default: the name, port 22). Each node gets
+    ``connect_timeout + command_timeout`` from the moment its turn comes (plus a margin per tree level
+    below it); ``timeout``, if given, also bounds the whole run. With the
     ``accept`` policy, host keys seen are appended to ``known_hosts_file`` if given; with ``strict``,
     they must be in it.
     """
@@ -91,8 +93,7 @@ def run(
     request = ExecRequest(
         command, auth, dict(addresses or {}), fanout, window, connect_timeout, command_timeout, relay_command
     )
-    if timeout is None:
-        timeout = connect_timeout + command_timeout + 2 * RELAY_MARGIN * (_depth(len(nodes), fanout) + 1)
+    deadline = time.monotonic() + timeout if timeout else math.inf
     results: dict[str, NodeResult] = {}
     host_keys: list[str] = []
     lock = threading.Lock()
@@ -103,7 +104,7 @@ def run(
             if host_key:
                 host_keys.append(host_key)
 
-    run_level(request, list(nodes), time.monotonic() + timeout, emit)
+    run_level(request, list(nodes), deadline, emit)
     if known_hosts_file and host_key_policy == HostKeyPolicy.ACCEPT:
         _record_host_keys(known_hosts_file, known_hosts, host_keys)
     group = GroupResult()
@@ -124,6 +125,11 @@ def plan_subtrees(nodes: Sequence[str], fanout: int) -> list[tuple[str, list[str
         groups.append((nodes[start], list(nodes[start + 1 : end])))
         start = end
     return groups
+
+
+def subtree_budget(request: ExecRequest, count: int) -> float:
+    """Seconds a head and the ``count - 1`` nodes under it get, once the head's turn comes."""
+    return request.connect_timeout + request.command_timeout + 2 * RELAY_MARGIN * (_depth(count, request.fanout) + 1)
 
 
 def _depth(count: int, fanout: int) -> int:
@@ -148,14 +154,17 @@ def run_level(request: ExecRequest, nodes: list[str], deadline: float, emit: Emi
 
 
 def _run_head(
-    request: ExecRequest, pkey: paramiko.PKey, head: str, rest: list[str], deadline: float, emit: Emit
+    request: ExecRequest, pkey: paramiko.PKey, head: str, rest: list[str], overall: float, emit: Emit
 ) -> None:
+    """Run on ``head`` and, through a relay there, on ``rest``; if the head is unreachable, run on
+    ``rest`` from here."""
     start = time.monotonic()
+    deadline = min(overall, start + subtree_budget(request, 1 + len(rest)))
     try:
         session = SshSession(head, request.address(head), request.auth, pkey, _left(request, deadline))
     except KaschedError as error:
         emit(NodeResult(head, False, STEP, str(error), time.monotonic() - start), "")
-        run_level(request, rest, deadline, emit)
+        run_level(request, rest, overall, emit)
         return
     with session:
         if rest:

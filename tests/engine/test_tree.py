@@ -87,3 +87,14 @@ def test_host_keys_are_recorded_then_enforced(sshd_cluster: SshdCluster, tmp_pat
     known_hosts.write_text("")
     refused = run(sshd_cluster, nodes, "true", known_hosts_file=str(known_hosts), host_key_policy="strict")
     assert refused.failed == nodes
+
+
+@pytest.mark.slow
+def test_a_relay_that_cannot_start_leaves_its_nodes_failed_with_the_reason(sshd_cluster: SshdCluster) -> None:
+    nodes = sshd_cluster.nodes[:6]
+    result = tree.run(
+        nodes, "true", key_file=str(sshd_cluster.key_file), addresses=sshd_cluster.addresses, fanout=2,
+        relay_command="echo relay unavailable >&2; exit 5", command_timeout=10.0,
+    )  # fmt: skip
+    assert result.failed == nodes
+    assert "relay on n01 exited with status 5 (relay unavailable)" in (result["n02"].error or "")
