@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from kasched import environments as env_catalog
 from kasched import grants, inventory, stats
+from kasched.builtin.drivers import BuiltinDrivers
 from kasched.builtin.grant_keeper import GrantKeeper
 from kasched.builtin.history import History
 from kasched.builtin.journal import Journal
@@ -53,6 +54,7 @@ class Kasched:
         bus.register(GrantKeeper(database, config, bus), "grant-keeper")
         bus.register(History(database), "history")
         bus.register(Journal(), "journal")
+        bus.register(BuiltinDrivers(), "drivers")
         return cls(config, database, bus, caller or Caller.current(config.admin_group))
 
     def close(self) -> None:

@@ -11,6 +11,9 @@ from kasched import hookspecs
 from kasched.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kasched.config import Config
     from kasched.drivers.base import BootDriver, ConsoleDriver, PowerDriver
     from kasched.jobs import JobEnd, JobInfo, Notification, StepEvent
     from kasched.views import GrantView
@@ -46,13 +49,13 @@ class Bus:
     def scheduler_adapters(self) -> list[Any]:
         return [adapter for adapters in self.manager.hook.kasched_scheduler_adapters() for adapter in adapters]
 
-    def power_drivers(self) -> dict[str, type[PowerDriver]]:
+    def power_drivers(self) -> dict[str, Callable[[Config], PowerDriver]]:
         return _merge(self.manager.hook.kasched_power_drivers())
 
-    def boot_drivers(self) -> dict[str, type[BootDriver]]:
+    def boot_drivers(self) -> dict[str, Callable[[Config], BootDriver]]:
         return _merge(self.manager.hook.kasched_boot_drivers())
 
-    def console_drivers(self) -> dict[str, type[ConsoleDriver]]:
+    def console_drivers(self) -> dict[str, Callable[[Config], ConsoleDriver]]:
         return _merge(self.manager.hook.kasched_console_drivers())
 
     def broadcast_methods(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Config:
     image_dir: Path = Path()
     credentials_file: Path = Path("/etc/kasched/credentials.yaml")
     service_key: Path = Path()
+    service_address: str = "127.0.0.1"
     admin_group: str = "kasched-admin"
     max_grant_hours: float = 24 * 7
     disabled_plugins: tuple[str, ...] = ()

@@ -8,11 +8,13 @@ implementing these hooks (see ``kasched/builtin``); third-party plugins register
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
+    from kasched.config import Config
     from kasched.drivers.base import BootDriver, ConsoleDriver, PowerDriver
     from kasched.jobs import JobEnd, JobInfo, Notification, StepEvent
     from kasched.views import GrantView
@@ -35,28 +37,30 @@ def kasched_scheduler_adapters() -> list[Any]:
 
 
 @hookspec
-def kasched_power_drivers() -> dict[str, type[PowerDriver]]:
+def kasched_power_drivers() -> dict[str, Callable[[Config], PowerDriver]]:
     """Called once when power drivers are looked up.
 
-    Return a mapping of driver name (as written in the inventory's ``bmc.driver``) to a
-    :class:`~kasched.drivers.base.PowerDriver` class. Later plugins override earlier names.
+    Return a mapping of driver name (as written in the inventory's ``bmc.driver``) to a factory
+    that builds the :class:`~kasched.drivers.base.PowerDriver` from the site configuration. Later
+    plugins override earlier names.
     """
 
 
 @hookspec
-def kasched_boot_drivers() -> dict[str, type[BootDriver]]:
+def kasched_boot_drivers() -> dict[str, Callable[[Config], BootDriver]]:
     """Called once when boot-profile drivers are looked up.
 
-    Return a mapping of driver name (``ipxe``, ``pxelinux``, ``grub``...) to a
-    :class:`~kasched.drivers.base.BootDriver` class.
+    Return a mapping of driver name (``pxe``...) to a factory that builds the
+    :class:`~kasched.drivers.base.BootDriver` from the site configuration.
     """
 
 
 @hookspec
-def kasched_console_drivers() -> dict[str, type[ConsoleDriver]]:
+def kasched_console_drivers() -> dict[str, Callable[[Config], ConsoleDriver]]:
     """Called once when console drivers are looked up.
 
-    Return a mapping of driver name to a :class:`~kasched.drivers.base.ConsoleDriver` class.
+    Return a mapping of driver name to a factory that builds the
+    :class:`~kasched.drivers.base.ConsoleDriver` from the site configuration.
     """
 
 

@@ -112,7 +112,7 @@ def boot_into(
     **profile: Any,
 ) -> GroupResult:
     """Profile, reboot, check: the three phases of every boot, chained per node."""
-    return _chain_phases(
+    return chain_phases(
         names,
         [
             lambda alive: set_profiles(ctx, alive, target, **profile),
@@ -204,7 +204,7 @@ def broadcast_chain(
                     results.add(result)
         return results
 
-    return _chain_phases(
+    return chain_phases(
         names,
         [
             lambda alive: checked(
@@ -274,7 +274,7 @@ def configure(ctx: StepContext, names: Sequence[str], deadline: float, cancel: t
 # --- Helpers ----------------------------------------------------------------------------------------------
 
 
-def _chain_phases(names: Sequence[str], phases: list[Callable[[list[str]], GroupResult]]) -> GroupResult:
+def chain_phases(names: Sequence[str], phases: list[Callable[[list[str]], GroupResult]]) -> GroupResult:
     """Run phases in order; a node that fails a phase skips the rest with its failure kept."""
     results = GroupResult()
     alive = list(names)

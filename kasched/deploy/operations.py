@@ -1,0 +1,370 @@
+"""Operations on nodes: deploy an environment, revert to the reference one, reboot, power.
+
+Each operation checks the caller's grants and its input before touching a node, takes its nodes
+atomically (a busy node is refused), runs a :class:`~kasched.deploy.workflow.Workflow`, records every
+node's outcome and every step in the history, and leaves every node in a known state, also when it
+is cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kasched import environments as env_catalog
+from kasched.api import Kasched
+from kasched.deploy import records, steps
+from kasched.deploy.nodes import NodeShell
+from kasched.deploy.targets import targets
+from kasched.deploy.workflow import Listener, MacroStep, NodeOutcome, StepReport, Timeout, Variant, Workflow
+from kasched.drivers.base import NodeTarget, PowerDriver
+from kasched.drivers.reboot import RebootLevel
+from kasched.errors import ConfigError, InputError, PermissionDenied
+from kasched.jobs import StepEvent
+from kasched.models import NodeState, utcnow
+from kasched.nodeset import expand_many
+from kasched.results import GroupResult, run_on_node
+from kasched.views import EnvironmentView, NodeView
+
+CANCEL_POLL = 1.0
+HARD_LEVELS = (RebootLevel.HARD, RebootLevel.VERY_HARD)
+ALL_LEVELS = (RebootLevel.SOFT, RebootLevel.HARD, RebootLevel.VERY_HARD)
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    deployment_id: str
+    kind: str
+    state: str
+    outcomes: dict[str, NodeOutcome]
+
+    @property
+    def ok(self) -> list[str]:
+        return [n for n, o in self.outcomes.items() if o.ok]
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, o in self.outcomes.items() if not o.ok]
+
+
+class Operations:
+    """Deploy, revert and reboot for one caller, through the API's database, bus and configuration."""
+
+    def __init__(
+        self,
+        api: Kasched,
+        *,
+        progress: Listener | None = None,
+        cancel: threading.Event | None = None,
+        fanout: int = 0,
+        reboot_timeout: float = 120.0,
+    ) -> None:
+        self.api = api
+        self.progress = progress or (lambda report: None)
+        self.cancel = cancel or threading.Event()
+        self.fanout = fanout
+        self.reboot_timeout = reboot_timeout
+
+    def deploy(self, environment: str, nodes: str | Sequence[str], user_key: str | None = None) -> OperationResult:
+        names = self._allowed(nodes)
+        env = self.api.show_environment(environment)
+        env_catalog.verify(env.image_location, env.sha256, env.label)  # before any reboot
+        if user_key is not None and not user_key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
+            raise InputError("this is not an OpenSSH public key", field="key")
+        return self._run(
+            "deploy",
+            names,
+            env,
+            lambda node: node.deploy_partition,
+            user_key,
+            [
+                MacroStep(
+                    "setup",
+                    (
+                        Variant(
+                            "pxe",
+                            self._action(steps.setup_deploy_system(HARD_LEVELS)),
+                            Timeout(self.reboot_timeout * 2 + 60, 0.5),
+                        ),
+                    ),
+                ),
+                MacroStep(
+                    "broadcast",
+                    (
+                        Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2)),
+                        Variant(
+                            "unicast",
+                            self._action(lambda c, n, d, e: steps.broadcast_chain(c, n, d, e, alone=True)),
+                            Timeout(600, 10),
+                        ),
+                    ),
+                ),
+                MacroStep("configure", (Variant("postinstall", self._action(steps.configure), Timeout(300, 1)),)),
+                MacroStep(
+                    "boot",
+                    (
+                        Variant(
+                            "pxe",
+                            self._action(steps.boot_environment(ALL_LEVELS)),
+                            Timeout(self.reboot_timeout * 3 + 60, 0.5),
+                        ),
+                    ),
+                ),
+            ],
+        )
+
+    def revert(self, nodes: str | Sequence[str]) -> OperationResult:
+        """Back to the reference environment: boot the reference partition and check it (fast path);
+        nodes where that fails get the reference image written again (full path)."""
+        names = self._allowed(nodes)
+        reference = self.api.reference_environment()
+        if reference is None:
+            raise ConfigError("the site has no reference environment (add one with 'reference: true')")
+        fast = Variant(
+            "reference-partition",
+            self._action(steps.boot_environment(ALL_LEVELS)),
+            Timeout(self.reboot_timeout * 3 + 60, 0.5),
+        )
+        full = Variant("redeploy", self._action(self._full_revert), Timeout(1800, 5))
+        return self._run(
+            "revert",
+            names,
+            reference,
+            lambda node: node.reference_partition,
+            None,
+            [MacroStep("revert", (fast, full))],
+            final=NodeState.REFERENCE,
+        )
+
+    def _full_revert(
+        self, ctx: steps.StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+    ) -> GroupResult:
+        return steps.chain_phases(
+            names,
+            [
+                lambda alive: steps.setup_deploy_system(HARD_LEVELS)(ctx, alive, deadline, cancel),
+                lambda alive: steps.broadcast_chain(ctx, alive, deadline, cancel),
+                lambda alive: steps.configure(ctx, alive, deadline, cancel),
+                lambda alive: steps.boot_environment(ALL_LEVELS)(ctx, alive, deadline, cancel),
+            ],
+        )
+
+    def reboot(
+        self, nodes: str | Sequence[str], level: RebootLevel = RebootLevel.SOFT, to: str = "reference"
+    ) -> OperationResult:
+        """Reboot, starting at ``level`` and escalating, into ``to``: ``reference``, ``deploy`` (the
+        deployment system) or an environment already deployed on the nodes' deploy partition."""
+        levels = ALL_LEVELS[ALL_LEVELS.index(level) :]
+        budget = Timeout(self.reboot_timeout * len(levels) + 60, 0.5)
+        if to == "deploy":
+            names = self._allowed(nodes)
+            env = self.api.reference_environment() or self._no_reference()
+            step = Variant("deploy-system", self._action(steps.setup_deploy_system(levels)), budget)
+            return self._run(
+                "reboot",
+                names,
+                env,
+                lambda n: n.deploy_partition,
+                None,
+                [MacroStep("reboot", (step,))],
+                final=NodeState.DEPLOYED,
+                record_environment=False,
+            )
+        if to == "reference":
+            names = self._allowed(nodes)
+            env = self.api.reference_environment() or self._no_reference()
+            partition = self._reference_partition
+            final = NodeState.REFERENCE
+        else:
+            names = self._allowed(nodes)
+            env = self.api.show_environment(to)
+            partition, final = self._deploy_partition, NodeState.DEPLOYED
+        step = Variant("local", self._action(steps.boot_environment(levels)), budget)
+        return self._run("reboot", names, env, partition, None, [MacroStep("reboot", (step,))], final=final)
+
+    def power(self, nodes: str | Sequence[str], action: str) -> GroupResult:
+        """Power ``on``, ``off`` or ``status`` through each node's BMC driver; one result per node."""
+        if action not in ("on", "off", "status"):
+            raise InputError(f"{action!r} is not one of on, off, status", field="power")
+        names = self._allowed(nodes)
+        views = [self.api.show_node(name) for name in names]
+        node_targets = {t.name: t for t in targets(self.api.config, views)}
+        drivers = self._power_drivers(views, node_targets)
+        results = GroupResult()
+        for name in names:
+            driver, target = drivers[name], node_targets[name]
+            result = run_on_node(name, f"power_{action}", lambda d=driver, t=target: getattr(d, action)(t))
+            if action == "status" and result.ok:
+                result.value = str(result.value)
+            results.add(result)
+            self.api.record_step(
+                StepEvent(
+                    kind="power",
+                    node=name,
+                    user=self.api.caller.user,
+                    step=f"power_{action}",
+                    started_at=utcnow(),
+                    duration=result.duration,
+                    ok=result.ok,
+                    error=result.error,
+                )
+            )
+        return results
+
+    @staticmethod
+    def _reference_partition(node: NodeTarget) -> int:
+        return node.reference_partition
+
+    @staticmethod
+    def _deploy_partition(node: NodeTarget) -> int:
+        return node.deploy_partition
+
+    @staticmethod
+    def _no_reference() -> EnvironmentView:
+        raise ConfigError("the site has no reference environment (add one with 'reference: true')")
+
+    # --- the common frame of every operation -----------------------------------------------------------
+
+    def _allowed(self, nodes: str | Sequence[str]) -> list[str]:
+        names = expand_many([nodes]) if isinstance(nodes, str) else list(dict.fromkeys(nodes))
+        decision = self.api.check(names)
+        if not decision.allowed:
+            raise PermissionDenied(f"{self.api.caller.user} may not deploy these nodes: {decision.reason()}")
+        return names
+
+    def _action(self, step: Callable[..., object]) -> Callable[..., object]:
+        return lambda names, deadline, cancel: step(self._context, names, deadline, cancel)
+
+    def _run(
+        self,
+        kind: str,
+        names: list[str],
+        env: EnvironmentView,
+        partition: Callable[[NodeTarget], int],
+        user_key: str | None,
+        macro_steps: list[MacroStep],
+        final: NodeState = NodeState.DEPLOYED,
+    ) -> OperationResult:
+        views = [self.api.show_node(name) for name in names]
+        self._context = self._make_context(views, env, partition, user_key)
+        busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
+        with self.api.database.session() as session:
+            deployment_id = records.start(session, kind, self.api.caller.user, env.label, names, busy)
+        watcher = _CancelWatcher(self.api, deployment_id, self.cancel)
+        watcher.start()
+        try:
+            workflow = Workflow(
+                macro_steps, listener=lambda r: self._on_step(kind, deployment_id, env, r), cancel=self.cancel
+            )
+            outcomes = workflow.run(names)
+        finally:
+            watcher.stop()
+        return self._finish(kind, deployment_id, env, outcomes, final)
+
+    def _finish(
+        self, kind: str, deployment_id: str, env: EnvironmentView, outcomes: dict[str, NodeOutcome], final: NodeState
+    ) -> OperationResult:
+        env_id = self._environment_id(env)
+        with self.api.database.session() as session:
+            for node, outcome in outcomes.items():
+                records.record_node(
+                    session, deployment_id, node, outcome.step, outcome.ok, outcome.error, outcome.duration
+                )
+            states = {n: final if o.ok else NodeState.DEPLOY_FAILED for n, o in outcomes.items()}
+            state = records.finish(session, deployment_id, states, env_id, cancelled=self.cancel.is_set())
+        return OperationResult(deployment_id, kind, state.value, outcomes)
+
+    def _environment_id(self, env: EnvironmentView) -> int | None:
+        from sqlalchemy import select
+
+        from kasched.models import Environment
+
+        with self.api.database.session() as session:
+            return session.scalar(
+                select(Environment.id).where(
+                    Environment.name == env.name, Environment.owner == env.owner, Environment.version == env.version
+                )
+            )
+
+    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView, report: StepReport) -> None:
+        self.api.record_step(
+            StepEvent(
+                kind=kind,
+                node=report.node,
+                user=self.api.caller.user,
+                step=f"{report.step}/{report.variant}",
+                started_at=report.started_at,
+                duration=report.duration,
+                ok=report.ok,
+                error=report.error,
+                environment=env.label,
+                deployment_id=deployment_id,
+            )
+        )
+        self.progress(report)
+
+    def _make_context(
+        self, views: list[NodeView], env: EnvironmentView, partition: Callable[[NodeTarget], int], user_key: str | None
+    ) -> steps.StepContext:
+        config = self.api.config
+        node_targets = {t.name: t for t in targets(config, views)}
+        power = self._power_drivers(views, node_targets)
+        boot_factories = self.api.bus.boot_drivers()
+        if "pxe" not in boot_factories:
+            raise ConfigError("no 'pxe' boot driver is registered (is the 'drivers' plugin disabled?)")
+        soft = self.api.bus.power_drivers()["ssh"](config)
+        shell = NodeShell(config.service_key, {v.name: v.ip for v in views}, fanout=self.fanout)
+        return steps.StepContext(
+            targets=node_targets,
+            placement={v.name: (v.switch, v.rack) for v in views},
+            power=power,
+            soft=soft,
+            boot=boot_factories["pxe"](config),
+            shell=shell,
+            environment=env,
+            partition=partition,
+            user_key=user_key,
+            report_host=config.service_address,
+            reboot_timeout=self.reboot_timeout,
+            broadcast=steps.BroadcastOptions(report_host=config.service_address),
+        )
+
+    def _power_drivers(self, views: list[NodeView], node_targets: dict[str, NodeTarget]) -> dict[str, PowerDriver]:
+        factories = self.api.bus.power_drivers()
+        built: dict[str, PowerDriver] = {}
+        power = {}
+        for view in views:
+            if view.bmc_driver not in factories:
+                raise ConfigError(
+                    f"node {view.name}: no power driver {view.bmc_driver!r} (installed: {', '.join(sorted(factories))})"
+                )
+            if view.bmc_driver not in built:
+                built[view.bmc_driver] = factories[view.bmc_driver](self.api.config)
+            driver = built[view.bmc_driver]
+            driver.validate(node_targets[view.name])
+            power[view.name] = driver
+        return power
+
+
+class _CancelWatcher:
+    """Turns a cancel request stored by another process (``kasched deploy --cancel ID``) into the event."""
+
+    def __init__(self, api: Kasched, deployment_id: str, cancel: threading.Event) -> None:
+        self.api, self.deployment_id, self.cancel = api, deployment_id, cancel
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="kasched-cancel-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(CANCEL_POLL * 2)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(CANCEL_POLL):
+            with self.api.database.session() as session:
+                if records.cancel_requested(session, self.deployment_id):
+                    self.cancel.set()
+                    return
