@@ -1,0 +1,111 @@
+"""Power and boot on the 8-node lab, each step asserted from the node's side over SSH."""
+
+from __future__ import annotations
+
+import pytest
+
+from kasched.drivers.base import BootDevice, BootTarget, PowerState
+from kasched.drivers.reboot import Rebooter, RebootLevel
+from kasched.drivers.ssh import SshPowerDriver
+from kasched.errors import DriverError
+from tests.lab.conftest import LabHandle
+
+pytestmark = pytest.mark.lab
+
+
+def test_every_node_boots_its_reference_partition(in_lab: LabHandle) -> None:
+    switches = set()
+    for name, node in in_lab.targets.items():
+        view = in_lab.view(node)
+        assert view.hostname == name
+        assert view.system == "reference"
+        assert view.root_fstype == "ext4"
+        assert "root=/dev/sda2" in view.cmdline
+        switches.add(in_lab.plan.node(name).switch_name)
+    assert switches == {"sw1", "sw2"}
+
+
+def test_nodes_reach_each_other_across_the_switch_uplink(in_lab: LabHandle) -> None:
+    first, last = in_lab.targets["node-1"], in_lab.targets["node-8"]
+    assert in_lab.plan.node("node-1").switch != in_lab.plan.node("node-8").switch
+    result = in_lab.ssh.run(first, f"ping -c 1 -W 2 {last.ip}")
+    assert result.exit_code == 0, result.stdout + result.stderr
+
+
+def test_ipmi_power_off_and_on(in_lab: LabHandle) -> None:
+    node = in_lab.targets["node-2"]
+    assert in_lab.ipmi.status(node) is PowerState.ON
+    in_lab.ipmi.off(node)
+    assert in_lab.ipmi.status(node) is PowerState.OFF
+    with pytest.raises(DriverError, match="node-2"):
+        in_lab.ssh.run(node, "true")
+    in_lab.ipmi.on(node)
+    assert in_lab.ipmi.status(node) is PowerState.ON
+    view = in_lab.wait_view(node)
+    assert (view.hostname, view.system, view.root_fstype) == ("node-2", "reference", "ext4")
+
+
+def test_deploy_system_then_back_to_reference(in_lab: LabHandle) -> None:
+    """Profile → deploy system, IPMI reset (hard); profile → partition 2, SSH reboot (soft)."""
+    nodes = [in_lab.targets["node-3"], in_lab.targets["node-7"]]  # one per switch
+    boot = in_lab.lab.boot_driver()
+    for node in nodes:
+        boot.set_profile(node, BootTarget.DEPLOY)
+    hard = Rebooter(in_lab.ipmi, None, window=2, timeout=60, levels=[RebootLevel.HARD])
+    results = hard.reboot(nodes)
+    assert results.ok, {n: r.error for n, r in results.items()}
+    for node in nodes:
+        view = in_lab.wait_view(node)
+        assert (view.hostname, view.system, view.root_fstype) == (node.name, "deploy", "tmpfs")
+        assert "kasched.system=deploy" in view.cmdline
+        boot.set_profile(node, BootTarget.LOCAL, partition=2)
+    soft = Rebooter(in_lab.ipmi, SshPowerDriver(in_lab.ssh), window=2, timeout=60, levels=[RebootLevel.SOFT])
+    results = soft.reboot(nodes)
+    assert results.ok, {n: r.error for n, r in results.items()}
+    assert all(r.value == "soft" for r in results.values())
+    for node in nodes:
+        view = in_lab.wait_view(node)
+        assert (view.hostname, view.system, view.root_fstype) == (node.name, "reference", "ext4")
+
+
+def test_stateless_image_runs_in_ram(in_lab: LabHandle) -> None:
+    node = in_lab.targets["node-4"]
+    boot = in_lab.lab.boot_driver()
+    boot.set_profile(node, BootTarget.STATELESS, kernel="stateless/vmlinuz", initrd="stateless/initrd.img")
+    try:
+        results = Rebooter(in_lab.ipmi, None, window=1, timeout=60, levels=[RebootLevel.VERY_HARD]).reboot([node])
+        assert results.ok, results[node.name].error
+        view = in_lab.wait_view(node)
+        assert (view.system, view.root_fstype) == ("stateless", "tmpfs")
+    finally:
+        boot.set_profile(node, BootTarget.LOCAL, partition=2)
+        in_lab.ipmi.reset(node)
+    assert in_lab.wait_view(node).system == "reference"
+
+
+def test_disk_boot_device_skips_the_network_profile(in_lab: LabHandle) -> None:
+    """Boot device "disk" through IPMI: the deploy profile is ignored, the bootable partition boots."""
+    node = in_lab.targets["node-5"]
+    boot = in_lab.lab.boot_driver()
+    boot.set_profile(node, BootTarget.DEPLOY)
+    try:
+        in_lab.mark(node)
+        in_lab.ipmi.set_boot_device(node, BootDevice.DISK)
+        in_lab.ipmi.reset(node)
+        view = in_lab.wait_view(node)
+        assert (view.system, view.root_fstype, view.marker) == ("reference", "ext4", False)
+    finally:
+        boot.set_profile(node, BootTarget.LOCAL, partition=2)
+        in_lab.ipmi.set_boot_device(node, BootDevice.NETWORK)
+
+
+def test_soft_reboot_escalates_to_hard_when_ssh_fails(in_lab: LabHandle) -> None:
+    """A powered-off node cannot reboot itself: soft fails (SSH), hard (IPMI reset) brings it back."""
+    node = in_lab.targets["node-6"]
+    in_lab.ipmi.off(node)
+    rebooter = Rebooter(in_lab.ipmi, SshPowerDriver(in_lab.ssh), window=1, timeout=60)
+    result = rebooter.reboot([node])[node.name]
+    assert result.ok, result.error
+    assert result.value == "hard"
+    view = in_lab.wait_view(node)
+    assert (view.hostname, view.system) == ("node-6", "reference")

@@ -1,0 +1,86 @@
+"""Faults and bad input: wrong BMC password, a silent BMC, lab up twice, bad CLI input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from kasched.drivers.base import PowerState
+from kasched.errors import DriverError, DriverTimeout
+from kasched.lab.system import netns_list, read_pid
+from kasched.results import GroupResult, run_on_node
+from tests.lab.conftest import LabHandle
+
+pytestmark = pytest.mark.lab
+
+
+def test_wrong_bmc_password_names_the_node(in_lab: LabHandle) -> None:
+    node = dataclasses.replace(in_lab.targets["node-1"], bmc_password="not-the-password")
+    with pytest.raises(DriverError) as caught:
+        in_lab.ipmi.status(node)
+    assert not isinstance(caught.value, DriverTimeout)
+    message = str(caught.value)
+    assert message.startswith("node-1: ")
+    assert "password" in message and node.bmc_address in message
+
+
+def test_silent_bmc_times_out_and_fails_only_its_node(in_lab: LabHandle) -> None:
+    silent = in_lab.targets["node-8"]
+    pid = read_pid(in_lab.lab.state_dir / "nodes" / "node-8" / "bmc.pid")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        results = GroupResult()
+        for name in ("node-6", "node-7", "node-8"):
+            node = in_lab.targets[name]
+            results.add(run_on_node(name, "power status", lambda node=node: in_lab.ipmi.status(node)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert results.failed == ["node-8"]
+    assert results["node-6"].value is PowerState.ON and results["node-7"].value is PowerState.ON
+    assert (results["node-8"].error or "").startswith(f"node-8: BMC {silent.bmc_address}:623 did not answer")
+    assert in_lab.ipmi.status(silent) is PowerState.ON  # answers again once resumed
+
+
+def test_lab_up_twice_creates_no_duplicates(lab8: LabHandle) -> None:
+    def inventory() -> tuple[list[str], list[str], str]:
+        loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME"],
+                               capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        return netns_list(f"kl-{lab8.plan.name}"), sorted(loops), lab8.lab.inventory_file.read_text()
+
+    before = inventory()
+    state = lab8.lab.up(lab8.plan)
+    assert state.get("already_up") is True
+    assert inventory() == before
+    assert len(before[0]) == 1 + lab8.plan.nodes
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from kasched.cli import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "--nodes must be between"),
+        (["--link", "fast"], "--link 'fast'"),
+        (["--name", "Bad_Name"], "lab name must be"),
+    ],
+)
+def test_lab_up_refuses_bad_input_without_traceback(args: list[str], message: str) -> None:
+    done = _cli("lab", "up", "--state-dir", "/nonexistent/kasched-lab-test", *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith("kasched: error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_lab_up_with_other_size_is_refused(lab8: LabHandle) -> None:
+    done = _cli("lab", "up", "--name", lab8.plan.name, "--state-dir", str(lab8.lab.state_dir), "--nodes", "3")
+    assert done.returncode == 9
+    assert "already up" in done.stderr and "Traceback" not in done.stderr

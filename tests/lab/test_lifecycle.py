@@ -1,0 +1,90 @@
+"""``lab down`` removes everything, also after ``kill -9`` of ``lab up`` and of every lab process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kasched.lab.disk import loops_of
+from kasched.lab.system import netns_list, netns_pids
+from tests.lab.conftest import require_lab_host
+
+pytestmark = pytest.mark.lab
+NAME = "ktkill"
+
+
+def _cli(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    code = "import sys; from kasched.cli import main; sys.exit(main())"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _leftovers(state_dir: Path) -> dict[str, object]:
+    namespaces = netns_list(f"kl-{NAME}")
+    return {
+        "namespaces": namespaces,
+        "processes": [pid for ns in namespaces for pid in netns_pids(ns)],
+        "loops": sorted(loops_of(state_dir)) if state_dir.exists() else [],
+        "state_dir": state_dir.exists(),
+    }
+
+
+def test_down_after_kill_9_of_everything(tmp_path: Path) -> None:
+    require_lab_host()
+    state_dir = tmp_path / NAME
+    up = _cli("lab", "up", "--name", NAME, "--nodes", "4", "--switches", "2", "--state-dir", str(state_dir))
+    try:
+        deadline = time.monotonic() + 120
+        nodes_dir = state_dir / "nodes"
+        # kill -9 lab up once some nodes run (namespaces, BMCs, loop devices and firmware exist)
+        while time.monotonic() < deadline and up.poll() is None:
+            if nodes_dir.is_dir() and any(netns_pids(ns) for ns in netns_list(f"kl-{NAME}-")):
+                break
+            time.sleep(0.1)
+        assert up.poll() is None, f"lab up ended too early: {up.communicate()}"
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait(10)
+        made = _leftovers(state_dir)
+        assert made["namespaces"] and made["loops"] and made["processes"]
+        for pid in made["processes"]:  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)  # the BMCs, dnsmasq, the nodes' systems: everything
+    finally:
+        down = _cli("lab", "down", "--name", NAME, "--state-dir", str(state_dir))
+        out, err = down.communicate(timeout=120)
+    assert down.returncode == 0, err
+    assert "removed" in out
+    assert _leftovers(state_dir) == {"namespaces": [], "processes": [], "loops": [], "state_dir": False}
+    again = _cli("lab", "down", "--name", NAME, "--state-dir", str(state_dir))
+    out, err = again.communicate(timeout=60)
+    assert again.returncode == 0 and "nothing to remove" in out, err
+
+
+def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
+    require_lab_host()
+    state_dir = tmp_path / "ktcli"
+    try:
+        up = _cli("lab", "up", "--name", "ktcli", "--nodes", "2", "--state-dir", str(state_dir), "--json")
+        out, err = up.communicate(timeout=180)
+        assert up.returncode == 0, err
+        assert json.loads(out)["status"] == "up"
+        status = _cli("lab", "status", "--name", "ktcli", "--state-dir", str(state_dir), "--json")
+        out, err = status.communicate(timeout=60)
+        nodes = json.loads(out)["nodes"]
+        assert [(n["node"], n["power"], n["ssh"]) for n in nodes] == [("node-1", "on", True), ("node-2", "on", True)]
+        inventory = (state_dir / "inventory.yaml").read_text()
+        assert "credentials: ktcli-bmc" in inventory and "02:4b:00:00:01:02" in inventory
+        assert oct((state_dir / "credentials.yaml").stat().st_mode & 0o777) == "0o600"
+    finally:
+        down = _cli("lab", "down", "--name", "ktcli", "--state-dir", str(state_dir))
+        down.communicate(timeout=120)
+    assert down.returncode == 0
+    assert netns_list("kl-ktcli") == []
