@@ -88,3 +88,22 @@ def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
         down.communicate(timeout=120)
     assert down.returncode == 0
     assert netns_list("kl-ktcli") == []
+
+
+@pytest.mark.slow
+def test_64_nodes_come_up_and_go_down(tmp_path: Path) -> None:
+    from kasched.lab.lab import Lab
+    from kasched.lab.topology import LabPlan
+
+    require_lab_host()
+    plan = LabPlan("kt64", nodes=64, switches=4, link="100mbit", uplink="200mbit")
+    lab = Lab(plan.name, state_dir=tmp_path / plan.name)
+    try:
+        state = lab.up(plan, boot_timeout=240)  # returns once every node's sshd answers
+        assert state["status"] == "up"
+        status = lab.status()
+        assert [n["node"] for n in status["nodes"] if not (n["ssh"] and n["power"] == "on")] == []
+        assert len(netns_list("kl-kt64-")) == 64
+    finally:
+        lab.down()
+    assert netns_list("kl-kt64") == []
