@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "kasched.cli.environments",
     "kasched.cli.rights",
     "kasched.cli.jobs",
+    "kasched.cli.deploy",
     "kasched.cli.stats",
     "kasched.cli.config",
     "kasched.cli.lab",

@@ -67,11 +67,11 @@ class Operations:
         self.reboot_timeout = reboot_timeout
 
     def deploy(self, environment: str, nodes: str | Sequence[str], user_key: str | None = None) -> OperationResult:
+        if user_key is not None and not user_key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
+            raise InputError("this is not an OpenSSH public key", field="key")
         names = self._allowed(nodes)
         env = self.api.show_environment(environment)
         env_catalog.verify(env.image_location, env.sha256, env.label)  # before any reboot
-        if user_key is not None and not user_key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
-            raise InputError("this is not an OpenSSH public key", field="key")
         return self._run(
             "deploy",
             names,
