@@ -26,6 +26,7 @@ def register(subparsers: Any) -> None:
     deploy.add_argument("-o", "--ok-file", metavar="FILE", help="write the nodes that succeeded here")
     deploy.add_argument("-n", "--failed-file", metavar="FILE", help="write the nodes that failed here")
     deploy.add_argument("--fanout", type=int, default=0, help="tree exec fan-out (0: direct)")
+    deploy.add_argument("--stateless", action="store_true", help="boot the environment into RAM, no disk write")
     deploy.add_argument("--cancel", metavar="ID", help="cancel a running deployment")
     deploy.add_argument("--status", metavar="ID", help="show a deployment and its nodes")
     deploy.add_argument("--json", action="store_true")
@@ -112,7 +113,7 @@ def deploy_command(args: argparse.Namespace, context: Context) -> int:
         raise InputError("give the environment to deploy with -e NAME[@OWNER][:VERSION]", field="env")
     key = _read_key(args.key)
     nodes = job_nodes(args)
-    return _run(args, context, lambda ops: ops.deploy(args.env, nodes, key), len(nodes))
+    return _run(args, context, lambda ops: ops.deploy(args.env, nodes, key, stateless=args.stateless), len(nodes))
 
 
 def revert_command(args: argparse.Namespace, context: Context) -> int:

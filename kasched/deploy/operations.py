@@ -8,9 +8,12 @@ is cancelled.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import requests
 
 from kasched import environments as env_catalog
 from kasched.api import Kasched
@@ -66,53 +69,60 @@ class Operations:
         self.fanout = fanout
         self.reboot_timeout = reboot_timeout
 
-    def deploy(self, environment: str, nodes: str | Sequence[str], user_key: str | None = None) -> OperationResult:
+    def deploy(
+        self, environment: str, nodes: str | Sequence[str], user_key: str | None = None, *, stateless: bool = False
+    ) -> OperationResult:
         if user_key is not None and not user_key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
             raise InputError("this is not an OpenSSH public key", field="key")
         names = self._allowed(nodes)
         env = self.api.show_environment(environment)
         env_catalog.verify(env.image_location, env.sha256, env.label)  # before any reboot
-        return self._run(
-            "deploy",
-            names,
-            env,
-            lambda node: node.deploy_partition,
-            user_key,
-            [
-                MacroStep(
-                    "setup",
-                    (
-                        Variant(
-                            "pxe",
-                            self._action(steps.setup_deploy_system(HARD_LEVELS)),
-                            Timeout(self.reboot_timeout * 2 + 60, 0.5),
-                        ),
-                    ),
-                ),
-                MacroStep(
-                    "broadcast",
-                    (
-                        Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2)),
-                        Variant(
-                            "unicast",
-                            self._action(lambda c, n, d, e: steps.broadcast_chain(c, n, d, e, alone=True)),
-                            Timeout(600, 10),
-                        ),
-                    ),
-                ),
-                MacroStep("configure", (Variant("postinstall", self._action(steps.configure), Timeout(300, 1)),)),
-                MacroStep(
-                    "boot",
-                    (
-                        Variant(
-                            "pxe",
-                            self._action(steps.boot_environment(ALL_LEVELS)),
-                            Timeout(self.reboot_timeout * 3 + 60, 0.5),
-                        ),
-                    ),
-                ),
-            ],
-        )
+        if stateless:
+            return self._stateless(names, env)
+        return self._run("deploy", names, env, self._deploy_partition, user_key, self._deploy_steps())
+
+    def _deploy_steps(self) -> list[MacroStep]:
+        reboot = self.reboot_timeout
+        nomini = Variant("nomini", self._action(steps.use_running_reference), Timeout(60, 0.1))
+        pxe = Variant("pxe", self._action(steps.setup_deploy_system(HARD_LEVELS)), Timeout(reboot * 2 + 60, 0.5))
+        chain = Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2))
+        unicast = Variant("unicast", self._action(steps.broadcast_alone), Timeout(600, 10))
+        configure = Variant("postinstall", self._action(steps.configure), Timeout(300, 1))
+        boot = Variant("pxe", self._action(steps.boot_environment(ALL_LEVELS)), Timeout(reboot * 3 + 60, 0.5))
+        return [
+            MacroStep("setup", (nomini, pxe)),
+            MacroStep("broadcast", (chain, unicast)),
+            MacroStep("configure", (configure,)),
+            MacroStep("boot", (boot,)),
+        ]
+
+    def _stateless(self, names: list[str], env: EnvironmentView) -> OperationResult:
+        if env.image_kind != "raw" or env.compression != "gz":
+            raise InputError(
+                f"{env.label} cannot boot stateless: its image must be a gzip'd cpio initramfs "
+                "(kind raw, compression gz)",
+                field="stateless",
+            )
+        self._stateless_files = self._publish_stateless(env)
+        step = Variant("pxe", self._action(steps.boot_stateless), Timeout(self.reboot_timeout * 3 + 60, 0.5))
+        return self._run("deploy", names, env, self._deploy_partition, None, [MacroStep("boot", (step,))])
+
+    def _publish_stateless(self, env: EnvironmentView) -> tuple[str, str]:
+        """Copy the image where the nodes' network boot finds it: ``boot_dir/stateless/<sha256>.img``."""
+        relative = f"stateless/{env.sha256}.img"
+        target = self.api.config.boot_dir / relative
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            if env.image_location.startswith(("http://", "https://")):
+                with requests.get(env.image_location, stream=True, timeout=30) as response, partial.open("wb") as out:
+                    response.raise_for_status()
+                    shutil.copyfileobj(response.raw, out)
+            else:
+                shutil.copyfile(env.image_location, partial)
+            env_catalog.verify(str(partial), env.sha256, env.label)
+            partial.rename(target)
+        return env.kernel.lstrip("/") or "deploy/vmlinuz", relative
 
     def revert(self, nodes: str | Sequence[str]) -> OperationResult:
         """Back to the reference environment: boot the reference partition and check it (fast path);
@@ -328,6 +338,8 @@ class Operations:
             report_host=config.service_address,
             reboot_timeout=self.reboot_timeout,
             broadcast=steps.BroadcastOptions(report_host=config.service_address),
+            stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
+            stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
         )
 
     def _power_drivers(self, views: list[NodeView], node_targets: dict[str, NodeTarget]) -> dict[str, PowerDriver]:

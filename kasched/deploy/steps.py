@@ -52,6 +52,8 @@ class StepContext:
     reboot_timeout: float = 120.0
     command_timeout: float = 120.0
     broadcast: BroadcastOptions = field(default_factory=BroadcastOptions)
+    stateless_kernel: str = ""  # boot paths (relative to the boot directory) of a stateless boot
+    stateless_initrd: str = ""
 
     def nodes(self, names: Sequence[str]) -> list[NodeTarget]:
         return [self.targets[name] for name in names]
@@ -127,6 +129,48 @@ def setup_deploy_system(levels: Sequence[RebootLevel]) -> Callable[..., GroupRes
         return boot_into(ctx, names, BootTarget.DEPLOY, "kasched.system=deploy", "deployment system", levels, deadline)
 
     return action
+
+
+NOMINI_TOOLS = "python3 mkfs.ext4 tar base64 mount"
+
+
+def use_running_reference(
+    ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+) -> GroupResult:
+    """Kadeploy2's "nomini": no first reboot when the node runs the reference environment and that
+    system has the tools the broadcast needs. Fails fast otherwise, so the next variant reboots."""
+    if ctx.environment.destructive:
+        failed = GroupResult()
+        for name in names:
+            failed.add(NodeResult(name, False, "setup", "a destructive environment overwrites the running system"))
+        return failed
+    probe = (
+        f"{SYSTEM_PROBE}; for tool in {NOMINI_TOOLS}; do command -v $tool >/dev/null || "
+        '{ echo "missing $tool" >&2; exit 3; }; done'
+    )
+    results = GroupResult()
+    for name, result in checked(ctx.shell.run(names, probe, 30), "running system").items():
+        partition = ctx.targets[name].reference_partition
+        if result.ok and f"root=/dev/sda{partition}" not in stdout_of(result):
+            result = NodeResult(name, False, "setup", "the node does not run the reference environment")
+        results.add(result)
+    return results
+
+
+def boot_stateless(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+    """Perceus' model: the environment's image is the initramfs the node boots into RAM; no disk write."""
+    return boot_into(
+        ctx,
+        names,
+        BootTarget.STATELESS,
+        "kasched.system=stateless",
+        "stateless system",
+        (RebootLevel.SOFT, RebootLevel.HARD, RebootLevel.VERY_HARD),
+        deadline,
+        kernel=ctx.stateless_kernel,
+        initrd=ctx.stateless_initrd,
+        cmdline=ctx.environment.cmdline,
+    )
 
 
 def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
@@ -217,6 +261,11 @@ def broadcast_chain(
             send,
         ],
     )
+
+
+def broadcast_alone(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+    """The unicast fallback: the image sent to each node on its own (no forwarding between nodes)."""
+    return broadcast_chain(ctx, names, deadline, cancel, alone=True)
 
 
 def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:

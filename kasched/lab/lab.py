@@ -135,7 +135,8 @@ class Lab:
 
     def _build_systems(self) -> None:
         """The reference ext4 image, the golden disk, the deploy and stateless initramfs images."""
-        base = rootfs.build_base_rootfs(self.cache_dir)
+        base = rootfs.build_rootfs(self.cache_dir, rootfs.BASE_PACKAGES)
+        deploy_base = rootfs.build_rootfs(self.cache_dir, rootfs.DEPLOY_PACKAGES)
         service_key, host_key = systems.make_keys(self.state_dir / "ssh")
         keys = systems.SystemKeys(host_key, service_key.with_suffix(".pub").read_text())
         work = self.state_dir / "systems"
@@ -145,7 +146,7 @@ class Lab:
         disk.make_golden_disk(work / "golden.img", reference)
         reference.unlink()
         for role in (systems.DEPLOY, systems.STATELESS):
-            systems.make_tree(base, tree, role, keys)
+            systems.make_tree(deploy_base if role == systems.DEPLOY else base, tree, role, keys)
             (self.boot_dir / role).mkdir(parents=True, exist_ok=True)
             systems.make_initramfs(tree, self.boot_dir / role / "initrd.img")
             (self.boot_dir / role / "vmlinuz").write_text(PLACEHOLDER_KERNEL)

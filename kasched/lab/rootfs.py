@@ -19,9 +19,20 @@ from kasched.lab.system import run
 
 DEFAULT_CACHE = Path("/var/cache/kasched-lab")
 BASE_PACKAGES = ("busybox-static", "openssh-server", "e2fsprogs")
+# The deployment system also carries python3 (standard library), GNU tar, xz and zstd: what the
+# deployment engine's node-side agent and image unpacking need.
+DEPLOY_PACKAGES = (
+    *BASE_PACKAGES,
+    "python3-minimal",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "tar",
+    "xz-utils",
+    "zstd",
+)
 APT_ARCHIVES = Path("/var/cache/apt/archives")
 _KEEP = ("bin", "sbin", "lib", "lib64", "usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/libexec")
-_BINARIES = ("usr/sbin/sshd", "sbin/mke2fs", "usr/lib/openssh/sftp-server")
 
 
 def package_version(package: str) -> str:
@@ -54,24 +65,35 @@ def fetch_deb(package: str, version: str, dest: Path) -> Path:
     return found[-1]
 
 
+def elf_files(root: Path) -> list[Path]:
+    """The programs and shared objects of ``root`` (regular files starting with the ELF magic)."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size < 64:
+            continue
+        with open(path, "rb") as handle:
+            if handle.read(4) == b"\x7fELF":
+                found.append(path)
+    return found
+
+
 def library_packages(root: Path) -> set[str]:
     """Debian packages of the shared libraries the programs of ``root`` load (ldd, then dpkg -S)."""
     packages: set[str] = set()
-    for binary in _BINARIES:
-        path = root / binary
-        if not path.exists():
-            continue
-        for line in run(["ldd", str(path)]).splitlines():
+    names: set[str] = set()
+    for path in elf_files(root):
+        for line in run(["ldd", str(path)], check=False).splitlines():
             parts = line.split()
             library = next((p for p in parts if p.startswith("/")), None)
             if library is None:
                 continue
-            name = Path(library).name
-            owner = run(["dpkg-query", "-S", f"*/{name}"], check=False)
-            for entry in owner.splitlines():
-                package = entry.split(":", 1)[0].strip()
-                if package and " " not in package and "," not in package and not package.endswith("-dev"):
-                    packages.add(package)
+            names.add(Path(library).name)
+    for name in sorted(names):
+        owner = run(["dpkg-query", "-S", f"*/{name}"], check=False)
+        for entry in owner.splitlines():
+            package = entry.split(":", 1)[0].strip()
+            if package and " " not in package and "," not in package and not package.endswith("-dev"):
+                packages.add(package)
     return packages
 
 
@@ -80,18 +102,19 @@ def cache_key(packages: tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def build_base_rootfs(cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """The cached base tree (built once per set of package versions); returns its directory."""
-    key = cache_key(BASE_PACKAGES)
+def build_rootfs(cache_dir: Path = DEFAULT_CACHE, packages: tuple[str, ...] = BASE_PACKAGES) -> Path:
+    """The cached tree of ``packages`` (built once per set of package versions); returns its directory."""
+    key = cache_key(packages)
     final = cache_dir / f"rootfs-{key}"
     if (final / ".complete").exists():
         return final
+    _remove_stale_builds(cache_dir)
     work = cache_dir / f".rootfs-{key}.build{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     debs = cache_dir / "debs"
-    for package in BASE_PACKAGES:
+    for package in packages:
         _extract(fetch_deb(package, package_version(package), debs), work)
-    for package in sorted(library_packages(work) - set(BASE_PACKAGES)):
+    for package in sorted(library_packages(work) - set(packages)):
         _extract(fetch_deb(package, package_version(package), debs), work)
     _prune(work)
     _install_busybox_links(work)
@@ -99,6 +122,14 @@ def build_base_rootfs(cache_dir: Path = DEFAULT_CACHE) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(work, final)
     return final
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Half-built trees left by a killed build (their builder's pid is gone)."""
+    for stale in cache_dir.glob(".rootfs-*.build*"):
+        pid = stale.name.rsplit(".build", 1)[1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _extract(deb: Path, root: Path) -> None:
