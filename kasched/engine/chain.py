@@ -186,7 +186,11 @@ def broadcast(
         config = _session_config(sink, options, collector.address)
         forwarder = Forwarder(config, [[n.name, n.address] for n in chain], _server_note(collector))
         forwarder.attach(0)
-        digest, total = _pump(source, forwarder, options.rate_limit)
+        try:
+            digest, total = _pump(source, forwarder, options.rate_limit)
+        except OSError as error:
+            forwarder.abort(f"the server could not read the image: {error}")  # the agents stop now
+            raise
         expected = bytes.fromhex(expected_sha256) if expected_sha256 else digest
         forwarder.finish(END_PAYLOAD.pack(expected, total), deadline)
         collector.wait([n.name for n in chain], deadline, options.lost_grace)

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 from chain_agents import AgentGroup
+from sshd_nodes import SshdCluster, free_port
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast, order_chain
 from kasched.engine.chain_agent import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
+from kasched.engine.chain_ssh import broadcast_over_ssh
+from kasched.engine.ssh_session import SshAuth
 
 FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
 
@@ -282,3 +285,19 @@ def test_a_byte_corrupted_between_two_nodes_is_reported_downstream(agents: Agent
     for name in ["a03", "a04", "a05"]:
         assert "sha256 mismatch" in (result[name].error or "")
         assert result[name].value.sha256 != sha256_file(image)
+
+
+@pytest.mark.slow
+def test_agents_shipped_over_ssh_receive_the_image(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 4)
+    names = sshd_cluster.nodes[:4]
+    nodes = [ChainNode(name, f"{sshd_cluster.addresses[name].split(':')[0]}:0") for name in names]
+    nodes.append(ChainNode("ghost", "127.41.9.7:0"))
+    addresses = dict(sshd_cluster.addresses, ghost=f"127.41.9.7:{free_port('127.41.9.7')}")
+    auth = SshAuth.from_key_file("root", str(sshd_cluster.key_file))
+    sink = {"kind": "raw", "dest": str(tmp_path / "{node}.img")}
+    result = broadcast_over_ssh(image, nodes, sink, addresses, auth, options=FAST, python="python3")
+    assert list(result) == [*names, "ghost"]
+    assert result.failed == ["ghost"]
+    for name in names:
+        assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
