@@ -29,6 +29,7 @@ class Config:
     credentials_file: Path = Path("/etc/kasched/credentials.yaml")
     service_key: Path = Path()
     service_address: str = "127.0.0.1"
+    service_socket: Path = Path()
     admin_group: str = "kasched-admin"
     max_grant_hours: float = 24 * 7
     disabled_plugins: tuple[str, ...] = ()
@@ -42,11 +43,13 @@ class Config:
             object.__setattr__(self, "boot_dir", self.state_dir / "boot")
         if self.image_dir == Path():
             object.__setattr__(self, "image_dir", self.state_dir / "images")
+        if self.service_socket == Path():
+            object.__setattr__(self, "service_socket", self.state_dir / "kaschedd.sock")
         if self.service_key == Path():
             object.__setattr__(self, "service_key", self.state_dir / "ssh" / "id_ed25519")
 
 
-_PATH_KEYS = {"state_dir", "boot_dir", "image_dir", "credentials_file", "service_key"}
+_PATH_KEYS = {"state_dir", "boot_dir", "image_dir", "credentials_file", "service_key", "service_socket"}
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -1,0 +1,64 @@
+"""``kaschedd``: run the site service in the foreground (systemd runs it the same way)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from kasched import config as config_module
+from kasched.api import Kasched
+from kasched.errors import KaschedError
+from kasched.identity import Caller
+from kasched.service.server import ServiceApp, UnixHttpServer
+
+
+def serve(
+    config: config_module.Config,
+    socket_path: Path,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
+    api = Kasched.open(config, Caller("root", is_admin=True))
+    server = UnixHttpServer(socket_path, ServiceApp(api))
+    stop = stop or threading.Event()
+    watcher = threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True)
+    watcher.start()
+    if ready is not None:
+        ready.set()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        socket_path.unlink(missing_ok=True)
+        api.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kaschedd", description="kasched's site service")
+    parser.add_argument("--config", metavar="FILE")
+    parser.add_argument("--socket", metavar="PATH", help="Unix socket (default: service_socket of the config)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        config = config_module.load(args.config)
+        serve(config, Path(args.socket) if args.socket else config.service_socket, stop=stop)
+    except KaschedError as error:
+        print(f"kaschedd: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:
+        print(f"kaschedd: error: {error.strerror}: {error.filename or ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

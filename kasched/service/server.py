@@ -1,0 +1,144 @@
+"""kaschedd's HTTP server on a Unix socket. The caller's identity comes from the kernel
+(``SO_PEERCRED``): no password, and no way to claim to be someone else."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from kasched.api import Kasched
+from kasched.errors import (
+    ConflictError,
+    DatabaseError,
+    InputError,
+    IntegrityError,
+    KaschedError,
+    NotFoundError,
+    PermissionDenied,
+)
+from kasched.identity import Caller
+from kasched.service.openapi import schema
+from kasched.service.routes import ROUTES, Route, to_json
+
+log = logging.getLogger("kaschedd")
+MAX_BODY = 1 << 20
+STATUS = {
+    InputError: 400,
+    PermissionDenied: 403,
+    NotFoundError: 404,
+    ConflictError: 409,
+    IntegrityError: 422,
+    DatabaseError: 503,
+}
+
+
+class Reply:
+    def __init__(self, status: int, data: Any) -> None:
+        self.status, self.data = status, data
+
+
+class ServiceApp:
+    """Routes a request to the API as its caller; every error becomes a 4xx (or 503) with a message."""
+
+    def __init__(self, api: Kasched) -> None:
+        self.api = api
+
+    def handle(self, method: str, target: str, body: bytes, caller: Caller) -> Reply:
+        parts = urlsplit(target)
+        if parts.path == "/openapi.json" and method == "GET":
+            return Reply(200, schema(ROUTES))
+        route, params = self._match(method, parts.path)
+        if route is None:
+            return Reply(405 if params else 404, {"error": f"no route {method} {parts.path}"})
+        try:
+            query = dict(parse_qsl(parts.query, keep_blank_values=True))
+            unknown = set(query) - set(route.query)
+            if unknown:
+                raise InputError(f"unknown query parameter(s) {', '.join(sorted(unknown))}", field="query")
+            payload = self._body(body) if route.body is not None else None
+            result = route.handler(self.api.as_caller(caller), params, query, payload)
+            return Reply(route.status, to_json(result))
+        except KaschedError as error:
+            status = next((code for kind, code in STATUS.items() if isinstance(error, kind)), 400)
+            return Reply(status, {"error": str(error), "kind": type(error).__name__})
+        except Exception as error:  # never a traceback to the client; the log keeps it
+            log.exception("internal error on %s %s", method, parts.path)
+            return Reply(500, {"error": f"internal error: {type(error).__name__}"})
+
+    @staticmethod
+    def _match(method: str, path: str) -> tuple[Route | None, dict[str, str]]:
+        other_method: dict[str, str] = {}
+        for route in ROUTES:
+            match = route.pattern.match(path)
+            if match and route.method == method:
+                return route, match.groupdict()
+            if match:
+                other_method = {"allowed": route.method}
+        return None, other_method
+
+    @staticmethod
+    def _body(body: bytes) -> Any:
+        if not body:
+            raise InputError("a JSON body is required", field="body")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InputError(f"not JSON: {error}", field="body") from None
+
+
+def peer_uid(connection: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket, as the kernel knows it."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return uid
+
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: UnixHttpServer
+
+    def _serve(self) -> None:
+        length = self.headers.get("Content-Length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            self._send(Reply(413 if length.isdigit() else 400, {"error": "bad or too large Content-Length"}))
+            return
+        body = self.rfile.read(int(length))
+        caller = Caller.from_uid(peer_uid(self.connection), self.server.app.api.config.admin_group)
+        self._send(self.server.app.handle(self.command, self.path, body, caller))
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+
+    def _send(self, reply: Reply) -> None:
+        data = json.dumps(reply.data, sort_keys=True).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    def address_string(self) -> str:
+        return "unix"
+
+
+class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, path: Path, app: ServiceApp) -> None:
+        self.app = app
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_socket():
+            path.unlink()
+        super().__init__(str(path), RequestHandler)
+        os.chmod(path, 0o666)  # anyone may connect; the kernel tells who they are
