@@ -147,9 +147,12 @@ def _deployment_cancel(api: Kasched, params: dict[str, str], query: dict[str, st
 
 
 def _health(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from sqlalchemy import text
+
     from kasched import __version__
 
-    api.database.is_current()
+    with api.database.session() as session:
+        session.execute(text("SELECT 1"))
     return {"status": "ok", "version": __version__, "user": api.caller.user, "admin": api.caller.is_admin}
 
 

@@ -133,6 +133,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
 class UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 1024  # many clients connect at once (prologs of a big job, a busy login node)
     allow_reuse_address = True
 
     def __init__(self, path: Path, app: ServiceApp) -> None:
