@@ -101,16 +101,20 @@ class BroadcastOptions:
     replay_bytes: int = 64 << 20  # bounded replay buffer per node
     lost_grace: float = 3.0  # how long to wait for a report from a node said lost by its predecessor
     rate_limit: float | None = None  # bytes/s at the source (tests and benches)
-    report_host: str = "127.0.0.1"  # the address nodes report to (the server's, seen from the nodes)
+    # the address nodes report to; None: listen on all addresses and tell each node the server's
+    # address on its connection to the chain (right when the nodes sit on the server's network)
+    report_host: str | None = None
 
 
 class ReportCollector:
     """Listens for the nodes' reports: one JSON frame per connection."""
 
-    def __init__(self, host: str) -> None:
-        self.listener = socket.create_server((host, 0), backlog=128)
+    def __init__(self, host: str | None, session: str) -> None:
+        self.session = session
+        self.listener = socket.create_server((host or "", 0), backlog=128)
         self.listener.settimeout(0.2)
-        self.address = "{}:{}".format(*self.listener.getsockname()[:2])
+        port = self.listener.getsockname()[1]
+        self.address = f"{host}:{port}" if host else f":{port}"  # ":port": see Forwarder._handshake
         self.results: dict[str, dict[str, Any]] = {}
         self.lost: dict[str, tuple[float, str]] = {}
         self.changed = threading.Condition()
@@ -136,6 +140,8 @@ class ReportCollector:
                     continue
 
     def record(self, message: dict[str, Any]) -> None:
+        if message.get("session") != self.session:
+            return
         with self.changed:
             if message.get("type") == "result":
                 self.results[message["node"]] = message
@@ -181,9 +187,10 @@ def broadcast(
     chain = order_chain(nodes) if ordered else list(nodes)
     started = time.monotonic()
     deadline = started + options.timeout
-    collector = ReportCollector(options.report_host)
+    session = uuid.uuid4().hex
+    collector = ReportCollector(options.report_host, session)
     try:
-        config = _session_config(sink, options, collector.address)
+        config = _session_config(session, sink, options, collector.address)
         forwarder = Forwarder(config, [[n.name, n.address] for n in chain], _server_note(collector))
         forwarder.attach(0)
         try:
@@ -201,9 +208,9 @@ def broadcast(
     return _results(nodes, collector, time.monotonic() - started)
 
 
-def _session_config(sink: dict[str, Any], options: BroadcastOptions, report: str) -> dict[str, Any]:
+def _session_config(session: str, sink: dict[str, Any], options: BroadcastOptions, report: str) -> dict[str, Any]:
     return {
-        "session": uuid.uuid4().hex,
+        "session": session,
         "sink": sink,
         "report": report,
         "timeout": options.timeout,
@@ -215,7 +222,7 @@ def _session_config(sink: dict[str, Any], options: BroadcastOptions, report: str
 
 def _server_note(collector: ReportCollector) -> Any:
     def note_lost(node: str, error: str) -> None:
-        collector.record({"type": "lost", "node": node, "by": "server", "error": error})
+        collector.record({"type": "lost", "session": collector.session, "node": node, "by": "server", "error": error})
 
     return note_lost
 

@@ -169,6 +169,8 @@ class Forwarder:
         try:
             sock.settimeout(self.stall)
             header = dict(self.config, chain=self.successors[index + 1 :])
+            if header["report"].startswith(":"):  # the server's address as this node reaches it
+                header["report"] = f"{sock.getsockname()[0]}{header['report']}"
             send_frame(sock, HEADER, json.dumps(header).encode())
             kind, payload = recv_frame(sock)
             if kind != OFFSET_REPLY:
@@ -496,11 +498,12 @@ def serve(agent: Agent, accept_timeout: float) -> dict[str, Any]:
     config = agent.config
     deadline = time.monotonic() + float(config["timeout"])
     reporter = Reporter(config["report"], agent.stall)
-    result: dict[str, Any] = {"type": "result", "node": agent.name, "ok": False, "error": None, "lost": []}
+    session = config["session"]
+    result: dict[str, Any] = {"type": "result", "session": session, "node": agent.name, "error": None, "lost": []}
 
     def note_lost(node: str, error: str) -> None:
         result["lost"].append(node)
-        reporter.send({"type": "lost", "node": node, "by": agent.name, "error": error})
+        reporter.send({"type": "lost", "session": session, "node": node, "by": agent.name, "error": error})
 
     forwarder = Forwarder(config, config["chain"], note_lost)
     forwarder.attach(0)
