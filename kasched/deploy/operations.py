@@ -51,6 +51,24 @@ class OperationResult:
         return [n for n, o in self.outcomes.items() if not o.ok]
 
 
+@dataclass
+class PendingOperation:
+    """An operation that passed every check and holds its nodes; :meth:`run` does the work."""
+
+    operations: Operations
+    deployment_id: str
+    kind: str
+    names: list[str]
+    env: EnvironmentView
+    context: steps.StepContext
+    steps: list[MacroStep]
+    final: NodeState
+    environment_id: int | None
+
+    def run(self) -> OperationResult:
+        return self.operations.execute(self)
+
+
 class Operations:
     """Deploy, revert and reboot for one caller, through the API's database, bus and configuration."""
 
@@ -72,6 +90,19 @@ class Operations:
     def deploy(
         self, environment: str, nodes: str | Sequence[str], user_key: str | None = None, *, stateless: bool = False
     ) -> OperationResult:
+        return self.prepare_deploy(environment, nodes, user_key, stateless=stateless).run()
+
+    def revert(self, nodes: str | Sequence[str]) -> OperationResult:
+        return self.prepare_revert(nodes).run()
+
+    def reboot(
+        self, nodes: str | Sequence[str], level: RebootLevel = RebootLevel.SOFT, to: str = "reference"
+    ) -> OperationResult:
+        return self.prepare_reboot(nodes, level, to).run()
+
+    def prepare_deploy(
+        self, environment: str, nodes: str | Sequence[str], user_key: str | None = None, *, stateless: bool = False
+    ) -> PendingOperation:
         if user_key is not None and not user_key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
             raise InputError("this is not an OpenSSH public key", field="key")
         names = self._allowed(nodes)
@@ -96,7 +127,7 @@ class Operations:
             MacroStep("boot", (boot,)),
         ]
 
-    def _stateless(self, names: list[str], env: EnvironmentView) -> OperationResult:
+    def _stateless(self, names: list[str], env: EnvironmentView) -> PendingOperation:
         if env.image_kind != "raw" or env.compression != "gz":
             raise InputError(
                 f"{env.label} cannot boot stateless: its image must be a gzip'd cpio initramfs "
@@ -124,7 +155,7 @@ class Operations:
             partial.rename(target)
         return env.kernel.lstrip("/") or "deploy/vmlinuz", relative
 
-    def revert(self, nodes: str | Sequence[str]) -> OperationResult:
+    def prepare_revert(self, nodes: str | Sequence[str]) -> PendingOperation:
         """Back to the reference environment: boot the reference partition and check it (fast path);
         nodes where that fails get the reference image written again (full path)."""
         names = self._allowed(nodes)
@@ -160,9 +191,9 @@ class Operations:
             ],
         )
 
-    def reboot(
+    def prepare_reboot(
         self, nodes: str | Sequence[str], level: RebootLevel = RebootLevel.SOFT, to: str = "reference"
-    ) -> OperationResult:
+    ) -> PendingOperation:
         """Reboot, starting at ``level`` and escalating, into ``to``: ``reference``, ``deploy`` (the
         deployment system) or an environment already deployed on the nodes' deploy partition."""
         levels = ALL_LEVELS[ALL_LEVELS.index(level) :]
@@ -255,35 +286,44 @@ class Operations:
         user_key: str | None,
         macro_steps: list[MacroStep],
         final: NodeState = NodeState.DEPLOYED,
-    ) -> OperationResult:
+        record_environment: bool = True,
+    ) -> PendingOperation:
+        """Everything that can be refused is checked here; then the nodes are taken and recorded."""
         views = [self.api.show_node(name) for name in names]
-        self._context = self._make_context(views, env, partition, user_key)
+        context = self._make_context(views, env, partition, user_key)
         busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
         with self.api.database.session() as session:
             deployment_id = records.start(session, kind, self.api.caller.user, env.label, names, busy)
-        watcher = _CancelWatcher(self.api, deployment_id, self.cancel)
+        env_id = self._environment_id(env) if record_environment else None
+        return PendingOperation(self, deployment_id, kind, names, env, context, macro_steps, final, env_id)
+
+    def execute(self, pending: PendingOperation) -> OperationResult:
+        """Run a prepared operation's workflow, record its outcome, release its nodes."""
+        self._context = pending.context
+        watcher = _CancelWatcher(self.api, pending.deployment_id, self.cancel)
         watcher.start()
         try:
             workflow = Workflow(
-                macro_steps, listener=lambda r: self._on_step(kind, deployment_id, env, r), cancel=self.cancel
+                pending.steps,
+                cancel=self.cancel,
+                listener=lambda r: self._on_step(pending.kind, pending.deployment_id, pending.env, r),
             )
-            outcomes = workflow.run(names)
+            outcomes = workflow.run(pending.names)
         finally:
             watcher.stop()
-        return self._finish(kind, deployment_id, env, outcomes, final)
+        return self._finish(pending, outcomes)
 
-    def _finish(
-        self, kind: str, deployment_id: str, env: EnvironmentView, outcomes: dict[str, NodeOutcome], final: NodeState
-    ) -> OperationResult:
-        env_id = self._environment_id(env)
+    def _finish(self, pending: PendingOperation, outcomes: dict[str, NodeOutcome]) -> OperationResult:
         with self.api.database.session() as session:
             for node, outcome in outcomes.items():
                 records.record_node(
-                    session, deployment_id, node, outcome.step, outcome.ok, outcome.error, outcome.duration
+                    session, pending.deployment_id, node, outcome.step, outcome.ok, outcome.error, outcome.duration
                 )
-            states = {n: final if o.ok else NodeState.DEPLOY_FAILED for n, o in outcomes.items()}
-            state = records.finish(session, deployment_id, states, env_id, cancelled=self.cancel.is_set())
-        return OperationResult(deployment_id, kind, state.value, outcomes)
+            states = {n: pending.final if o.ok else NodeState.DEPLOY_FAILED for n, o in outcomes.items()}
+            state = records.finish(
+                session, pending.deployment_id, states, pending.environment_id, cancelled=self.cancel.is_set()
+            )
+        return OperationResult(pending.deployment_id, pending.kind, state.value, outcomes)
 
     def _environment_id(self, env: EnvironmentView) -> int | None:
         from sqlalchemy import select
@@ -312,6 +352,16 @@ class Operations:
                 deployment_id=deployment_id,
             )
         )
+        with self.api.database.session() as session:  # live per-node progress for --status and the service
+            records.record_node(
+                session,
+                deployment_id,
+                report.node,
+                report.step,
+                None,
+                None if report.ok else report.error,
+                report.duration,
+            )
         self.progress(report)
 
     def _make_context(
