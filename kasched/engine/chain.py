@@ -32,7 +32,7 @@ from kasched.engine.chain_agent import (
     Superseded,
     recv_frame,
 )
-from kasched.errors import DriverError, DriverTimeout, IntegrityError
+from kasched.errors import DriverError, DriverTimeout, InputError, IntegrityError
 from kasched.results import GroupResult, NodeResult
 
 STEP = "broadcast"
@@ -184,6 +184,8 @@ def broadcast(
     reported the whole stream with the right checksum and a clean sink.
     """
     options = options or BroadcastOptions()
+    if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
+        raise InputError(f"not a sha256: {expected_sha256!r}", field="expected_sha256")
     chain = order_chain(nodes) if ordered else list(nodes)
     started = time.monotonic()
     deadline = started + options.timeout
@@ -193,19 +195,30 @@ def broadcast(
         config = _session_config(session, sink, options, collector.address)
         forwarder = Forwarder(config, [[n.name, n.address] for n in chain], _server_note(collector))
         forwarder.attach(0)
-        try:
-            digest, total = _pump(source, forwarder, options.rate_limit)
-        except OSError as error:
-            forwarder.abort(f"the server could not read the image: {error}")  # the agents stop now
-            raise
-        expected = bytes.fromhex(expected_sha256) if expected_sha256 else digest
-        forwarder.finish(END_PAYLOAD.pack(expected, total), deadline)
+        if forwarder.sock is not None:  # else no node answered: all are reported lost already
+            _send_stream(source, forwarder, expected_sha256, options.rate_limit, deadline)
         collector.wait([n.name for n in chain], deadline, options.lost_grace)
     except (OSError, Superseded, ProtocolError) as error:
         raise DriverError(f"broadcast failed at the source: {error}") from error
     finally:
         collector.close()
     return _results(nodes, collector, time.monotonic() - started)
+
+
+def _send_stream(
+    source: str | Path | BinaryIO,
+    forwarder: Forwarder,
+    expected_sha256: str | None,
+    rate: float | None,
+    deadline: float,
+) -> None:
+    try:
+        digest, total = _pump(source, forwarder, rate)
+    except OSError as error:
+        forwarder.abort(f"the server could not read the image: {error}")  # the agents stop now
+        raise
+    expected = bytes.fromhex(expected_sha256) if expected_sha256 else digest
+    forwarder.finish(END_PAYLOAD.pack(expected, total), deadline)
 
 
 def _session_config(session: str, sink: dict[str, Any], options: BroadcastOptions, report: str) -> dict[str, Any]:

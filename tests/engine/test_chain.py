@@ -21,6 +21,7 @@ from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast, order_c
 from kasched.engine.chain_agent import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
 from kasched.engine.chain_ssh import broadcast_over_ssh
 from kasched.engine.ssh_session import SshAuth
+from kasched.errors import InputError
 
 FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
 
@@ -301,3 +302,13 @@ def test_agents_shipped_over_ssh_receive_the_image(sshd_cluster: SshdCluster, tm
     assert result.failed == ["ghost"]
     for name in names:
         assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
+
+
+def test_no_reachable_node_and_a_bad_expected_checksum(tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 1)
+    nodes = [ChainNode("ghost1", "127.42.9.9:9"), ChainNode("ghost2", "127.42.9.8:9")]
+    result = broadcast(image, nodes, {"kind": "discard"}, options=BroadcastOptions(lost_grace=0.1))
+    assert result.failed == ["ghost1", "ghost2"]
+    assert "cannot reach ghost2" in (result["ghost2"].error or "")
+    with pytest.raises(InputError):
+        broadcast(image, nodes, {"kind": "discard"}, expected_sha256="abc")
