@@ -180,8 +180,8 @@ def test_unreachable_node_and_failing_sink_do_not_stop_the_others(agents: AgentG
 def test_backpressure_keeps_memory_bounded_and_nodes_in_the_chain(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 96)
     # the sink stalls twice as long as the stall timeout: keepalives must keep the node in the chain
-    options = BroadcastOptions(timeout=60.0, stall_timeout=1.5, reconnect_timeout=5.0, replay_bytes=4 << 20)
-    slow_sink = {"kind": "command", "argv": ["sh", "-c", "sleep 3; exec cat > /dev/null"]}
+    options = BroadcastOptions(timeout=60.0, stall_timeout=2.0, reconnect_timeout=5.0, replay_bytes=4 << 20)
+    slow_sink = {"kind": "command", "argv": ["sh", "-c", "sleep 4; exec cat > /dev/null"]}
     nodes = agents.nodes[:3]
     peaks: dict[str, int] = {}
     done = threading.Event()
