@@ -23,7 +23,7 @@ from kasched.config import Config
 from kasched.db import Database
 from kasched.environments import EnvironmentReference
 from kasched.errors import ConflictError, InputError, NotFoundError, PermissionDenied
-from kasched.identity import Caller
+from kasched.identity import Caller, can_read
 from kasched.jobs import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import expand_many, fold
@@ -66,10 +66,11 @@ class Kasched:
 
     # --- Nodes -------------------------------------------------------------------------------------------
 
-    def import_nodes(self, path: str | Path) -> ImportReport:
-        """Create or update the nodes an inventory file describes. All or nothing."""
+    def import_nodes(self, path: str | Path, text: str | None = None) -> ImportReport:
+        """Create or update the nodes an inventory file describes (or ``text``, named ``path``). All or
+        nothing."""
         self._require_admin("import nodes")
-        spec = inventory.load(path)
+        spec = inventory.load(path) if text is None else inventory.loads(text, source=str(path))
         report = ImportReport()
         try:
             with self.database.session() as session:
@@ -132,8 +133,17 @@ class Kasched:
 
     # --- Environments ------------------------------------------------------------------------------------
 
-    def add_environment(self, path: str | Path, owner: str | None = None) -> EnvironmentView:
-        spec = env_catalog.load(path)
+    def add_environment(
+        self, path: str | Path, owner: str | None = None, *, text: str | None = None, checked_reads: bool = False
+    ) -> EnvironmentView:
+        """Add the environment a description file gives (or ``text``, with files relative to ``path``'s
+        folder). ``checked_reads``: the caller must be able to read the image and scripts themselves
+        (the service reads them with its own rights)."""
+        if text is None:
+            spec = env_catalog.load(path)
+        else:
+            may_read = (lambda p: can_read(self.caller.user, p)) if checked_reads else None
+            spec = env_catalog.loads(text, source=str(path), base=Path(path).parent, may_read=may_read)
         if owner and owner != self.caller.user:
             self._require_admin("add an environment for another user")
         owner = owner or self.caller.user

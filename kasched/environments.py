@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import requests
-import yaml
 
-from kasched.errors import InputError, IntegrityError, NotFoundError
+from kasched.errors import InputError, IntegrityError, NotFoundError, PermissionDenied
 from kasched.models import Compression, ImageKind, Visibility
+from kasched.yamlfile import parse_text, read_text
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,63}$", re.IGNORECASE)
@@ -93,19 +94,22 @@ def check_name(name: str) -> str:
 def load(path: str | Path) -> EnvironmentSpec:
     """Read an environment description, check every field, and measure its image (size, sha256)."""
     path = Path(path)
+    return loads(read_text(path), source=str(path), base=path.parent.resolve())
+
+
+def loads(text: str, *, source: str, base: Path, may_read: Callable[[Path], bool] | None = None) -> EnvironmentSpec:
+    """The same from text; files it names are relative to ``base``. ``may_read`` (the service's check
+    of the caller's own right to read a file) refuses images and scripts the caller could not read."""
+    data = parse_text(text, source)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read: {error}") from None
-    except yaml.YAMLError as error:
-        raise InputError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    try:
-        spec = parse(data, base=path.parent.resolve())
+        spec = parse(data, base=base)
+        if may_read is not None:
+            for path in [spec.image_location, *spec.postinstall]:
+                if not urlparse(path).scheme and not may_read(Path(path)):
+                    raise PermissionDenied(f"you may not read {path}")
         spec.image_size, spec.sha256 = measure(spec.image_location)
-    except (InputError, NotFoundError) as error:
-        raise type(error)(f"{path}: {error}") from None
+    except (InputError, NotFoundError, PermissionDenied) as error:
+        raise type(error)(f"{source}: {error}") from None
     return spec
 
 

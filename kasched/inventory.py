@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kasched.errors import ConflictError, InputError
 from kasched.nodeset import expand_ordered, expand_value
+from kasched.yamlfile import parse_text, read_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -49,19 +48,16 @@ class Inventory:
 
 def load(path: str | Path) -> Inventory:
     """Read and validate an inventory file. Every error names the file, the entry and the field."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read: {error}") from None
-    except yaml.YAMLError as error:
-        raise InputError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    return loads(read_text(path), source=str(path))
+
+
+def loads(text: str, *, source: str) -> Inventory:
+    """Validate an inventory given as text; ``source`` names it in errors."""
+    data = parse_text(text, source)
     try:
         return parse(data)
     except InputError as error:
-        raise InputError(f"{path}: {error}") from None
+        raise InputError(f"{source}: {error}") from None
 
 
 def parse(data: Any) -> Inventory:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,11 +27,21 @@ class Context:
         return self._config
 
     @property
+    def remote(self) -> bool:
+        """Whether commands go through kaschedd: its socket exists and KASCHED_DIRECT is not set."""
+        return os.environ.get("KASCHED_DIRECT") != "1" and self.config.service_socket.is_socket()
+
+    @property
     def api(self) -> Any:
         if self._api is None:
-            from kasched.api import Kasched
+            if self.remote:
+                from kasched.service.remote import RemoteKasched
 
-            self._api = Kasched.open(self.config)
+                self._api = RemoteKasched(self.config)
+            else:
+                from kasched.api import Kasched
+
+                self._api = Kasched.open(self.config)
         return self._api
 
     def close(self) -> None:

@@ -7,9 +7,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kasched.cli.common import Context, print_json, print_table
@@ -100,6 +102,8 @@ def cancellable() -> Iterator[threading.Event]:
 def deploy_command(args: argparse.Namespace, context: Context) -> int:
     from kasched.deploy import records
 
+    if context.remote:
+        return _deploy_remote(args, context)
     if args.cancel:
         with context.api.database.session() as session:
             records.request_cancel(session, args.cancel, context.api.caller.user, context.api.caller.is_admin)
@@ -118,6 +122,8 @@ def deploy_command(args: argparse.Namespace, context: Context) -> int:
 
 def revert_command(args: argparse.Namespace, context: Context) -> int:
     nodes = job_nodes(args)
+    if context.remote:
+        return _run_remote(args, context, {"kind": "revert", "nodes": ",".join(nodes)}, len(nodes))
     return _run(args, context, lambda ops: ops.revert(nodes), len(nodes))
 
 
@@ -125,6 +131,9 @@ def reboot_command(args: argparse.Namespace, context: Context) -> int:
     from kasched.drivers.reboot import RebootLevel
 
     nodes = job_nodes(args)
+    if context.remote:
+        body = {"kind": "reboot", "nodes": ",".join(nodes), "level": args.level, "to": args.to}
+        return _run_remote(args, context, body, len(nodes))
     return _run(args, context, lambda ops: ops.reboot(nodes, RebootLevel(args.level), args.to), len(nodes))
 
 
@@ -210,3 +219,73 @@ def _show_status(shown: Any, as_json: bool) -> int:
         ],
     )
     return 0
+
+
+# --- Through kaschedd: start, then follow the operation by polling its record ---------------------------
+
+POLL = 1.0
+
+
+def _deploy_remote(args: argparse.Namespace, context: Context) -> int:
+    api = context.api
+    if args.cancel:
+        api.call("POST", f"/v1/deployments/{args.cancel}/cancel")
+        print(f"deployment {args.cancel}: cancel requested")
+        return 0
+    if args.status:
+        return _show_status(SimpleNamespace(**api.call("GET", f"/v1/deployments/{args.status}")), args.json)
+    if not args.env:
+        raise InputError("give the environment to deploy with -e NAME[@OWNER][:VERSION]", field="env")
+    nodes = job_nodes(args)
+    body = {
+        "kind": "deploy",
+        "nodes": ",".join(nodes),
+        "environment": args.env,
+        "key": _read_key(args.key),
+        "stateless": args.stateless,
+        "fanout": args.fanout,
+    }
+    return _run_remote(args, context, body, len(nodes))
+
+
+def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any], count: int) -> int:
+    api = context.api
+    started = api.call("POST", "/v1/deployments", body=body)
+    operation_id = started["id"]
+    print(
+        f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})", file=sys.stderr
+    )
+    with cancellable() as cancel:
+        asked = False
+        while True:
+            shown = api.call("GET", f"/v1/deployments/{operation_id}")
+            _show_poll(shown, count)
+            if shown["state"] != "running":
+                break
+            if cancel.is_set() and not asked:
+                api.call("POST", f"/v1/deployments/{operation_id}/cancel")
+                asked = True
+            time.sleep(POLL)
+    print(file=sys.stderr)
+    ok = [n for n, d in shown["nodes"].items() if d["ok"]]
+    failed = [n for n, d in shown["nodes"].items() if not d["ok"]]
+    _write_node_files(args, ok, failed)
+    if args.json:
+        print_json(shown)
+    else:
+        print(
+            f"{shown['kind']} {operation_id}: {shown['state']}; ok {fold(ok) if ok else '-'}; "
+            f"failed {fold(failed) if failed else '-'}"
+        )
+        _show_status(SimpleNamespace(**shown), False)
+    return 0 if not failed else 1
+
+
+def _show_poll(shown: dict[str, Any], count: int) -> None:
+    steps: dict[str, int] = {}
+    for detail in shown["nodes"].values():
+        steps[detail["step"] or "waiting"] = steps.get(detail["step"] or "waiting", 0) + 1
+    errors = sum(1 for d in shown["nodes"].values() if d["error"])
+    text = "  ".join(f"{step} {number}/{count}" for step, number in steps.items())
+    sys.stderr.write(f"\r{shown['state']}: {text}  errors {errors}".ljust(78))
+    sys.stderr.flush()

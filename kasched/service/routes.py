@@ -146,6 +146,125 @@ def _deployment_cancel(api: Kasched, params: dict[str, str], query: dict[str, st
     return {"id": params["id"], "cancel_requested": True}
 
 
+def _fields(body: Any, required: dict[str, type], optional: dict[str, type] | None = None) -> dict[str, Any]:
+    """The body's fields, checked: every required one present, every one of its type, no other."""
+    if not isinstance(body, dict):
+        raise InputError("expected a JSON object", field="body")
+    known = {**required, **(optional or {})}
+    unknown = set(body) - set(known)
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(sorted(unknown))}", field="body")
+    for name, kind in known.items():
+        if name not in body or body[name] is None:
+            if name in required:
+                raise InputError("required", field=name)
+            continue
+        value = body[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise InputError(f"expected {kind.__name__}", field=name)
+    return {name: body.get(name) for name in known}
+
+
+def _nodes_import(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    fields = _fields(body, {"path": str, "text": str})
+    return api.import_nodes(fields["path"], text=fields["text"])
+
+
+def _nodes_remove(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    return {"removed": api.remove_nodes(_fields(body, {"nodes": str})["nodes"])}
+
+
+def _nodes_state(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    fields = _fields(body, {"nodes": str, "state": str})
+    return {"nodes": api.set_node_state(fields["nodes"], fields["state"]), "state": fields["state"]}
+
+
+def _env_add(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    fields = _fields(body, {"path": str, "text": str}, {"owner": str})
+    if not fields["path"].startswith("/"):
+        raise InputError("must be the absolute path of the description file", field="path")
+    return api.add_environment(fields["path"], fields["owner"], text=fields["text"], checked_reads=True)
+
+
+def _env_check(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    return api.check_environment(params["reference"])
+
+
+def _job_start(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from kasched.jobs import JobInfo
+
+    fields = _fields(
+        body,
+        {"scheduler": str, "cluster": str, "job_id": str, "user": str, "nodes": list},
+        {"environment": str, "walltime": float},
+    )
+    if not all(isinstance(node, str) for node in fields["nodes"]):
+        raise InputError("expected a list of node names", field="nodes")
+    return api.job_started(
+        JobInfo(
+            fields["scheduler"],
+            fields["cluster"],
+            fields["job_id"],
+            fields["user"],
+            tuple(fields["nodes"]),
+            fields["environment"],
+            fields["walltime"],
+        )
+    )
+
+
+def _job_end(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from kasched.jobs import JobEnd
+
+    fields = _fields(body, {"scheduler": str, "cluster": str, "job_id": str}, {"reason": str})
+    return api.job_ended(
+        JobEnd(fields["scheduler"], fields["cluster"], fields["job_id"], fields["reason"] or "job ended")
+    )
+
+
+def _deployment_start(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    """Checks everything and takes the nodes now; the work goes on in the service (poll the id)."""
+    import threading
+
+    from kasched.deploy.operations import Operations
+    from kasched.drivers.reboot import RebootLevel
+
+    fields = _fields(
+        body,
+        {"kind": str, "nodes": str},
+        {"environment": str, "key": str, "stateless": bool, "level": str, "to": str, "fanout": int},
+    )
+    operations = Operations(api, fanout=fields["fanout"] or 0)
+    kind = fields["kind"]
+    if kind == "deploy":
+        if not fields["environment"]:
+            raise InputError("required for a deployment", field="environment")
+        pending = operations.prepare_deploy(
+            fields["environment"], fields["nodes"], fields["key"], stateless=bool(fields["stateless"])
+        )
+    elif kind == "revert":
+        pending = operations.prepare_revert(fields["nodes"])
+    elif kind == "reboot":
+        level = fields["level"] or "soft"
+        if level not in {lv.value for lv in RebootLevel}:
+            raise InputError(f"{level!r} is not one of soft, hard, very_hard", field="level")
+        pending = operations.prepare_reboot(fields["nodes"], RebootLevel(level), fields["to"] or "reference")
+    else:
+        raise InputError(f"{kind!r} is not one of deploy, revert, reboot", field="kind")
+    threading.Thread(target=pending.run, name=f"kasched-{pending.deployment_id}", daemon=True).start()
+    return {"id": pending.deployment_id, "kind": kind, "nodes": pending.names}
+
+
+def _power(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from kasched.deploy.operations import Operations
+
+    fields = _fields(body, {"action": str, "nodes": str})
+    results = Operations(api).power(fields["nodes"], fields["action"])
+    return [result.as_dict() for result in results.values()]
+
+
 def _health(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
     from sqlalchemy import text
 
@@ -157,10 +276,39 @@ def _health(api: Kasched, params: dict[str, str], query: dict[str, str], body: A
 
 
 ARRAY = {"type": "array", "items": {"type": "object"}}
+
+
+def _object(properties: dict[str, str], required: list[str] | None = None) -> dict[str, Any]:
+    schema_properties: dict[str, Any] = {}
+    for name, kind in properties.items():
+        schema_properties[name] = {"type": kind, "items": {"type": "string"}} if kind == "array" else {"type": kind}
+    return {
+        "type": "object",
+        "properties": schema_properties,
+        "required": required or list(properties),
+        "additionalProperties": False,
+    }
+
+
 ROUTES = (
     Route("GET", "/v1/health", "Service health, and who you are", _health),
     Route("GET", "/v1/nodes", "List nodes", _nodes_list, query=("nodes", "state"), response=ARRAY),
     Route("GET", "/v1/nodes/{name}", "Show a node", _node_show),
+    Route(
+        "POST",
+        "/v1/nodes/import",
+        "Create or update nodes from an inventory (admins)",
+        _nodes_import,
+        body=_object({"path": "string", "text": "string"}, ["path", "text"]),
+    ),
+    Route("POST", "/v1/nodes/remove", "Remove nodes (admins)", _nodes_remove, body=_object({"nodes": "string"})),
+    Route(
+        "POST",
+        "/v1/nodes/state",
+        "Set the state of nodes (admins)",
+        _nodes_state,
+        body=_object({"nodes": "string", "state": "string"}),
+    ),
     Route(
         "GET",
         "/v1/environments",
@@ -171,6 +319,71 @@ ROUTES = (
     ),
     Route("GET", "/v1/environments/{reference}", "Show an environment (NAME[@OWNER][:VERSION])", _env_show),
     Route("DELETE", "/v1/environments/{reference}", "Remove an environment", _env_remove),
+    Route(
+        "POST",
+        "/v1/environments",
+        "Add an environment from its description",
+        _env_add,
+        status=201,
+        body=_object({"path": "string", "text": "string", "owner": "string"}, ["path", "text"]),
+    ),
+    Route("GET", "/v1/environments/{reference}/check", "Re-check an environment's image checksum", _env_check),
+    Route(
+        "POST",
+        "/v1/jobs/start",
+        "A deploy job started: grant its nodes (scheduler hooks)",
+        _job_start,
+        body=_object(
+            {
+                "scheduler": "string",
+                "cluster": "string",
+                "job_id": "string",
+                "user": "string",
+                "nodes": "array",
+                "environment": "string",
+                "walltime": "number",
+            },
+            ["scheduler", "cluster", "job_id", "user", "nodes"],
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/jobs/end",
+        "A job ended: revoke its grant (scheduler hooks)",
+        _job_end,
+        body=_object(
+            {"scheduler": "string", "cluster": "string", "job_id": "string", "reason": "string"},
+            ["scheduler", "cluster", "job_id"],
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/deployments",
+        "Start a deploy, revert or reboot; returns its id at once",
+        _deployment_start,
+        status=202,
+        body=_object(
+            {
+                "kind": "string",
+                "nodes": "string",
+                "environment": "string",
+                "key": "string",
+                "stateless": "boolean",
+                "level": "string",
+                "to": "string",
+                "fanout": "integer",
+            },
+            ["kind", "nodes"],
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/power",
+        "Power nodes on or off, or read their state",
+        _power,
+        response=ARRAY,
+        body=_object({"action": "string", "nodes": "string"}),
+    ),
     Route(
         "GET",
         "/v1/rights",

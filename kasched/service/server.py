@@ -12,7 +12,7 @@ import socketserver
 import struct
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kasched.api import Kasched
 from kasched.errors import (
@@ -79,7 +79,7 @@ class ServiceApp:
         for route in ROUTES:
             match = route.pattern.match(path)
             if match and route.method == method:
-                return route, match.groupdict()
+                return route, {key: unquote(value) for key, value in match.groupdict().items()}
             if match:
                 other_method = {"allowed": route.method}
         return None, other_method

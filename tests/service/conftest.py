@@ -1,0 +1,39 @@
+"""The service fixture: kaschedd on a scratch site with the sample inventory, in a thread."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kasched.api import Kasched
+from kasched.config import Config
+from kasched.identity import Caller
+from kasched.service.client import ServiceClient
+from kasched.service.main import serve
+from tests.conftest import EXAMPLES
+
+
+@pytest.fixture
+def service() -> Iterator[tuple[Config, ServiceClient]]:
+    base = Path(tempfile.mkdtemp(prefix="kaschedd-"))
+    base.chmod(0o755)
+    config = Config(site="t", state_dir=base / "state", admin_group="kasched-test-admins")
+    admin = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    admin.import_nodes(EXAMPLES / "cluster.yaml")
+    admin.close()
+    config.state_dir.chmod(0o755)
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=serve, args=(config, config.service_socket, ready, stop), daemon=True)
+    thread.start()
+    assert ready.wait(30), "kaschedd did not start"
+    try:
+        yield config, ServiceClient(config.service_socket)
+    finally:
+        stop.set()
+        thread.join(10)
+        shutil.rmtree(base, ignore_errors=True)
