@@ -1,6 +1,6 @@
 """The lab's small root filesystem, built from real Debian packages and cached between runs.
 
-``apt-get download`` (or the local apt cache) gives the .deb files of busybox-static, openssh-server
+``apt-get download`` (or the local apt cache) gives the .deb files of busybox-static, dash, openssh-server
 and e2fsprogs; ``dpkg-deb -x`` unpacks them, with the packages of every shared library their programs
 link to (found with ``ldd`` and ``dpkg -S`` on the host, which runs the same Debian). The result, a
 ~15 MB tree, is the base of both the reference environment (on each node's disk) and the deployment
@@ -18,7 +18,7 @@ from kasched.errors import LabError
 from kasched.lab.system import run
 
 DEFAULT_CACHE = Path("/var/cache/kasched-lab")
-BASE_PACKAGES = ("busybox-static", "openssh-server", "e2fsprogs")
+BASE_PACKAGES = ("busybox-static", "dash", "openssh-server", "e2fsprogs")
 # The deployment system also carries python3 (standard library), GNU tar, xz and zstd: what the
 # deployment engine's node-side agent and image unpacking need.
 DEPLOY_PACKAGES = (
@@ -97,8 +97,16 @@ def library_packages(root: Path) -> set[str]:
     return packages
 
 
+_TREE_LAYOUT = "4"  # bump when the way trees are built changes: old caches are then rebuilt
+_PRUNED = (
+    "usr/lib/x86_64-linux-gnu/gconv",
+    *(f"usr/lib/python3.11/{name}" for name in ("test", "pydoc_data", "idlelib", "lib2to3", "ensurepip",
+                                                "tkinter", "turtledemo", "config-3.11-x86_64-linux-gnu")),
+)  # fmt: skip
+
+
 def cache_key(packages: tuple[str, ...]) -> str:
-    text = " ".join(f"{p}={package_version(p)}" for p in packages)
+    text = _TREE_LAYOUT + " " + " ".join(f"{p}={package_version(p)}" for p in packages)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -146,7 +154,7 @@ def _prune(root: Path) -> None:
     for child in list(usr.iterdir()) if usr.is_dir() else []:
         if f"usr/{child.name}" not in _KEEP:
             shutil.rmtree(child, ignore_errors=True)
-    for unwanted in ("etc/init.d", "etc/default", "etc/pam.d", "etc/systemd", "lib/systemd", "etc/ufw"):
+    for unwanted in ("etc/init.d", "etc/default", "etc/pam.d", "etc/systemd", "lib/systemd", "etc/ufw", *_PRUNED):
         shutil.rmtree(root / unwanted, ignore_errors=True)
 
 
@@ -154,9 +162,11 @@ def _install_busybox_links(root: Path) -> None:
     busybox = root / "bin" / "busybox"
     if not busybox.exists():
         raise LabError("busybox-static did not provide /bin/busybox")
+    programs = {p.name for d in ("bin", "sbin", "usr/bin", "usr/sbin") if (root / d).is_dir()
+                for p in (root / d).iterdir()}  # fmt: skip
     for applet in run([str(busybox), "--list-full"]).split():
         link = root / applet
-        if link.exists() or link.is_symlink():
+        if link.name in programs:  # a real program (GNU tar, xz...) wins over the applet
             continue
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to("/bin/busybox")

@@ -22,7 +22,7 @@ DEPLOY = "deploy"
 STATELESS = "stateless"
 
 _PASSWD = (
-    "root:x:0:0:root:/root:/bin/sh\n"
+    "root:x:0:0:root:/root:/bin/dash\n"  # not BusyBox sh: it would run its applets before PATH
     "sshd:x:100:65534:sshd:/run/sshd:/usr/sbin/nologin\n"
     "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 )
