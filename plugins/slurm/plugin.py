@@ -2,8 +2,9 @@
 
 The variables (SLURM_JOB_ID, SLURM_JOB_USER, SLURM_JOB_NODELIST, SLURM_JOB_CONSTRAINTS,
 SLURM_JOB_COMMENT, SLURM_CLUSTER_NAME, SLURM_SCRIPT_CONTEXT...) were observed with Slurm 22.05's
-slurmctld; see ../shared/LAB-NOTES.md. The rest of the integration (time limit, node state, reconcile)
-comes with the scheduler-integration issue.
+slurmctld; see ../shared/LAB-NOTES.md and docs/slurm.md. slurmctld does not give its hooks the job's
+time limit: kasched_slurm.hooks reads it from ``squeue --json`` and passes it in KASCHED_SLURM_TIME_LIMIT
+(seconds), which becomes the grant's walltime.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class SlurmAdapter(SchedulerAdapter):
             user=environ["SLURM_JOB_USER"],
             nodes=tuple(expand(environ["SLURM_JOB_NODELIST"], field="SLURM_JOB_NODELIST")),
             environment=match.group("env") if match else None,
+            walltime=_walltime(environ.get("KASCHED_SLURM_TIME_LIMIT", "")),
             extra={
                 "constraints": environ.get("SLURM_JOB_CONSTRAINTS", ""),
                 "partition": environ.get("SLURM_JOB_PARTITION", ""),
@@ -59,7 +61,20 @@ class SlurmAdapter(SchedulerAdapter):
     @staticmethod
     def is_deploy_job(job: JobInfo) -> bool:
         """A deploy job asks for the ``deploy`` feature (``salloc -C deploy``)."""
-        return "deploy" in re.split(r"[&|,\[\]*\s]+", str(job.extra.get("constraints", "")))
+        return SlurmAdapter.wants_deploy(str(job.extra.get("constraints", "")))
+
+    @staticmethod
+    def wants_deploy(constraints: str) -> bool:
+        """Whether a Slurm constraint expression (``deploy``, ``deploy&ib``...) names ``deploy``."""
+        return "deploy" in re.split(r"[&|,\[\]*()\s]+", constraints)
+
+
+def _walltime(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
 
 
 @hookimpl

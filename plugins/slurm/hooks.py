@@ -1,0 +1,119 @@
+"""PrologSlurmctld / EpilogSlurmctld for deploy jobs: ``python -m kasched_slurm.hooks prolog|epilog``.
+
+prolog: only for jobs that ask for the ``deploy`` feature. Reads the job's time limit (slurmctld does
+not give it to its hooks) from ``squeue --json``, runs ``kasched job start`` (the grant, through the
+plugin bus) with it in KASCHED_SLURM_TIME_LIMIT, then starts the job's stand-in slurmds (standin.py).
+A failure revokes what was done and exits non-zero: slurmctld then cancels the job (deploy jobs are
+not requeued, see job_submit.lua). epilog: stops the stand-ins, gives the nodes back to Slurm, and
+runs ``kasched job end``. Both print one line per action on stdout (the wrapper keeps it in a log).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+from kasched_slurm import slurmcli, standin
+from kasched_slurm.plugin import SlurmAdapter
+
+from kasched.errors import KaschedError
+from kasched.nodeset import expand
+
+KASCHED_TIMEOUT = 60.0
+
+
+def is_deploy(environ: Mapping[str, str]) -> bool:
+    return SlurmAdapter.wants_deploy(environ.get("SLURM_JOB_CONSTRAINTS", ""))
+
+
+def kasched(action: str, environ: Mapping[str, str]) -> int:
+    """Run ``kasched job start|end --scheduler slurm``; print its output; its exit code."""
+    command = [environ.get("KASCHED", "kasched"), "job", action, "--scheduler", "slurm"]
+    try:
+        done = subprocess.run(
+            command, env=dict(environ), capture_output=True, text=True, timeout=KASCHED_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        print(f"kasched job {action}: {error}")
+        return 1
+    for line in (done.stdout + done.stderr).splitlines():
+        print(line)
+    return done.returncode
+
+
+def time_limit(job_id: str) -> float | None:
+    try:
+        job = slurmcli.job(job_id)
+    except KaschedError as error:
+        print(f"time limit of job {job_id} unknown ({error}); the grant gets max_grant_hours")
+        return None
+    return job.time_limit if job else None
+
+
+def prolog(environ: Mapping[str, str]) -> int:
+    job_id = environ.get("SLURM_JOB_ID", "")
+    if not is_deploy(environ):
+        print(f"job {job_id}: not a deploy job, nothing to do")
+        return 0
+    env = dict(environ)
+    limit = time_limit(job_id)
+    if limit:
+        env["KASCHED_SLURM_TIME_LIMIT"] = str(int(limit))
+    code = kasched("start", env)
+    if code != 0:
+        return code
+    settings = standin.StandinSettings.from_environ(environ)
+    if settings is None:
+        return 0
+    names = expand(environ.get("SLURM_JOB_NODELIST", ""), field="SLURM_JOB_NODELIST")
+    started = time.monotonic()
+    try:
+        standins = standin.attach(settings, job_id, list(names))
+    except KaschedError as error:
+        print(f"job {job_id}: stand-ins failed: {error}; revoking the grant")
+        kasched("end", {**env, "SLURM_JOB_EXIT_CODE": "stand-in failure"})
+        return 1
+    pids = " ".join(f"{s.node}:{s.pid}" for s in standins)
+    print(f"job {job_id}: stand-ins {pids} on {settings.addr} in {time.monotonic() - started:.2f} s")
+    return 0
+
+
+def epilog(environ: Mapping[str, str]) -> int:
+    job_id = environ.get("SLURM_JOB_ID", "")
+    if not is_deploy(environ):
+        print(f"job {job_id}: not a deploy job, nothing to do")
+        return 0
+    code = 0
+    settings = standin.StandinSettings.from_environ(environ)
+    if settings is not None:
+        started = time.monotonic()
+        try:
+            released = standin.detach(settings, job_id)
+        except KaschedError as error:
+            print(f"job {job_id}: giving the nodes back failed: {error}")
+            code = 1
+        else:
+            names = ",".join(s.node for s in released) or "none"
+            print(f"job {job_id}: stand-ins stopped, nodes {names} given back in {time.monotonic() - started:.2f} s")
+    ended = kasched("end", environ)
+    return code or ended
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in (["prolog"], ["epilog"]):
+        print("usage: python -m kasched_slurm.hooks prolog|epilog", file=sys.stderr)
+        return 2
+    hook = prolog if args[0] == "prolog" else epilog
+    try:
+        return hook(os.environ)
+    except KaschedError as error:
+        print(f"kasched-slurm {args[0]}: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Slurm's own commands as a small typed API, for Slurm 22.05 as Debian 12 ships it.
+
+pyslurm has no release for 22.05 (only 18.08 and 25.11 on the package index), and Debian's 22.05
+``scontrol`` refuses ``--json`` ("unrecognized option"), but ``squeue --json`` and ``sinfo --json`` work:
+reads go through those, node updates through ``scontrol update``. Every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from kasched.errors import KaschedError
+
+TIMEOUT = 20.0
+
+
+class SlurmCommandError(KaschedError):
+    """A Slurm command failed or printed something unreadable."""
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    job_id: str
+    user: str
+    state: str
+    nodes: str
+    features: str
+    comment: str
+    time_limit: float | None  # seconds; None: unlimited
+    restarts: int
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    name: str
+    address: str
+    hostname: str
+    port: int
+    states: tuple[str, ...]  # base state and flags, upper case: ("ALLOCATED", "COMPLETING")
+    reason: str
+
+
+def run(args: list[str], timeout: float = TIMEOUT) -> str:
+    """Run a Slurm command; its stdout, or SlurmCommandError naming the command and its complaint."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SlurmCommandError(f"{args[0]} not found (install Debian package slurm-client)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmCommandError(f"{' '.join(args)} did not answer within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise SlurmCommandError(f"{' '.join(args)} failed: {message[-1] if message else done.returncode}")
+    return done.stdout
+
+
+def _json(args: list[str]) -> dict[str, Any]:
+    out = run(args)
+    try:
+        data = json.loads(out)
+    except ValueError:
+        raise SlurmCommandError(f"{' '.join(args)} printed no JSON (needs Slurm 22.05 or later)") from None
+    if not isinstance(data, dict):
+        raise SlurmCommandError(f"{' '.join(args)} printed unexpected JSON")
+    return data
+
+
+def job(job_id: str) -> SlurmJob | None:
+    """The job as ``squeue --json`` shows it (finished jobs stay visible for MinJobAge), or None."""
+    for entry in _json(["squeue", "--json"]).get("jobs", []):
+        if str(entry.get("job_id")) == str(job_id):
+            return _job(entry)
+    return None
+
+
+def _job(entry: dict[str, Any]) -> SlurmJob:
+    limit = entry.get("time_limit")
+    # squeue prints minutes; INFINITE and NO_VAL show up as large or negative numbers.
+    seconds = float(limit) * 60 if isinstance(limit, int) and 0 < limit < 0xFFFFFFFE else None
+    return SlurmJob(
+        job_id=str(entry.get("job_id")),
+        user=str(entry.get("user_name", "")),
+        state=str(entry.get("job_state", "")),
+        nodes=str(entry.get("nodes", "")),
+        features=str(entry.get("features", "")),
+        comment=str(entry.get("comment", "")),
+        time_limit=seconds,
+        restarts=int(entry.get("restart_cnt") or 0),
+    )
+
+
+def nodes(names: list[str] | None = None) -> dict[str, SlurmNode]:
+    """Nodes by name as ``sinfo --json`` shows them (all of them, or those named)."""
+    found: dict[str, SlurmNode] = {}
+    for entry in _json(["sinfo", "--json"]).get("nodes", []):
+        name = str(entry.get("name", ""))
+        if names is not None and name not in names:
+            continue
+        flags = entry.get("state_flags") or []
+        found[name] = SlurmNode(
+            name=name,
+            address=str(entry.get("address", "")),
+            hostname=str(entry.get("hostname", "")),
+            port=int(entry.get("port") or 6818),
+            states=tuple(s.upper() for s in [str(entry.get("state", "")), *map(str, flags)] if s),
+            reason=str(entry.get("reason", "")),
+        )
+    return found
+
+
+def update_nodes(names: list[str], **fields: str) -> None:
+    """``scontrol update NodeName=a,b Field=value ...`` (e.g. NodeAddr=..., State=DOWN, Reason=...)."""
+    if not names:
+        return
+    args = ["scontrol", "update", f"NodeName={','.join(names)}"]
+    args += [f"{key}={value}" for key, value in fields.items()]
+    run(args)

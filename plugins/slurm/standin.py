@@ -1,0 +1,215 @@
+"""Stand-in slurmd: keeps the nodes of a deploy job in their job while they run a user's system.
+
+slurmctld pings every node's slurmd and sets a node DOWN after SlurmdTimeout without an answer; a DOWN
+node is then removed from its job (``--no-kill``) or the job is killed or requeued. No node state an
+admin may set on an allocated node stops this in 22.05 (see docs/slurm.md). So for the time of a deploy
+job, kasched answers for the node: the prolog starts one ``slurmd -N NODE`` per node on the kasched
+host (the *stand-in*) and points the node's NodeAddr at it; slurmctld then talks to the stand-in for
+the whole job (pings, the batch script, steps, job end), whatever the node itself runs. At job end the
+epilog stops the stand-ins, gives the nodes their own address back and sets them DOWN then RESUME:
+each node is schedulable again as soon as its own slurmd answers (at once if it never left the
+reference system, after the revert otherwise; ``ReturnToService=2`` covers a slurmd that comes back
+after the node was marked not responding).
+
+Settings (environment of the hooks):
+  KASCHED_SLURM_STANDIN_ADDR     the address the stand-ins answer on (unset: no stand-ins)
+  KASCHED_SLURM_STANDIN_COMMAND  how to start one, {node} and {addr} replaced
+                                 (default ``slurmd -D -N {node}``)
+  KASCHED_SLURM_STATE_DIR        where the stand-ins' pids and the nodes' addresses are kept
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kasched_slurm import slurmcli
+from kasched_slurm.slurmcli import SlurmCommandError
+
+DEFAULT_COMMAND = "slurmd -D -N {node}"
+DEFAULT_STATE_DIR = "/var/lib/kasched/slurm"
+READY_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class StandinSettings:
+    addr: str
+    command: str
+    state_dir: Path
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> StandinSettings | None:
+        addr = environ.get("KASCHED_SLURM_STANDIN_ADDR", "").strip()
+        if not addr:
+            return None
+        return cls(
+            addr=addr,
+            command=environ.get("KASCHED_SLURM_STANDIN_COMMAND", "").strip() or DEFAULT_COMMAND,
+            state_dir=Path(environ.get("KASCHED_SLURM_STATE_DIR", "").strip() or DEFAULT_STATE_DIR),
+        )
+
+
+@dataclass(frozen=True)
+class Standin:
+    node: str
+    pid: int
+    own_addr: str  # the node's NodeAddr before the job, given back at its end
+    port: int
+
+
+def _record_path(settings: StandinSettings, job_id: str) -> Path:
+    return settings.state_dir / f"job-{job_id}.json"
+
+
+def attach(settings: StandinSettings, job_id: str, names: list[str]) -> list[Standin]:
+    """Start a stand-in for each node and point the nodes at them; undo everything on failure."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    known = slurmcli.nodes(names)
+    missing = sorted(set(names) - set(known))
+    if missing:
+        raise SlurmCommandError(f"sinfo does not know node(s) {', '.join(missing)}")
+    started: list[Standin] = []
+    try:
+        for name in names:
+            node = known[name]
+            own = _own_addr(settings, node)
+            started.append(Standin(name, _spawn(settings, name), own, node.port))
+            _save(settings, job_id, started)
+        for standin in started:
+            _wait_listening(settings.addr, standin)
+        for name in names:  # one node per call: a NodeAddr list must match the node list one to one
+            slurmcli.update_nodes([name], NodeAddr=settings.addr)
+    except BaseException:
+        _stop_all(started)
+        _give_back(started)
+        _record_path(settings, job_id).unlink(missing_ok=True)
+        raise
+    return started
+
+
+def _own_addr(settings: StandinSettings, node: slurmcli.SlurmNode) -> str:
+    """The node's own address: a node still pointed at a stand-in (a crash) keeps its recorded one."""
+    if node.address != settings.addr:
+        return node.address
+    for record in settings.state_dir.glob("job-*.json"):
+        for entry in json.loads(record.read_text()):
+            if entry["node"] == node.name and entry["own_addr"] != settings.addr:
+                return str(entry["own_addr"])
+    return node.hostname
+
+
+def _spawn(settings: StandinSettings, node: str) -> int:
+    args = [part.format(node=node, addr=settings.addr) for part in shlex.split(settings.command)]
+    log = (settings.state_dir / f"standin-{node}.log").open("ab")
+    try:
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True
+        )
+    except OSError as error:
+        raise SlurmCommandError(f"cannot start the stand-in of {node} ({args[0]}): {error}") from None
+    finally:
+        log.close()
+    return process.pid
+
+
+def _wait_listening(addr: str, standin: Standin) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if not _alive(standin.pid):
+            raise SlurmCommandError(f"the stand-in slurmd of {standin.node} exited at once (see its log)")
+        try:
+            with socket.create_connection((addr, standin.port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SlurmCommandError(f"the stand-in slurmd of {standin.node} did not listen on {addr}:{standin.port}")
+
+
+def _save(settings: StandinSettings, job_id: str, standins: list[Standin]) -> None:
+    path = _record_path(settings, job_id)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps([asdict(s) for s in standins]))
+    temporary.replace(path)
+
+
+def load(settings: StandinSettings, job_id: str) -> list[Standin]:
+    path = _record_path(settings, job_id)
+    if not path.exists():
+        return []
+    return [Standin(**entry) for entry in json.loads(path.read_text())]
+
+
+def detach(settings: StandinSettings, job_id: str) -> list[Standin]:
+    """Stop a job's stand-ins once Slurm has finished the job on them; give the nodes back."""
+    standins = load(settings, job_id)
+    if not standins:
+        return []
+    _wait_not_completing([s.node for s in standins])
+    _stop_all(standins)
+    _give_back(standins)
+    _record_path(settings, job_id).unlink(missing_ok=True)
+    return standins
+
+
+def _wait_not_completing(names: list[str]) -> None:
+    """Let the stand-ins acknowledge the job's end (bounded: a node that never does is set DOWN anyway)."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            states = slurmcli.nodes(names)
+        except SlurmCommandError:
+            return
+        if not any("COMPLETING" in node.states for node in states.values()):
+            return
+        time.sleep(0.3)
+
+
+def _give_back(standins: list[Standin]) -> None:
+    """Own address back, then DOWN (ends what is left of the job there) and RESUME: the node is
+    scheduled again once its own slurmd answers; until then Slurm sees it as not responding."""
+    for standin in standins:
+        slurmcli.update_nodes([standin.node], NodeAddr=standin.own_addr)
+    names = [s.node for s in standins]
+    slurmcli.update_nodes(names, State="DOWN", Reason="kasched: back to the reference system")
+    slurmcli.update_nodes(names, State="RESUME")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of this process is dead too
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def _stop_all(standins: list[Standin]) -> None:
+    for standin in standins:
+        _signal(standin.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline and any(_alive(s.pid) for s in standins):
+        time.sleep(0.1)
+    for standin in standins:
+        _signal(standin.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    if not _alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
