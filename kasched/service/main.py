@@ -12,9 +12,12 @@ from pathlib import Path
 
 from kasched import config as config_module
 from kasched.api import Kasched
+from kasched.deploy import records
 from kasched.errors import KaschedError
 from kasched.identity import Caller
 from kasched.service.server import ServiceApp, UnixHttpServer
+
+log = logging.getLogger("kaschedd")
 
 
 def serve(
@@ -25,6 +28,13 @@ def serve(
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
     api = Kasched.open(config, Caller("root", is_admin=True))
+    with api.database.session() as session:
+        for deployment_id in records.recover_interrupted(session):
+            log.warning(
+                "operation %s was running when kaschedd stopped: marked interrupted, its nodes "
+                "deploy_failed (to be reverted)",
+                deployment_id,
+            )
     server = UnixHttpServer(socket_path, ServiceApp(api))
     stop = stop or threading.Event()
     watcher = threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True)
