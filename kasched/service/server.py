@@ -103,7 +103,7 @@ def peer_uid(connection: socket.socket) -> int:
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: UnixHttpServer
+    server: Any
 
     def _serve(self) -> None:
         length = self.headers.get("Content-Length", "0")
@@ -111,18 +111,29 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send(Reply(413 if length.isdigit() else 400, {"error": "bad or too large Content-Length"}))
             return
         body = self.rfile.read(int(length))
-        caller = Caller.from_uid(peer_uid(self.connection), self.server.app.api.config.admin_group)
-        self._send(self.server.app.handle(self.command, self.path, body, caller))
+        self._send(self.server.app.handle(self.command, self.path, body, self.caller()))
 
-    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _serve
+    def caller(self) -> Caller:
+        """Who is asking: the uid of the peer process, from the kernel."""
+        return Caller.from_uid(peer_uid(self.connection), self.server.app.api.config.admin_group)
 
-    def _send(self, reply: Reply) -> None:
+    def __getattr__(self, name: str) -> Any:
+        # Any method (GET, POST, ... or one nobody uses) goes to the router, which answers 404 or 405.
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
+
+    def do_HEAD(self) -> None:
+        self._send(Reply(405, {"error": "HEAD is not supported"}), body=False)
+
+    def _send(self, reply: Reply, body: bool = True) -> None:
         data = json.dumps(reply.data, sort_keys=True).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if body:
+            self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
