@@ -1,0 +1,44 @@
+"""Writes docs/api.md from kaschedd's OpenAPI schema: ``python -m kasched.service.apidoc > docs/api.md``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from kasched.service.openapi import schema
+from kasched.service.routes import ROUTES
+
+
+def markdown(document: dict[str, Any]) -> str:
+    lines = [
+        "# kaschedd API reference",
+        "",
+        "Generated from the service's OpenAPI schema (`GET /openapi.json`) by "
+        "`python -m kasched.service.apidoc`; a test checks that this file is current.",
+        "",
+        'Every answer is JSON. An error is `{"error": "one line saying why", "kind": "..."}` with '
+        "status 400 (bad input), 403 (refused: the message says why), 404 (not found), 409 (conflict), "
+        "422 (checksum mismatch) or 503 (database unavailable).",
+        "",
+    ]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            lines += [f"## `{method.upper()} {path}`", "", operation["summary"], ""]
+            query = [p["name"] for p in operation["parameters"] if p["in"] == "query"]
+            if query:
+                lines += ["Query parameters: " + ", ".join(f"`{name}`" for name in query), ""]
+            body = operation.get("requestBody")
+            if body:
+                body_schema = body["content"]["application/json"]["schema"]
+                fields = ", ".join(
+                    f"`{name}` ({spec['type']}{', required' if name in body_schema['required'] else ''})"
+                    for name, spec in body_schema["properties"].items()
+                )
+                lines += [f"Body (JSON object): {fields}", ""]
+            success = next(code for code in operation["responses"] if code.startswith("2"))
+            lines += [f"Success: {success}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown(schema(ROUTES)))
