@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from kasched.drivers.base import BootDevice, BootTarget, PowerState
-from kasched.drivers.reboot import Rebooter, RebootLevel
-from kasched.drivers.ssh import SshPowerDriver
+from kasched.drivers.base import BootDevice, BootTarget, NodeTarget, PowerState
+from kasched.drivers.ipmi import IpmiPowerDriver
+from kasched.drivers.reboot import Rebooter, RebootLevel, port_cycle
+from kasched.drivers.ssh import SshClient, SshPowerDriver
 from kasched.errors import DriverError
 from tests.lab.conftest import LabHandle
 
@@ -38,7 +41,7 @@ def test_ipmi_power_off_and_on(in_lab: LabHandle) -> None:
     in_lab.ipmi.off(node)
     assert in_lab.ipmi.status(node) is PowerState.OFF
     with pytest.raises(DriverError, match="node-2"):
-        in_lab.ssh.run(node, "true")
+        SshClient(in_lab.lab.service_key, timeout=3).run(node, "true")
     in_lab.ipmi.on(node)
     assert in_lab.ipmi.status(node) is PowerState.ON
     view = in_lab.wait_view(node)
@@ -109,3 +112,56 @@ def test_soft_reboot_escalates_to_hard_when_ssh_fails(in_lab: LabHandle) -> None
     assert result.value == "hard"
     view = in_lab.wait_view(node)
     assert (view.hostname, view.system) == ("node-6", "reference")
+
+
+class _InFlight:
+    """Counts the nodes a Rebooter handles at once: from setting the boot device to seeing it back."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.current = self.highest = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            self.current += 1
+            self.highest = max(self.highest, self.current)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.current -= 1
+
+
+class _CountingIpmi(IpmiPowerDriver):
+    """The real IPMI driver; a node enters the count when its boot device is set."""
+
+    def __init__(self, flight: _InFlight) -> None:
+        super().__init__(timeout=8)
+        self.flight = flight
+
+    def set_boot_device(self, node: NodeTarget, device: BootDevice) -> None:
+        self.flight.enter()
+        super().set_boot_device(node, device)
+
+
+def test_hard_reboot_of_all_nodes_stays_within_the_window(in_lab: LabHandle) -> None:
+    nodes = list(in_lab.targets.values())
+    for node in nodes:
+        in_lab.mark(node)
+    flight = _InFlight()
+    back = port_cycle(22)
+
+    def wait_up(node: NodeTarget, timeout: float, expect_down: bool) -> bool:
+        try:
+            return back(node, timeout, expect_down)
+        finally:
+            flight.leave()
+
+    rebooter = Rebooter(_CountingIpmi(flight), None, window=3, timeout=60, levels=[RebootLevel.HARD])
+    rebooter.wait_up = wait_up
+    results = rebooter.reboot(nodes)
+    assert results.ok, {n: r.error for n, r in results.items() if not r.ok}
+    assert list(results) == [n.name for n in nodes]
+    assert flight.highest == 3
+    for node in nodes:
+        view = in_lab.wait_view(node)
+        assert (view.hostname, view.system, view.marker) == (node.name, "reference", False)
