@@ -98,8 +98,24 @@ def epilog(environ: Mapping[str, str]) -> int:
         else:
             names = ",".join(s.node for s in released) or "none"
             print(f"job {job_id}: stand-ins stopped, nodes {names} given back in {time.monotonic() - started:.2f} s")
-    ended = kasched("end", environ)
+    state = job_state(job_id)
+    print(f"job {job_id}: ended {state or 'in an unknown state'}")
+    ended = kasched("end", {**environ, "KASCHED_SLURM_JOB_STATE": state})
     return code or ended
+
+
+def job_state(job_id: str) -> str:
+    """How the job ended (COMPLETED, TIMEOUT, CANCELLED, NODE_FAIL...): the epilog's environment only has
+    an exit code, 0 after a walltime kill too."""
+    try:
+        job = slurmcli.job(job_id)
+    except KaschedError:
+        return ""
+    if job is None:
+        return ""
+    if job.base_state == "SIGNALED":
+        return f"SIGNALED {job.exit_status & 0x7F}"
+    return job.base_state
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from kasched.jobs import JobEnd, JobInfo
 from kasched.nodeset import expand
 from kasched.schedulers import SchedulerAdapter
 
+# How a job ended, as squeue shows it to the epilog (kasched_slurm.hooks passes it in KASCHED_SLURM_JOB_STATE).
+END_REASONS = {"TIMEOUT": "walltime", "CANCELLED": "cancelled", "NODE_FAIL": "node failure", "FAILED": "failed"}
 COMMENT_ENV_RE = re.compile(r"(?:^|[\s,;])(?:kasched:)?env=(?P<env>[^\s,;]+)")
 
 
@@ -51,11 +53,17 @@ class SlurmAdapter(SchedulerAdapter):
         if not environ.get("SLURM_JOB_ID"):
             raise InputError("Slurm did not set SLURM_JOB_ID", field="slurm")
         code = environ.get("SLURM_JOB_EXIT_CODE")
+        reason = f"job ended (exit {code})" if code else "job ended"
+        state, _, signal = environ.get("KASCHED_SLURM_JOB_STATE", "").upper().partition(" ")
+        if state in END_REASONS:
+            reason = f"{END_REASONS[state]} ({reason})"
+        elif state == "SIGNALED" and signal.isdigit():
+            reason = f"killed by signal {signal}, e.g. scancel ({reason})"
         return JobEnd(
             scheduler=self.name,
             cluster=environ.get("SLURM_CLUSTER_NAME", "cluster"),
             job_id=environ["SLURM_JOB_ID"],
-            reason=f"job ended (exit {code})" if code else "job ended",
+            reason=reason,
         )
 
     @staticmethod

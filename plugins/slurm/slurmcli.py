@@ -31,6 +31,22 @@ class SlurmJob:
     comment: str
     time_limit: float | None  # seconds; None: unlimited
     restarts: int
+    start_time: int = 0  # epoch seconds
+    end_time: int = 0
+    exit_status: int = 0  # raw wait status: signal in the low 7 bits, exit code above
+
+    @property
+    def base_state(self) -> str:
+        """How the job ended. While EpilogSlurmctld runs squeue says only COMPLETING: a job that ran its
+        whole time limit is TIMEOUT, one killed by a signal is SIGNALED (scancel sends SIGTERM)."""
+        if self.state != "COMPLETING":
+            return self.state
+        ran = self.end_time - self.start_time
+        if self.time_limit and self.start_time and ran >= self.time_limit - 1:
+            return "TIMEOUT"
+        if self.exit_status & 0x7F:
+            return "SIGNALED"
+        return "COMPLETING"
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,9 @@ def _job(entry: dict[str, Any]) -> SlurmJob:
         comment=str(entry.get("comment", "")),
         time_limit=seconds,
         restarts=int(entry.get("restart_cnt") or 0),
+        start_time=int(entry.get("start_time") or 0),
+        end_time=int(entry.get("end_time") or 0),
+        exit_status=int(entry.get("exit_code") or 0),
     )
 
 
