@@ -86,7 +86,7 @@ class IpmiPowerDriver(PowerDriver):
 
         worker = threading.Thread(target=work, name=f"ipmi-{node.name}", daemon=True)
         worker.start()
-        worker.join(self.timeout + 5)
+        worker.join(self.timeout)
         if worker.is_alive():
             raise DriverTimeout(f"{where} did not answer {what} in {self.timeout:.0f} s", node=node.name)
         if "error" in outcome:

@@ -33,6 +33,7 @@ def test_silent_bmc_times_out_and_fails_only_its_node(in_lab: LabHandle) -> None
     silent = in_lab.targets["node-8"]
     pid = read_pid(in_lab.lab.state_dir / "nodes" / "node-8" / "bmc.pid")
     assert pid is not None
+    in_lab.ipmi.timeout = 4
     os.kill(pid, signal.SIGSTOP)
     try:
         results = GroupResult()
@@ -41,6 +42,7 @@ def test_silent_bmc_times_out_and_fails_only_its_node(in_lab: LabHandle) -> None
             results.add(run_on_node(name, "power status", lambda node=node: in_lab.ipmi.status(node)))
     finally:
         os.kill(pid, signal.SIGCONT)
+        in_lab.ipmi.timeout = 8
     assert results.failed == ["node-8"]
     assert results["node-6"].value is PowerState.ON and results["node-7"].value is PowerState.ON
     assert (results["node-8"].error or "").startswith(f"node-8: BMC {silent.bmc_address}:623 did not answer")
