@@ -106,8 +106,8 @@ def test_soft_reboot_escalates_to_hard_when_ssh_fails(in_lab: LabHandle) -> None
     """A powered-off node cannot reboot itself: soft fails (SSH), hard (IPMI reset) brings it back."""
     node = in_lab.targets["node-6"]
     in_lab.ipmi.off(node)
-    rebooter = Rebooter(in_lab.ipmi, SshPowerDriver(in_lab.ssh), window=1, timeout=60)
-    result = rebooter.reboot([node])[node.name]
+    soft = SshPowerDriver(SshClient(in_lab.lab.service_key, timeout=3))
+    result = Rebooter(in_lab.ipmi, soft, window=1, timeout=60).reboot([node])[node.name]
     assert result.ok, result.error
     assert result.value == "hard"
     view = in_lab.wait_view(node)

@@ -83,6 +83,11 @@ def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
         inventory = (state_dir / "inventory.yaml").read_text()
         assert "credentials: ktcli-bmc" in inventory and "02:4b:00:00:01:02" in inventory
         assert oct((state_dir / "credentials.yaml").stat().st_mode & 0o777) == "0o600"
+        config = str(state_dir / "kasched.yaml")
+        imported = _cli("--config", config, "nodes", "import", str(state_dir / "inventory.yaml"))
+        out, err = imported.communicate(timeout=60)
+        assert imported.returncode == 0, err
+        assert "added: 2 node(s)" in out
     finally:
         down = _cli("lab", "down", "--name", "ktcli", "--state-dir", str(state_dir))
         down.communicate(timeout=120)
