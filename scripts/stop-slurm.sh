@@ -23,7 +23,7 @@ add_pid() {  # add_pid PID: a live process of ours
     case "$1" in ''|*[!0-9]*) return ;; esac
     kill -0 "$1" 2>/dev/null && pids+=("$1")
 }
-for record in "$dir"/standin/job-*.json; do
+for record in "$dir"/standin/job-*.json "$dir"/standin/job-*.releasing; do
     [ -e "$record" ] || continue
     for pid in $(grep -o '"pid": *[0-9]*' "$record" | grep -o '[0-9]*$'); do add_pid "$pid"; done
 done
@@ -36,7 +36,7 @@ for pid in $(ss -xlpn 2>/dev/null | grep -F "$dir/slurmd/" | grep -o 'pid=[0-9]*
     add_pid "$pid"
     for child in $(descendants "$pid"); do add_pid "$child"; done
 done
-for pidfile in "$dir"/slurmd/*.pid "$dir"/slurmctld.pid; do
+for pidfile in "$dir"/standin/keeper.pid "$dir"/slurmd/*.pid "$dir"/slurmctld.pid; do
     [ -e "$pidfile" ] && add_pid "$(cat "$pidfile" 2>/dev/null)"
 done
 if [ ${#pids[@]} -gt 0 ]; then

@@ -23,6 +23,7 @@ from kasched.errors import KaschedError
 from kasched.nodeset import expand
 
 KASCHED_TIMEOUT = 60.0
+NOT_FOUND = 3  # kasched's exit code for a missing grant
 
 
 def is_deploy(environ: Mapping[str, str]) -> bool:
@@ -76,8 +77,9 @@ def prolog(environ: Mapping[str, str]) -> int:
         print(f"job {job_id}: stand-ins failed: {error}; revoking the grant")
         kasched("end", {**env, "SLURM_JOB_EXIT_CODE": "stand-in failure"})
         return 1
+    keeper = standin.ensure_keeper(settings)
     pids = " ".join(f"{s.node}:{s.pid}" for s in standins)
-    print(f"job {job_id}: stand-ins {pids} on {settings.addr} in {time.monotonic() - started:.2f} s")
+    print(f"job {job_id}: stand-ins {pids} on {settings.addr} in {time.monotonic() - started:.2f} s, keeper {keeper}")
     return 0
 
 
@@ -101,6 +103,9 @@ def epilog(environ: Mapping[str, str]) -> int:
     state = job_state(job_id)
     print(f"job {job_id}: ended {state or 'in an unknown state'}")
     ended = kasched("end", {**environ, "KASCHED_SLURM_JOB_STATE": state})
+    if ended == NOT_FOUND:  # the prolog failed before granting (Slurm runs the epilog anyway)
+        print(f"job {job_id}: had no grant")
+        ended = 0
     return code or ended
 
 

@@ -11,6 +11,12 @@ each node is schedulable again as soon as its own slurmd answers (at once if it 
 reference system, after the revert otherwise; ``ReturnToService=2`` covers a slurmd that comes back
 after the node was marked not responding).
 
+slurmctld forgets a NodeAddr set by scontrol when it restarts or reconfigures (measured: the node is
+back at its slurm.conf address at once, and the job is killed SlurmdTimeout later). The prolog therefore
+also starts one *keeper* per host (``python -m kasched_slurm.standin keep``) that re-points the nodes
+of every running deploy job at their stand-ins every KASCHED_SLURM_KEEP_INTERVAL seconds (default 2;
+keep it well under SlurmdTimeout) and exits when no deploy job is left.
+
 Settings (environment of the hooks):
   KASCHED_SLURM_STANDIN_ADDR     the address the stand-ins answer on (unset: no stand-ins)
   KASCHED_SLURM_STANDIN_COMMAND  how to start one, {node} and {addr} replaced
@@ -27,6 +33,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -40,6 +47,8 @@ DEFAULT_STATE_DIR = "/var/lib/kasched/slurm"
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 15.0
+KEEP_INTERVAL = 2.0
+KEEP_IDLE_ROUNDS = 3  # the keeper exits after this many rounds without any deploy job
 
 
 @dataclass(frozen=True)
@@ -155,10 +164,13 @@ def detach(settings: StandinSettings, job_id: str) -> list[Standin]:
     standins = load(settings, job_id)
     if not standins:
         return []
+    record = _record_path(settings, job_id)
+    releasing = record.with_suffix(".releasing")  # out of the keeper's sight, still there after a crash
+    record.replace(releasing)
     _wait_not_completing([s.node for s in standins])
     _stop_all(standins)
     _give_back(standins)
-    _record_path(settings, job_id).unlink(missing_ok=True)
+    releasing.unlink(missing_ok=True)
     return standins
 
 
@@ -213,3 +225,60 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def ensure_keeper(settings: StandinSettings) -> int:
+    """Start the keeper unless one runs; its pid."""
+    pidfile = settings.state_dir / "keeper.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and _alive(pid):
+        return pid
+    log = (settings.state_dir / "keeper.log").open("ab")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kasched_slurm.standin", "keep"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        log.close()
+    pidfile.write_text(f"{process.pid}\n")
+    return process.pid
+
+
+def keep_round(settings: StandinSettings) -> int:
+    """Re-point every node of a running deploy job at its stand-in; the number of such nodes."""
+    wanted = [s.node for record in settings.state_dir.glob("job-*.json") for s in load(settings, record.stem[4:])]
+    if not wanted:
+        return 0
+    for node in slurmcli.nodes(wanted).values():
+        if node.address != settings.addr:
+            slurmcli.update_nodes([node.name], NodeAddr=settings.addr)
+            print(f"{time.strftime('%FT%T')} {node.name}: NodeAddr was {node.address} (slurmctld restarted?), "
+                  f"set back to {settings.addr}", flush=True)  # fmt: skip
+    return len(wanted)
+
+
+def keep(settings: StandinSettings, interval: float) -> None:
+    idle = 0
+    while idle < KEEP_IDLE_ROUNDS:
+        try:
+            idle = 0 if keep_round(settings) else idle + 1
+        except (SlurmCommandError, OSError, ValueError) as error:
+            print(f"{time.strftime('%FT%T')} keeper: {error}", flush=True)
+        time.sleep(interval)
+
+
+def main(argv: list[str]) -> int:
+    settings = StandinSettings.from_environ(os.environ)
+    if argv != ["keep"] or settings is None:
+        print("usage: KASCHED_SLURM_STANDIN_ADDR=... python -m kasched_slurm.standin keep", file=sys.stderr)
+        return 2
+    keep(settings, float(os.environ.get("KASCHED_SLURM_KEEP_INTERVAL", "") or KEEP_INTERVAL))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -84,6 +84,15 @@ class SlurmCluster:
         done = self.run("slurmd", "-N", node)
         assert done.returncode == 0, done.stderr
 
+    def restart_slurmctld(self) -> None:
+        """Stop slurmctld and start it again on its saved state (jobs and nodes are recovered)."""
+        pid = int((self.dir / "slurmctld.pid").read_text().strip())
+        os.kill(pid, 15)
+        wait_for(lambda: not _alive(pid), 20, "slurmctld to stop")
+        done = self.run("slurmctld", "-f", self.env["SLURM_CONF"])
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: "UP" in self.run("scontrol", "ping").stdout, 20, "slurmctld to answer")
+
     def log(self, name: str) -> str:
         path = self.dir / "log" / name
         return path.read_text() if path.exists() else ""

@@ -133,3 +133,24 @@ def test_nodes_kept_without_slurmd_until_walltime_then_given_back(slurm: SlurmCl
     back = time.monotonic()
     wait_idle(slurm, nodes)
     print(f"nodes idle {time.monotonic() - back:.1f} s after their slurmd started")
+
+
+def test_nodes_kept_across_slurmctld_reconfigure_and_restart(slurm: SlurmCluster) -> None:
+    """slurmctld forgets the stand-ins' NodeAddr when it reconfigures or restarts; the keeper sets it back
+    before SlurmdTimeout runs out, so the job keeps its nodes."""
+    job = slurm.submit("-C", "deploy", "-N", "1", "-t", "5", "--wrap", "sleep 600")
+    (node,) = expand(wait_running(slurm, job))
+    slurm.kill_slurmd(node)
+    assert slurm.run("scontrol", "reconfigure").returncode == 0
+    slurm.restart_slurmctld()
+    gone = time.monotonic()
+    while time.monotonic() - gone < 4 * SLURMD_TIMEOUT:
+        assert slurm.job_state(job) == "RUNNING", slurm.log("slurmctld.log")[-2000:]
+        time.sleep(1)
+    assert slurm.node_states()[node] == "allocated"
+    assert slurm.node_addrs()[node] == "127.0.0.2"
+    assert "set back to 127.0.0.2" in (slurm.dir / "standin" / "keeper.log").read_text()
+    assert slurm.run("scancel", job, user=USER).returncode == 0
+    wait_revoked(slurm, job)
+    slurm.start_slurmd(node)
+    wait_idle(slurm, [node])
