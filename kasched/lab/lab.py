@@ -30,6 +30,9 @@ from kasched.lab.system import inside_netns, kill_and_wait, netns_exists, netns_
 from kasched.lab.topology import LabPlan, NodePlan
 
 DEFAULT_STATE_ROOT = Path("/var/lib/kasched-lab")
+# Where each lab's state directory is noted while it exists (on tmpfs: gone at reboot, like the lab),
+# so ``lab status``/``lab down`` without --state-dir find a lab made with one.
+POINTER_DIR = Path("/run/kasched-lab")
 BMC_USER = "admin"
 PLACEHOLDER_KERNEL = "kasched lab: namespace nodes run the host's kernel; this file stands for a kernel image.\n"
 _TOOLS = ("ip", "tc", "ipmi_sim", "dnsmasq", "busybox", "sshd", "ssh-keygen", "mkfs.ext4", "sfdisk",
@@ -45,7 +48,7 @@ class Lab:
         kind: str = "namespace",
     ) -> None:
         self.name = name
-        self.state_dir = Path(state_dir or DEFAULT_STATE_ROOT / name).resolve()
+        self.state_dir = Path(state_dir or _noted_state_dir(name) or DEFAULT_STATE_ROOT / name).resolve()
         self.cache_dir = cache_dir
         if kind not in NODE_KINDS:
             raise LabError(f"unknown node kind {kind!r} (known: {', '.join(NODE_KINDS)})")
@@ -106,6 +109,8 @@ class Lab:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o755)
         self._write_state(plan, "building")
+        POINTER_DIR.mkdir(parents=True, exist_ok=True)
+        (POINTER_DIR / self.name).write_text(f"{self.state_dir}\n")
         self._write_credentials()
         self._build_systems()
         create_lab_namespace(plan)
@@ -264,8 +269,7 @@ class Lab:
     # -- down -------------------------------------------------------------------------------------
     def down(self) -> list[str]:
         """Remove everything of the lab; returns what was removed. Harmless when nothing is left."""
-        removed = []
-        self.kind.destroy(self.name, self.state_dir)
+        removed = self.kind.destroy(self.name, self.state_dir)
         lab_ns = f"kl-{self.name}"
         if netns_exists(lab_ns):
             for _ in range(3):
@@ -281,7 +285,16 @@ class Lab:
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
             removed.append(f"directory {self.state_dir}")
+        if _noted_state_dir(self.name) == self.state_dir:
+            (POINTER_DIR / self.name).unlink(missing_ok=True)
         return removed
+
+
+def _noted_state_dir(name: str) -> Path | None:
+    try:
+        return Path((POINTER_DIR / name).read_text().strip())
+    except OSError:
+        return None
 
 
 def _port_open(ip: str, port: int, timeout: float = 0.3) -> bool:

@@ -51,8 +51,9 @@ class NodeKind(ABC):
     def node_status(self, ctx: LabContext, node: NodePlan) -> dict[str, object]: ...
 
     @abstractmethod
-    def destroy(self, lab_name: str, state_dir: Path) -> None:
-        """Remove every node of the lab, from names and files alone (works after kill -9)."""
+    def destroy(self, lab_name: str, state_dir: Path) -> list[str]:
+        """Remove every node of the lab, from names and files alone (works after kill -9); returns
+        what was removed."""
 
 
 class NamespaceNodeKind(NodeKind):
@@ -110,7 +111,7 @@ class NamespaceNodeKind(NodeKind):
             "disk": facts.disk_device if facts else "",
         }
 
-    def destroy(self, lab_name: str, state_dir: Path) -> None:
+    def destroy(self, lab_name: str, state_dir: Path) -> list[str]:
         namespaces = netns_list(f"kl-{lab_name}-")
         for _ in range(3):  # supervisors may fork once more while being killed
             pids = [pid for ns in namespaces for pid in netns_pids(ns)]
@@ -119,7 +120,8 @@ class NamespaceNodeKind(NodeKind):
             kill_and_wait(pids)
         for ns in namespaces:
             delete_namespace(ns)
-        disk.detach_all(state_dir / "nodes")
+        loops = disk.detach_all(state_dir / "nodes")
+        return [f"{len(namespaces)} node namespace(s)"] * bool(namespaces) + [f"loop device {d}" for d in loops]
 
 
 def _pythonpath() -> str:
