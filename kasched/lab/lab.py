@@ -104,6 +104,9 @@ class Lab:
             if LabPlan(**state["plan"]) != plan:
                 raise LabError(f"lab {self.name} is already up with {state['plan']}; run kasched lab down first")
             return {**state, "already_up": True}
+        noted = _noted_state_dir(self.name)
+        if noted is not None and noted != self.state_dir:
+            Lab(self.name, noted, self.cache_dir, self.kind.name).down()  # same name, older directory
         self.down()  # leftovers of a crashed or killed lab up
         started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 
 import pytest
@@ -165,3 +166,12 @@ def test_hard_reboot_of_all_nodes_stays_within_the_window(in_lab: LabHandle) -> 
     for node in nodes:
         view = in_lab.wait_view(node)
         assert (view.hostname, view.system, view.marker) == (node.name, "reference", False)
+
+
+def test_nothing_routes_out_of_the_lab(in_lab: LabHandle) -> None:
+    node = in_lab.targets["node-1"]
+    output = in_lab.ssh.run(node, "ip route; ip -6 route | grep -v '^fe80' || true").stdout
+    routes = [line for line in output.splitlines() if line.strip()]
+    assert routes and all(route.startswith("10.77.0.0/16 dev eth0") for route in routes), routes
+    lab_routes = subprocess.run(["ip", "-n", in_lab.plan.netns, "route"], capture_output=True, text=True, check=True)
+    assert "default" not in lab_routes.stdout and "10.77.0.0/16 dev sw1" in lab_routes.stdout
