@@ -26,7 +26,6 @@ Settings (environment of the hooks):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -223,8 +222,12 @@ def _stop_all(standins: list[Standin]) -> None:
 def _signal(pid: int, sig: signal.Signals) -> None:
     if not _alive(pid):
         return
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise SlurmCommandError(f"may not stop stand-in pid {pid}: the Slurm hooks must run as root") from None
 
 
 def ensure_keeper(settings: StandinSettings) -> int:

@@ -72,6 +72,8 @@ def test_deploy_job_scancel_revokes(slurm: SlurmCluster) -> None:
     job = slurm.submit("-C", "deploy", "-N", "1", "-t", "5", "--wrap", "sleep 300")
     nodes = wait_running(slurm, job)
     assert slurm.may_deploy(nodes)
+    shown = slurm.run("scontrol", "-o", "show", "job", job).stdout
+    assert "Requeue=0" in shown and "OverSubscribe=NO" in shown, "job_submit.lua: no requeue, whole nodes"
     cancelled = slurm.run("scancel", job, user=USER)
     assert cancelled.returncode == 0, cancelled.stderr
     revoked = wait_revoked(slurm, job)
