@@ -12,7 +12,8 @@ import pytest
 
 from kasched.drivers.base import PowerState
 from kasched.errors import DriverError, DriverTimeout
-from kasched.lab.system import netns_list, read_pid
+from kasched.lab.disk import loops_of
+from kasched.lab.system import netns_list, netns_pids, read_pid
 from kasched.results import GroupResult, run_on_node
 from tests.lab.conftest import LabHandle
 
@@ -50,16 +51,17 @@ def test_silent_bmc_times_out_and_fails_only_its_node(in_lab: LabHandle) -> None
 
 
 def test_lab_up_twice_creates_no_duplicates(lab8: LabHandle) -> None:
-    def inventory() -> tuple[list[str], list[str], str]:
-        loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME"],
-                               capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
-        return netns_list(f"kl-{lab8.plan.name}"), sorted(loops), lab8.lab.inventory_file.read_text()
+    def inventory() -> tuple[list[str], list[str], str, int]:
+        loops = sorted(loops_of(lab8.lab.state_dir))
+        services = len(netns_pids(lab8.plan.netns))  # the BMCs and dnsmasq
+        return netns_list(f"kl-{lab8.plan.name}"), loops, lab8.lab.inventory_file.read_text(), services
 
     before = inventory()
     state = lab8.lab.up(lab8.plan)
     assert state.get("already_up") is True
     assert inventory() == before
-    assert len(before[0]) == 1 + lab8.plan.nodes
+    assert len(before[0]) == 1 + lab8.plan.nodes and len(before[1]) == lab8.plan.nodes
+    assert before[3] == lab8.plan.nodes + 1
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
