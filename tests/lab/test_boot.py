@@ -176,3 +176,20 @@ def test_nothing_routes_out_of_the_lab(in_lab: LabHandle) -> None:
     assert "default" not in routes6 and "via" not in routes6
     lab_routes = subprocess.run(["ip", "-n", in_lab.plan.netns, "route"], capture_output=True, text=True, check=True)
     assert "default" not in lab_routes.stdout and "10.77.0.0/16 dev sw1" in lab_routes.stdout
+
+
+def test_without_a_profile_the_node_boots_its_disk(in_lab: LabHandle) -> None:
+    """No ipxe/<mac>.ipxe: boot.ipxe's chain fails over to ``exit``, the firmware boots the disk."""
+    node = in_lab.targets["node-1"]
+    profile = in_lab.lab.boot_dir / "ipxe" / f"{node.mac.replace(':', '-')}.ipxe"
+    saved = profile.read_text()
+    profile.unlink()
+    try:
+        in_lab.mark(node)
+        in_lab.ipmi.reset(node)
+        view = in_lab.wait_view(node)
+        assert (view.system, view.root_fstype, view.marker) == ("reference", "ext4", False)
+        console = (in_lab.lab.state_dir / "nodes" / "node-1" / "console.log").read_text()
+        assert "trying the alternative" in console and "booting partition 2" in console
+    finally:
+        profile.write_text(saved)
