@@ -41,6 +41,12 @@ def register(subparsers: Any) -> None:
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     run.set_defaults(handler=lab_exec)
 
+    env = commands.add_parser("make-env", help="write a bootable test environment (tar.gz) for the lab")
+    _common(env)
+    env.add_argument("archive", type=Path, help="the .tar.gz to write")
+    env.add_argument("--system", default="userenv", help="what /etc/kasched-system says (default userenv)")
+    env.set_defaults(handler=lab_make_env)
+
     console = commands.add_parser("console", help="print a lab node's console log")
     _common(console)
     console.add_argument("node")
@@ -136,4 +142,13 @@ def lab_console(args: argparse.Namespace, context: Context) -> int:
         raise InputError(f"lab {lab.name} has no node {args.node} (no {log})")
     lines = log.read_text(errors="replace").splitlines()
     print("\n".join(lines[-args.lines :]))
+    return 0
+
+
+def lab_make_env(args: argparse.Namespace, context: Context) -> int:
+    lab = _lab(args)
+    if not lab.state_file.exists():
+        raise LabError(f"lab {lab.name} is not up ({lab.state_dir}): its keys go into the environment")
+    archive = lab.make_environment(args.archive, args.system)
+    print(f"{archive}: BusyBox init, DHCP, sshd with the lab's service key; /etc/kasched-system: {args.system}")
     return 0

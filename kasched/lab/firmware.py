@@ -234,7 +234,7 @@ class SimulatedFirmware:
     def boot_partition(self, number: int, cmdline: str) -> None:
         device = f"{self.facts.disk_device}p{number}"
         self.log(f"booting partition {number} of the local disk ({device})")
-        self._mount(device, self.newroot, "ext4", "rw")
+        self._mount(device, self.newroot, "", "rw")  # any file system the host kernel reads
         self.start_init(cmdline or f"root=/dev/sda{number}")
 
     def boot_ram(self, spec: BootSpec) -> None:
@@ -287,7 +287,7 @@ class SimulatedFirmware:
     @staticmethod
     def _mount(source: str, target: Path, fstype: str, options: str) -> None:
         target.mkdir(parents=True, exist_ok=True)
-        command = ["mount", "-t", fstype, "-o", options, source, str(target)]
+        command = ["mount", *(["-t", fstype] if fstype else []), "-o", options, source, str(target)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BootFailure(f"mount {source} on {target}: {done.stderr.strip()}")

@@ -189,6 +189,21 @@ class Lab:
                     time.sleep(0.2)
         return sorted(waiting)
 
+    def make_environment(self, archive: Path, system: str = "userenv") -> Path:
+        """A bootable environment as a tar.gz, for deployments on this lab: the reference tree with
+        ``/etc/kasched-system`` = ``system``, the service's key and the lab's host key."""
+        base = rootfs.build_rootfs(self.cache_dir, rootfs.BASE_PACKAGES)
+        service_key, host_key = systems.make_keys(self.state_dir / "ssh")
+        keys = systems.SystemKeys(host_key, service_key.with_suffix(".pub").read_text())
+        tree = systems.make_tree(base, self.state_dir / "systems" / f"env-{os.getpid()}", system, keys)
+        try:
+            archive = Path(archive).resolve()
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            run(["tar", "-C", str(tree), "--numeric-owner", "-czf", str(archive), "."], timeout=300)
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
+        return archive
+
     # -- what the core imports --------------------------------------------------------------------
     def targets(self, plan: LabPlan | None = None) -> list[NodeTarget]:
         """The nodes as drivers see them, credentials resolved."""

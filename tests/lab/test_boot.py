@@ -193,3 +193,30 @@ def test_without_a_profile_the_node_boots_its_disk(in_lab: LabHandle) -> None:
         assert "trying the alternative" in console and "booting partition 2" in console
     finally:
         profile.write_text(saved)
+
+
+def test_an_environment_written_to_partition_3_boots(in_lab: LabHandle) -> None:
+    """A whole deployment by hand: deploy system, mkfs + untar on /dev/sda3, boot partition 3, back."""
+    node = in_lab.targets["node-2"]
+    boot = in_lab.lab.boot_driver()
+    archive = in_lab.lab.make_environment(in_lab.lab.boot_dir / "envs" / "userenv.tgz", "userenv")
+    assert archive.stat().st_size > 1_000_000
+    boot.set_profile(node, BootTarget.DEPLOY)
+    try:
+        in_lab.ipmi.reset(node)
+        assert in_lab.wait_view(node).system == "deploy"
+        script = (
+            "set -e; tftp -g -b 16384 -r envs/userenv.tgz -l /tmp/env.tgz 10.77.0.1;"
+            " mkfs.ext4 -q -F /dev/sda3; mount /dev/sda3 /mnt; tar -xzf /tmp/env.tgz -C /mnt; umount /mnt"
+        )
+        done = in_lab.ssh.run(node, script, timeout=120)
+        assert done.exit_code == 0, done.stdout + done.stderr
+        boot.set_profile(node, BootTarget.LOCAL, partition=3)
+        in_lab.ipmi.reset(node)
+        view = in_lab.wait_view(node)
+        assert (view.hostname, view.system, view.root_fstype) == ("node-2", "userenv", "ext4")
+        assert "root=/dev/sda3" in view.cmdline
+    finally:
+        boot.set_profile(node, BootTarget.LOCAL, partition=2)
+        in_lab.ipmi.reset(node)
+    assert in_lab.wait_view(node).system == "reference"
