@@ -22,6 +22,8 @@ Settings (environment of the hooks):
   KASCHED_SLURM_STANDIN_COMMAND  how to start one, {node} and {addr} replaced
                                  (default ``slurmd -D -N {node}``)
   KASCHED_SLURM_STATE_DIR        where the stand-ins' pids and the nodes' addresses are kept
+  KASCHED_SLURM_STANDIN_STOP     for hooks that run as SlurmUser=slurm with stand-ins started through
+                                 sudo: how to signal one, e.g. ``sudo -n /bin/kill -s {signal} {pid}``
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class StandinSettings:
     addr: str
     command: str
     state_dir: Path
+    stop: str = ""  # how to signal a stand-in the hooks' user may not signal, {pid} and {signal} replaced
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> StandinSettings | None:
@@ -65,6 +68,7 @@ class StandinSettings:
             addr=addr,
             command=environ.get("KASCHED_SLURM_STANDIN_COMMAND", "").strip() or DEFAULT_COMMAND,
             state_dir=Path(environ.get("KASCHED_SLURM_STATE_DIR", "").strip() or DEFAULT_STATE_DIR),
+            stop=environ.get("KASCHED_SLURM_STANDIN_STOP", "").strip(),
         )
 
 
@@ -99,7 +103,7 @@ def attach(settings: StandinSettings, job_id: str, names: list[str]) -> list[Sta
         for name in names:  # one node per call: a NodeAddr list must match the node list one to one
             slurmcli.update_nodes([name], NodeAddr=settings.addr)
     except BaseException:
-        _stop_all(started)
+        _stop_all(settings, started)
         _give_back(started)
         _record_path(settings, job_id).unlink(missing_ok=True)
         raise
@@ -167,7 +171,7 @@ def detach(settings: StandinSettings, job_id: str) -> list[Standin]:
     releasing = record.with_suffix(".releasing")  # out of the keeper's sight, still there after a crash
     record.replace(releasing)
     _wait_not_completing([s.node for s in standins])
-    _stop_all(standins)
+    _stop_all(settings, standins)
     _give_back(standins)
     releasing.unlink(missing_ok=True)
     return standins
@@ -209,17 +213,17 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _stop_all(standins: list[Standin]) -> None:
+def _stop_all(settings: StandinSettings, standins: list[Standin]) -> None:
     for standin in standins:
-        _signal(standin.pid, signal.SIGTERM)
+        _signal(settings, standin.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline and any(_alive(s.pid) for s in standins):
         time.sleep(0.1)
     for standin in standins:
-        _signal(standin.pid, signal.SIGKILL)
+        _signal(settings, standin.pid, signal.SIGKILL)
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
+def _signal(settings: StandinSettings, pid: int, sig: signal.Signals) -> None:
     if not _alive(pid):
         return
     try:
@@ -227,7 +231,15 @@ def _signal(pid: int, sig: signal.Signals) -> None:
     except ProcessLookupError:
         pass
     except PermissionError:
-        raise SlurmCommandError(f"may not stop stand-in pid {pid}: the Slurm hooks must run as root") from None
+        if not settings.stop:
+            raise SlurmCommandError(
+                f"may not signal stand-in pid {pid}: run the hooks as root or set KASCHED_SLURM_STANDIN_STOP"
+            ) from None
+        args = [part.format(pid=pid, signal=sig.name.removeprefix("SIG")) for part in shlex.split(settings.stop)]
+        try:
+            subprocess.run(args, capture_output=True, timeout=STOP_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise SlurmCommandError(f"cannot signal stand-in pid {pid} with {args[0]}: {error}") from None
 
 
 def ensure_keeper(settings: StandinSettings) -> int:
