@@ -116,8 +116,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, step: f
 
 
 @contextmanager
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """Start the cluster (failing with the missing package's name), always stop it."""
+def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2") -> Iterator[SlurmCluster]:
+    """Start the cluster (failing with the missing package's name), always stop it. ``standin_addr="none"``:
+    no stand-ins, as Slurm is without kasched's help."""
     if os.geteuid() != 0:
         pytest.fail("the Slurm tests need root to run munged, slurmctld and slurmd (run scripts/test.sh as root)")
     missing = sorted({package for command, package in NEEDED.items() if not _have(command)})
@@ -131,7 +132,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "KASCHED_SLURM_DIR": str(workdir),
-        "KASCHED_SLURM_PORT": "16900",
+        "KASCHED_SLURM_PORT": str(port),
+        "KASCHED_SLURM_STANDIN_ADDR": standin_addr,
         "KASCHED_SLURMD_TIMEOUT": str(SLURMD_TIMEOUT),
         "KASCHED_SLURM_NODES": "4",
     }
