@@ -7,12 +7,14 @@ opens its own session and runs under a deadline, so one silent BMC never blocks 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pyghmi import exceptions as pyghmi_exceptions
 from pyghmi.ipmi import command as ipmi_command
+from pyghmi.ipmi.private import session as ipmi_session
 
 from kasched.drivers.base import BootDevice, NodeTarget, PowerDriver, PowerState
 from kasched.errors import DriverError, DriverTimeout
@@ -71,6 +73,7 @@ class IpmiPowerDriver(PowerDriver):
 
         def work() -> None:
             try:
+                _follow_network_namespace()
                 # Bytes, not str: pyghmi matches its cached sessions on bytes, and with str a second
                 # Command for the same BMC waits forever on the first one's login.
                 session = ipmi_command.Command(
@@ -92,6 +95,28 @@ class IpmiPowerDriver(PowerDriver):
         if "error" in outcome:
             raise _translate(outcome["error"], node, where, what, self.timeout) from None
         return outcome["value"]
+
+
+_pool_lock = threading.Lock()
+_pool_namespace: list[int] = []
+
+
+def _follow_network_namespace() -> None:
+    """Start a fresh pyghmi socket pool when the calling thread's network namespace changed.
+
+    pyghmi shares its UDP sockets process-wide, and a socket stays in the namespace it was opened
+    in: without this, a process that drove one lab (or the host) would talk to another lab's BMC
+    addresses through the first one's sockets.
+    """
+    try:
+        current = os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return
+    with _pool_lock:
+        if _pool_namespace and _pool_namespace[0] != current:
+            ipmi_session.Session.socketpool.clear()  # new sessions open sockets here
+            ipmi_session.Session.bmc_handlers.clear()
+        _pool_namespace[:] = [current]
 
 
 def _translate(error: Exception, node: NodeTarget, where: str, what: str, timeout: float) -> DriverError:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from kasched.drivers.base import PowerState
 from kasched.lab.disk import loops_of
-from kasched.lab.system import netns_list, netns_pids
-from tests.lab.conftest import require_lab_host
+from kasched.lab.system import inside_netns, netns_list, netns_pids
+from tests.lab.conftest import LabHandle, require_lab_host
 
 pytestmark = pytest.mark.lab
 NAME = "ktkill"
@@ -112,3 +113,18 @@ def test_64_nodes_come_up_and_go_down(tmp_path: Path) -> None:
     finally:
         lab.down()
     assert netns_list("kl-kt64") == []
+
+
+def test_one_process_drives_two_labs(lab8: LabHandle, tmp_path: Path) -> None:
+    """pyghmi pools its sockets process-wide; the IPMI driver must not reuse one lab's in another."""
+    from kasched.lab.lab import Lab
+    from kasched.lab.topology import LabPlan
+
+    other = Lab("kttwo", state_dir=tmp_path / "kttwo")
+    try:
+        other.up(LabPlan("kttwo", nodes=2))
+        for lab, targets in ((lab8.lab, list(lab8.targets.values())[:1]), (other, other.targets())) * 2:
+            with inside_netns(f"kl-{lab.name}"):
+                assert [lab8.ipmi.status(t) for t in targets] == [PowerState.ON] * len(targets)
+    finally:
+        other.down()
