@@ -155,6 +155,8 @@ class Lab:
         reference.unlink()
         for role in (systems.DEPLOY, systems.STATELESS):
             systems.make_tree(deploy_base if role == systems.DEPLOY else base, tree, role, keys)
+            if role == systems.DEPLOY:
+                systems.add_kasched_package(tree)
             (self.boot_dir / role).mkdir(parents=True, exist_ok=True)
             systems.make_initramfs(tree, self.boot_dir / role / "initrd.img")
             (self.boot_dir / role / "vmlinuz").write_text(PLACEHOLDER_KERNEL)

@@ -19,8 +19,8 @@ from kasched.lab.system import run
 
 DEFAULT_CACHE = Path("/var/cache/kasched-lab")
 BASE_PACKAGES = ("busybox-static", "dash", "openssh-server", "e2fsprogs")
-# The deployment system also carries python3 (standard library), GNU tar, xz and zstd: what the
-# deployment engine's node-side agent and image unpacking need.
+# The deployment system also carries python3 with paramiko, GNU tar, xz and zstd: what the deployment
+# engine's node-side agent and relay, and image unpacking, need.
 DEPLOY_PACKAGES = (
     *BASE_PACKAGES,
     "python3-minimal",
@@ -30,6 +30,13 @@ DEPLOY_PACKAGES = (
     "tar",
     "xz-utils",
     "zstd",
+    # paramiko, for the engine's relay (tree exec); the lab adds the kasched package itself
+    "python3-paramiko",
+    "python3-bcrypt",
+    "python3-cffi-backend",
+    "python3-cryptography",
+    "python3-nacl",
+    "python3-six",
 )
 APT_ARCHIVES = Path("/var/cache/apt/archives")
 _KEEP = ("bin", "sbin", "lib", "lib64", "usr/bin", "usr/sbin", "usr/lib", "usr/lib64", "usr/libexec")

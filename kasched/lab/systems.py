@@ -141,3 +141,16 @@ def make_keys(directory: Path) -> tuple[Path, Path]:
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"kasched-lab-{name}", "-f", str(key)])
         made.append(key)
     return made[0], made[1]
+
+
+def add_kasched_package(tree: Path) -> None:
+    """Put the running kasched package (its .py files) where the tree's python3 finds it, for the
+    engine's node-side programs (``python3 -m kasched.engine.relay``)."""
+    import kasched
+
+    source = Path(kasched.__file__).resolve().parent
+    dest = tree / "usr" / "lib" / "python3" / "dist-packages" / "kasched"
+    for path in source.rglob("*.py"):
+        target = dest / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
