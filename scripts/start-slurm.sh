@@ -2,7 +2,8 @@
 # Bring up a one-host Slurm 22.05 cluster wired to kasched (idempotent; as root):
 #   munged, slurmctld, and one `slurmd -N nI` per node n1..nN on 127.0.0.1 (ports BASE+1..BASE+N),
 #   a generated slurm.conf (nodes with Feature=deploy, PrologSlurmctld/EpilogSlurmctld running kasched's
-#   prolog/epilog through wrappers that set their environment, job_submit/lua from plugins/slurm),
+#   Slurm hooks, plugins/slurm/hooks.py, through wrappers that set their environment; job_submit/lua from
+#   plugins/slurm; stand-in slurmds on 127.0.0.2 for deploy jobs, see docs/slurm.md),
 #   a kasched site (config, SQLite state, inventory of the nodes) unless KASCHED_CONFIG names one,
 #   and an ordinary user to submit jobs (root may submit too, but tests act as a user).
 # Settings (environment):
@@ -39,7 +40,7 @@ need munged munge
 need slurmctld slurmctld
 need slurmd slurmd
 need sbatch slurm-client
-[ -e /usr/lib/x86_64-linux-gnu/slurm-wlm/job_submit_lua.so ] ||
+compgen -G '/usr/lib/*/slurm-wlm/job_submit_lua.so' >/dev/null ||
     { echo "start-slurm: job_submit_lua.so missing: install Debian package slurm-wlm-basic-plugins" >&2; exit 1; }
 [ -x "$kasched" ] || { echo "start-slurm: $kasched missing (run scripts/setup.sh)" >&2; exit 1; }
 

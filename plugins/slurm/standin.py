@@ -28,6 +28,8 @@ Settings (environment of the hooks):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -36,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -242,25 +244,38 @@ def _signal(settings: StandinSettings, pid: int, sig: signal.Signals) -> None:
             raise SlurmCommandError(f"cannot signal stand-in pid {pid} with {args[0]}: {error}") from None
 
 
+@contextlib.contextmanager
+def _keeper_lock(settings: StandinSettings) -> Iterator[None]:
+    """Held while the prolog checks for a keeper and while the keeper decides to exit: a keeper never
+    leaves a deploy job recorded just before its exit without a successor."""
+    with (settings.state_dir / "keeper.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure_keeper(settings: StandinSettings) -> int:
-    """Start the keeper unless one runs; its pid."""
+    """Start the keeper unless one runs; its pid. Call after the job's record is saved."""
     pidfile = settings.state_dir / "keeper.pid"
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        pid = 0
-    if pid and _alive(pid):
-        return pid
-    log = (settings.state_dir / "keeper.log").open("ab")
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kasched_slurm.standin", "keep"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-        )  # fmt: skip
-    finally:
-        log.close()
-    pidfile.write_text(f"{process.pid}\n")
-    return process.pid
+    with _keeper_lock(settings):
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _alive(pid):
+            return pid
+        log = (settings.state_dir / "keeper.log").open("ab")
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kasched_slurm.standin", "keep"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            )  # fmt: skip
+        finally:
+            log.close()
+        pidfile.write_text(f"{process.pid}\n")
+        return process.pid
 
 
 def keep_round(settings: StandinSettings) -> int:
@@ -278,11 +293,17 @@ def keep_round(settings: StandinSettings) -> int:
 
 def keep(settings: StandinSettings, interval: float) -> None:
     idle = 0
-    while idle < KEEP_IDLE_ROUNDS:
+    while True:
         try:
             idle = 0 if keep_round(settings) else idle + 1
         except (SlurmCommandError, OSError, ValueError) as error:
             print(f"{time.strftime('%FT%T')} keeper: {error}", flush=True)
+        if idle >= KEEP_IDLE_ROUNDS:
+            with _keeper_lock(settings):
+                if not any(settings.state_dir.glob("job-*.json")):
+                    (settings.state_dir / "keeper.pid").unlink(missing_ok=True)
+                    return
+            idle = 0
         time.sleep(interval)
 
 
