@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from kasched.errors import LabError
@@ -84,27 +85,54 @@ def elf_files(root: Path) -> list[Path]:
     return found
 
 
-def library_packages(root: Path) -> set[str]:
-    """Debian packages of the shared libraries the programs of ``root`` load (ldd, then dpkg -S)."""
-    packages: set[str] = set()
-    names: set[str] = set()
+def needed_libraries(root: Path) -> tuple[set[str], set[str]]:
+    """The shared libraries the programs of ``root`` load: (found, not found), as sonames. A library
+    nobody provides (a Python module nothing here imports, say) stays missing.
+
+    ``ldd`` looks in the tree's own library directories first, then the host's.
+    """
+    search = [root / d for d in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")]
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(str(d) for d in search if d.is_dir())}
+    found: set[str] = set()
+    missing: set[str] = set()
     for path in elf_files(root):
-        for line in run(["ldd", str(path)], check=False).splitlines():
+        done = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=env, check=False)
+        for line in done.stdout.splitlines():
             parts = line.split()
-            library = next((p for p in parts if p.startswith("/")), None)
-            if library is None:
-                continue
-            names.add(Path(library).name)
-    for name in sorted(names):
+            if "not" in parts and "found" in parts:
+                missing.add(parts[0])
+            elif any(p.startswith("/") for p in parts):
+                found.add(Path(next(p for p in parts if p.startswith("/"))).name)
+    return found, missing - found
+
+
+def package_for_soname(soname: str) -> str:
+    """Debian's name for the package of a library (policy 8.1): libfoo.so.3 → libfoo3,
+    libfoo-1.2.so.0 → libfoo-1.2-0."""
+    base, _, version = soname.partition(".so.")
+    base = base.lower().replace("_", "-")
+    return f"{base}-{version}" if base[-1:].isdigit() else f"{base}{version}"
+
+
+def library_packages(root: Path) -> set[str]:
+    """Debian packages of the shared libraries the programs of ``root`` load: the owner (dpkg -S on
+    the host) of each library found, the policy name of each library not found."""
+    packages: set[str] = set()
+    found, missing = needed_libraries(root)
+    for name in sorted(found):
         owner = run(["dpkg-query", "-S", f"*/{name}"], check=False)
         for entry in owner.splitlines():
             package = entry.split(":", 1)[0].strip()
             if package and " " not in package and "," not in package and not package.endswith("-dev"):
                 packages.add(package)
+    for name in sorted(missing):  # not on the host either: guess the package by Debian's naming
+        candidate = package_for_soname(name)
+        if run(["apt-cache", "show", "--no-all-versions", candidate], check=False).strip():
+            packages.add(candidate)
     return packages
 
 
-_TREE_LAYOUT = "4"  # bump when the way trees are built changes: old caches are then rebuilt
+_TREE_LAYOUT = "5"  # bump when the way trees are built changes: old caches are then rebuilt
 _PRUNED = (
     "usr/lib/x86_64-linux-gnu/gconv",
     *(f"usr/lib/python3.11/{name}" for name in ("test", "pydoc_data", "idlelib", "lib2to3", "ensurepip",
@@ -129,8 +157,14 @@ def build_rootfs(cache_dir: Path = DEFAULT_CACHE, packages: tuple[str, ...] = BA
     debs = cache_dir / "debs"
     for package in packages:
         _extract(fetch_deb(package, package_version(package), debs), work)
-    for package in sorted(library_packages(work) - set(packages)):
-        _extract(fetch_deb(package, package_version(package), debs), work)
+    extracted = set(packages)
+    for _ in range(5):  # libraries of libraries, until nothing new is needed
+        needed = library_packages(work) - extracted
+        if not needed:
+            break
+        for package in sorted(needed):
+            _extract(fetch_deb(package, package_version(package), debs), work)
+        extracted |= needed
     _prune(work)
     _install_busybox_links(work)
     (work / ".complete").write_text(key + "\n")

@@ -13,6 +13,7 @@ from kasched.drivers.pxe import PxeBootDriver, dnsmasq_config
 from kasched.drivers.reboot import Rebooter
 from kasched.errors import DriverError, InputError
 from kasched.lab.firmware import BootSpec
+from kasched.lab.rootfs import package_for_soname
 from kasched.lab.topology import LabPlan
 
 NODE = NodeTarget(name="node-1", mac="02:4B:00:00:01:01", ip="10.77.1.11")
@@ -109,3 +110,11 @@ def test_reboot_window_must_be_positive() -> None:
 def test_ipmi_driver_refuses_a_node_without_bmc_credentials() -> None:
     with pytest.raises(DriverError, match=r"^node-1: IPMI needs a bmc address, BMC user, BMC password"):
         IpmiPowerDriver().status(NODE)
+
+
+@pytest.mark.parametrize(
+    ("soname", "package"),
+    [("libsodium.so.23", "libsodium23"), ("libssl.so.3", "libssl3"), ("libgssapi_krb5.so.2", "libgssapi-krb5-2")],
+)
+def test_library_package_names_follow_debian_policy(soname: str, package: str) -> None:
+    assert package_for_soname(soname) == package
