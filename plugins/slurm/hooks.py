@@ -77,7 +77,10 @@ def prolog(environ: Mapping[str, str]) -> int:
         print(f"job {job_id}: stand-ins failed: {error}; revoking the grant")
         kasched("end", {**env, "SLURM_JOB_EXIT_CODE": "stand-in failure"})
         return 1
-    keeper = standin.ensure_keeper(settings)
+    try:
+        keeper = str(standin.ensure_keeper(settings))
+    except OSError as error:  # the job runs; only a slurmctld restart would lose its nodes
+        keeper = f"not started ({error})"
     pids = " ".join(f"{s.node}:{s.pid}" for s in standins)
     print(f"job {job_id}: stand-ins {pids} on {settings.addr} in {time.monotonic() - started:.2f} s, keeper {keeper}")
     return 0
