@@ -28,10 +28,11 @@ class Config:
     image_dir: Path = Path()
     credentials_file: Path = Path("/etc/kasched/credentials.yaml")
     service_key: Path = Path()
-    service_address: str = "127.0.0.1"
+    service_address: str = ""
     service_socket: Path = Path()
     admin_group: str = "kasched-admin"
     max_grant_hours: float = 24 * 7
+    reboot_timeout: float = 120.0
     disabled_plugins: tuple[str, ...] = ()
     path: Path | None = field(default=None, compare=False)
 
@@ -96,15 +97,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}{key}: expected a path")
         return Path(value)
-    if key == "max_grant_hours":
+    if key in ("max_grant_hours", "reboot_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{where}{key}: expected a positive number of hours")
+            raise ConfigError(f"{where}{key}: expected a positive number")
         return float(value)
     if key == "disabled_plugins":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}{key}: expected a list of plugin names")
         return tuple(value)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or (not value and key != "service_address"):
         raise ConfigError(f"{where}{key}: expected a non-empty string")
     return value
 

@@ -79,13 +79,15 @@ class Operations:
         progress: Listener | None = None,
         cancel: threading.Event | None = None,
         fanout: int = 0,
-        reboot_timeout: float = 120.0,
+        reboot_timeout: float | None = None,
+        broadcast: steps.BroadcastOptions | None = None,
     ) -> None:
         self.api = api
         self.progress = progress or (lambda report: None)
         self.cancel = cancel or threading.Event()
         self.fanout = fanout
-        self.reboot_timeout = reboot_timeout
+        self.reboot_timeout = reboot_timeout or api.config.reboot_timeout
+        self.broadcast_options = broadcast
 
     def deploy(
         self, environment: str, nodes: str | Sequence[str], user_key: str | None = None, *, stateless: bool = False
@@ -385,9 +387,8 @@ class Operations:
             environment=env,
             partition=partition,
             user_key=user_key,
-            report_host=config.service_address,
             reboot_timeout=self.reboot_timeout,
-            broadcast=steps.BroadcastOptions(report_host=config.service_address),
+            broadcast=self.broadcast_options or steps.BroadcastOptions(report_host=config.service_address or None),
             stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
             stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,16 +24,15 @@ import requests
 from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, quote, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
-from kasched.engine import chain
 from kasched.engine.chain import BroadcastOptions, ChainNode
+from kasched.engine.chain_ssh import broadcast_over_ssh
+from kasched.engine.ssh_session import CommandOutput, SshAuth
 from kasched.errors import KaschedError
 from kasched.results import GroupResult, NodeResult, run_on_node
 from kasched.views import EnvironmentView
 
 MOUNT = "/mnt/kasched"
-AGENT_PATH = "/tmp/kasched-chain-agent.py"
 AGENT_PORT = 7373
-AGENT_SOURCE = Path(chain.__file__).with_name("chain_agent.py")
 
 
 @dataclass
@@ -48,10 +48,10 @@ class StepContext:
     environment: EnvironmentView
     partition: Callable[[NodeTarget], int]  # the partition the environment goes to
     user_key: str | None = None
-    report_host: str = "127.0.0.1"
     reboot_timeout: float = 120.0
     command_timeout: float = 120.0
     broadcast: BroadcastOptions = field(default_factory=BroadcastOptions)
+    broken: set[str] = field(default_factory=set)  # nodes whose running system cannot run a command
     stateless_kernel: str = ""  # boot paths (relative to the boot directory) of a stateless boot
     stateless_initrd: str = ""
 
@@ -72,16 +72,18 @@ def set_profiles(ctx: StepContext, names: Sequence[str], target: BootTarget, **p
 
 
 def reboot(ctx: StepContext, names: Sequence[str], levels: Sequence[RebootLevel], deadline: float) -> GroupResult:
-    """Reboot nodes, grouped by BMC driver, escalating through ``levels``."""
-    by_driver: dict[int, list[NodeTarget]] = {}
+    """Reboot nodes, grouped by BMC driver, escalating through ``levels`` (no soft level for a node
+    whose system is broken: its own ``reboot`` cannot be trusted)."""
+    groups: dict[tuple[int, bool], list[NodeTarget]] = {}
     for node in ctx.nodes(names):
-        by_driver.setdefault(id(ctx.power[node.name]), []).append(node)
+        groups.setdefault((id(ctx.power[node.name]), node.name in ctx.broken), []).append(node)
     results = GroupResult()
-    for group in by_driver.values():
+    for (_, broken), group in groups.items():
+        usable = [level for level in levels if not (broken and level is RebootLevel.SOFT)] or [RebootLevel.HARD]
         rebooter = Rebooter(
             power=ctx.power[group[0].name],
             soft=ctx.soft,
-            levels=levels,
+            levels=usable,
             timeout=ctx.reboot_timeout,
             boot_device=BootDevice.NETWORK,
         )
@@ -90,14 +92,35 @@ def reboot(ctx: StepContext, names: Sequence[str], levels: Sequence[RebootLevel]
     return results
 
 
+REBOOT_TOKEN = "/run/kasched-reboot-token"
+
+
+def leave_token(ctx: StepContext, names: Sequence[str]) -> GroupResult:
+    """Before a reboot: a file in /run (a tmpfs, empty after any boot), so the check can tell the node
+    really rebooted. A node that cannot be reached is down already (and will have no token either). A
+    node that answers but cannot write the token runs a broken system: it gets no soft reboot."""
+    written = ctx.shell.run(names, f"touch {REBOOT_TOKEN}", 15)
+    results = GroupResult()
+    for name in names:
+        result = written.get(name)
+        if result is not None and not result.ok and isinstance(result.value, CommandOutput):
+            ctx.broken.add(name)
+        results.add(NodeResult(name, True, "reboot token"))
+    return results
+
+
 def check_system(ctx: StepContext, names: Sequence[str], expected: str, what: str) -> GroupResult:
-    """From the node side: its kernel command line must contain ``expected``."""
-    probed = checked(ctx.shell.run(names, SYSTEM_PROBE, ctx.command_timeout), what)
+    """From the node side: it rebooted (no token left in /run) and its command line contains ``expected``."""
+    probe = f"{SYSTEM_PROBE}; test ! -e {REBOOT_TOKEN} || echo kasched-not-rebooted"
+    probed = checked(ctx.shell.run(names, probe, ctx.command_timeout), what)
     results = GroupResult()
     for name, result in probed.items():
-        if result.ok and expected not in stdout_of(result):
+        output = stdout_of(result)
+        if result.ok and "kasched-not-rebooted" in output:
+            result = NodeResult(name, False, what, f"{what}: the node did not reboot", result.duration)
+        elif result.ok and expected not in output:
             result = NodeResult(
-                name, False, what, f"{what}: booted {stdout_of(result).strip()!r}, not {expected!r}", result.duration
+                name, False, what, f"{what}: booted {output.strip()!r}, not {expected!r}", result.duration
             )
         results.add(result)
     return results
@@ -113,11 +136,12 @@ def boot_into(
     deadline: float,
     **profile: Any,
 ) -> GroupResult:
-    """Profile, reboot, check: the three phases of every boot, chained per node."""
+    """Profile, token, reboot, check: the phases of every boot, chained per node."""
     return chain_phases(
         names,
         [
             lambda alive: set_profiles(ctx, alive, target, **profile),
+            lambda alive: leave_token(ctx, alive),
             lambda alive: reboot(ctx, alive, levels, deadline),
             lambda alive: check_system(ctx, alive, expected, what),
         ],
@@ -210,21 +234,18 @@ def prepare_command(ctx: StepContext, node: NodeTarget) -> str:
     )
 
 
-def agent_command(node: str) -> str:
-    source = base64.b64encode(AGENT_SOURCE.read_bytes()).decode()
-    start = chain.agent_command(f"0.0.0.0:{AGENT_PORT}", node, accept_timeout=120).replace(
-        f"-m {chain.AGENT_MODULE}", AGENT_PATH
-    )
-    return (
-        f"echo {source} | base64 -d > {AGENT_PATH} && "
-        f"(setsid {start} > /tmp/kasched-chain-agent.log 2>&1 < /dev/null &) && sleep 0.3"
-    )
+DECOMPRESS = {"gz": "gzip -dc", "xz": "xz -dc", "zst": "zstd -dc"}
 
 
 def sink_for(ctx: StepContext, partition: int) -> dict[str, Any]:
+    """Where each node writes the stream: untar into the mounted partition, or raw onto the partition
+    (decompressed on the way)."""
     env = ctx.environment
+    device = f"/dev/sda{partition}"
     if env.image_kind == "raw":
-        return {"kind": "raw", "dest": f"/dev/sda{partition}"}
+        if env.compression == "none":
+            return {"kind": "raw", "dest": device}
+        return {"kind": "command", "argv": ["sh", "-c", f"{DECOMPRESS[env.compression]} > {device} && sync"]}
     return {"kind": "tar", "dest": MOUNT, "compression": env.compression}
 
 
@@ -255,9 +276,6 @@ def broadcast_chain(
                 ctx.shell.run_each(alive, lambda n: prepare_command(ctx, ctx.targets[n]), ctx.command_timeout),
                 "preparing the partition",
             ),
-            lambda alive: checked(
-                ctx.shell.run_each(alive, agent_command, ctx.command_timeout), "starting the chain agent"
-            ),
             send,
         ],
     )
@@ -271,14 +289,21 @@ def broadcast_alone(ctx: StepContext, names: Sequence[str], deadline: float, can
 def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
     sink = sink_for(ctx, ctx.partition(ctx.targets[nodes[0].name]))
     location = ctx.environment.image_location
+    auth = SshAuth.from_key_file("root", str(ctx.shell.key_file))
+    addresses = {node.name: ctx.targets[node.name].ip for node in nodes}
+
+    def send(source: Any) -> GroupResult:
+        # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
+        return broadcast_over_ssh(
+            source, nodes, sink, addresses, auth, expected_sha256=ctx.environment.sha256, options=ctx.broadcast
+        )
+
     try:
         if location.startswith(("http://", "https://")):
             with requests.get(location, stream=True, timeout=30) as response:
                 response.raise_for_status()
-                return chain.broadcast(
-                    response.raw, nodes, sink, expected_sha256=ctx.environment.sha256, options=ctx.broadcast
-                )
-        return chain.broadcast(location, nodes, sink, expected_sha256=ctx.environment.sha256, options=ctx.broadcast)
+                return send(response.raw)
+        return send(location)
     except (KaschedError, requests.RequestException, OSError) as error:
         failed = GroupResult()
         for node in nodes:
@@ -324,15 +349,22 @@ def configure(ctx: StepContext, names: Sequence[str], deadline: float, cancel: t
 
 
 def chain_phases(names: Sequence[str], phases: list[Callable[[list[str]], GroupResult]]) -> GroupResult:
-    """Run phases in order; a node that fails a phase skips the rest with its failure kept."""
+    """Run phases in order; a node that fails a phase skips the rest with its failure kept. A node's
+    duration is the wall time from the first phase to the end of its last one."""
     results = GroupResult()
     alive = list(names)
+    start = time.monotonic()
+    last = GroupResult()
     for phase in phases:
         if not alive:
             break
+        phase_start = time.monotonic()
         outcome = phase(alive)
+        elapsed = time.monotonic() - start
         for name in alive:
             result = outcome.get(name) or NodeResult(name, False, error="no result")
+            # The node's own time in this phase when the phase measured it, else the phase's.
+            result.duration = (phase_start - start) + result.duration if result.duration else elapsed
             if not result.ok:
                 results.add(result)
         alive = [name for name in alive if (r := outcome.get(name)) is not None and r.ok]
