@@ -124,7 +124,10 @@ class Lab:
             self.kind.power_on(ctx, node)
         waiting = self.wait_for_ssh(plan.nodes_list, timeout=boot_timeout)
         if waiting:
-            raise LabError(f"nodes did not boot in {boot_timeout:.0f} s: {', '.join(waiting)}")
+            raise LabError(
+                f"nodes did not boot in {boot_timeout:.0f} s: {', '.join(waiting)} (see their console.log;"
+                f" kasched lab down --name {self.name} removes what was built)"
+            )
         self._write_inventory(plan)
         self._write_config()
         elapsed = round(time.monotonic() - started, 2)
