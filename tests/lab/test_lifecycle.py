@@ -89,6 +89,12 @@ def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
         out, err = imported.communicate(timeout=60)
         assert imported.returncode == 0, err
         assert "added: 2 node(s)" in out
+        inside = _cli("lab", "exec", "--name", "ktcli", "--", "ip", "-br", "addr", "show", "sw1")
+        out, err = inside.communicate(timeout=60)
+        assert inside.returncode == 0 and "10.77.0.1/16" in out, err
+        console = _cli("lab", "console", "--name", "ktcli", "node-2")
+        out, err = console.communicate(timeout=60)
+        assert "reference system up on node-2" in out, err
     finally:
         down = _cli("lab", "down", "--name", "ktcli", "--state-dir", str(state_dir))
         down.communicate(timeout=120)
