@@ -44,10 +44,11 @@ class Profile:
     initrd: str
     cmdline: str
 
-    def ipxe(self) -> str:
-        lines = ["#!ipxe", f"# kasched: {self.label}", f"kernel {self.kernel} {self.cmdline}".rstrip()]
+    def ipxe(self, base_url: str = "") -> str:
+        kernel = f"{base_url}{self.kernel}"
+        lines = ["#!ipxe", f"# kasched: {self.label}", f"kernel {kernel} {self.cmdline}".rstrip()]
         if self.initrd:
-            lines.append(f"initrd {self.initrd}")
+            lines.append(f"initrd {base_url}{self.initrd}")
         return "\n".join([*lines, "boot", ""])
 
     def pxelinux(self) -> str:
@@ -80,8 +81,12 @@ class PxeBootDriver(BootDriver):
         deploy_kernel: str = "deploy/vmlinuz",
         deploy_initrd: str = "deploy/initrd.img",
         local_kernel: str = "reference/vmlinuz",
+        base_url: str = "",
     ) -> None:
         self.boot_dir = Path(boot_dir)
+        # Prefix of the kernel and initrd paths in iPXE profiles, e.g. "http://${next-server}/" to
+        # load them over HTTP (much faster than TFTP for big images); empty: TFTP, relative paths.
+        self.base_url = base_url
         self.deploy_kernel = deploy_kernel
         self.deploy_initrd = deploy_initrd
         self.local_kernel = local_kernel
@@ -131,7 +136,7 @@ class PxeBootDriver(BootDriver):
         mac = mac_hexhyp(node.mac)
         try:
             write_atomic(self.boot_dir / BOOT_SCRIPT, _BOOT_IPXE)
-            write_atomic(self.boot_dir / "ipxe" / f"{mac}.ipxe", profile.ipxe())
+            write_atomic(self.boot_dir / "ipxe" / f"{mac}.ipxe", profile.ipxe(self.base_url))
             write_atomic(self.boot_dir / "pxelinux.cfg" / f"01-{mac}", profile.pxelinux())
             write_atomic(self.boot_dir / "grub" / f"grub.cfg-01-{mac}", profile.grub())
         except OSError as error:

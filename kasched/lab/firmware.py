@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +150,7 @@ class SimulatedFirmware:
         """Download ``url`` (``tftp://``, ``http://`` or a path on the next server) into RAM."""
         local = self.downloads / re.sub(r"[^A-Za-z0-9._-]", "_", url)[-100:]
         if url.startswith("http://"):
-            command = ["busybox", "wget", "-q", "-T", "10", "-O", str(local), url]
+            return self._fetch_http(url, local)
         else:
             server, path = self.next_server(), url
             match = re.match(r"^tftp://([^/]+)/(.*)$", url)
@@ -159,6 +161,18 @@ class SimulatedFirmware:
         if done.returncode != 0:
             local.unlink(missing_ok=True)
             raise BootFailure(f"cannot fetch {url}: {done.stderr.strip()[-200:] or 'failed'}")
+        self.log(f"loaded {url} ({local.stat().st_size} bytes)")
+        return local
+
+    def _fetch_http(self, url: str, local: Path) -> Path:
+        """HTTP GET (BusyBox's static wget crashes in glibc's resolver, so Python's client)."""
+        try:
+            with urllib.request.urlopen(url, timeout=30) as answer, open(local, "wb") as out:
+                shutil.copyfileobj(answer, out, 1 << 20)
+        except (OSError, ValueError) as error:
+            local.unlink(missing_ok=True)
+            raise BootFailure(f"cannot fetch {url}: {error}") from None
+        self.log(f"loaded {url} ({local.stat().st_size} bytes)")
         return local
 
     def fetch_text(self, url: str) -> str:

@@ -24,6 +24,7 @@ from kasched.errors import LabError
 from kasched.lab import disk, rootfs, systems
 from kasched.lab.bmc import BMC_PORT, BmcCredentials
 from kasched.lab.dhcp import LabDnsmasq
+from kasched.lab.http import LabHttp
 from kasched.lab.network import create_lab_namespace, delete_namespace
 from kasched.lab.nodekind import NODE_KINDS, LabContext, NodeKind
 from kasched.lab.system import inside_netns, kill_and_wait, netns_exists, netns_pids, require, run
@@ -177,9 +178,12 @@ class Lab:
         dnsmasq = LabDnsmasq(self.state_dir, plan.netns)
         dnsmasq.configure(targets, self.boot_dir)
         dnsmasq.start()
+        LabHttp(self.state_dir, plan.netns, self.boot_dir).start()
 
-    def boot_driver(self) -> PxeBootDriver:
-        return PxeBootDriver(self.boot_dir)
+    def boot_driver(self, *, http: bool = False) -> PxeBootDriver:
+        """The boot-profile driver for this lab's TFTP root; ``http``: profiles load kernels and
+        images from the lab's HTTP server instead of TFTP."""
+        return PxeBootDriver(self.boot_dir, base_url="http://${next-server}/" if http else "")
 
     def wait_for_ssh(self, nodes: tuple[NodePlan, ...] | list[NodePlan], timeout: float) -> list[str]:
         """Wait (bounded) until each node's sshd accepts TCP; returns the nodes still silent."""

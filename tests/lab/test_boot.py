@@ -222,3 +222,20 @@ def test_an_environment_written_to_partition_3_boots(in_lab: LabHandle) -> None:
         boot.set_profile(node, BootTarget.LOCAL, partition=2)
         in_lab.ipmi.reset(node)
     assert in_lab.wait_view(node).system == "reference"
+
+
+def test_deploy_system_over_http(in_lab: LabHandle) -> None:
+    node = in_lab.targets["node-4"]
+    log = in_lab.lab.state_dir / "nodes" / "node-4" / "console.log"
+    in_lab.lab.boot_driver(http=True).set_profile(node, BootTarget.DEPLOY)
+    try:
+        start = log.stat().st_size
+        in_lab.ipmi.reset(node)
+        view = in_lab.wait_view(node)
+        assert (view.system, view.root_fstype) == ("deploy", "tmpfs")
+        console = log.read_text()[start:]
+        assert "loaded http://10.77.0.1/deploy/initrd.img" in console
+    finally:
+        in_lab.lab.boot_driver().set_profile(node, BootTarget.LOCAL, partition=2)
+        in_lab.ipmi.reset(node)
+    assert in_lab.wait_view(node).system == "reference"
