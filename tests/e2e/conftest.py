@@ -1,0 +1,196 @@
+"""An 8-node lab on 2 switches, with kasched configured for it, and the environments the end-to-end
+tests deploy: a user environment (the lab's base system plus a marker and 64 MiB of random data, so
+a broadcast lasts long enough to be interrupted) and the site's reference environment (the lab's
+reference partition, as a zstd raw image)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+LAB = "kte"
+KASCHED = [sys.executable, "-m", "kasched"]
+
+
+@dataclass
+class Site:
+    lab_dir: Path
+    work: Path
+    config: Path
+    user_key: Path
+    service_key: Path
+
+    def kasched(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """A kasched command run inside the lab's network namespace, as a site's frontend would."""
+        env = {
+            **os.environ,
+            "KASCHED_CONFIG": str(self.config),
+            "KASCHED_DIRECT": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
+        }
+        return subprocess.run(
+            [*KASCHED, "lab", "exec", "--name", LAB, "--", *KASCHED, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+
+    def ssh(self, node_ip: str, command: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+        options = [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-i",
+            str(key or self.service_key),
+        ]
+        return subprocess.run(
+            [*KASCHED, "lab", "exec", "--name", LAB, "--", "ssh", *options, f"root@{node_ip}", command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    def nodes(self) -> dict[str, dict[str, object]]:
+        inventory = yaml.safe_load((self.lab_dir / "inventory.yaml").read_text())
+        return {n["name"]: n for n in inventory["clusters"][0]["nodes"]}
+
+    def ip(self, node: str) -> str:
+        return str(self.nodes()[node]["ip"])
+
+
+def _run(*args: str, timeout: float = 600) -> str:
+    done = subprocess.run(
+        list(args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])},
+    )
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args[:6])}... failed: {done.stderr.strip()[-800:]}")
+    return done.stdout
+
+
+def _user_environment(site: Site) -> Path:
+    from kasched.lab.rootfs import build_rootfs
+    from kasched.lab.systems import SystemKeys, make_tree
+
+    keys = SystemKeys(
+        host_key=site.lab_dir / "ssh" / "ssh_host_ed25519_key",
+        authorized_key=(site.lab_dir / "ssh" / "id_ed25519.pub").read_text(),
+    )
+    tree = make_tree(build_rootfs(), site.work / "userenv", "userenv", keys)
+    (tree / "etc" / "kasched-marker").write_text("deployed by kasched\n")
+    (tree / "var" / "payload").parent.mkdir(parents=True, exist_ok=True)
+    (tree / "var" / "payload").write_bytes(os.urandom(64 << 20))
+    image = site.work / "userenv.tar.zst"
+    _run("tar", "-C", str(tree), "--zstd", "-cf", str(image), ".")
+    shutil.rmtree(tree)
+    (site.work / "userenv.yaml").write_text(
+        "name: userenv\nvisibility: public\ndescription: e2e user environment\n"
+        "image: {file: userenv.tar.zst, kind: tar}\n"
+    )
+    return image
+
+
+def _reference_environment(site: Site) -> Path:
+    golden = site.lab_dir / "systems" / "golden.img"
+    dump = _run("sfdisk", "--json", str(golden))
+    partition = json.loads(dump)["partitiontable"]["partitions"][1]
+    raw = site.work / "reference.ext4"
+    _run(
+        "dd",
+        f"if={golden}",
+        f"of={raw}",
+        "bs=512",
+        f"skip={partition['start']}",
+        f"count={partition['size']}",
+        "status=none",
+    )
+    _run("zstd", "-q", "-f", "--rm", str(raw), "-o", f"{raw}.zst")
+    (site.work / "reference.yaml").write_text(
+        "name: lab-reference\nvisibility: public\nreference: true\nimage: {file: reference.ext4.zst, kind: raw}\n"
+    )
+    return Path(f"{raw}.zst")
+
+
+@pytest.fixture(scope="session")
+def site() -> Iterator[Site]:
+    if os.geteuid() != 0:
+        pytest.fail("the lab needs root (run scripts/test.sh as root)")
+    work = Path(tempfile.mkdtemp(prefix="kasched-e2e-"))
+    work.chmod(0o755)
+    lab_dir = work / "lab"
+    _run(*KASCHED, "lab", "down", "--name", LAB)
+    _run(
+        *KASCHED,
+        "lab",
+        "up",
+        "--name",
+        LAB,
+        "--state-dir",
+        str(lab_dir),
+        "--nodes",
+        "8",
+        "--switches",
+        "2",
+        "--link",
+        "200mbit",
+        "--uplink",
+        "1gbit",
+    )
+    try:
+        config = work / "kasched.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "site": "lab",
+                    "state_dir": str(work / "state"),
+                    "boot_dir": str(lab_dir / "boot"),
+                    "credentials_file": str(lab_dir / "credentials.yaml"),
+                    "service_key": str(lab_dir / "ssh" / "id_ed25519"),
+                    "reboot_timeout": 20,
+                }
+            )
+        )
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@e2e", "-f", str(work / "alice"))
+        site = Site(lab_dir, work, config, work / "alice", lab_dir / "ssh" / "id_ed25519")
+        _user_environment(site)
+        _reference_environment(site)
+        for command in (
+            ["nodes", "import", str(lab_dir / "inventory.yaml")],
+            ["env", "add", str(work / "userenv.yaml")],
+            ["env", "add", str(work / "reference.yaml")],
+        ):
+            done = site.kasched(*command)
+            assert done.returncode == 0, done.stderr
+        yield site
+    finally:
+        subprocess.run(
+            [*KASCHED, "lab", "down", "--name", LAB],
+            capture_output=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        shutil.rmtree(work, ignore_errors=True)
