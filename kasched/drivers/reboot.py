@@ -43,7 +43,9 @@ def port_cycle(port: int = 22, down_grace: float = 10.0) -> WaitUp:
     def check(node: NodeTarget, timeout: float, expect_down: bool) -> bool:
         deadline = time.monotonic() + timeout
         down_deadline = time.monotonic() + min(down_grace, timeout)
-        while expect_down and _port_open(node.ip, port) and time.monotonic() < down_deadline:
+        while expect_down and _port_open(node.ip, port):
+            if time.monotonic() >= down_deadline:
+                return False  # never seen going down: this level did not reboot it (the next one will)
             time.sleep(0.1)
         while time.monotonic() < deadline:
             if _port_open(node.ip, port):

@@ -269,6 +269,8 @@ class Lab:
             "state_dir": str(self.state_dir / "kasched"),
             "boot_dir": str(self.boot_dir),
             "credentials_file": str(self.credentials_file),
+            "service_key": str(self.state_dir / "ssh" / "id_ed25519"),
+            "reboot_timeout": 30,  # lab nodes boot in seconds
         }
         (self.state_dir / "kasched.yaml").write_text(yaml.safe_dump(config))
 
