@@ -20,6 +20,7 @@ from kasched.errors import ConflictError, NotFoundError, PermissionDenied
 from kasched.grants import node_ids_by_name
 from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, utcnow
 from kasched.nodeset import fold
+from kasched.processes import pid_alive
 
 BUSY = (NodeState.DEPLOYING, NodeState.REVERTING)
 
@@ -148,7 +149,7 @@ def recover_interrupted(session: Session) -> list[str]:
     for deployment in session.scalars(
         select(Deployment).where(Deployment.state == DeploymentState.RUNNING, Deployment.host == host)
     ):
-        if _alive(deployment.pid):
+        if pid_alive(deployment.pid):
             continue
         deployment.state, deployment.ended_at = DeploymentState.INTERRUPTED, utcnow()
         names = [row.node for row in deployment.nodes]
@@ -162,15 +163,3 @@ def recover_interrupted(session: Session) -> list[str]:
         )
         recovered.append(deployment.id)
     return recovered
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from kasched.errors import LabError
+from kasched.processes import pid_alive
 
 NETNS_DIR = Path("/var/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -105,19 +106,6 @@ def inside_netns(name: str) -> Iterator[None]:
         finally:
             libc.setns(own.fileno(), _CLONE_NEWNET)
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    status = Path(f"/proc/{pid}/stat")
-    try:
-        return status.read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def kill_and_wait(pids: Sequence[int], timeout: float = 5.0) -> None:
