@@ -25,3 +25,7 @@ class SchedulerAdapter(ABC):
     @abstractmethod
     def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         """The job whose end the hook reports."""
+
+    def is_deploy_job(self, job: JobInfo) -> bool:
+        """Whether the job asked to deploy its nodes; only deploy jobs get a grant. By default, all."""
+        return True

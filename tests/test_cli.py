@@ -254,6 +254,7 @@ def test_prolog_and_epilog_scripts_grant_and_revoke(run: Run, site: Path) -> Non
         "SLURM_JOB_NODELIST": "node-[1-2]",
         "SLURM_CLUSTER_NAME": "demo",
         "SLURM_SCRIPT_CONTEXT": "prolog_slurmctld",
+        "SLURM_JOB_CONSTRAINTS": "deploy",
     }
     if not Path(env["KASCHED"]).exists():
         pytest.fail("the kasched command is not installed in this Python's environment (run scripts/setup.sh)")
@@ -280,3 +281,18 @@ def test_job_commands_refuse_unknown_scheduler(run: Run, monkeypatch: pytest.Mon
     code, _, err = run("job", "end", "--scheduler", "lsf")
     assert code == 2
     one_line_error(err, "no plugin for scheduler 'lsf'")
+
+
+def test_job_start_grants_deploy_jobs_only(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    for key, value in {
+        "SLURM_JOB_ID": "8",
+        "SLURM_JOB_USER": "alice",
+        "SLURM_JOB_NODELIST": "node-1",
+        "SLURM_SCRIPT_CONTEXT": "prolog_slurmctld",
+        "SLURM_JOB_CONSTRAINTS": "gpu",
+    }.items():
+        monkeypatch.setenv(key, value)
+    code, out, _ = run("job", "start")
+    assert code == 0 and "slurm job 8 is not a deploy job: no grant" in out
+    assert run("rights", "--all", "--json")[1].strip() == "[]"

@@ -29,6 +29,9 @@ def register(subparsers: Any) -> None:
 def job_start(args: argparse.Namespace, context: Context) -> int:
     adapter = _adapter(args, context)
     job = adapter.job_started(os.environ, args.hook_args)
+    if not adapter.is_deploy_job(job):
+        print(f"{adapter.name} job {job.job_id} is not a deploy job: no grant")
+        return 0
     grant = context.api.job_started(job)
     print(
         f"grant {grant.id}: {grant.user} may deploy {fold(grant.nodes)} for {adapter.name} job {job.job_id} "
