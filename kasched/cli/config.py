@@ -27,6 +27,7 @@ def register(subparsers: Any) -> None:
 def show_config(args: argparse.Namespace, context: Context) -> int:
     settings = asdict(context.config)
     settings["path"] = settings["path"] or "(none: embedded defaults)"
+    settings["service_address"] = settings["service_address"] or "(automatic)"
     print_mapping(settings)
     return 0
 
