@@ -3,6 +3,7 @@ same calls. Each call checks the caller's rights, runs in a short transaction an
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -259,7 +260,7 @@ class Kasched:
     def grant(self, user: str, nodes: str, hours: float, job_id: str | None = None) -> GrantView:
         """An admin's grant, outside any scheduler (maintenance, tests)."""
         self._require_admin("grant nodes by hand")
-        if hours <= 0:
+        if not math.isfinite(hours) or hours <= 0:
             raise InputError(f"{hours} is not a positive number of hours", field="hours")
         job = JobInfo(
             scheduler="admin",

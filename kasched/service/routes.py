@@ -90,15 +90,9 @@ def _rights_check(api: Kasched, params: dict[str, str], query: dict[str, str], b
 
 
 def _rights_grant(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise InputError("expected a JSON object with user, nodes and hours", field="body")
-    hours = body.get("hours", 1)
-    if isinstance(hours, bool) or not isinstance(hours, int | float):
-        raise InputError("expected a number", field="hours")
-    for key in ("user", "nodes"):
-        if not isinstance(body.get(key), str) or not body[key]:
-            raise InputError("required, a string", field=key)
-    return api.grant(body["user"], body["nodes"], float(hours), job_id=body.get("job"))
+    fields = _fields(body, {"user": str, "nodes": str}, {"hours": float, "job": str})
+    hours = 1.0 if fields["hours"] is None else float(fields["hours"])
+    return api.grant(fields["user"], fields["nodes"], hours, job_id=fields["job"])
 
 
 def _rights_revoke(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
@@ -146,6 +140,9 @@ def _deployment_cancel(api: Kasched, params: dict[str, str], query: dict[str, st
     return {"id": params["id"], "cancel_requested": True}
 
 
+_KIND_WORDS = {str: "a string", float: "a number", int: "a whole number", bool: "true or false", list: "a list"}
+
+
 def _fields(body: Any, required: dict[str, type], optional: dict[str, type] | None = None) -> dict[str, Any]:
     """The body's fields, checked: every required one present, every one of its type, no other."""
     if not isinstance(body, dict):
@@ -163,7 +160,7 @@ def _fields(body: Any, required: dict[str, type], optional: dict[str, type] | No
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             continue
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise InputError(f"expected {kind.__name__}", field=name)
+            raise InputError(f"expected {_KIND_WORDS[kind]}", field=name)
     return {name: body.get(name) for name in known}
 
 
