@@ -59,7 +59,7 @@ class PendingOperation:
     deployment_id: str
     kind: str
     names: list[str]
-    env: EnvironmentView
+    env: EnvironmentView | None
     context: steps.StepContext
     steps: list[MacroStep]
     final: NodeState
@@ -202,7 +202,7 @@ class Operations:
         budget = Timeout(self.reboot_timeout * len(levels) + 60, 0.5)
         if to == "deploy":
             names = self._allowed(nodes)
-            env = self.api.reference_environment() or self._no_reference()
+            env = None  # the deployment system is the site's, not an environment of the catalog
             step = Variant("deploy-system", self._action(steps.setup_deploy_system(levels)), budget)
             return self._run(
                 "reboot",
@@ -283,7 +283,7 @@ class Operations:
         self,
         kind: str,
         names: list[str],
-        env: EnvironmentView,
+        env: EnvironmentView | None,
         partition: Callable[[NodeTarget], int],
         user_key: str | None,
         macro_steps: list[MacroStep],
@@ -295,7 +295,7 @@ class Operations:
         context = self._make_context(views, env, partition, user_key)
         busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
         with self.api.database.session() as session:
-            deployment_id = records.start(session, kind, self.api.caller.user, env.label, names, busy)
+            deployment_id = records.start(session, kind, self.api.caller.user, env.label if env else None, names, busy)
         env_id = self._environment_id(env) if record_environment else None
         return PendingOperation(self, deployment_id, kind, names, env, context, macro_steps, final, env_id)
 
@@ -327,7 +327,9 @@ class Operations:
             )
         return OperationResult(pending.deployment_id, pending.kind, state.value, outcomes)
 
-    def _environment_id(self, env: EnvironmentView) -> int | None:
+    def _environment_id(self, env: EnvironmentView | None) -> int | None:
+        if env is None:
+            return None
         from sqlalchemy import select
 
         from kasched.models import Environment
@@ -339,7 +341,7 @@ class Operations:
                 )
             )
 
-    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView, report: StepReport) -> None:
+    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView | None, report: StepReport) -> None:
         self.api.record_step(
             StepEvent(
                 kind=kind,
@@ -350,7 +352,7 @@ class Operations:
                 duration=report.duration,
                 ok=report.ok,
                 error=report.error,
-                environment=env.label,
+                environment=env.label if env else None,
                 deployment_id=deployment_id,
             )
         )
@@ -367,7 +369,11 @@ class Operations:
         self.progress(report)
 
     def _make_context(
-        self, views: list[NodeView], env: EnvironmentView, partition: Callable[[NodeTarget], int], user_key: str | None
+        self,
+        views: list[NodeView],
+        env: EnvironmentView | None,
+        partition: Callable[[NodeTarget], int],
+        user_key: str | None,
     ) -> steps.StepContext:
         config = self.api.config
         node_targets = {t.name: t for t in targets(config, views)}

@@ -45,7 +45,7 @@ class StepContext:
     soft: PowerDriver  # reboot through the node's own system (SSH)
     boot: BootDriver
     shell: NodeShell
-    environment: EnvironmentView
+    environment: EnvironmentView | None  # None: only the deployment system is booted
     partition: Callable[[NodeTarget], int]  # the partition the environment goes to
     user_key: str | None = None
     reboot_timeout: float = 120.0
@@ -54,6 +54,13 @@ class StepContext:
     broken: set[str] = field(default_factory=set)  # nodes whose running system cannot run a command
     stateless_kernel: str = ""  # boot paths (relative to the boot directory) of a stateless boot
     stateless_initrd: str = ""
+
+    @property
+    def env(self) -> EnvironmentView:
+        """The environment of the operation (the steps that write or boot one need it)."""
+        if self.environment is None:
+            raise KaschedError("this step needs an environment, and the operation has none")
+        return self.environment
 
     def nodes(self, names: Sequence[str]) -> list[NodeTarget]:
         return [self.targets[name] for name in names]
@@ -163,7 +170,7 @@ def use_running_reference(
 ) -> GroupResult:
     """Kadeploy2's "nomini": no first reboot when the node runs the reference environment and that
     system has the tools the broadcast needs. Fails fast otherwise, so the next variant reboots."""
-    if ctx.environment.destructive:
+    if ctx.env.destructive:
         failed = GroupResult()
         for name in names:
             failed.add(NodeResult(name, False, "setup", "a destructive environment overwrites the running system"))
@@ -193,7 +200,7 @@ def boot_stateless(ctx: StepContext, names: Sequence[str], deadline: float, canc
         deadline,
         kernel=ctx.stateless_kernel,
         initrd=ctx.stateless_initrd,
-        cmdline=ctx.environment.cmdline,
+        cmdline=ctx.env.cmdline,
     )
 
 
@@ -213,7 +220,7 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
                 levels,
                 deadline,
                 partition=partition,
-                cmdline=ctx.environment.cmdline,
+                cmdline=ctx.env.cmdline,
             )
             for result in booted.values():
                 results.add(result)
@@ -227,7 +234,7 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
 
 def prepare_command(ctx: StepContext, node: NodeTarget) -> str:
     device = f"/dev/sda{ctx.partition(node)}"
-    if ctx.environment.image_kind == "raw":
+    if ctx.env.image_kind == "raw":
         return f"test -b {device} && umount {device} 2>/dev/null; true"
     return (
         f"umount {MOUNT} 2>/dev/null; mkfs.ext4 -q -F -L kasched {device} && mkdir -p {MOUNT} && mount {device} {MOUNT}"
@@ -240,7 +247,7 @@ DECOMPRESS = {"gz": "gzip -dc", "xz": "xz -dc", "zst": "zstd -dc"}
 def sink_for(ctx: StepContext, partition: int) -> dict[str, Any]:
     """Where each node writes the stream: untar into the mounted partition, or raw onto the partition
     (decompressed on the way)."""
-    env = ctx.environment
+    env = ctx.env
     device = f"/dev/sda{partition}"
     if env.image_kind == "raw":
         if env.compression == "none":
@@ -288,14 +295,14 @@ def broadcast_alone(ctx: StepContext, names: Sequence[str], deadline: float, can
 
 def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
     sink = sink_for(ctx, ctx.partition(ctx.targets[nodes[0].name]))
-    location = ctx.environment.image_location
+    location = ctx.env.image_location
     auth = SshAuth.from_key_file("root", str(ctx.shell.key_file))
     addresses = {node.name: ctx.targets[node.name].ip for node in nodes}
 
     def send(source: Any) -> GroupResult:
         # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
         return broadcast_over_ssh(
-            source, nodes, sink, addresses, auth, expected_sha256=ctx.environment.sha256, options=ctx.broadcast
+            source, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast
         )
 
     try:
@@ -316,7 +323,7 @@ def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
 
 def configure_command(ctx: StepContext, node: str) -> str:
     """Hostname, the user's key, the environment's scripts, then unmount (tar images only)."""
-    if ctx.environment.image_kind == "raw":
+    if ctx.env.image_kind == "raw":
         return "sync"
     lines = [f"set -e; cd {MOUNT}", f"echo {quote(node)} > etc/hostname"]
     if ctx.user_key:
@@ -329,7 +336,7 @@ def configure_command(ctx: StepContext, node: str) -> str:
         f"mkdir -p root/.ssh && cat {quote('/root/.ssh/authorized_keys')} >> root/.ssh/authorized_keys "
         "2>/dev/null || true"
     )  # the service keeps access (to revert)
-    for script in ctx.environment.postinstall:
+    for script in ctx.env.postinstall:
         encoded = base64.b64encode(Path(script).read_bytes()).decode()
         lines.append(
             f"echo {encoded} | base64 -d > /tmp/kasched-postinstall && chmod +x /tmp/kasched-postinstall "
