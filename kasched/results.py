@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +72,3 @@ def run_on_node(node: str, step: str, action: Callable[[], Any]) -> NodeResult:
     except KaschedError as error:
         return NodeResult(node, False, step, str(error), time.monotonic() - start)
     return NodeResult(node, True, step, None, time.monotonic() - start, value)
-
-
-@contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    """``with timed() as elapsed: ...; elapsed()`` gives the seconds spent so far."""
-    start = time.monotonic()
-    yield lambda: time.monotonic() - start

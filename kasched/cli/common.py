@@ -71,3 +71,11 @@ def print_mapping(data: dict[str, Any]) -> None:
     width = max((len(k) for k in data), default=0)
     for key, value in data.items():
         print(f"{key.ljust(width)}  {'' if value is None else value}")
+
+
+def print_view(data: dict[str, Any], as_json: bool) -> None:
+    """One thing (a node, an environment...): JSON, or aligned ``key value`` lines."""
+    if as_json:
+        print_json(data)
+    else:
+        print_mapping(data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kasched.cli.common import Context, print_json, print_mapping, print_table
+from kasched.cli.common import Context, print_json, print_table, print_view
 
 
 def register(subparsers: Any) -> None:
@@ -55,10 +55,7 @@ def list_environments(args: argparse.Namespace, context: Context) -> int:
 
 def show_environment(args: argparse.Namespace, context: Context) -> int:
     env = context.api.show_environment(args.environment)
-    if args.json:
-        print_json(env.as_dict())
-    else:
-        print_mapping(env.as_dict())
+    print_view(env.as_dict(), args.json)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kasched.cli.common import Context, print_json, print_mapping, print_table
+from kasched.cli.common import Context, print_json, print_table, print_view
 from kasched.nodeset import fold
 
 
@@ -60,10 +60,7 @@ def list_nodes(args: argparse.Namespace, context: Context) -> int:
 
 def show_node(args: argparse.Namespace, context: Context) -> int:
     node = context.api.show_node(args.name)
-    if args.json:
-        print_json(node.as_dict())
-    else:
-        print_mapping(node.as_dict())
+    print_view(node.as_dict(), args.json)
     return 0
 
 

@@ -6,7 +6,6 @@ that runs a command on nodes and returns per-node results, whichever way it trav
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,7 +74,3 @@ def checked(results: GroupResult, what: str) -> GroupResult:
 def stdout_of(result: NodeResult) -> str:
     output = result.value
     return output.stdout if isinstance(output, CommandOutput) else ""
-
-
-def quote(text: str) -> str:
-    return shlex.quote(text)

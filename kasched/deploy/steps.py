@@ -11,6 +11,7 @@ and returns one result per node (see :mod:`kasched.deploy.workflow`).
 from __future__ import annotations
 
 import base64
+import shlex
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 import requests
 
-from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, quote, stdout_of
+from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
 from kasched.engine.chain import BroadcastOptions, ChainNode
@@ -325,22 +326,22 @@ def configure_command(ctx: StepContext, node: str) -> str:
     """Hostname, the user's key, the environment's scripts, then unmount (tar images only)."""
     if ctx.env.image_kind == "raw":
         return "sync"
-    lines = [f"set -e; cd {MOUNT}", f"echo {quote(node)} > etc/hostname"]
+    lines = [f"set -e; cd {MOUNT}", f"echo {shlex.quote(node)} > etc/hostname"]
     if ctx.user_key:
         lines += [
             "mkdir -p root/.ssh && chmod 700 root/.ssh",
-            f"echo {quote(ctx.user_key.strip())} >> root/.ssh/authorized_keys",
+            f"echo {shlex.quote(ctx.user_key.strip())} >> root/.ssh/authorized_keys",
             "chmod 600 root/.ssh/authorized_keys",
         ]
     lines.append(
-        f"mkdir -p root/.ssh && cat {quote('/root/.ssh/authorized_keys')} >> root/.ssh/authorized_keys "
+        f"mkdir -p root/.ssh && cat {shlex.quote('/root/.ssh/authorized_keys')} >> root/.ssh/authorized_keys "
         "2>/dev/null || true"
     )  # the service keeps access (to revert)
     for script in ctx.env.postinstall:
         encoded = base64.b64encode(Path(script).read_bytes()).decode()
         lines.append(
             f"echo {encoded} | base64 -d > /tmp/kasched-postinstall && chmod +x /tmp/kasched-postinstall "
-            f"&& KASCHED_ROOT={MOUNT} KASCHED_NODE={quote(node)} /tmp/kasched-postinstall"
+            f"&& KASCHED_ROOT={MOUNT} KASCHED_NODE={shlex.quote(node)} /tmp/kasched-postinstall"
         )
     lines += ["cd /", f"sync; umount {MOUNT}"]
     return "\n".join(lines)
