@@ -51,7 +51,7 @@ class EnvironmentReference:
         check_name(name)
         if owner is not None and not USER_RE.match(owner):
             raise InputError(f"{owner!r} is not a user name", field="environment")
-        if version is not None and not version.isdigit():
+        if version is not None and not (version.isascii() and version.isdigit()):
             raise InputError(f"version {version!r} is not a whole number", field="environment")
         return cls(name, owner, int(version) if version is not None else None)
 

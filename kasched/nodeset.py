@@ -41,8 +41,13 @@ def expand_many(patterns: Iterable[str], *, field: str = "nodes") -> list[str]:
 
 
 def fold(names: Iterable[str]) -> str:
-    """Fold names back into the shortest range string (``node-[1-4]``)."""
-    return str(NodeSet.fromlist(list(names)))
+    """Fold names back into the shortest range string (``node-[1-4]``); names that are not node
+    names (in an error message about them, say) are listed as they are."""
+    names = list(names)
+    try:
+        return str(NodeSet.fromlist(names))
+    except (NodeSetParseError, RangeSetParseError, ValueError):
+        return ",".join(names)
 
 
 def expand_value(value: str, count: int, *, field: str) -> list[str]:
@@ -67,9 +72,9 @@ def expand_value(value: str, count: int, *, field: str) -> list[str]:
 
 def _expand_part(part: str, value: str, field: str) -> list[str]:
     bounds = part.strip().split("-")
-    if len(bounds) == 1 and bounds[0].isdigit():
+    if len(bounds) == 1 and _digits(bounds[0]):
         return [bounds[0]]
-    if len(bounds) != 2 or not all(b.isdigit() for b in bounds) or int(bounds[0]) > int(bounds[1]):
+    if len(bounds) != 2 or not all(_digits(b) for b in bounds) or int(bounds[0]) > int(bounds[1]):
         raise InputError(f"bad range [{part}] in {value!r}", field=field)
     width = len(bounds[0]) if bounds[0].startswith("0") else 0
     return [str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1)]
@@ -89,3 +94,8 @@ def expand_ordered(pattern: str, *, field: str = "name") -> list[str]:
     inner = matches[0].group(1)
     count = sum(len(_expand_part(part, pattern, field)) for part in inner.split(","))
     return expand_value(pattern, count, field=field)
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only (``"¹".isdigit()`` is true, but ``int("¹")`` fails)."""
+    return text.isascii() and text.isdigit()

@@ -30,3 +30,13 @@ def test_value_count_mismatch() -> None:
         expand_value("x[1-2]", 3, field="ip")
     with pytest.raises(InputError, match="only one"):
         expand_value("x[1-2][1-2]", 4, field="ip")
+
+
+def test_fold_never_fails_on_odd_names() -> None:
+    # Used in error messages about unknown nodes, whatever a client sent.
+    assert fold(["a[", "b]c"]) == "a[,b]c"
+
+
+def test_non_ascii_digits_are_refused() -> None:
+    with pytest.raises(InputError, match="bad range"):
+        expand_value("10.0.0.[\u00b9-2]", 2, field="ip")

@@ -96,14 +96,14 @@ def _rights_grant(api: Kasched, params: dict[str, str], query: dict[str, str], b
 
 
 def _rights_revoke(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    if not params["id"].isdigit():
+    if not (params["id"].isascii() and params["id"].isdigit()):
         raise InputError(f"{params['id']!r} is not a grant id", field="id")
     return api.revoke(int(params["id"]))
 
 
 def _stats(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
     limit = query.get("limit", "1000")
-    if not limit.isdigit():
+    if not (limit.isascii() and limit.isdigit()):
         raise InputError(f"{limit!r} is not a whole number", field="limit")
     selection = StatsFilter(
         user=query.get("user"),

@@ -107,8 +107,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         length = self.headers.get("Content-Length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY:
-            self._send(Reply(413 if length.isdigit() else 400, {"error": "bad or too large Content-Length"}))
+        digits = length.isascii() and length.isdigit()
+        if not digits or int(length) > MAX_BODY:
+            self._send(Reply(413 if digits else 400, {"error": "bad or too large Content-Length"}))
             return
         body = self.rfile.read(int(length))
         self._send(self.server.app.handle(self.command, self.path, body, self.caller()))
