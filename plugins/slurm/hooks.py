@@ -112,18 +112,31 @@ def epilog(environ: Mapping[str, str]) -> int:
     return code or ended
 
 
-def job_state(job_id: str) -> str:
+STATE_SETTLE_SECONDS = 2.0  # how long the epilog waits for the exit status of a job scancel ended
+
+
+def job_state(job_id: str, settle: float = STATE_SETTLE_SECONDS) -> str:
     """How the job ended (COMPLETED, TIMEOUT, CANCELLED, NODE_FAIL...): the epilog's environment only has
-    an exit code, 0 after a walltime kill too."""
-    try:
-        job = slurmcli.job(job_id)
-    except KaschedError:
-        return ""
-    if job is None:
-        return ""
-    if job.base_state == "SIGNALED":
+    an exit code, 0 after a walltime kill too.
+
+    After ``scancel`` slurmctld runs EpilogSlurmctld at once, before the node reports that the batch
+    script died of SIGTERM (seen on Slurm 22.05: exit status 0, then 15 about 0.3 s later). A job that
+    looks like a plain exit 0 is read again for up to ``settle`` seconds; only deploy jobs pay it."""
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            job = slurmcli.job(job_id)
+        except KaschedError:
+            return ""
+        if job is None:
+            return ""
+        state = job.base_state
+        if state != "COMPLETING" or job.exit_status or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if state == "SIGNALED":
         return f"SIGNALED {job.exit_status & 0x7F}"
-    return job.base_state
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:
