@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from kasched.jobs import JobEnd, JobInfo
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of ``kasched doctor``: what was checked, whether it is fine, and what was found."""
+
+    what: str
+    ok: bool
+    detail: str
 
 
 class SchedulerAdapter(ABC):
@@ -29,3 +39,14 @@ class SchedulerAdapter(ABC):
     def is_deploy_job(self, job: JobInfo) -> bool:
         """Whether the job asked to deploy its nodes; only deploy jobs get a grant. By default, all."""
         return True
+
+    def running_jobs(self, cluster: str) -> set[str] | None:
+        """Ids of the jobs this scheduler runs now on ``cluster`` (deploy or not), for ``kasched
+        reconcile``. None when it cannot tell (scheduler not installed or unreachable, or another
+        cluster): reconcile then leaves that scheduler's grants alone, it never guesses."""
+        return None
+
+    def doctor(self) -> list[Check]:
+        """``kasched doctor``: this scheduler's state as kasched sees it (which client library or command
+        it uses, whether the prolog/epilog are configured). Empty when there is nothing to check."""
+        return []
