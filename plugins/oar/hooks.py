@@ -1,0 +1,113 @@
+"""OAR's SERVER_PROLOGUE_EXEC_FILE / SERVER_EPILOGUE_EXEC_FILE: ``python -m kasched_oar.hooks prologue|epilogue ID``.
+
+OAR puts the job in Error **and stops every queue** (until ``oarnotify -E``) when a server hook exits
+non-zero or runs past SERVER_PROLOGUE_EPILOGUE_TIMEOUT (60 s by default). So both hooks always exit 0,
+and call kasched with a timeout below OAR's (KASCHED_OAR_HOOK_TIMEOUT, default 40 s):
+
+prologue: reads the job once (API or oarstat). Not a deploy job, or unreadable: nothing to do (an
+unreadable job gets no grant, so its user cannot deploy: safe). A deploy job: ``kasched job start``;
+if that fails (database down, node unknown...), the job is cancelled with ``oardel`` rather than run
+without a grant, and the prologue still exits 0. epilogue: for a deploy job, ``kasched job end`` (the
+grant is revoked and the nodes reverted); if that fails, the grant stays until ``kasched reconcile``
+finds the job gone. One line per action on stdout (the wrapper keeps it in a log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+from kasched_oar.oarjobs import OarError, OarJob, OarSettings, read_job, run
+from kasched_oar.plugin import JOB_JSON
+
+DEFAULT_TIMEOUT = 40.0
+NOT_FOUND = 3  # kasched's exit code for a missing grant
+
+
+def hook_timeout(environ: Mapping[str, str]) -> float:
+    try:
+        return max(1.0, float(environ.get("KASCHED_OAR_HOOK_TIMEOUT") or DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def kasched(action: str, job: OarJob, environ: Mapping[str, str]) -> tuple[int, str]:
+    """Run ``kasched job start|end --scheduler oar -- ID`` with the job passed along; exit code, output."""
+    command = [*environ.get("KASCHED", "kasched").split(), "job", action, "--scheduler", "oar", "--", job.job_id]
+    env = {**environ, JOB_JSON: json.dumps(job.as_dict())}
+    timeout = hook_timeout(environ)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd="/")
+    except OSError as error:
+        return 1, f"{command[0]}: {error.strerror}"
+    except subprocess.TimeoutExpired:
+        return 1, f"kasched job {action} did not finish within {timeout:.0f} s"
+    return done.returncode, " / ".join((done.stdout + done.stderr).split("\n")).strip(" /")
+
+
+def prologue(job_id: str, environ: Mapping[str, str]) -> None:
+    settings = OarSettings.from_environ(environ)
+    try:
+        job = read_job(job_id, settings)
+    except OarError as error:
+        print(f"job {job_id}: not readable, no grant: {error}")
+        return
+    if not job.is_deploy:
+        print(f"job {job_id}: not a deploy job ({','.join(job.types) or 'no types'}), nothing to do")
+        return
+    code, output = kasched("start", job, environ)
+    print(f"job {job_id}: {output or f'kasched job start exit {code}'}")
+    if code != 0:
+        cancel(job_id, settings)
+
+
+def cancel(job_id: str, settings: OarSettings) -> None:
+    """A deploy job without its grant must not run: oardel (as oar, OAR's admin) instead of exit 1."""
+    try:
+        run(["oardel", job_id], settings.timeout)
+    except OarError as error:
+        print(f"job {job_id}: no grant, and oardel failed: {error}")
+        return
+    print(f"job {job_id}: no grant: cancelled with oardel")
+
+
+def epilogue(job_id: str, environ: Mapping[str, str]) -> None:
+    settings = OarSettings.from_environ(environ)
+    try:
+        job = read_job(job_id, settings)
+    except OarError as error:  # a grant of this job, if any, is revoked all the same
+        print(f"job {job_id}: not readable ({error}); revoking its grant if it has one")
+        job = OarJob(job_id, "", "", (), None, ("deploy",))
+    if not job.is_deploy:
+        print(f"job {job_id}: not a deploy job, nothing to do")
+        return
+    code, output = kasched("end", job, environ)
+    if code == NOT_FOUND:
+        print(f"job {job_id}: had no grant ({output})")
+    elif code != 0:
+        print(f"job {job_id}: revoking failed, kasched reconcile will: {output}")
+    else:
+        print(f"job {job_id}: {output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in ("prologue", "epilogue") or not args[1].isdigit():
+        print("usage: python -m kasched_oar.hooks prologue|epilogue JOB_ID", file=sys.stderr)
+        return 0  # OAR would stop all queues on anything else
+    started = time.monotonic()
+    hook = prologue if args[0] == "prologue" else epilogue
+    try:
+        hook(args[1], os.environ)
+    except Exception as error:  # never block OAR's queues, whatever happened
+        print(f"job {args[1]}: {args[0]} failed: {type(error).__name__}: {error}")
+    print(f"job {args[1]}: {args[0]} done in {time.monotonic() - started:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
