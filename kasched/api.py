@@ -19,6 +19,7 @@ from kasched.builtin.drivers import BuiltinDrivers
 from kasched.builtin.grant_keeper import GrantKeeper
 from kasched.builtin.history import History
 from kasched.builtin.journal import Journal
+from kasched.builtin.reclaimer import Reclaimer
 from kasched.bus import Bus
 from kasched.config import Config
 from kasched.db import Database
@@ -55,6 +56,7 @@ class Kasched:
         bus.register(GrantKeeper(database, config, bus), "grant-keeper")
         bus.register(History(database), "history")
         bus.register(Journal(), "journal")
+        bus.register(Reclaimer(database, config, bus), "reclaimer")
         bus.register(BuiltinDrivers(), "drivers")
         return cls(config, database, bus, caller or Caller.current(config.admin_group))
 

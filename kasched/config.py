@@ -34,6 +34,7 @@ class Config:
     max_grant_hours: float = 24 * 7
     reboot_timeout: float = 120.0
     disabled_plugins: tuple[str, ...] = ()
+    revert_at_job_end: bool = True
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +102,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}{key}: expected a positive number")
         return float(value)
+    if key == "revert_at_job_end":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}{key}: expected true or false")
+        return value
     if key == "disabled_plugins":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}{key}: expected a list of plugin names")

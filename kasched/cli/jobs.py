@@ -4,11 +4,13 @@ from the hook's environment and arguments by the adapters the scheduler plugins 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from typing import Any
 
 from kasched.cli.common import Context
-from kasched.errors import InputError
+from kasched.errors import InputError, PermissionDenied
 from kasched.nodeset import fold
 from kasched.schedulers import SchedulerAdapter
 
@@ -24,9 +26,30 @@ def register(subparsers: Any) -> None:
         sub.add_argument("--scheduler", help="the scheduler (default: recognised from the environment)")
         sub.add_argument("hook_args", nargs="*", metavar="ARG", help="the arguments the scheduler gave the hook")
         sub.set_defaults(handler=handler)
+    reclaim = commands.add_parser("reclaim", help="revert the nodes of an ended job (the epilog starts it)")
+    reclaim.add_argument("grant", type=_grant_id, help="the id of the job's revoked grant")
+    reclaim.add_argument("--wait", type=float, default=600.0, help="seconds to wait for cancelled operations")
+    reclaim.set_defaults(handler=job_reclaim)
+
+
+def _grant_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a grant id")
+    return int(text)
+
+
+def _hook_output() -> None:
+    """What the built-in plugins report during a hook (e.g. nodes being reverted) goes to the hook's
+    output, which the scheduler keeps in its log."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("kasched")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def job_start(args: argparse.Namespace, context: Context) -> int:
+    _hook_output()
     adapter = _adapter(args, context)
     job = adapter.job_started(os.environ, args.hook_args)
     if not adapter.is_deploy_job(job):
@@ -41,11 +64,42 @@ def job_start(args: argparse.Namespace, context: Context) -> int:
 
 
 def job_end(args: argparse.Namespace, context: Context) -> int:
+    _hook_output()
     adapter = _adapter(args, context)
     end = adapter.job_ended(os.environ, args.hook_args)
     grant = context.api.job_ended(end)
     print(f"grant {grant.id} of {adapter.name} job {end.job_id} revoked: {grant.user} on {fold(grant.nodes)}")
     return 0
+
+
+def job_reclaim(args: argparse.Namespace, context: Context) -> int:
+    """Wait for the cancelled operations to stop, then revert the grant's nodes that are not back."""
+    from kasched.api import Kasched
+    from kasched.deploy import reclaim
+    from kasched.deploy.operations import Operations
+
+    api = context.api
+    if not isinstance(api, Kasched):
+        raise InputError("'kasched job reclaim' runs beside the database: set KASCHED_DIRECT=1", field="service")
+    if not api.caller.is_admin:
+        raise PermissionDenied("only an admin (or the epilog) gives a job's nodes back")
+    with api.database.session() as session:
+        user, nodes = reclaim.revoked_grant_nodes(session, args.grant)
+    busy = reclaim.wait_not_busy(api.database.session, nodes, args.wait)
+    if busy:
+        print(f"grant {args.grant}: {fold(busy)} still busy after {args.wait:g} s: left as they are")
+    with api.database.session() as session:
+        states = reclaim.node_states(session, nodes)
+    todo = [n for n in nodes if n in states and states[n] not in reclaim.SETTLED and n not in busy]
+    if not todo:
+        print(f"grant {args.grant}: nothing to revert")
+        return 1 if busy else 0
+    print(f"grant {args.grant}: reverting {fold(todo)} (job of {user})", flush=True)
+    result = Operations(api).revert(todo)
+    for node, outcome in result.outcomes.items():
+        print(f"{node}: {'ok' if outcome.ok else 'failed'} in {outcome.duration:.1f} s {outcome.error or ''}".rstrip())
+    print(f"revert {result.deployment_id}: {result.state}")
+    return 0 if not result.failed and not busy else 1
 
 
 def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:

@@ -1,0 +1,58 @@
+"""Built-in plugin: gives a job's nodes back when its grant is revoked at the job's end.
+
+The user's running operations on the nodes are cancelled at once; the nodes that left the reference
+environment are reverted by ``kasched job reclaim GRANT``, started in the background, so that the
+scheduler's epilog returns quickly (see :mod:`kasched.deploy.reclaim`). Grants made by hand by an
+admin (``kasched rights grant``) are left alone: no job ended. ``revert_at_job_end: false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kasched.bus import Bus
+from kasched.config import Config
+from kasched.db import Database
+from kasched.deploy import reclaim
+from kasched.errors import KaschedError
+from kasched.hookspecs import hookimpl
+from kasched.jobs import Notification
+from kasched.nodeset import fold
+from kasched.views import GrantView
+
+log = logging.getLogger("kasched")
+HAND_MADE = "admin"  # the scheduler name of grants made with 'kasched rights grant'
+
+
+class Reclaimer:
+    def __init__(self, database: Database, config: Config, bus: Bus) -> None:
+        self.database = database
+        self.config = config
+        self.bus = bus
+
+    @hookimpl
+    def kasched_grant_revoked(self, grant: GrantView, reason: str) -> None:
+        if not self.config.revert_at_job_end or grant.scheduler == HAND_MADE:
+            return
+        try:
+            self._reclaim(grant)
+        except (KaschedError, OSError) as error:  # never fail the epilog: the grant is revoked already
+            self._tell(grant, f"cannot start giving back {fold(grant.nodes)}: {error}", "error")
+
+    def _reclaim(self, grant: GrantView) -> None:
+        with self.database.session() as session:
+            todo = reclaim.plan(session, grant.id, grant.user, grant.nodes)
+        if todo.cancelled:
+            self._tell(grant, f"cancelling {grant.user}'s running operations {', '.join(todo.cancelled)}")
+        if not todo.to_revert:
+            log.info("job %s ended: %s never left the reference environment", grant.job, fold(grant.nodes) or "none")
+            return
+        pid = reclaim.spawn(self.config, grant.id)
+        self._tell(
+            grant,
+            f"reverting {fold(todo.to_revert)} in the background (pid {pid}, "
+            f"log {reclaim.log_path(self.config, grant.id)})",
+        )
+
+    def _tell(self, grant: GrantView, body: str, severity: str = "info") -> None:
+        self.bus.notify(Notification(subject=f"job {grant.job} ended", body=body, severity=severity, user=grant.user))

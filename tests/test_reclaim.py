@@ -1,0 +1,131 @@
+"""Giving a job's nodes back at its end: the epilog revokes the grant, cancels the user's running
+operations, and starts ``kasched job reclaim`` in the background for the nodes that left the reference
+environment. Real prolog/epilog processes; the revert itself runs on the lab in tests/e2e."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kasched.api import Kasched
+from kasched.config import load
+from kasched.deploy import records
+from kasched.models import NodeState
+from tests import test_cli
+from tests.conftest import EXAMPLES, ROOT, write
+from tests.test_cli import Run, one_line_error
+
+site, run = test_cli.site, test_cli.run  # the CLI tests' fixtures: a SQLite site, the CLI in-process
+
+BIN = Path(sys.executable).parent
+
+
+def hook_env(job: str, nodes: str) -> dict[str, str]:
+    return {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "KASCHED_CONFIG": os.environ["KASCHED_CONFIG"],
+        "KASCHED": str(BIN / "kasched"),
+        "SLURM_JOB_ID": job,
+        "SLURM_JOB_USER": "alice",
+        "SLURM_JOB_NODELIST": nodes,
+        "SLURM_CLUSTER_NAME": "demo",
+        "SLURM_SCRIPT_CONTEXT": "prolog_slurmctld",
+        "SLURM_JOB_CONSTRAINTS": "deploy",
+    }
+
+
+def hook(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    context = "prolog_slurmctld" if "prolog" in script else "epilog_slurmctld"
+    done = subprocess.run(
+        [str(ROOT / script)], env={**env, "SLURM_SCRIPT_CONTEXT": context}, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def wait_for_file_text(path: Path, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.2)
+    raise AssertionError(f"{path}: no {text!r} after {timeout} s: {path.read_text() if path.exists() else 'none'}")
+
+
+def test_untouched_nodes_need_no_revert(run: Run, site: Path) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = hook_env("21", "node-[1-2]")
+    hook("prolog/kasched-prolog", env)
+    ended = hook("epilog/kasched-epilog", env)
+    assert "node-[1-2] never left the reference environment" in ended.stdout
+    assert not (site / "state" / "reclaim").exists(), "no background revert was started"
+
+
+def test_job_end_cancels_operations_and_reverts_in_background(run: Run, site: Path) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = hook_env("22", "node-[1-3]")
+    hook("prolog/kasched-prolog", env)
+    run("nodes", "set-state", "-m", "node-2", "deployed")
+    api = Kasched.open(load())
+    try:
+        with api.database.session() as session:  # alice's deployment on node-3, still running
+            deployment = records.start(session, "deploy", "alice", "mine", ["node-3"], NodeState.DEPLOYING)
+    finally:
+        api.close()
+    started = time.monotonic()
+    ended = hook("epilog/kasched-epilog", env)
+    returned_in = time.monotonic() - started
+    assert f"cancelling alice's running operations {deployment}" in ended.stdout
+    found = re.search(r"reverting (\S+) in the background \(pid (\d+), log (\S+)\)", ended.stdout)
+    assert found, ended.stdout
+    assert found.group(1) == "node-[2-3]", "node-1 never left the reference environment"
+    assert returned_in < 30, "the epilog does not wait for the revert"
+    api = Kasched.open(load())
+    try:
+        with api.database.session() as session:
+            assert records.cancel_requested(session, deployment)
+            # The cancelled operation stops: its process releases the node (here, by hand).
+            records.finish(session, deployment, {"node-3": NodeState.DEPLOY_FAILED}, None, cancelled=True)
+    finally:
+        api.close()
+    # The background reclaim waited for node-3, then tried the revert: this site has no reference
+    # environment, which it says in one line (the lab tests run the real revert).
+    log = wait_for_file_text(Path(found.group(3)), "reference environment")
+    assert "reverting node-[2-3] (job of alice)" in log or "no reference environment" in log, log
+    assert "Traceback" not in log
+
+
+def test_reclaim_refuses_active_grants_and_users(run: Run, site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    run("rights", "grant", "-u", "alice", "-m", "node-1", "--hours", "1", "--job", "j9")
+    monkeypatch.setenv("KASCHED_DIRECT", "1")
+    code, _, err = run("job", "reclaim", "1")
+    assert code != 0
+    one_line_error(err, "grant 1 is active: its job still runs")
+    code, _, err = run("job", "reclaim", "7")
+    one_line_error(err, "no grant 7")
+    with pytest.raises(SystemExit) as usage:
+        run("job", "reclaim", "x1")
+    assert usage.value.code == 2
+
+
+def test_revert_at_job_end_can_be_turned_off(run: Run, site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(site / "off.yaml", f"site: t\nstate_dir: {site / 'state'}\nrevert_at_job_end: false\n")
+    monkeypatch.setenv("KASCHED_CONFIG", str(config))
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = hook_env("23", "node-1")
+    hook("prolog/kasched-prolog", env)
+    run("nodes", "set-state", "-m", "node-1", "deployed")
+    ended = hook("epilog/kasched-epilog", env)
+    assert "revoked" in ended.stdout and "reverting" not in ended.stdout
+    bad = write(site / "bad.yaml", "site: t\nrevert_at_job_end: sometimes\n")
+    code, _, err = run("--config", str(bad), "config", "check")
+    assert code == 2
+    one_line_error(err, "revert_at_job_end: expected true or false")
