@@ -1,0 +1,89 @@
+"""What kasched reads from PBS's own commands: running jobs from ``qstat -f -F json -t`` (for ``kasched
+reconcile``) and the hook and resource definitions from ``qmgr`` (for ``kasched doctor``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+from kasched.schedulers import Check
+
+COMMAND_TIMEOUT = 30.0
+# Job states that hold nodes: Running, Exiting, Suspended, User-suspended, Begun (a job array).
+HOLDING_NODES = {"R", "E", "S", "U", "B"}
+HOOK_NAME = "kasched"
+HOOK_EVENTS = {"queuejob", "runjob", "endjob"}
+
+
+def run(command: list[str]) -> str | None:
+    """The command's standard output, or None if it could not be run or failed."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def running_jobs(cluster: str, qstat: str | None = None) -> set[str] | None:
+    command = qstat or shutil.which("qstat")
+    if not command:
+        return None
+    output = run([command, "-f", "-F", "json", "-t"])
+    return None if output is None else jobs_holding_nodes(output, cluster)
+
+
+def jobs_holding_nodes(qstat_json: str, cluster: str) -> set[str] | None:
+    """Ids of the jobs of ``qstat -f -F json`` output that hold nodes now; None if the output is not
+    readable or is another server's (``cluster`` is the PBS server's name, full or short)."""
+    try:
+        status = json.loads(qstat_json)
+    except ValueError:
+        return None
+    if not isinstance(status, dict):
+        return None
+    server = str(status.get("pbs_server", ""))
+    if cluster not in (server, server.split(".")[0]):
+        return None
+    jobs = status.get("Jobs") or {}
+    if not isinstance(jobs, dict):
+        return None
+    return {job_id for job_id, job in jobs.items() if isinstance(job, dict) and job.get("job_state") in HOLDING_NODES}
+
+
+def server_checks(qmgr: str) -> list[Check]:
+    hook = run([qmgr, "-c", f"list hook {HOOK_NAME}"])
+    checks = [hook_check(hook)]
+    for resource, kind in (("deploy", "boolean"), ("kasched_env", "string")):
+        listing = run([qmgr, "-c", f"list resource {resource}"])
+        attributes = qmgr_attributes(listing or "")
+        ok = attributes.get("type") == kind
+        create = f'qmgr -c "create resource {resource} type={kind}"'
+        detail = f"type = {kind}" if ok else f"missing or not {kind}: {create}"
+        checks.append(Check(f"PBS resource {resource}", ok, detail))
+    return checks
+
+
+def hook_check(listing: str | None) -> Check:
+    """Whether ``qmgr -c "list hook kasched"`` shows the hook enabled for its three events."""
+    what = f"PBS hook {HOOK_NAME}"
+    if listing is None:
+        return Check(what, False, "not found (qmgr list hook failed): see docs/pbs.md to import it")
+    attributes = qmgr_attributes(listing)
+    events = {e.strip() for e in attributes.get("event", "").split(",") if e.strip()}
+    if attributes.get("enabled", "").lower() != "true":
+        return Check(what, False, "disabled: qmgr -c \"set hook kasched enabled = true\"")
+    if not events >= HOOK_EVENTS:
+        missing = ",".join(sorted(HOOK_EVENTS - events))
+        return Check(what, False, f"events {','.join(sorted(events)) or 'none'}; missing {missing}")
+    return Check(what, True, f"enabled for {','.join(sorted(events))}, alarm {attributes.get('alarm', '?')} s")
+
+
+def qmgr_attributes(listing: str) -> dict[str, str]:
+    """``name = value`` lines of a qmgr ``list`` output."""
+    attributes: dict[str, str] = {}
+    for line in listing.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep:
+            attributes[name.strip()] = value.strip()
+    return attributes

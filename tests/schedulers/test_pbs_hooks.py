@@ -1,0 +1,300 @@
+"""kasched's PBS server hook (plugins/pbs/hooks/kasched_pbs_hook.py), run as pbs_server runs a hook but
+with a STAND-IN of PBS's ``pbs`` module (pbs_standin/pbs.py): no PBS server could be installed here.
+Each test runs the real hook script in its own process against a real kasched site (SQLite in a
+temporary directory) through the real ``kasched`` command, and checks the grant and what PBS would do
+(accept, or reject with the message the job's comment would show), and that the server log gets one
+clear line and never a traceback. Also: the adapter's reading of ``qstat -f -F json`` output, from a
+hand-written sample of its documented format (pbs_samples/, not recorded from a real PBS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kasched_pbs import pbscli
+from kasched_pbs.plugin import PbsAdapter, end_reason
+
+from tests.conftest import EXAMPLES, ROOT, write
+from tests.test_cli import unix_user
+
+HOOK = ROOT / "plugins/pbs/hooks/kasched_pbs_hook.py"
+STANDIN = Path(__file__).parent / "pbs_standin"
+SAMPLE = Path(__file__).parent / "pbs_samples/qstat-f-F-json.handwritten-sample.json"
+KASCHED = Path(sys.executable).parent / "kasched"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+class Site:
+    """A kasched site, the hook's configuration file, and the way to run the hook as PBS would."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.config = write(
+            directory / "kasched.yaml", f"site: t\nstate_dir: {directory / 'state'}\nadmin_group: kasched-test-admins\n"
+        )
+        self.hook_config = directory / "kasched_pbs_hook.json"
+        self.configure()
+
+    def configure(self, **changes: Any) -> None:
+        values = {
+            "kasched": str(KASCHED),
+            "kasched_config": str(self.config),
+            "timeout": 30,
+            "path": f"{KASCHED.parent}:/usr/bin:/bin",
+            **changes,
+        }
+        self.hook_config.write_text(json.dumps(values))
+        self.hook_config.chmod(0o644)
+
+    def kasched(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KASCHED_CONFIG": str(self.config)}
+        return subprocess.run([str(KASCHED), *args], capture_output=True, text=True, env=env, timeout=60)
+
+    def run_hook(self, event: str, job: dict[str, Any], as_user: str | None = None) -> dict[str, Any]:
+        description = self.directory / f"event-{event}.json"
+        description.write_text(json.dumps({"type": event, "job": job, "server": "pbs-server",
+                                           "hook_config": str(self.hook_config)}))
+        description.chmod(0o644)
+        command = [sys.executable, str(STANDIN / "run_hook.py"), str(description), str(HOOK)]
+        if as_user:
+            entry = unix_user(as_user)
+            command[0] = SYSTEM_PYTHON  # this venv's Python may live where other users cannot reach it
+            command = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", *command]
+        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}  # pbs_server gives its hooks a bare environment
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        assert result["unhandled"] is None, result["unhandled"]
+        assert all("Traceback" not in line for _, line in result["log"]), result["log"]
+        return result
+
+    def grants(self) -> list[dict[str, Any]]:
+        done = self.kasched("rights", "--all", "--json")
+        assert done.returncode == 0, done.stderr
+        return [g for g in json.loads(done.stdout) if g["scheduler"] == "pbs"]
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    base = Path(tempfile.mkdtemp(prefix="kasched-pbs-"))
+    base.chmod(0o755)
+    directory = base / "site"
+    directory.mkdir()
+    directory.chmod(0o777)
+    if not KASCHED.exists():
+        pytest.fail("the kasched command is not installed in this Python's environment (run scripts/setup.sh)")
+    made = Site(directory)
+    imported = made.kasched("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    assert imported.returncode == 0, imported.stderr
+    yield made
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def deploy_job(job_id: str = "41.pbs-server", **changes: Any) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "id": job_id,
+        "euser": "alice",
+        "Job_Owner": "alice@login1",
+        "queue": "workq",
+        "exec_vnode": "(node-1:ncpus=8:mem=4gb)+(node-2:ncpus=8:mem=4gb)",
+        "Resource_List": {"deploy": True, "kasched_env": "debian12", "walltime": "1:30:00", "select": "2:ncpus=8"},
+    }
+    job.update(changes)
+    return job
+
+
+def log_text(result: dict[str, Any]) -> str:
+    return "\n".join(line for _, line in result["log"])
+
+
+def test_deploy_job_is_granted_at_run_and_revoked_at_end(site: Site) -> None:
+    started = site.run_hook("runjob", deploy_job())
+    assert started["accepted"], started
+    assert "job 41.pbs-server: grant" in log_text(started) and "alice may deploy node-[1-2]" in log_text(started)
+    [grant] = site.grants()
+    assert grant["job_id"] == "41.pbs-server" and grant["user"] == "alice" and grant["active"]
+    assert sorted(grant["nodes"]) == ["node-1", "node-2"]
+    assert grant["environment_request"] == "debian12"
+    from datetime import datetime
+
+    lasts = datetime.fromisoformat(grant["expires_at"]) - datetime.fromisoformat(grant["created_at"])
+    assert abs(lasts.total_seconds() - 5400) < 120, lasts
+    assert site.kasched("rights", "check", "-u", "alice", "-m", "node-[1-2]").returncode == 0
+
+    ended = site.run_hook("endjob", deploy_job(Exit_status=271))
+    assert ended["accepted"], ended
+    assert "revoked" in log_text(ended)
+    [grant] = site.grants()
+    assert not grant["active"] and grant["revoked_at"]
+    assert "killed by signal 15" in json.dumps(grant), grant
+    assert site.kasched("rights", "check", "-u", "alice", "-m", "node-1").returncode == 5
+
+
+def test_other_jobs_are_accepted_without_kasched(site: Site) -> None:
+    site.configure(kasched="/nonexistent/kasched")  # would fail if the hook ran it
+    job = deploy_job("50.pbs-server", Resource_List={"walltime": "00:10:00", "select": "1:ncpus=1"})
+    for event in ("queuejob", "runjob", "endjob"):
+        result = site.run_hook(event, job)
+        assert result["accepted"] and result["reject_message"] is None, (event, result)
+        assert result["log"] == [], (event, result)
+    assert site.grants() == []
+    false_deploy = deploy_job("51.pbs-server", Resource_List={"deploy": False})
+    assert site.run_hook("runjob", false_deploy)["accepted"]
+
+
+def test_queuejob_makes_deploy_jobs_not_rerunnable(site: Site) -> None:
+    result = site.run_hook("queuejob", deploy_job(Rerunable=True))
+    assert result["accepted"] and result["job"]["Rerunable"] is False
+    other = site.run_hook("queuejob", deploy_job(Rerunable=True, Resource_List={}))
+    assert other["job"]["Rerunable"] is True
+
+
+def test_unknown_node_rejects_the_run_with_a_reason(site: Site) -> None:
+    result = site.run_hook("runjob", deploy_job(exec_vnode="(node-1:ncpus=1)+(gpu-9:ncpus=1)"))
+    assert not result["accepted"]
+    message = result["reject_message"]
+    assert message.startswith("kasched: kasched job start failed (exit ") and "gpu-9" in message, message
+    assert "\n" not in message
+    assert "job 41.pbs-server not run: " in log_text(result)
+    assert site.grants() == []
+
+
+def test_unreachable_database_rejects_the_run(site: Site) -> None:
+    unreachable = write(site.directory / "pg.yaml", "database: postgresql+psycopg://nobody:x@127.0.0.1:1/none\n")
+    unreachable.chmod(0o644)
+    site.configure(kasched_config=str(unreachable))
+    result = site.run_hook("runjob", deploy_job())
+    assert not result["accepted"]
+    message = result["reject_message"]
+    assert message.startswith("kasched: kasched job start failed (exit 7): "), message
+    assert "127.0.0.1:1" in message and "\n" not in message
+    ended = site.run_hook("endjob", deploy_job())
+    assert ended["accepted"]  # the job is over whatever happens; the admin reads the log
+    assert "job 41.pbs-server ended but its grant was not revoked: kasched job end failed (exit 7)" in log_text(ended)
+
+
+def test_corrupt_database_rejects_the_run_with_one_line(site: Site) -> None:
+    database = site.directory / "state" / "kasched.db"
+    for extra in ("-wal", "-shm"):
+        Path(f"{database}{extra}").unlink(missing_ok=True)
+    database.write_bytes(b"this is not an SQLite database" * 100)
+    result = site.run_hook("runjob", deploy_job())
+    assert not result["accepted"]
+    message = result["reject_message"]
+    assert message.startswith("kasched: kasched job start failed (exit "), message
+    assert "file is not a database" in message and "\n" not in message
+
+
+def test_missing_command_or_configuration_rejects_the_run(site: Site) -> None:
+    site.configure(kasched=str(site.directory / "no-such-kasched"))
+    result = site.run_hook("runjob", deploy_job())
+    assert not result["accepted"]
+    assert result["reject_message"] == f"kasched: cannot run {site.directory / 'no-such-kasched'}: No such file or directory"
+    site.hook_config.write_text("{not json")
+    result = site.run_hook("runjob", deploy_job())
+    assert not result["accepted"] and "cannot read the hook configuration" in result["reject_message"]
+
+
+def test_kasched_that_does_not_answer_is_killed_and_the_run_rejected(site: Site) -> None:
+    hanging = write(site.directory / "hanging-kasched", "#!/bin/sh\nsleep 600 &\nsleep 600\n")
+    hanging.chmod(0o755)
+    site.configure(kasched=str(hanging), timeout=1)
+    result = site.run_hook("runjob", deploy_job())
+    assert not result["accepted"]
+    assert result["reject_message"] == "kasched: kasched job start did not answer within 1 s"
+    leftover = subprocess.run(["pgrep", "-f", str(hanging)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "the hook left kasched's processes behind"
+
+
+def test_end_of_a_job_whose_start_was_refused_is_quiet(site: Site) -> None:
+    result = site.run_hook("endjob", deploy_job("60.pbs-server"))
+    assert result["accepted"]
+    assert "job 60.pbs-server: had no grant" in log_text(result)
+    assert all(level != 1 for level, _ in result["log"])  # not an error
+
+
+def test_hook_run_by_a_non_admin_account_rejects_with_the_reason(site: Site) -> None:
+    """pbs_server runs server hooks as root; if the site runs kasched's hook under an account that is
+    not in kasched's admin_group, the deploy job is not run and the comment says why."""
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.fail(f"{SYSTEM_PYTHON} is needed to run kasched as another user")
+    state = site.directory / "state"
+    state.chmod(0o777)
+    for path in state.iterdir():
+        path.chmod(0o666)
+    packages = Path(sys.prefix) / f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+    start = f"import site, sys; site.addsitedir({json.dumps(str(packages))}); from kasched.cli import main; sys.exit(main())"
+    wrapper = write(site.directory / "kasched-as-user", f"#!/bin/sh\nexec {SYSTEM_PYTHON} -c '{start}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    site.configure(kasched=str(wrapper))
+    result = site.run_hook("runjob", deploy_job(), as_user="kasched-pbs")
+    assert not result["accepted"]
+    assert "only admins may record a job start" in result["reject_message"], result
+    assert site.grants() == []
+
+
+# --- The adapter -------------------------------------------------------------------------------------
+
+
+def test_adapter_reads_the_hook_environment() -> None:
+    adapter = PbsAdapter()
+    environ = {
+        "KASCHED_PBS_EVENT": "start", "PBS_JOBID": "41.pbs-server", "KASCHED_PBS_CLUSTER": "pbs-server",
+        "KASCHED_PBS_USER": "alice", "KASCHED_PBS_NODES": "node-1,node-2", "KASCHED_PBS_WALLTIME": "5400",
+        "KASCHED_PBS_ENV": "debian12", "KASCHED_PBS_DEPLOY": "true",
+    }
+    assert adapter.detect(environ, []) and not adapter.detect({"PBS_JOBID": "1"}, [])
+    job = adapter.job_started(environ, [])
+    assert (job.job_id, job.user, job.nodes, job.walltime, job.environment) == (
+        "41.pbs-server", "alice", ("node-1", "node-2"), 5400.0, "debian12")
+    assert adapter.is_deploy_job(job)
+    from kasched.errors import InputError
+
+    with pytest.raises(InputError, match="did not set KASCHED_PBS_NODES"):
+        adapter.job_started({**environ, "KASCHED_PBS_NODES": ""}, [])
+    with pytest.raises(InputError, match="not a list of vnode names"):
+        adapter.job_started({**environ, "KASCHED_PBS_NODES": "node-1,(node-2"}, [])
+    assert end_reason("0") == "job ended (exit 0)"
+    assert end_reason("271") == "killed by signal 15, e.g. qdel or walltime (exit 271)"
+    assert end_reason("-1") == "PBS could not run the job (exit -1)"
+    assert end_reason("") == "job ended"
+
+
+def test_running_jobs_from_qstat_json_sample() -> None:
+    text = SAMPLE.read_text()
+    assert pbscli.jobs_holding_nodes(text, "pbs-server") == {"41.pbs-server", "43[].pbs-server", "44.pbs-server"}
+    assert pbscli.jobs_holding_nodes(text, "other-cluster") is None
+    assert pbscli.jobs_holding_nodes("qstat: cannot connect", "pbs-server") is None
+    empty = json.dumps({"timestamp": 1, "pbs_version": "22.05.11", "pbs_server": "pbs-server.example.org"})
+    assert pbscli.jobs_holding_nodes(empty, "pbs-server") == set()
+
+
+def test_running_jobs_through_a_standin_qstat(tmp_path: Path) -> None:
+    qstat = write(tmp_path / "standin-qstat",
+                  f'#!/bin/sh\n[ "$*" = "-f -F json -t" ] || exit 2\ncat {SAMPLE}\n')
+    qstat.chmod(0o755)
+    assert pbscli.running_jobs("pbs-server", qstat=str(qstat)) == {"41.pbs-server", "43[].pbs-server", "44.pbs-server"}
+    failing = write(tmp_path / "failing-qstat", "#!/bin/sh\necho 'Connection refused' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    assert pbscli.running_jobs("pbs-server", qstat=str(failing)) is None
+    assert PbsAdapter().running_jobs("pbs-server") is None or shutil.which("qstat")
+
+
+def test_doctor_reads_qmgr_listings() -> None:
+    listing = "Hook kasched\n    type = site\n    enabled = true\n    event = queuejob,runjob,endjob\n    alarm = 30\n"
+    assert pbscli.hook_check(listing).ok
+    disabled = pbscli.hook_check(listing.replace("enabled = true", "enabled = false"))
+    assert not disabled.ok and "enabled = true" in disabled.detail
+    no_end = pbscli.hook_check(listing.replace(",endjob", ""))
+    assert not no_end.ok and "missing endjob" in no_end.detail
+    assert not pbscli.hook_check(None).ok
+    if not shutil.which("qstat") and not shutil.which("qmgr"):
+        assert PbsAdapter().doctor() == []
