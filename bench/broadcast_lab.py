@@ -1,14 +1,19 @@
-"""Broadcast on the lab, over shaped links: the chain against every node fetching from one HTTP
-server (what Warewulf, Ironic and MAAS do), measured side by side in one run.
+"""Broadcast on the lab, over shaped links: kasched's chain, every node fetching from one HTTP server
+(what Warewulf, Ironic and MAAS do), TakTuk (a chain, ``-d 1``, and its default adaptive tree) and
+udpcast (multicast), measured side by side in one run.
 
-    .venv/bin/python bench/broadcast_lab.py [--nodes 1,4,8] [--size-mib 48] [--link 100]
+    .venv/bin/python bench/broadcast_lab.py [--nodes 1,8] [--size-mib 48] [--link 100] [--quick]
+    .venv/bin/python bench/broadcast_lab.py --nodes 1,8,32,64 --size-mib 48      # the full run
 
-Builds a lab (``benchbc``) whose node links are shaped to ``--link`` Mbit/s; the server has one link
-of that rate too (the chain's source and the HTTP server both send at most that rate in all). It
-boots the nodes into the deployment system, then for each N: the chain broadcast of a random image
-to N nodes (each hashing it and discarding it), and N nodes fetching it at once over HTTP from the
-lab host (each hashing it). Prints times, efficiency E = (size / time) / link rate, T(N)/T(1) and the
-HTTP/chain ratio. Removes the lab at the end.
+Builds a lab (``kbcast``) whose node links are shaped to ``--link`` Mbit/s, boots the nodes into the
+deployment system and puts TakTuk (with Perl and an SSH client) and udpcast into it (``labkit``).
+The server (10.77.0.1, the lab host) sends at most the link rate in all: the chain's source and TakTuk's
+root feed one node's link, the HTTP server is throttled to one link in Python, udp-sender is given
+``--max-bitrate`` 95 % of the link. For each N, each method sends a random image to N nodes, each
+hashing it and discarding it. Every time counts the whole operation from the server's side,
+including starting the remote programs over SSH. Prints per method the time, E = (size / time) / link
+rate, T(N)/T(1), the time against the chain's, and for the chain its startup (agents over SSH) and
+stream phases; then ``RATIO`` lines. Removes the lab at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -18,63 +23,31 @@ import http.server
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import yaml  # noqa: E402
+import labkit
+from labkit import LabRun, ratio_line
 
-from kasched.deploy.nodes import NodeShell  # noqa: E402
-from kasched.engine.chain import BroadcastOptions, ChainNode  # noqa: E402
-from kasched.engine.chain_ssh import broadcast_over_ssh  # noqa: E402
-from kasched.engine.ssh_session import SshAuth  # noqa: E402
-from kasched.lab.system import inside_netns  # noqa: E402
+from kasched.deploy.nodes import NodeShell
+from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
+from kasched.engine.chain_ssh import start_agents
+from kasched.engine.ssh_session import SshAuth
+from kasched.lab.system import inside_netns
+from kasched.lab.topology import LabPlan
 
-LAB = "benchbc"
-KASCHED = [sys.executable, "-m", "kasched"]
+LAB = "kbcast"
+METHODS = ("chain", "http", "taktuk-chain", "taktuk-tree", "udpcast")
 FETCH = (
     'python3 -c "import hashlib,urllib.request;h=hashlib.sha256();'
-    "r=urllib.request.urlopen('{url}',timeout=300)\n"
+    "r=urllib.request.urlopen('{url}',timeout=900)\n"
     'while (c:=r.read(1<<20)): h.update(c)\nprint(h.hexdigest())"'
 )
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(list(args), capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:5])}: {done.stderr.strip()[-500:]}")
-    return done.stdout
-
-
-def boot_deploy_system(lab: Path, nodes: list[str], work: Path) -> None:
-    """Every node into the deployment system, through kasched itself (IPMI, PXE), as root/admin."""
-    config = work / "kasched.yaml"
-    data = yaml.safe_load((lab / "kasched.yaml").read_text())
-    data["state_dir"] = str(work / "state")
-    config.write_text(yaml.safe_dump(data))
-    env = {"KASCHED_CONFIG": str(config), "KASCHED_DIRECT": "1", "PYTHONPATH": str(REPO)}
-    run(*KASCHED, "nodes", "import", str(lab / "inventory.yaml"), env=env)
-    run(
-        *KASCHED,
-        "lab",
-        "exec",
-        "--name",
-        LAB,
-        "--",
-        *KASCHED,
-        "reboot",
-        "--level",
-        "hard",
-        "--to",
-        "deploy",
-        "-m",
-        ",".join(nodes),
-        env=env,
-    )
 
 
 class ServerLink:
@@ -108,91 +81,127 @@ def serve(directory: Path, address: str, link: ServerLink) -> http.server.Thread
     return server
 
 
+class Bench:
+    """One lab, one image; ``method(nodes)`` sends the image to those nodes and returns its phases."""
+
+    def __init__(self, labrun: LabRun, image: Path, link_mbit: int) -> None:
+        self.labrun, self.image, self.link_mbit = labrun, image, link_mbit
+        self.digest = subprocess.run(["sha256sum", str(image)], capture_output=True, text=True,
+                                     check=True).stdout.split()[0]  # fmt: skip
+        self.auth = SshAuth.from_key_file("root", str(labrun.key))
+        self.shell = NodeShell(labrun.key, labrun.addresses, window=64)
+        self.server = serve(image.parent, "10.77.0.1", ServerLink(link_mbit * 1e6 / 8))
+
+    def chain(self, nodes: list[dict], options: BroadcastOptions | None = None) -> dict[str, float]:
+        chain = [ChainNode(n["name"], f"{n['ip']}:7373", n["switch"], n["rack"]) for n in nodes]
+        started = time.monotonic()
+        with start_agents(chain, {n["name"]: n["ip"] for n in nodes}, self.auth, window=64) as launch:
+            agents_up = time.monotonic()
+            sent = broadcast(self.image, launch.ready, {"kind": "discard"}, options=options or BroadcastOptions())
+            streamed = time.monotonic()
+        failed = [f"{r.node}: {r.error}" for r in sent.values() if not r.ok] + list(launch.failed)
+        if failed:
+            raise SystemExit(f"chain failed: {failed[:4]}")
+        return {"startup": agents_up - started, "stream": streamed - agents_up, "total": time.monotonic() - started}
+
+    def http(self, nodes: list[dict]) -> dict[str, float]:
+        url = f"http://10.77.0.1:{self.server.server_address[1]}/{self.image.name}"
+        started = time.monotonic()
+        fetched = self.shell.run([n["name"] for n in nodes], FETCH.format(url=url), 1800)
+        self._check({name: r.value.stdout if r.value else r.error for name, r in fetched.items()}, "http")
+        return {"total": time.monotonic() - started}
+
+    def taktuk(self, nodes: list[dict], arity: str) -> dict[str, float]:
+        machines = [arg for n in nodes for arg in ("-m", n["ip"])]
+        command = labkit.in_lab(self.labrun, "taktuk", "-s", "-d", arity, "-c", self.labrun.ssh_connector(),
+                                *machines, "broadcast", "exec", "[", "sha256sum", "]", ";",
+                                "broadcast", "input", "file", "[", str(self.image), "]")  # fmt: skip
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        elapsed = time.monotonic() - started
+        outputs = [line for line in done.stdout.splitlines() if "output >" in line]
+        if len(outputs) != len(nodes) or any(self.digest not in line for line in outputs):
+            raise SystemExit(f"taktuk failed: {done.stdout[-600:]} {done.stderr[-300:]}")
+        return {"total": elapsed}
+
+    def udpcast(self, nodes: list[dict]) -> dict[str, float]:
+        receive = "udp-receiver --nokbd --interface eth0 --mcast-rdv-address 224.0.0.1 2>/dev/null | sha256sum"
+        sender = labkit.in_lab(self.labrun, "udp-sender", "--nokbd", "--interface", "sw1", "--mcast-rdv-address",
+                               "224.0.0.1", "--min-receivers", str(len(nodes)), "--max-bitrate",
+                               f"{int(self.link_mbit * 0.95)}m", "--file", str(self.image))  # fmt: skip
+        started = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            receivers = pool.submit(self.shell.run, [n["name"] for n in nodes], receive, 1800)
+            sent = subprocess.run(sender, capture_output=True, text=True, timeout=1800)
+            received = receivers.result()
+        if sent.returncode != 0:
+            raise SystemExit(f"udp-sender: {sent.stderr[-400:]}")
+        self._check({name: r.value.stdout if r.value else r.error for name, r in received.items()}, "udpcast")
+        return {"total": time.monotonic() - started}
+
+    def _check(self, outputs: dict[str, str], what: str) -> None:
+        wrong = {name: out for name, out in outputs.items() if self.digest not in (out or "")}
+        if wrong:
+            raise SystemExit(f"{what}: wrong or no checksum on {sorted(wrong)[:4]}: {list(wrong.values())[:2]}")
+
+    def runners(self) -> dict[str, Callable[[list[dict]], dict[str, float]]]:
+        return {
+            "chain": self.chain,
+            "http": self.http,
+            "taktuk-chain": lambda nodes: self.taktuk(nodes, "1"),
+            "taktuk-tree": lambda nodes: self.taktuk(nodes, "0"),
+            "udpcast": self.udpcast,
+        }
+
+
+def measure(labrun: LabRun, counts: list[int], methods: list[str], size_mib: int, link: int) -> None:
+    image = labrun.work / "image.bin"
+    image.write_bytes(os.urandom(size_mib << 20))
+    link_bytes = link * 1e6 / 8
+    print(f"image {size_mib} MiB, node links {link} Mbit/s, lab of {len(labrun.nodes)} nodes; "
+          "E = (size / time) / link rate\n", flush=True)  # fmt: skip
+    print(f"{'N':>3} {'method':<13} {'time s':>7} {'E':>5} {'T(N)/T(1)':>9} {'vs chain':>8}  phases")
+    first: dict[str, float] = {}
+    with inside_netns(labrun.netns):
+        bench = Bench(labrun, image, link)
+        runners = bench.runners()
+        for count in counts:
+            chain_time = None
+            for method in methods:
+                phases = runners[method](labrun.nodes[:count])
+                took = phases["total"]
+                first.setdefault(method, took)
+                chain_time = took if method == "chain" else chain_time
+                versus = f"{took / chain_time:8.2f}" if chain_time else f"{'':8}"
+                detail = (f"startup {phases['startup']:.2f} s, stream {phases['stream']:.2f} s "
+                          f"(E stream {image.stat().st_size / phases['stream'] / link_bytes:.2f})"
+                          if "startup" in phases else "")  # fmt: skip
+                print(f"{count:>3} {method:<13} {took:>7.2f} {image.stat().st_size / took / link_bytes:>5.2f} "
+                      f"{took / first[method]:>9.2f} {versus}  {detail}", flush=True)  # fmt: skip
+                if count == counts[-1]:
+                    print(ratio_line(f"{method} E N={count}", image.stat().st_size / took / link_bytes))
+                    print(ratio_line(f"{method} T({count})/T({counts[0]})", took / first[method]), flush=True)
+        bench.server.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", default="1,4,8")
+    parser.add_argument("--nodes", default="1,8", help="comma-separated N, e.g. 1,8,32,64")
     parser.add_argument("--size-mib", type=int, default=48)
     parser.add_argument("--link", type=int, default=100, help="node link rate, Mbit/s")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--quick", action="store_true", help="2 nodes, 8 MiB: a smoke run")
     args = parser.parse_args()
-    counts = [int(n) for n in args.nodes.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="kasched-bench-"))
-    lab = work / "lab"
-    run(*KASCHED, "lab", "down", "--name", LAB)
-    run(
-        *KASCHED,
-        "lab",
-        "up",
-        "--name",
-        LAB,
-        "--state-dir",
-        str(lab),
-        "--nodes",
-        str(max(counts)),
-        "--switches",
-        "2",
-        "--link",
-        f"{args.link}mbit",
-        "--uplink",
-        "10gbit",
-    )
-    try:
-        return measure(lab, work, counts, args)
-    finally:
-        run(*KASCHED, "lab", "down", "--name", LAB)
-
-
-def measure(lab: Path, work: Path, counts: list[int], args: argparse.Namespace) -> int:
-    inventory = yaml.safe_load((lab / "inventory.yaml").read_text())["clusters"][0]["nodes"]
-    names = [n["name"] for n in inventory]
-    boot_deploy_system(lab, names, work)
-    image = work / "image.bin"
-    image.write_bytes(os.urandom(args.size_mib << 20))
-    size = image.stat().st_size
-    key = lab / "ssh" / "id_ed25519"
-    auth = SshAuth.from_key_file("root", str(key))
-    link_bytes = args.link * 1e6 / 8
-    print(f"image {args.size_mib} MiB, node links {args.link} Mbit/s, 2 switches, lab of {len(names)} nodes\n")
-    print(
-        f"{'N':>3} {'chain s':>8} {'E chain':>8} {'T(N)/T(1)':>10} {'http s':>8} {'E http':>7} {'T(N)/T(1)':>10} "
-        f"{'http/chain':>11}"
-    )
-    first: dict[str, float] = {}
-    with inside_netns(f"kl-{LAB}"):
-        server = serve(work, "10.77.0.1", ServerLink(link_bytes))
-        shell = NodeShell(key, {n["name"]: n["ip"] for n in inventory})
-        for count in counts:
-            chosen = inventory[:count]
-            nodes = [ChainNode(n["name"], f"{n['ip']}:7373", n["switch"], n["rack"]) for n in chosen]
-            start = time.monotonic()
-            sent = broadcast_over_ssh(
-                image,
-                nodes,
-                {"kind": "discard"},
-                {n["name"]: n["ip"] for n in chosen},
-                auth,
-                options=BroadcastOptions(),
-            )
-            chain_time = time.monotonic() - start
-            if not sent.ok:
-                raise SystemExit(f"chain failed: {[r.error for r in sent.values() if not r.ok]}")
-            url = f"http://10.77.0.1:{server.server_address[1]}/image.bin"
-            start = time.monotonic()
-            fetched = shell.run([n["name"] for n in chosen], FETCH.format(url=url), 600)
-            http_time = time.monotonic() - start
-            if not fetched.ok:
-                raise SystemExit(f"http failed: {[r.error for r in fetched.values() if not r.ok]}")
-            first.setdefault("chain", chain_time)
-            first.setdefault("http", http_time)
-            print(
-                f"{count:>3} {chain_time:>8.2f} {size / chain_time / link_bytes:>8.2f} "
-                f"{chain_time / first['chain']:>10.2f} {http_time:>8.2f} {size / http_time / link_bytes:>7.2f} "
-                f"{http_time / first['http']:>10.2f} {http_time / chain_time:>11.2f}"
-            )
-        server.shutdown()
-    print(
-        "\nE counts the whole operation (agents started over SSH, the stream, the reports); "
-        "the HTTP fetches start over SSH too."
-    )
+    if args.quick:
+        args.nodes, args.size_mib = "1,2", 8
+    counts = sorted({int(n) for n in args.nodes.split(",")})
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    plan = LabPlan(LAB, nodes=max(counts), switches=max(1, min(4, max(counts) // 16)),
+                   link=f"{args.link}mbit", uplink="10gbit")  # fmt: skip
+    with labkit.lab_up(plan, extras=bool({"taktuk-chain", "taktuk-tree", "udpcast"} & set(methods))) as labrun:
+        measure(labrun, counts, methods, args.size_mib, args.link)
     return 0
 
 

@@ -68,6 +68,9 @@ class LabPlan:
     switches: int = 1
     link: str = "1gbit"
     uplink: str = "10gbit"
+    # names dealt round-robin over the switches (node-1 on sw1, node-2 on sw2...) instead of in
+    # blocks: name order then differs from cabling order (the topology benches)
+    interleave: bool = False
     nodes_list: tuple[NodePlan, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +86,12 @@ class LabPlan:
         object.__setattr__(self, "nodes_list", tuple(self._place_nodes()))
 
     def _place_nodes(self) -> list[NodePlan]:
+        if self.interleave:
+            return [
+                NodePlan(f"node-{index}", index, (index - 1) % self.switches + 1,
+                         (index - 1) // self.switches + 1, self.name)
+                for index in range(1, self.nodes + 1)
+            ]  # fmt: skip
         per_switch, extra = divmod(self.nodes, self.switches)
         placed, index = [], 0
         for switch in range(1, self.switches + 1):
@@ -108,4 +117,5 @@ class LabPlan:
             "switches": self.switches,
             "link": self.link,
             "uplink": self.uplink,
+            "interleave": self.interleave,
         }
