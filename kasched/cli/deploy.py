@@ -16,7 +16,9 @@ from typing import Any
 
 from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
-from kasched.errors import InputError
+from kasched.deploy.workflow import StepReport
+from kasched.errors import DatabaseError, InputError
+from kasched.models import utcnow
 from kasched.nodeset import expand, fold
 
 
@@ -140,15 +142,20 @@ def reboot_command(args: argparse.Namespace, context: Context) -> int:
 def power_command(args: argparse.Namespace, context: Context) -> int:
     from kasched.deploy.operations import Operations
 
-    results = Operations(context.api).power(job_nodes(args), args.action)
+    nodes = job_nodes(args)
+    if context.remote:  # the BMCs and their credentials are the service's
+        body = {"action": args.action, "nodes": ",".join(nodes)}
+        results = context.api.call("POST", "/v1/power", body=body)
+    else:
+        results = [r.as_dict() for r in Operations(context.api).power(nodes, args.action).values()]
     if args.json:
-        print_json([r.as_dict() for r in results.values()])
+        print_json(results)
     else:
         print_table(
             ["node", "result", "detail"],
-            [(r.node, "ok" if r.ok else "failed", r.value if r.ok else r.error) for r in results.values()],
+            [(r["node"], "ok" if r["ok"] else "failed", r["value"] if r["ok"] else r["error"]) for r in results],
         )
-    return 0 if results.ok else 1
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 def _run(args: argparse.Namespace, context: Context, operation: Any, count: int) -> int:
@@ -224,6 +231,7 @@ def _show_status(shown: Any, as_json: bool) -> int:
 # --- Through kaschedd: start, then follow the operation by polling its record ---------------------------
 
 POLL = 1.0
+RESTART_WAIT = 180.0  # how long the command waits for a kaschedd that stopped answering (a restart)
 
 
 def _deploy_remote(args: argparse.Namespace, context: Context) -> int:
@@ -255,18 +263,21 @@ def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any]
     print(
         f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})", file=sys.stderr
     )
+    view, seen = ProgressView(count), {}
     with cancellable() as cancel:
         asked = False
-        while True:
-            shown = api.call("GET", f"/v1/deployments/{operation_id}")
-            _show_poll(shown, count)
-            if shown["state"] != "running":
-                break
-            if cancel.is_set() and not asked:
-                api.call("POST", f"/v1/deployments/{operation_id}/cancel")
-                asked = True
-            time.sleep(POLL)
-    print(file=sys.stderr)
+        try:
+            while True:
+                shown = _poll(api, operation_id)
+                _show_poll(shown, view, seen)
+                if shown["state"] != "running":
+                    break
+                if cancel.is_set() and not asked:
+                    api.call("POST", f"/v1/deployments/{operation_id}/cancel")
+                    asked = True
+                time.sleep(POLL)
+        finally:
+            view.close()
     ok = [n for n, d in shown["nodes"].items() if d["ok"]]
     failed = [n for n, d in shown["nodes"].items() if not d["ok"]]
     _write_node_files(args, ok, failed)
@@ -281,11 +292,29 @@ def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any]
     return 0 if not failed else 1
 
 
-def _show_poll(shown: dict[str, Any], count: int) -> None:
-    steps: dict[str, int] = {}
-    for detail in shown["nodes"].values():
-        steps[detail["step"] or "waiting"] = steps.get(detail["step"] or "waiting", 0) + 1
-    errors = sum(1 for d in shown["nodes"].values() if d["error"])
-    text = "  ".join(f"{step} {number}/{count}" for step, number in steps.items())
-    sys.stderr.write(f"\r{shown['state']}: {text}  errors {errors}".ljust(78))
-    sys.stderr.flush()
+def _poll(api: Any, operation_id: str) -> dict[str, Any]:
+    """The operation's record. While kaschedd does not answer (it is restarting), keep asking for a
+    while: after a crash, the restarted service marks the operation interrupted, and that is shown."""
+    deadline, warned = time.monotonic() + RESTART_WAIT, False
+    while True:
+        try:
+            return api.call("GET", f"/v1/deployments/{operation_id}")
+        except DatabaseError as error:
+            if time.monotonic() > deadline:
+                raise
+            if not warned:
+                print(f"\nkasched: {error}; waiting for it to come back", file=sys.stderr)
+                warned = True
+            time.sleep(POLL)
+
+
+def _show_poll(shown: dict[str, Any], view: ProgressView, seen: dict[str, tuple[Any, ...]]) -> None:
+    """Feed the live view (the same as without the service) what changed since the last poll: the
+    service records each node's last finished step, with its error if that attempt failed."""
+    for node, detail in shown["nodes"].items():
+        state = (detail["step"], detail["error"], detail["ok"])
+        if not detail["step"] or seen.get(node) == state:
+            continue
+        seen[node] = state
+        ok = detail["error"] is None if detail["ok"] is None else bool(detail["ok"])
+        view(StepReport(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
