@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "kasched.cli.deploy",
     "kasched.cli.stats",
     "kasched.cli.config",
+    "kasched.cli.site",
     "kasched.cli.lab",
 ]
 

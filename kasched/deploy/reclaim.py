@@ -57,7 +57,8 @@ def cancel_operations(session: Session, user: str, nodes: Sequence[str]) -> list
 
 def node_states(session: Session, nodes: Sequence[str]) -> dict[str, NodeState]:
     """The recorded state of each node that is still in the inventory."""
-    return dict(session.execute(select(Node.name, Node.state).where(Node.name.in_(list(nodes)))).tuples().all())
+    rows = session.execute(select(Node.name, Node.state).where(Node.name.in_(list(nodes))))
+    return {name: state for name, state in rows}
 
 
 def plan(session: Session, grant_id: int, user: str, nodes: Sequence[str]) -> ReclaimPlan:

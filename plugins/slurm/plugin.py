@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from kasched.errors import InputError
+from kasched.errors import InputError, KaschedError
 from kasched.hookspecs import hookimpl
 from kasched.jobs import JobEnd, JobInfo
 from kasched.nodeset import expand
-from kasched.schedulers import SchedulerAdapter
+from kasched.schedulers import Check, SchedulerAdapter
 
 # How a job ended, as squeue shows it to the epilog (kasched_slurm.hooks passes it in KASCHED_SLURM_JOB_STATE).
 END_REASONS = {"TIMEOUT": "walltime", "CANCELLED": "cancelled", "NODE_FAIL": "node failure", "FAILED": "failed"}
@@ -65,6 +65,22 @@ class SlurmAdapter(SchedulerAdapter):
             job_id=environ["SLURM_JOB_ID"],
             reason=reason,
         )
+
+    def running_jobs(self, cluster: str) -> set[str] | None:
+        """The jobs squeue lists as holding nodes, when ``cluster`` is this Slurm's ClusterName."""
+        from kasched_slurm import slurmcli
+
+        try:
+            if slurmcli.config().get("ClusterName") != cluster:
+                return None
+            return slurmcli.active_job_ids()
+        except KaschedError:
+            return None
+
+    def doctor(self) -> list[Check]:
+        from kasched_slurm import doctor
+
+        return doctor.checks()
 
     @staticmethod
     def is_deploy_job(job: JobInfo) -> bool:

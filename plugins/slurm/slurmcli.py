@@ -137,3 +137,28 @@ def update_nodes(names: list[str], **fields: str) -> None:
     args = ["scontrol", "update", f"NodeName={','.join(names)}"]
     args += [f"{key}={value}" for key, value in fields.items()]
     run(args)
+
+
+ACTIVE_STATES = {"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING"}
+
+
+def active_job_ids() -> set[str]:
+    """Jobs that hold their nodes now (running, starting, ending, suspended), as ``squeue --json``
+    lists them."""
+    jobs = _json(["squeue", "--json"]).get("jobs", [])
+    return {str(entry.get("job_id")) for entry in jobs if str(entry.get("job_state", "")).upper() in ACTIVE_STATES}
+
+
+def config() -> dict[str, str]:
+    """``scontrol show config`` as a mapping (``ClusterName``, ``PrologSlurmctld``, ``SlurmdTimeout``...)."""
+    settings = {}
+    for line in run(["scontrol", "show", "config"]).splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def version() -> str:
+    """The installed Slurm's version, e.g. ``22.05.8`` (``sinfo --version``)."""
+    return run(["sinfo", "--version"]).split()[-1]

@@ -1,0 +1,71 @@
+"""``kasched reconcile`` and ``kasched doctor``: an admin's view of the site against its schedulers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kasched.cli.common import Context, print_json, print_table
+from kasched.errors import InputError
+from kasched.nodeset import fold
+
+
+def register(subparsers: Any) -> None:
+    reconcile = subparsers.add_parser(
+        "reconcile", help="revoke the grants of jobs the schedulers no longer run, and give their nodes back"
+    )
+    reconcile.add_argument("--dry-run", action="store_true", help="say what would be revoked, change nothing")
+    reconcile.add_argument("--grace", type=float, default=60.0, help="seconds a new grant is left alone (60)")
+    reconcile.add_argument("--json", action="store_true")
+    reconcile.set_defaults(handler=reconcile_command)
+    doctor = subparsers.add_parser("doctor", help="check the site: configuration, database, service, schedulers")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(handler=doctor_command)
+
+
+def _local_api(context: Context) -> Any:
+    from kasched.api import Kasched
+
+    if not isinstance(context.api, Kasched):
+        raise InputError("this command runs beside the database: run it on the kaschedd host as root", field="service")
+    return context.api
+
+
+def reconcile_command(args: argparse.Namespace, context: Context) -> int:
+    from kasched.reconcile import reconcile
+
+    if not args.grace >= 0:
+        raise InputError("expected seconds (0 or more)", field="grace")
+    report = reconcile(_local_api(context), grace=args.grace, dry_run=args.dry_run)
+    if args.json:
+        print_json(
+            {
+                "running": [g.job for g in report.running],
+                "young": [g.job for g in report.young],
+                "revoked": [{"grant": g.id, "job": g.job, "why": why} for g, why in report.revoked],
+                "unknown": report.unknown,
+                "dry_run": args.dry_run,
+            }
+        )
+        return 0
+    verb = "would revoke" if args.dry_run else "revoked"
+    for grant, why in report.revoked:
+        print(f"{verb} grant {grant.id} of {grant.job} ({grant.user} on {fold(grant.nodes)}): {why}")
+    for source, why in sorted(report.unknown.items()):
+        print(f"left alone: grants of {source}: {why}")
+    print(
+        f"{len(report.running)} grant(s) of running jobs kept, {len(report.young)} too recent to judge, "
+        f"{len(report.revoked)} {verb}"
+    )
+    return 0
+
+
+def doctor_command(args: argparse.Namespace, context: Context) -> int:
+    from kasched.doctor import doctor
+
+    checks = doctor(_local_api(context))
+    if args.json:
+        print_json([{"what": c.what, "ok": c.ok, "detail": c.detail} for c in checks])
+    else:
+        print_table(["check", "result", "detail"], [(c.what, "ok" if c.ok else "PROBLEM", c.detail) for c in checks])
+    return 0 if all(c.ok for c in checks) else 1

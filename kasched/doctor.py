@@ -1,0 +1,63 @@
+"""``kasched doctor``: what kasched sees of this site, one line per check. The configuration, the
+database, the reference environment, the service, then what each scheduler plugin checks of its
+scheduler (which client it uses, whether the hooks are configured)."""
+
+from __future__ import annotations
+
+import socket
+
+from kasched import config as site_config
+from kasched.api import Kasched
+from kasched.errors import KaschedError
+from kasched.schedulers import Check
+
+
+def doctor(api: Kasched) -> list[Check]:
+    checks = [*_configuration(api), _database(api), _reference(api), _service(api)]
+    for adapter in api.bus.scheduler_adapters():
+        try:
+            found = adapter.doctor()
+        except KaschedError as error:
+            found = [Check("plugin", False, f"its checks failed: {error}")]
+        checks.extend(Check(f"{adapter.name}: {c.what}", c.ok, c.detail) for c in found)
+    return checks
+
+
+def _configuration(api: Kasched) -> list[Check]:
+    problems, warnings = site_config.check(api.config)
+    source = str(api.config.path or "embedded defaults")
+    checks = [Check("configuration", not problems, "; ".join(problems) or source)]
+    checks.extend(Check("configuration", True, f"warning: {w}") for w in warnings)
+    return checks
+
+
+def _database(api: Kasched) -> Check:
+    url = api.database.engine.url.render_as_string(hide_password=True)
+    try:
+        api.rights()
+    except KaschedError as error:
+        return Check("database", False, str(error))
+    return Check("database", True, f"{url}, schema up to date")
+
+
+def _reference(api: Kasched) -> Check:
+    try:
+        reference = api.reference_environment()
+    except KaschedError as error:
+        return Check("reference environment", False, str(error))
+    if reference is None:
+        return Check("reference environment", False, "none: nodes cannot be given back (add one, reference: true)")
+    return Check("reference environment", True, reference.label)
+
+
+def _service(api: Kasched) -> Check:
+    path = api.config.service_socket
+    if not path.is_socket():
+        return Check("kaschedd", True, f"not running ({path} absent): commands use the database directly")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except OSError as error:
+            return Check("kaschedd", False, f"{path} does not answer: {error.strerror or error}")
+    return Check("kaschedd", True, f"listening on {path}")

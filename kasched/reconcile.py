@@ -1,0 +1,83 @@
+"""``kasched reconcile``: grants against the jobs the schedulers say are running.
+
+An epilog can be lost (the scheduler's host crashed, the hook timed out, kasched's database was down
+when it ran). Reconciliation finds the grants left behind and revokes them as the epilog would have,
+which gives their nodes back (:mod:`kasched.builtin.reclaimer`):
+
+- a grant of a job its scheduler no longer runs;
+- a grant past its end (the job's walltime) that no epilog revoked.
+
+A scheduler that cannot tell (not installed here, unreachable) is left alone: reconciliation never
+guesses. A grant younger than ``grace`` seconds is left alone too: its prolog may still be running,
+before the scheduler lists the job as running.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from kasched.api import Kasched
+from kasched.errors import KaschedError, PermissionDenied
+from kasched.jobs import JobEnd
+from kasched.models import utcnow
+from kasched.views import GrantView
+
+HAND_MADE = "admin"  # grants made with 'kasched rights grant' belong to no scheduler
+GRACE_SECONDS = 60.0
+
+
+@dataclass
+class ReconcileReport:
+    running: list[GrantView] = field(default_factory=list)  # job still running: kept
+    young: list[GrantView] = field(default_factory=list)  # too recent to judge: kept
+    revoked: list[tuple[GrantView, str]] = field(default_factory=list)  # (grant, why)
+    unknown: dict[str, str] = field(default_factory=dict)  # "scheduler:cluster" -> why it was left alone
+
+
+def reconcile(api: Kasched, *, grace: float = GRACE_SECONDS, dry_run: bool = False) -> ReconcileReport:
+    """Compare every unrevoked job grant with its scheduler; revoke the stale ones (unless ``dry_run``)."""
+    if not api.caller.is_admin:
+        raise PermissionDenied("only admins may reconcile grants with the schedulers")
+    report = ReconcileReport()
+    now = utcnow()
+    pending = [g for g in api.rights(include_ended=True) if g.revoked_at is None and g.scheduler != HAND_MADE]
+    by_job_source: dict[tuple[str, str], list[GrantView]] = defaultdict(list)
+    for grant in pending:
+        if grant.expires_at <= now:
+            _revoke(api, report, grant, "reconcile: past its end, no epilog revoked it", dry_run)
+        elif (now - grant.created_at).total_seconds() < grace:
+            report.young.append(grant)
+        else:
+            by_job_source[(grant.scheduler, grant.cluster)].append(grant)
+    adapters = {adapter.name: adapter for adapter in api.bus.scheduler_adapters()}
+    for (scheduler, cluster), grants in sorted(by_job_source.items()):
+        running = _running_jobs(adapters.get(scheduler), cluster, report, f"{scheduler}:{cluster}")
+        if running is None:
+            continue
+        for grant in grants:
+            if grant.job_id in running:
+                report.running.append(grant)
+            else:
+                _revoke(api, report, grant, f"reconcile: {scheduler} no longer runs job {grant.job_id}", dry_run)
+    return report
+
+
+def _running_jobs(adapter: object, cluster: str, report: ReconcileReport, source: str) -> set[str] | None:
+    if adapter is None:
+        report.unknown[source] = "no plugin for this scheduler is installed"
+        return None
+    try:
+        running = adapter.running_jobs(cluster)  # type: ignore[attr-defined]
+    except KaschedError as error:
+        report.unknown[source] = f"cannot list its jobs: {error}"
+        return None
+    if running is None:
+        report.unknown[source] = "the scheduler cannot tell which jobs run (not reachable from here?)"
+    return running
+
+
+def _revoke(api: Kasched, report: ReconcileReport, grant: GrantView, why: str, dry_run: bool) -> None:
+    if not dry_run:
+        api.job_ended(JobEnd(scheduler=grant.scheduler, cluster=grant.cluster, job_id=grant.job_id, reason=why))
+    report.revoked.append((grant, why))

@@ -1,0 +1,64 @@
+"""``kasched reconcile`` and ``kasched doctor`` on a site whose scheduler cannot be reached: grants are
+left alone rather than guessed about, grants past their end are revoked. With a real Slurm:
+tests/schedulers/test_slurm_deploy.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import test_cli
+from tests.conftest import EXAMPLES
+from tests.test_cli import Run, one_line_error
+from tests.test_reclaim import hook, hook_env
+
+site, run = test_cli.site, test_cli.run  # the CLI tests' fixtures: a SQLite site, the CLI in-process
+
+
+@pytest.fixture(autouse=True)
+def no_slurm_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Slurm's commands are not on this site's PATH: the slurm plugin cannot tell which jobs run."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_reconcile_leaves_alone_what_no_scheduler_can_tell(run: Run, site: Path) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    hook("prolog/kasched-prolog", hook_env("31", "node-1"))
+    code, out, _ = run("reconcile", "--grace", "0")
+    assert code == 0
+    assert "left alone: grants of slurm:demo: the scheduler cannot tell" in out
+    assert "0 revoked" in out
+    assert json.loads(run("rights", "--json")[1])[0]["active"]
+
+
+def test_reconcile_revokes_grants_past_their_end(run: Run, site: Path) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = {**hook_env("32", "node-[1-2]"), "KASCHED_SLURM_TIME_LIMIT": "1"}
+    hook("prolog/kasched-prolog", env)
+    time.sleep(1.5)  # the job's 1 s walltime passes; no epilog comes
+    code, out, _ = run("reconcile", "--dry-run")
+    assert code == 0 and "would revoke grant 1 of slurm:demo:32" in out
+    code, out, _ = run("reconcile")
+    assert "revoked grant 1 of slurm:demo:32 (alice on node-[1-2]): reconcile: past its end" in out
+    grant = json.loads(run("rights", "--all", "--json")[1])[0]
+    assert grant["revoke_reason"].startswith("reconcile: past its end")
+    code, out, _ = run("reconcile", "--json")
+    assert json.loads(out)["revoked"] == [], "a second run finds nothing left"
+    code, _, err = run("reconcile", "--grace", "nan")
+    one_line_error(err, "grace: expected seconds")
+
+
+def test_doctor_reports_each_check(run: Run, site: Path) -> None:
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    code, out, _ = run("doctor", "--json")
+    checks = {c["what"]: c for c in json.loads(out)}
+    assert code == 1, "no reference environment: a problem"
+    assert checks["database"]["ok"] and "schema up to date" in checks["database"]["detail"]
+    assert not checks["reference environment"]["ok"]
+    assert checks["kaschedd"]["ok"] and "not running" in checks["kaschedd"]["detail"]
+    assert "slurm: slurm" in checks, "each scheduler plugin adds its own checks"
+    code, out, _ = run("doctor")
+    assert "PROBLEM" in out and "reference environment" in out
