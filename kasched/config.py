@@ -30,6 +30,14 @@ class Config:
     service_key: Path = Path()
     service_address: str = ""
     service_socket: Path = Path()
+    service_tcp: str = ""  # HOST:PORT kaschedd also listens on (off by default)
+    service_tls_cert: Path = Path()  # with service_tls_key: serve HTTPS on service_tcp
+    service_tls_key: Path = Path()
+    service_tls_ca: Path = Path()  # client side: the CA that signed kaschedd's certificate
+    service_url: str = ""  # client side: http(s)://HOST:PORT of kaschedd (else the Unix socket)
+    munge_socket: Path = Path()  # munged's socket (default: MUNGE's own default)
+    token_secret: Path = Path()  # HMAC key of signed tokens (default <state_dir>/token.key)
+    console_logs: Path = Path()  # nodes whose console is a file: <console_logs>/<node>/console.log
     admin_group: str = "kasched-admin"
     max_grant_hours: float = 24 * 7
     reboot_timeout: float = 120.0
@@ -49,9 +57,48 @@ class Config:
             object.__setattr__(self, "service_socket", self.state_dir / "kaschedd.sock")
         if self.service_key == Path():
             object.__setattr__(self, "service_key", self.state_dir / "ssh" / "id_ed25519")
+        if self.token_secret == Path():
+            object.__setattr__(self, "token_secret", self.state_dir / "token.key")
 
 
-_PATH_KEYS = {"state_dir", "boot_dir", "image_dir", "credentials_file", "service_key", "service_socket"}
+_PATH_KEYS = {
+    "state_dir",
+    "boot_dir",
+    "image_dir",
+    "credentials_file",
+    "service_key",
+    "service_socket",
+    "service_tls_cert",
+    "service_tls_key",
+    "service_tls_ca",
+    "munge_socket",
+    "token_secret",
+    "console_logs",
+}
+_MAY_BE_EMPTY = {"service_address", "service_tcp", "service_url"}
+
+
+def is_set(path: Path) -> bool:
+    """Whether an optional path setting was given (unset ones are ``Path()``)."""
+    return path != Path()
+
+
+def parse_hostport(value: str, field: str = "service_tcp") -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` too) as a host and a port number."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:7878)")
+    return host, int(port)
+
+
+def parse_url(value: str) -> tuple[str, str, int]:
+    """``http(s)://HOST:PORT`` as scheme, host and port."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or rest.rstrip("/").count("/"):
+        raise ConfigError(f"service_url: {value!r} is not http(s)://HOST:PORT")
+    host, port = parse_hostport(rest.rstrip("/"), "service_url")
+    return scheme, host, port
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
@@ -110,8 +157,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}{key}: expected a list of plugin names")
         return tuple(value)
-    if not isinstance(value, str) or (not value and key != "service_address"):
+    if not isinstance(value, str) or (not value and key not in _MAY_BE_EMPTY):
         raise ConfigError(f"{where}{key}: expected a non-empty string")
+    try:
+        if key == "service_tcp" and value:
+            parse_hostport(value)
+        if key == "service_url" and value:
+            parse_url(value)
+    except ConfigError as error:
+        raise ConfigError(f"{where}{error}") from None
     return value
 
 
@@ -132,12 +186,37 @@ def check(config: Config) -> tuple[list[str], list[str]]:
             load_credentials(config)
         except ConfigError as error:
             problems.append(str(error))
-    warnings = []
+    warnings = _check_tcp(config, problems)
     try:
         grp.getgrnam(config.admin_group)
     except KeyError:
         warnings.append(f"admin_group: Unix group {config.admin_group!r} does not exist (only root is admin)")
     return problems, warnings
+
+
+def _check_tcp(config: Config, problems: list[str]) -> list[str]:
+    """Problems (appended) and warnings of the TCP listener, its TLS files and the client side."""
+    warnings: list[str] = []
+    cert, key = is_set(config.service_tls_cert), is_set(config.service_tls_key)
+    if cert != key:
+        problems.append("service_tls_cert and service_tls_key go together: set both or neither")
+    for name in ("service_tls_cert", "service_tls_key", "service_tls_ca"):
+        path: Path = getattr(config, name)
+        if is_set(path) and not os.access(path, os.R_OK):
+            problems.append(f"{name}: {path} does not exist or is not readable")
+    if key and config.service_tls_key.exists() and config.service_tls_key.stat().st_mode & stat.S_IRWXO:
+        problems.append(f"service_tls_key: {config.service_tls_key} is readable by others (chmod 600 it)")
+    secret = config.token_secret
+    if secret.exists() and secret.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        problems.append(f"token_secret: {secret} is readable by others (chmod 600 it)")
+    if config.service_tcp and not cert:
+        warnings.append(
+            f"service_tcp: {config.service_tcp} without TLS: requests and answers travel in clear, and a "
+            "signed token seen on the network can be reused until it expires"
+        )
+    if config.service_url.startswith("https://") and not is_set(config.service_tls_ca):
+        warnings.append("service_url: https without service_tls_ca: the system's CAs must trust kaschedd's certificate")
+    return warnings
 
 
 def _creatable(directory: Path) -> bool:

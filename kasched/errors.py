@@ -78,3 +78,10 @@ class LabError(KaschedError):
     """The virtual lab could not be built, inspected or removed."""
 
     exit_code = 9
+
+
+class AuthenticationError(KaschedError):
+    """A request over TCP (or a server certificate) could not be authenticated: no, bad, expired or
+    replayed credential. kaschedd answers 401."""
+
+    exit_code = 10

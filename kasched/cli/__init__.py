@@ -25,8 +25,10 @@ COMMAND_MODULES = [
     "kasched.cli.rights",
     "kasched.cli.jobs",
     "kasched.cli.deploy",
+    "kasched.cli.console",
     "kasched.cli.stats",
     "kasched.cli.config",
+    "kasched.cli.tokens",
     "kasched.cli.site",
     "kasched.cli.lab",
 ]

@@ -28,8 +28,11 @@ class Context:
 
     @property
     def remote(self) -> bool:
-        """Whether commands go through kaschedd: its socket exists and KASCHED_DIRECT is not set."""
-        return os.environ.get("KASCHED_DIRECT") != "1" and self.config.service_socket.is_socket()
+        """Whether commands go through kaschedd: KASCHED_DIRECT is not set, and a service URL is
+        configured (``service_url``, ``$KASCHED_URL``) or the service's socket exists."""
+        if os.environ.get("KASCHED_DIRECT") == "1":
+            return False
+        return bool(os.environ.get("KASCHED_URL") or self.config.service_url) or self.config.service_socket.is_socket()
 
     @property
     def api(self) -> Any:

@@ -17,7 +17,8 @@ def markdown(document: dict[str, Any]) -> str:
         "`python -m kasched.service.apidoc`; a test checks that this file is current.",
         "",
         'Every answer is JSON. An error is `{"error": "one line saying why", "kind": "..."}` with '
-        "status 400 (bad input), 403 (refused: the message says why), 404 (not found), 409 (conflict), "
+        "status 400 (bad input), 401 (over TCP: no valid MUNGE credential or token), 403 (refused: the "
+        "message says why), 404 (not found), 409 (conflict), "
         "422 (checksum mismatch) or 503 (database unavailable).",
         "",
     ]

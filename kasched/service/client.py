@@ -1,15 +1,21 @@
-"""A client of kaschedd over its Unix socket (standard library only)."""
+"""A client of kaschedd (standard library only): over its Unix socket, where the kernel tells the
+service who we are, or over TCP (``service_url`` or ``$KASCHED_URL``), where every request carries a
+MUNGE credential or a signed token (``$KASCHED_TOKEN``, or the file ``~/.config/kasched/token``)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
-from kasched.errors import DatabaseError, KaschedError
+from kasched.config import Config, is_set, parse_url
+from kasched.errors import AuthenticationError, DatabaseError, KaschedError
+from kasched.service import auth
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -24,24 +30,76 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class ClientAuth(Protocol):
+    def headers(self, method: str, target: str, body: bytes) -> dict[str, str]: ...
+
+
+class MungeAuth:
+    """Each request gets a fresh MUNGE credential bound to it (one use, ``auth.MUNGE_TTL`` seconds)."""
+
+    def __init__(self, site: str, socket_path: Path = Path()) -> None:
+        self.site, self.socket_path = site, socket_path
+
+    def headers(self, method: str, target: str, body: bytes) -> dict[str, str]:
+        payload = auth.request_binding(self.site, method, target, body)
+        return {"Authorization": f"MUNGE {auth.munge_encode(payload, self.socket_path)}"}
+
+
+class TokenAuth:
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def headers(self, method: str, target: str, body: bytes) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
 class ServiceClient:
-    def __init__(self, path: Path, timeout: float = 60.0) -> None:
-        self.path = Path(path)
+    """``ServiceClient(socket_path)``, or ``ServiceClient(url=..., auth=..., ca_file=...)`` for TCP."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        timeout: float = 60.0,
+        *,
+        url: str = "",
+        auth: ClientAuth | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
         self.timeout = timeout
+        self.url, self.auth, self.ca_file = url, auth, ca_file
+        self.where = url or str(path)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if not self.url:
+            assert self.path is not None
+            return _UnixConnection(self.path, self.timeout)
+        scheme, host, port = parse_url(self.url)
+        if scheme == "http":
+            return http.client.HTTPConnection(host, port, timeout=self.timeout)
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context)
 
     def request(self, method: str, url: str, query: dict[str, Any] | None = None, body: Any = None) -> tuple[int, Any]:
         """The status and the decoded JSON answer; no exception for a 4xx (the caller decides)."""
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        connection = _UnixConnection(self.path, self.timeout)
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if self.auth is not None:
+            headers.update(self.auth.headers(method, url, payload or b""))
+        connection = self._connection()
         try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
             connection.request(method, url, body=payload, headers=headers)
             response = connection.getresponse()
             return response.status, json.loads(response.read() or b"null")
+        except ssl.SSLCertVerificationError as error:
+            raise AuthenticationError(
+                f"kaschedd at {self.where}: its certificate is not trusted (certificate verify failed: "
+                f"{error.verify_message}; check service_tls_ca)"
+            ) from None
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as error:
-            raise DatabaseError(f"kaschedd at {self.path}: {error}") from None
+            raise DatabaseError(f"kaschedd at {self.where}: {error}") from None
         finally:
             connection.close()
 
@@ -52,3 +110,30 @@ class ServiceClient:
             message = data.get("error") if isinstance(data, dict) else str(data)
             raise KaschedError(f"kaschedd refused ({status}): {message}")
         return data
+
+
+def service_url(config: Config) -> str:
+    """Where the CLI finds kaschedd over TCP (``$KASCHED_URL``, else ``service_url``), or ''."""
+    return os.environ.get("KASCHED_URL") or config.service_url
+
+
+def client_auth(config: Config) -> ClientAuth:
+    """A signed token if the user has one (``$KASCHED_TOKEN``, ``~/.config/kasched/token``), else MUNGE."""
+    token = os.environ.get("KASCHED_TOKEN", "").strip()
+    token_file = Path(os.environ.get("HOME", "/nonexistent")) / ".config" / "kasched" / "token"
+    if not token and token_file.is_file():
+        try:
+            token = token_file.read_text().strip()
+        except OSError as error:
+            raise AuthenticationError(f"{token_file}: {error.strerror}") from None
+    return TokenAuth(token) if token else MungeAuth(config.site, config.munge_socket)
+
+
+def client_for(config: Config) -> ServiceClient:
+    """The client the CLI uses: TCP when a URL is configured, else the Unix socket."""
+    url = service_url(config)
+    if not url:
+        return ServiceClient(config.service_socket)
+    parse_url(url)  # a ConfigError for a bad $KASCHED_URL
+    ca_file = config.service_tls_ca if is_set(config.service_tls_ca) else None
+    return ServiceClient(url=url, auth=client_auth(config), ca_file=ca_file)

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kasched import config as config_module
 from kasched.api import Kasched
@@ -16,6 +17,7 @@ from kasched.deploy import records
 from kasched.errors import KaschedError
 from kasched.identity import Caller
 from kasched.service.server import ServiceApp, UnixHttpServer
+from kasched.service.tcp import TcpHttpServer
 
 log = logging.getLogger("kaschedd")
 
@@ -35,16 +37,24 @@ def serve(
                 "deploy_failed (to be reverted)",
                 deployment_id,
             )
-    server = UnixHttpServer(socket_path, ServiceApp(api))
-    stop = stop or threading.Event()
-    watcher = threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True)
-    watcher.start()
-    if ready is not None:
-        ready.set()
+    app = ServiceApp(api)
+    server = UnixHttpServer(socket_path, app)
+    servers: list[Any] = [server]
     try:
+        if config.service_tcp:
+            tcp = TcpHttpServer(config, app)
+            servers.append(tcp)
+            threading.Thread(target=tcp.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+            log.info("listening on %s (%s)", tcp.url, "MUNGE credentials or signed tokens")
+        stop = stop or threading.Event()
+        watcher = threading.Thread(target=lambda: (stop.wait(), [s.shutdown() for s in servers]), daemon=True)
+        watcher.start()
+        if ready is not None:
+            ready.set()
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
+        for each in servers:
+            each.server_close()
         socket_path.unlink(missing_ok=True)
         api.close()
 

@@ -35,6 +35,7 @@ def schema(routes: Sequence[Any]) -> dict[str, Any]:
                     str(code): {"description": text, "content": {"application/json": {"schema": ERROR}}}
                     for code, text in (
                         (400, "bad request"),
+                        (401, "over TCP: no, bad, expired or replayed credential"),
                         (403, "refused: the message says why"),
                         (404, "not found"),
                         (409, "conflict"),

@@ -16,7 +16,7 @@ from kasched.config import Config
 from kasched.errors import KaschedError
 from kasched.identity import Caller
 from kasched.jobs import JobEnd, JobInfo
-from kasched.service.client import ServiceClient
+from kasched.service.client import ServiceClient, client_for
 from kasched.stats import StatsFilter, StatsGroup
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
 from kasched.yamlfile import read_text
@@ -44,7 +44,7 @@ class RemoteKasched:
 
     def __init__(self, config: Config, client: ServiceClient | None = None) -> None:
         self.config = config
-        self.client = client or ServiceClient(config.service_socket)
+        self.client = client or client_for(config)
         self.bus = Bus()  # for the scheduler adapters the hooks need on this side
         self._caller: Caller | None = None
 

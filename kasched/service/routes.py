@@ -11,6 +11,7 @@ from typing import Any
 
 from kasched.api import Kasched
 from kasched.errors import InputError
+from kasched.service.access import route_console, route_token_issue, route_token_revoke
 from kasched.stats import StatsFilter, parse_time
 
 Handler = Callable[[Kasched, dict[str, str], dict[str, str], Any], Any]
@@ -418,4 +419,24 @@ ROUTES = (
     ),
     Route("GET", "/v1/deployments/{id}", "A deployment and its nodes", _deployment_show),
     Route("POST", "/v1/deployments/{id}/cancel", "Cancel a running deployment", _deployment_cancel),
+    Route(
+        "GET",
+        "/v1/nodes/{name}/console",
+        "A node's console: its last lines, or what follows a byte offset (your granted nodes; admins any)",
+        route_console,
+        query=("lines", "offset"),
+    ),
+    Route(
+        "POST",
+        "/v1/tokens",
+        "Issue a signed token for a user, to use over TCP (admins)",
+        route_token_issue,
+        status=201,
+        body={
+            "type": "object",
+            "required": ["user"],
+            "properties": {"user": {"type": "string"}, "hours": {"type": "number"}},
+        },
+    ),
+    Route("DELETE", "/v1/tokens/{id}", "Revoke a signed token (admins)", route_token_revoke),
 )

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kasched.api import Kasched
 from kasched.errors import (
+    AuthenticationError,
     ConflictError,
     DatabaseError,
     InputError,
@@ -32,6 +33,7 @@ log = logging.getLogger("kaschedd")
 MAX_BODY = 1 << 20
 STATUS = {
     InputError: 400,
+    AuthenticationError: 401,
     PermissionDenied: 403,
     NotFoundError: 404,
     ConflictError: 409,
@@ -112,7 +114,17 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send(Reply(413 if digits else 400, {"error": "bad or too large Content-Length"}))
             return
         body = self.rfile.read(int(length))
-        self._send(self.server.app.handle(self.command, self.path, body, self.caller()))
+        try:
+            caller = self.caller_for(body)
+        except AuthenticationError as error:
+            reply = Reply(401, {"error": str(error), "kind": "AuthenticationError"})
+            self._send(reply, headers={"WWW-Authenticate": 'MUNGE, Bearer realm="kaschedd"'})
+            return
+        self._send(self.server.app.handle(self.command, self.path, body, caller))
+
+    def caller_for(self, body: bytes) -> Caller:
+        """Who sent this request (with this body); the TCP handler checks its Authorization header."""
+        return self.caller()
 
     def caller(self) -> Caller:
         """Who is asking: the uid of the peer process, from the kernel."""
@@ -127,9 +139,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._send(Reply(405, {"error": "HEAD is not supported"}), body=False)
 
-    def _send(self, reply: Reply, body: bool = True) -> None:
+    def _send(self, reply: Reply, body: bool = True, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(reply.data, sort_keys=True).encode()
         self.send_response(reply.status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

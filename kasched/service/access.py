@@ -1,0 +1,80 @@
+"""Operations of the service beyond the typed API: a node's console (for whoever holds a grant on it,
+or an admin) and signed tokens (admins issue and revoke them). Used by the REST routes and, without
+kaschedd, by the CLI directly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kasched.config import is_set
+from kasched.drivers.console import LogFileConsole
+from kasched.errors import InputError, NotFoundError, PermissionDenied
+from kasched.service import auth
+
+
+def _whole(value: str | None, name: str, default: int | None) -> int | None:
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit()) or len(value) > 15:
+        raise InputError(f"{value!r} is not a whole number", field=name)
+    return int(value)
+
+
+def console_read(api: Any, name: str, offset: str | None = None, lines: str | None = None) -> dict[str, Any]:
+    """The console of node ``name`` as ``{"node", "text", "offset"}``: its last ``lines`` lines, or
+    what follows byte ``offset``. Only for a caller whose grant covers the node, or an admin."""
+    start, count = _whole(offset, "offset", None), _whole(lines, "lines", 40)
+    node = api.show_node(name)  # NotFoundError for an unknown node
+    decision = api.check([node.name])
+    if not decision.allowed:
+        raise PermissionDenied(f"{api.caller.user} may not see the console of {node.name}: {decision.reason()}")
+    directory = api.config.console_logs
+    console = LogFileConsole(directory)
+    if not is_set(directory) or not console.available(node.name):
+        where = f"no {console.path(node.name)}" if is_set(directory) else "console_logs is not set"
+        raise NotFoundError(
+            f"{node.name}: no console kaschedd can serve ({where}; serial-over-LAN is `ipmitool sol activate` "
+            "on the BMC, not through kaschedd yet)"
+        )
+    text, next_offset = console.read(node.name, start, min(count or 0, 10_000))
+    return {"node": node.name, "text": text, "offset": next_offset}
+
+
+def _require_admin(api: Any, action: str) -> None:
+    if not api.caller.is_admin:
+        raise PermissionDenied(
+            f"only admins may {action} (you are {api.caller.user}; admins are root "
+            f"and the members of group {api.config.admin_group})"
+        )
+
+
+def token_issue(api: Any, user: str, hours: float) -> dict[str, Any]:
+    """A signed token for ``user`` (admins); the site's secret is created on first use (mode 600)."""
+    _require_admin(api, "issue tokens")
+    secret = auth.load_secret(api.config.token_secret, create=True)
+    token, claims = auth.issue_token(secret, user, hours)
+    return {"token": token, "user": claims.user, "expires": claims.expires, "id": claims.id}
+
+
+def token_revoke(api: Any, token_id: str) -> dict[str, Any]:
+    _require_admin(api, "revoke tokens")
+    auth.revoke(api.config, token_id)
+    return {"id": token_id, "revoked": True}
+
+
+# --- REST handlers (see routes.py) -------------------------------------------------------------------
+
+
+def route_console(api: Any, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    return console_read(api, params["name"], query.get("offset"), query.get("lines"))
+
+
+def route_token_issue(api: Any, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from kasched.service.routes import _fields
+
+    fields = _fields(body, {"user": str}, {"hours": float})
+    return token_issue(api, fields["user"], 24.0 if fields["hours"] is None else float(fields["hours"]))
+
+
+def route_token_revoke(api: Any, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    return token_revoke(api, params["id"])

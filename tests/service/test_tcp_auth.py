@@ -1,0 +1,205 @@
+"""kaschedd over TCP: MUNGE credentials bound to the request, signed tokens, TLS. The service runs for
+real (as root), with its own munged; clients are the CLI run as ordinary Unix users, or raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import ssl
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kasched.service import auth
+from kasched.service.client import ServiceClient, TokenAuth
+from tests.service.tcpsite import Site, free_port, kasched_as, kaschedd, make_ca, make_server_cert, munged, scratch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    base = scratch()
+    try:
+        with munged(base / "munge") as munge_socket:
+            ca = make_ca(base, "site-ca")
+            cert, key = make_server_cert(base, ca)
+            client = {
+                "service_url": f"https://127.0.0.1:{(port := free_port())}",
+                "service_tls_ca": str(ca[0]),
+                "munge_socket": str(munge_socket),
+            }
+            with kaschedd(
+                base,
+                client,
+                service_tcp=f"127.0.0.1:{port}",
+                service_tls_cert=cert,
+                service_tls_key=key,
+                munge_socket=munge_socket,
+            ) as running:
+                yield running
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def raw(site: Site, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple:
+    """One HTTPS request with exactly these headers: (status, JSON answer)."""
+    context = ssl.create_default_context(cafile=str(site.base / "site-ca.pem"))
+    host, port = site.config.service_tcp.split(":")
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=60)
+    try:
+        connection.request(method, target, body=body or None, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        connection.close()
+
+
+def credential(site: Site, method: str, target: str, body: bytes = b"", ttl: int = 60) -> str:
+    payload = auth.request_binding("t", method, target, body)
+    return "MUNGE " + auth.munge_encode(payload, site.config.munge_socket, ttl=ttl)
+
+
+# --- MUNGE --------------------------------------------------------------------------------------------
+
+
+def test_users_are_who_munge_says_over_tcp(site: Site) -> None:
+    listed = kasched_as("kasched-alice", site.client_config, "nodes", "list", "-m", "node-[1-2]")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["node-1", "node-2"]
+    refused = kasched_as("kasched-alice", site.client_config, "rights", "grant", "-u", "kasched-alice", "-m", "node-3")
+    assert refused.returncode == 5 and "only admins may" in refused.stderr and "kasched-alice" in refused.stderr
+    power = kasched_as("kasched-alice", site.client_config, "power", "status", "-m", "node-3")
+    assert power.returncode == 5
+    assert "kasched-alice may not deploy these nodes: node-3: no active grant" in power.stderr
+    granted = kasched_as("root", site.client_config, "rights", "grant", "-u", "kasched-bob", "-m", "node-4")
+    assert granted.returncode == 0, granted.stderr  # root over TCP is an admin, as on the socket
+    other = kasched_as("kasched-alice", site.client_config, "power", "status", "-m", "node-4")
+    assert other.returncode == 5 and "node-4: granted to kasched-bob" in other.stderr
+
+
+def test_health_says_who_munge_vouched_for(site: Site) -> None:
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": credential(site, "GET", "/v1/health")})
+    assert status == 200 and data["user"] == "root" and data["admin"] is True
+
+
+def test_a_replayed_munge_credential_is_refused(site: Site) -> None:
+    header = {"Authorization": credential(site, "GET", "/v1/health")}
+    assert raw(site, "GET", "/v1/health", headers=header)[0] == 200
+    status, data = raw(site, "GET", "/v1/health", headers=header)
+    assert status == 401 and data["error"] == "MUNGE credential refused: replayed credential"
+
+
+def test_a_munge_credential_for_another_request_is_refused(site: Site) -> None:
+    status, data = raw(site, "GET", "/v1/nodes", headers={"Authorization": credential(site, "GET", "/v1/health")})
+    assert status == 401 and data["error"] == "MUNGE credential was made for another request"
+    body = json.dumps({"user": "kasched-bob", "nodes": "node-5"}).encode()
+    other_body = json.dumps({"user": "kasched-alice", "nodes": "node-5"}).encode()
+    header = {"Authorization": credential(site, "POST", "/v1/rights", body), "Content-Type": "application/json"}
+    status, data = raw(site, "POST", "/v1/rights", other_body, header)
+    assert status == 401 and data["error"] == "MUNGE credential was made for another request"
+
+
+def test_forged_munge_credentials_are_refused(site: Site) -> None:
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": "MUNGE MUNGE:" + "A" * 100 + ":"})
+    assert status == 401 and data["error"].startswith("MUNGE credential refused: ")
+    real = credential(site, "GET", "/v1/health")
+    middle = len(real) // 2
+    altered = real[:middle] + ("B" if real[middle] != "B" else "C") + real[middle + 1 :]
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": altered})
+    assert status == 401 and data["error"].startswith("MUNGE credential refused: ")
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": "MUNGE $(reboot)"})
+    assert status == 401 and "not a credential" in data["error"]
+
+
+def test_an_expired_munge_credential_is_refused(site: Site) -> None:
+    header = {"Authorization": credential(site, "GET", "/v1/health", ttl=1)}
+    time.sleep(3)
+    status, data = raw(site, "GET", "/v1/health", headers=header)
+    assert status == 401 and data["error"] == "MUNGE credential refused: expired credential"
+
+
+def test_no_or_unknown_authorization_is_401(site: Site) -> None:
+    status, data = raw(site, "GET", "/v1/health")
+    assert status == 401 and "authentication required over TCP" in data["error"]
+    status, data = raw(site, "GET", "/v1/nodes", headers={"Authorization": "Basic cm9vdDo="})
+    assert status == 401 and "unknown authorization scheme 'Basic'" in data["error"]
+    status, _ = raw(site, "POST", "/v1/nodes/import", b"{}", {"Authorization": "Bearer x"})
+    assert status == 401
+
+
+# --- Signed tokens -----------------------------------------------------------------------------------
+
+
+def test_tokens_issued_by_an_admin_identify_their_user(site: Site) -> None:
+    issued = kasched_as("root", site.client_config, "token", "issue", "kasched-alice", "--hours", "1", "--json")
+    assert issued.returncode == 0, issued.stderr
+    token = json.loads(issued.stdout)["token"]
+    assert (site.config.token_secret.stat().st_mode & 0o777) == 0o600
+    health = kasched_as("kasched-bob", site.client_config, "nodes", "list", KASCHED_TOKEN=token)
+    assert health.returncode == 0, health.stderr  # bob holding alice's token is alice: a bearer secret
+    client = ServiceClient(url=site.url, auth=TokenAuth(token), ca_file=site.base / "site-ca.pem")
+    assert client.call("GET", "/v1/health")["user"] == "kasched-alice"
+    refused = kasched_as("kasched-alice", site.client_config, "token", "issue", "kasched-alice", KASCHED_TOKEN=token)
+    assert refused.returncode == 5 and "only admins may issue tokens" in refused.stderr
+    power = kasched_as("kasched-alice", site.client_config, "power", "status", "-m", "node-6", KASCHED_TOKEN=token)
+    assert power.returncode == 5 and "node-6: no active grant" in power.stderr
+
+
+def test_bad_tokens_are_refused(site: Site) -> None:
+    secret = auth.load_secret(site.config.token_secret, create=True)
+    expired, _ = auth.issue_token(secret, "kasched-alice", 1, now=time.time() - 7200)
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": f"Bearer {expired}"})
+    assert status == 401 and "of kasched-alice expired at" in data["error"]
+    good, claims = auth.issue_token(secret, "kasched-alice", 1)
+    prefix, _, signature = good.split(".")
+    root_claims = auth._b64(json.dumps({"u": "root", "exp": claims.expires, "id": claims.id}).encode())
+    for token in (f"{prefix}.{root_claims}.{signature}", auth.issue_token(b"x" * 64, "root", 1)[0]):
+        status, data = raw(site, "GET", "/v1/health", headers={"Authorization": f"Bearer {token}"})
+        assert status == 401 and data["error"].startswith("token: bad signature"), data
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": "Bearer nonsense"})
+    assert status == 401 and "not a kasched token" in data["error"]
+    revoked = kasched_as("root", site.client_config, "token", "revoke", claims.id)
+    assert revoked.returncode == 0, revoked.stderr
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": f"Bearer {good}"})
+    assert status == 401 and data["error"] == f"token {claims.id} of kasched-alice was revoked"
+
+
+# --- TLS ---------------------------------------------------------------------------------------------
+
+
+def test_a_server_signed_by_another_ca_is_refused_by_the_client(site: Site) -> None:
+    other_ca, _ = make_ca(site.base, "other-ca")
+    config = site.base / "other-client.yaml"
+    config.write_text(site.client_config.read_text().replace(str(site.base / "site-ca.pem"), str(other_ca)))
+    config.chmod(0o644)
+    refused = kasched_as("kasched-alice", config, "nodes", "list")
+    assert refused.returncode == 10, refused.stderr
+    assert "its certificate is not trusted (certificate verify failed" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_plain_http_to_the_tls_port_gets_nothing(site: Site) -> None:
+    host, port = site.config.service_tcp.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    with pytest.raises((http.client.HTTPException, OSError)):
+        connection.request("GET", "/v1/health")
+        connection.getresponse().read()
+    connection.close()
+    status, _ = raw(site, "GET", "/v1/health", headers={"Authorization": credential(site, "GET", "/v1/health")})
+    assert status == 200  # the service lives on
+
+
+def test_tcp_without_tls_serves_http_with_munge() -> None:
+    base = scratch()
+    try:
+        with munged(base / "munge") as munge_socket:
+            port = free_port()
+            client = {"service_url": f"http://127.0.0.1:{port}", "munge_socket": str(munge_socket)}
+            with kaschedd(base, client, service_tcp=f"127.0.0.1:{port}", munge_socket=munge_socket) as running:
+                done = kasched_as("kasched-alice", running.client_config, "rights", "check", "-m", "node-1")
+                assert done.returncode != 0 and "node-1: no active grant" in done.stdout + done.stderr, done
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
