@@ -19,7 +19,9 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError as SqlDatabaseError
+from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kasched.errors import DatabaseError
@@ -45,7 +47,9 @@ class Database:
         try:
             with self._sessions.begin() as session:
                 yield session
-        except OperationalError as error:
+        except SqlIntegrityError:
+            raise  # callers that race on a unique key catch it (e.g. two prologs of one job)
+        except SqlDatabaseError as error:  # unreachable, locked, corrupt ("file is not a database")...
             raise DatabaseError(f"database {_safe(self.url)}: {_first_line(error)}") from None
 
     def upgrade(self) -> None:
@@ -69,7 +73,7 @@ class Database:
         try:
             with self.engine.connect() as connection:
                 current = MigrationContext.configure(connection).get_current_revision()
-        except OperationalError as error:
+        except SqlDatabaseError as error:
             raise DatabaseError(f"database {_safe(self.url)}: {_first_line(error)}") from None
         return current == head
 
@@ -102,7 +106,10 @@ def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
     database = engine.url.database
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DatabaseError(f"database {database}: cannot create its directory: {error.strerror}") from None
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

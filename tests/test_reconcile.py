@@ -62,3 +62,19 @@ def test_doctor_reports_each_check(run: Run, site: Path) -> None:
     assert "slurm: slurm" in checks, "each scheduler plugin adds its own checks"
     code, out, _ = run("doctor")
     assert "PROBLEM" in out and "reference environment" in out
+
+
+def test_unusable_database_is_one_line(run: Run, site: Path) -> None:
+    """A corrupt SQLite file, or a state directory that cannot be made: exit 7 and one line, no traceback
+    (a scheduler hook logs the line and does what its scheduler needs)."""
+    corrupt = site / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "kasched.db").write_bytes(b"this is not a database file, whatever its name says" * 4)
+    (corrupt / "k.yaml").write_text(f"site: t\nstate_dir: {corrupt}\n")
+    code, _, err = run("--config", str(corrupt / "k.yaml"), "rights")
+    assert code == 7
+    one_line_error(err, "file is not a database")
+    (site / "nowhere.yaml").write_text("site: t\nstate_dir: /etc/passwd/state\n")
+    code, _, err = run("--config", str(site / "nowhere.yaml"), "rights")
+    assert code == 7
+    one_line_error(err, "cannot create its directory: Not a directory")

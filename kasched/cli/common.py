@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kasched import config as config_module
@@ -32,7 +33,7 @@ class Context:
         configured (``service_url``, ``$KASCHED_URL``) or the service's socket exists."""
         if os.environ.get("KASCHED_DIRECT") == "1":
             return False
-        return bool(os.environ.get("KASCHED_URL") or self.config.service_url) or self.config.service_socket.is_socket()
+        return bool(os.environ.get("KASCHED_URL") or self.config.service_url) or _is_socket(self.config.service_socket)
 
     @property
     def api(self) -> Any:
@@ -82,3 +83,12 @@ def print_view(data: dict[str, Any], as_json: bool) -> None:
         print_json(data)
     else:
         print_mapping(data)
+
+
+def _is_socket(path: Path) -> bool:
+    """Whether kaschedd's socket is there; a directory this user may not search counts as no socket
+    (the command then says what it cannot reach, as one line)."""
+    try:
+        return path.is_socket()
+    except OSError:
+        return False
