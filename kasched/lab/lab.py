@@ -270,6 +270,7 @@ class Lab:
             "boot_dir": str(self.boot_dir),
             "credentials_file": str(self.credentials_file),
             "service_key": str(self.state_dir / "ssh" / "id_ed25519"),
+            "console_logs": str(self.state_dir / "nodes"),  # kasched console -m NODE: nodes/<node>/console.log
             "reboot_timeout": 30,  # lab nodes boot in seconds
         }
         (self.state_dir / "kasched.yaml").write_text(yaml.safe_dump(config))

@@ -9,9 +9,12 @@ import shutil
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from kasched.config import check, from_mapping
+from kasched.errors import ConfigError
 from kasched.service import auth
 from kasched.service.client import ServiceClient, TokenAuth
 from tests.service.tcpsite import Site, free_port, kasched_as, kaschedd, make_ca, make_server_cert, munged, scratch
@@ -203,3 +206,22 @@ def test_tcp_without_tls_serves_http_with_munge() -> None:
                 assert done.returncode != 0 and "node-1: no active grant" in done.stdout + done.stderr, done
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- Configuration -----------------------------------------------------------------------------------
+
+
+def test_tcp_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"service_tcp: 'localhost' is not HOST:PORT"):
+        from_mapping({"service_tcp": "localhost"})
+    with pytest.raises(ConfigError, match=r"service_url: 'ftp://h:1' is not http\(s\)://HOST:PORT"):
+        from_mapping({"service_url": "ftp://h:1"})
+    assert from_mapping({"service_tcp": "[::1]:7878"}).service_tcp == "[::1]:7878"
+    key = tmp_path / "key.pem"
+    key.write_text("x")
+    key.chmod(0o644)
+    config = from_mapping({"state_dir": str(tmp_path), "service_tcp": "127.0.0.1:7878", "service_tls_key": str(key)})
+    problems, warnings = check(config)
+    assert "service_tls_cert and service_tls_key go together: set both or neither" in problems
+    assert f"service_tls_key: {key} is readable by others (chmod 600 it)" in problems
+    assert any(w.startswith("service_tcp: 127.0.0.1:7878 without TLS") for w in warnings)
