@@ -7,7 +7,7 @@ from kasched_oar.plugin import OarAdapter
 from kasched_pbs.plugin import PbsAdapter
 from kasched_slurm.plugin import SlurmAdapter
 
-from kasched.errors import InputError
+from kasched.errors import InputError, KaschedError
 
 # What Slurm 22.05's slurmctld gave PrologSlurmctld for `salloc -C deploy -N 2 --comment env=debian12`.
 SLURM_PROLOG = {
@@ -45,6 +45,7 @@ def test_slurm_refuses_incomplete_environment() -> None:
 def test_detection_does_not_overlap() -> None:
     assert OarAdapter().detect({}, ["42"]) and not OarAdapter().detect(SLURM_PROLOG, ["42"])
     assert not PbsAdapter().detect(SLURM_PROLOG, [])
-    assert OarAdapter().job_ended({}, ["42"]).job_id == "42"
-    with pytest.raises(InputError, match="not built yet"):
-        OarAdapter().job_started({}, ["42"])
+    ended = OarAdapter().job_ended({"KASCHED_OAR_OARSTAT": "/nonexistent/oarstat"}, ["42"])
+    assert ended.job_id == "42" and ended.reason.startswith("job ended (OAR not readable: ")
+    with pytest.raises(KaschedError, match="oarstat"):  # no OAR here: a clear error, the hook logs it
+        OarAdapter().job_started({"KASCHED_OAR_OARSTAT": "/nonexistent/oarstat"}, ["42"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from kasched.cli.common import Context, print_mapping
@@ -28,6 +29,9 @@ def show_config(args: argparse.Namespace, context: Context) -> int:
     settings = asdict(context.config)
     settings["path"] = settings["path"] or "(none: embedded defaults)"
     settings["service_address"] = settings["service_address"] or "(automatic)"
+    for key, value in settings.items():  # optional settings left unset: say so (an empty value misleads)
+        if value == "" or value == Path():
+            settings[key] = "(not set)"
     print_mapping(settings)
     return 0
 
