@@ -52,10 +52,16 @@ step inlab kasched deploy -e userenv -m 'node-[1-4]' -k "$demo/alice.pub"
 ip=$(python3 -c "import yaml; print(yaml.safe_load(open('$lab/inventory.yaml'))['clusters'][0]['nodes'][0]['ip'])")
 step inlab ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -i "$demo/alice" \
     "root@$ip" 'echo "$(hostname): $(cat /etc/kasched-system) system, root on $(cat /run/kasched/cmdline)"'
-echo; echo "# The job ends: EpilogSlurmctld revokes the grant, and the nodes go back to the reference environment."
+echo; echo "# The job ends: EpilogSlurmctld revokes the grant and returns at once; the nodes go back to the"
+echo "# reference environment in the background ('kasched job reclaim', its log in the state directory)."
 step inlab env SLURM_JOB_ID=101 SLURM_CLUSTER_NAME=demo SLURM_SCRIPT_CONTEXT=epilog_slurmctld \
     SLURM_JOB_EXIT_CODE=0 kasched job end
-step inlab kasched revert -m 'node-[1-4]'
+step inlab kasched nodes list
+for _ in $(seq 180); do
+    [ "$(inlab kasched nodes list --state reference --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 4 ] && break
+    sleep 1
+done
+step cat "$lab"/kasched/reclaim/grant-1.log
 step inlab kasched nodes list
 step inlab kasched stats --by step
 echo; echo "demo: done. The lab is still up: kasched lab status --name demo; kasched lab down --name demo"
