@@ -5,11 +5,12 @@ their own slurmd is gone (they run a user's system), given back to Slurm at its 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from datetime import datetime
 
 import pytest
-from slurm_cluster import SLURMD_TIMEOUT, USER, SlurmCluster, wait_for
+from slurm_cluster import ROOT, SLURMD_TIMEOUT, USER, SlurmCluster, wait_for
 
 from kasched.nodeset import expand, fold
 
@@ -158,3 +159,33 @@ def test_nodes_kept_across_slurmctld_reconfigure_and_restart(slurm: SlurmCluster
     wait_revoked(slurm, job)
     slurm.start_slurmd(node)
     wait_idle(slurm, [node])
+
+
+def test_reconcile_and_doctor_with_real_slurm(slurm: SlurmCluster) -> None:
+    """A grant whose epilog was lost (here: made for a job Slurm never ran) is revoked by reconcile;
+    the grant of a job Slurm runs is kept. doctor sees slurmctld and kasched's hooks in its config."""
+    job = slurm.submit("-C", "deploy", "-N", "1", "-t", "5", "--wrap", "sleep 300")
+    nodes = wait_running(slurm, job)
+    other = next(n for n in ("n1", "n2", "n3", "n4") if n not in expand(nodes))
+    lost = {
+        "SLURM_JOB_ID": "987654", "SLURM_JOB_USER": USER, "SLURM_JOB_NODELIST": other,
+        "SLURM_CLUSTER_NAME": "kasched", "SLURM_SCRIPT_CONTEXT": "prolog_slurmctld", "SLURM_JOB_CONSTRAINTS": "deploy",
+    }  # fmt: skip
+    started = subprocess.run(
+        [str(ROOT / ".venv/bin/kasched"), "job", "start"], env={**slurm.env, **lost}, capture_output=True, text=True
+    )
+    assert started.returncode == 0, started.stderr
+    done = slurm.kasched("reconcile", "--grace", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert "slurm:kasched:987654" in [r["job"] for r in report["revoked"]], report
+    assert f"slurm:kasched:{job}" in report["running"] and not report["unknown"], report
+    assert grant_of(slurm, "987654")["revoke_reason"] == "reconcile: slurm no longer runs job 987654"
+    assert grant_of(slurm, job)["active"]
+    doctor = slurm.kasched("doctor", "--json")
+    checks = {c["what"]: c for c in json.loads(doctor.stdout)}
+    assert checks["slurm: slurmctld"]["ok"] and "cluster kasched" in checks["slurm: slurmctld"]["detail"]
+    assert checks["slurm: PrologSlurmctld"]["ok"] and checks["slurm: EpilogSlurmctld"]["ok"], checks
+    assert "no pyslurm for Slurm 22.05" in checks["slurm: client"]["detail"]
+    assert slurm.run("scancel", job, user=USER).returncode == 0
+    wait_revoked(slurm, job)
