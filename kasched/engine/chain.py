@@ -100,6 +100,7 @@ class BroadcastOptions:
     reconnect_timeout: float = 30.0  # how long a node whose upstream died waits to be resumed
     replay_bytes: int = 64 << 20  # bounded replay buffer per node
     lost_grace: float = 3.0  # how long to wait for a report from a node said lost by its predecessor
+    lost_settle: float = 0.5  # ...but at most this long once all the other nodes have reported
     rate_limit: float | None = None  # bytes/s at the source (tests and benches)
     # the address nodes report to; None: listen on all addresses and tell each node the server's
     # address on its connection to the chain (right when the nodes sit on the server's network)
@@ -149,12 +150,18 @@ class ReportCollector:
                 self.lost.setdefault(message["node"], (time.monotonic(), f"{message['error']}"))
             self.changed.notify_all()
 
-    def wait(self, nodes: Sequence[str], deadline: float, grace: float) -> None:
-        """Until every node reported, or was said lost ``grace`` seconds ago, or the deadline."""
+    def wait(self, nodes: Sequence[str], deadline: float, grace: float, settle: float) -> None:
+        """Until every node reported, or was said lost ``grace`` seconds ago, or the deadline. Once
+        every node not said lost has reported (the stream is over), a lost node is waited for at
+        most ``settle`` seconds more: a node bypassed mid-stream has nothing left to say."""
+        settled_at: float | None = None
         with self.changed:
             while (now := time.monotonic()) < deadline:
                 pending = [n for n in nodes if n not in self.results]
-                waiting = [n for n in pending if n not in self.lost or self.lost[n][0] + grace > now]
+                if settled_at is None and all(n in self.lost for n in pending):
+                    settled_at = now
+                settled = settled_at is not None and now >= settled_at + settle
+                waiting = [n for n in pending if n not in self.lost or (not settled and self.lost[n][0] + grace > now)]
                 if not waiting:
                     return
                 self.changed.wait(min(0.2, deadline - now))
@@ -197,7 +204,7 @@ def broadcast(
         forwarder.attach(0)
         if forwarder.sock is not None:  # else no node answered: all are reported lost already
             _send_stream(source, forwarder, expected_sha256, options.rate_limit, deadline)
-        collector.wait([n.name for n in chain], deadline, options.lost_grace)
+        collector.wait([n.name for n in chain], deadline, options.lost_grace, options.lost_settle)
     except (OSError, Superseded, ProtocolError) as error:
         raise DriverError(f"broadcast failed at the source: {error}") from error
     finally:
