@@ -1,0 +1,53 @@
+"""One fast run of each lab bench (``--quick``: 2-4 nodes, a few MiB), checking it printed its ratio
+lines. Speed is not asserted: the figures are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RATIO = re.compile(r"^RATIO (.+) = (\d+\.\d+)$", re.MULTILINE)
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
+    pytest.mark.skipif(not (shutil.which("taktuk") and shutil.which("udp-sender")),
+                       reason="taktuk and udpcast are not installed (scripts/packages/bench.txt)"),
+]
+
+
+def run_bench(script: str, *expected: str) -> dict[str, float]:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick"], capture_output=True,
+                          text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ratios = {label: float(value) for label, value in RATIO.findall(done.stdout)}
+    for label in expected:
+        assert label in ratios, f"{label!r} not printed: {done.stdout[-2000:]}"
+        assert ratios[label] > 0
+    return ratios
+
+
+def test_broadcast_lab_quick() -> None:
+    run_bench("broadcast_lab.py", "chain E N=2", "chain T(2)/T(1)", "http T(2)/T(1)", "taktuk-chain T(2)/T(1)",
+              "taktuk-tree T(2)/T(1)", "udpcast T(2)/T(1)")
+
+
+def test_topology_lab_quick() -> None:
+    run_bench("topology_lab.py", "topology-aware E", "name-order E", "name-order/topology-aware time")
+
+
+def test_fault_lab_quick() -> None:
+    run_bench("fault_lab.py", "kill T/T(no fault)", "kill stream T/T(no fault)")
+
+
+def test_tree_exec_lab_quick() -> None:
+    run_bench("tree_exec_lab.py", "N=4 kasched tree k=2 / kasched direct", "N=4 clush -f 64 / kasched direct",
+              "N=4 taktuk -s / kasched direct")
