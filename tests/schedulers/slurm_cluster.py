@@ -116,7 +116,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, step: f
 
 
 @contextmanager
-def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2") -> Iterator[SlurmCluster]:
+def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2", nodes: int = 4) -> Iterator[SlurmCluster]:
     """Start the cluster (failing with the missing package's name), always stop it. ``standin_addr="none"``:
     no stand-ins, as Slurm is without kasched's help."""
     if os.geteuid() != 0:
@@ -135,7 +135,7 @@ def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2") -> Iterato
         "KASCHED_SLURM_PORT": str(port),
         "KASCHED_SLURM_STANDIN_ADDR": standin_addr,
         "KASCHED_SLURMD_TIMEOUT": str(SLURMD_TIMEOUT),
-        "KASCHED_SLURM_NODES": "4",
+        "KASCHED_SLURM_NODES": str(nodes),
     }
     try:
         started = subprocess.run(
