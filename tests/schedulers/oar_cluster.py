@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +94,9 @@ class OarCluster:
 
 
 @contextmanager
-def oar_cluster() -> Iterator[OarCluster]:
-    """Start OAR (failing with the missing package's name), always stop it and drop its database."""
+def oar_cluster(settings: Mapping[str, str] | None = None) -> Iterator[OarCluster]:
+    """Start OAR (failing with the missing package's name), always stop it and drop its database.
+    ``settings``: more of start-oar.sh's variables (KASCHED_CONFIG of an existing site, KASCHED_OAR_NODES)."""
     if os.geteuid() != 0:
         pytest.fail("the OAR tests need root to run OAR's daemons (run scripts/test.sh as root)")
     missing = sorted({package for command, package in NEEDED.items() if not _have(command)})
@@ -104,6 +105,7 @@ def oar_cluster() -> Iterator[OarCluster]:
     if not (ROOT / ".venv/bin/kasched").exists():
         pytest.fail("kasched is not installed in .venv (run scripts/setup.sh)")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "KASCHED_OAR_DIR": str(OAR_DIR), "KASCHED_OAR_API_PORT": str(API_PORT)}
+    env.update(settings or {})
     stop = ["bash", str(ROOT / "scripts/stop-oar.sh")]
     subprocess.run([*stop, "--purge"], env=env, timeout=120, check=False)  # a clean site: OAR numbers jobs from 1
     try:
