@@ -43,6 +43,7 @@ class Config:
     reboot_timeout: float = 120.0
     disabled_plugins: tuple[str, ...] = ()
     revert_at_job_end: bool = True
+    reconcile_interval: float = 300.0  # kaschedd runs 'kasched reconcile' this often (seconds; 0: never)
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +146,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}{key}: expected a path")
         return Path(value)
+    if key == "reconcile_interval":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ConfigError(f"{where}{key}: expected seconds (0: never)")
+        return float(value)
     if key in ("max_grant_hours", "reboot_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}{key}: expected a positive number")

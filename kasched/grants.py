@@ -27,8 +27,11 @@ def create(session: Session, job: JobInfo, *, origin: str, max_hours: float) -> 
     """Store a grant for ``job``; return it and whether it is new (False: this job had one already)."""
     _check_job(job)
     existing = _find(session, job.scheduler, job.cluster, job.job_id)
-    if existing is not None:
+    if existing is not None and not _id_reused(existing, job):
         return _same_job_again(session, existing, job), False
+    if existing is not None:  # a new job under an old id: the old grant keeps its history, renamed
+        existing.job_id = _retired_id(existing)
+        session.flush()
     node_ids = node_ids_by_name(session, job.nodes)
     start = job.started_at or utcnow()
     hours = min(job.walltime / 3600, max_hours) if job.walltime else max_hours
@@ -46,6 +49,23 @@ def create(session: Session, job: JobInfo, *, origin: str, max_hours: float) -> 
     session.flush()
     session.execute(insert(GrantNode), [{"grant_id": grant.id, "node_id": node_ids[n]} for n in job.nodes])
     return _view(grant, tuple(job.nodes)), True
+
+
+def _id_reused(grant: Grant, job: JobInfo) -> bool:
+    """Whether ``job`` is a new job that reuses the id of the revoked ``grant``'s job: it starts after
+    that grant was revoked. Slurm starts job ids again at 1 when its state is cleared (and wraps them
+    at MaxJobId); a requeued job runs its prolog again under its id. A prolog of the old job that comes
+    late (it started before the revocation) is no new job: refused."""
+    if grant.revoked_at is None:
+        return False
+    return (job.started_at or utcnow()) >= grant.revoked_at
+
+
+def _retired_id(grant: Grant) -> str:
+    """The id an old grant keeps once its job id is reused: ``ID~YYYYmmddTHHMMSS.ffffff`` (its revocation)."""
+    assert grant.revoked_at is not None
+    suffix = f"~{grant.revoked_at:%Y%m%dT%H%M%S.%f}"
+    return grant.job_id[: JOB_ID_MAX - len(suffix)] + suffix
 
 
 def _same_job_again(session: Session, grant: Grant, job: JobInfo) -> GrantView:

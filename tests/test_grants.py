@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -50,8 +51,21 @@ def test_start_and_end_are_idempotent(cluster: Kasched) -> None:
     cluster.job_ended(JobEnd("slurm", "c1", "42"))
     again = cluster.job_ended(JobEnd("slurm", "c1", "42", reason="second epilog"))
     assert again.revoke_reason == "job ended"  # the first revocation stands
+    late = dataclasses.replace(job(), started_at=first.created_at - timedelta(minutes=1))  # the old job, late
     with pytest.raises(ConflictError, match=r"was revoked .* a job id is granted once"):
-        cluster.job_started(job())
+        cluster.job_started(late)
+
+
+def test_a_reused_job_id_is_a_new_job(cluster: Kasched) -> None:
+    """Slurm numbers jobs from 1 again after its state is cleared: job 42 today is not last week's."""
+    old = cluster.job_started(job())
+    cluster.job_ended(JobEnd("slurm", "c1", "42"))
+    new = cluster.job_started(job(user="bob", nodes=("node-3",)))
+    assert new.id != old.id and new.active and new.user == "bob" and new.job_id == "42"
+    ended = {g.id: g for g in cluster.rights(include_ended=True)}
+    assert ended[old.id].job_id.startswith("42~") and ended[old.id].revoke_reason == "job ended"
+    assert cluster.job_ended(JobEnd("slurm", "c1", "42")).id == new.id
+    assert cluster.check("node-3", user="bob").allowed is False
 
 
 def test_revoke_uses_the_stored_nodes(cluster: Kasched) -> None:

@@ -40,13 +40,15 @@ def serve(
     app = ServiceApp(api)
     server = UnixHttpServer(socket_path, app)
     servers: list[Any] = [server]
+    stop = stop or threading.Event()
+    if config.reconcile_interval > 0:
+        threading.Thread(target=reconcile_every, args=(api, config.reconcile_interval, stop), daemon=True).start()
     try:
         if config.service_tcp:
             tcp = TcpHttpServer(config, app)
             servers.append(tcp)
             threading.Thread(target=tcp.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
             log.info("listening on %s (%s)", tcp.url, "MUNGE credentials or signed tokens")
-        stop = stop or threading.Event()
         watcher = threading.Thread(target=lambda: (stop.wait(), [s.shutdown() for s in servers]), daemon=True)
         watcher.start()
         if ready is not None:
@@ -57,6 +59,21 @@ def serve(
             each.server_close()
         socket_path.unlink(missing_ok=True)
         api.close()
+
+
+def reconcile_every(api: Kasched, interval: float, stop: threading.Event) -> None:
+    """``kasched reconcile`` every ``interval`` seconds: grants whose epilog was lost are revoked and
+    their nodes given back, without an admin's cron job."""
+    from kasched.reconcile import reconcile
+
+    while not stop.wait(interval):
+        try:
+            report = reconcile(api)
+        except KaschedError as error:
+            log.error("reconcile: %s", error)
+            continue
+        for grant, why in report.revoked:
+            log.warning("reconcile: grant %d of %s (%s) revoked: %s", grant.id, grant.job, grant.user, why)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

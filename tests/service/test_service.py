@@ -6,13 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from kasched.config import Config
 from kasched.service.client import ServiceClient
 from kasched.service.routes import ROUTES
-from tests.conftest import ROOT
+from tests.conftest import EXAMPLES, ROOT
 from tests.test_cli import unix_user
 
 CLIENT = """
@@ -113,3 +115,34 @@ def test_openapi_schema_lists_every_route(service: tuple[Config, ServiceClient])
     for route in ROUTES:
         operation = document["paths"][route.path][route.method.lower()]
         assert operation["summary"] and "403" in operation["responses"]
+
+
+def test_kaschedd_reconciles_on_its_own(tmp_path: Path) -> None:
+    """With reconcile_interval set, kaschedd revokes a grant past its end that no epilog revoked."""
+    import threading
+
+    from kasched.api import Kasched
+    from kasched.identity import Caller
+    from kasched.jobs import JobInfo
+    from kasched.service.main import serve
+
+    config = Config(site="t", state_dir=tmp_path / "state", reconcile_interval=0.5)
+    admin = Kasched.open(config, Caller("root", is_admin=True))
+    admin.import_nodes(EXAMPLES / "cluster.yaml")
+    job = JobInfo(scheduler="slurm", cluster="c", job_id="5", user="alice", nodes=("node-1",), walltime=1)
+    admin.job_started(job)
+    time.sleep(1.2)  # its walltime passes; no epilog comes
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=serve, args=(config, config.service_socket, ready, stop), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not admin.rights(include_ended=True)[0].revoked_at:
+            time.sleep(0.2)
+        grant = admin.rights(include_ended=True)[0]
+        assert grant.revoke_reason == "reconcile: past its end, no epilog revoked it", grant
+    finally:
+        stop.set()
+        thread.join(10)
+        admin.close()
