@@ -16,17 +16,28 @@
 #   KASCHED                the kasched command (default: .venv/bin/kasched of this checkout)
 #   KASCHED_SLURM_STANDIN_ADDR  loopback address of the stand-in slurmds (default 127.0.0.2; "none":
 #                          no stand-ins, deploy nodes then go DOWN after SlurmdTimeout like any node)
-# Prints `export SLURM_CONF=...` and `export KASCHED_CONFIG=...` on stdout. Stop with stop-slurm.sh.
+#   KASCHED_SLURM_NODE_PREFIX   node names are PREFIX1..PREFIXN (default n; node- for a lab's nodes)
+#   KASCHED_SLURM_NETNS    run everything inside this network namespace (a lab's kl-NAME, whose nodes
+#                          are reachable only there); Slurm commands must then run there too
+# Prints `export SLURM_CONF=...`, `export KASCHED_CONFIG=...` and `export KASCHED_USER_BIN=...` (a
+# directory with a `kasched` command ordinary users can run) on stdout. Stop with stop-slurm.sh.
 set -euo pipefail
 trap 'echo "start-slurm: failed at line $LINENO" >&2' ERR
 root=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "start-slurm: run as root" >&2; exit 1; }
+if [ -n "${KASCHED_SLURM_NETNS:-}" ] && [ "${KASCHED_SLURM_IN_NETNS:-}" != "$KASCHED_SLURM_NETNS" ]; then
+    ip netns list | awk '{print $1}' | grep -qxF "$KASCHED_SLURM_NETNS" ||
+        { echo "start-slurm: no network namespace $KASCHED_SLURM_NETNS (is the lab up?)" >&2; exit 1; }
+    export KASCHED_SLURM_IN_NETNS=$KASCHED_SLURM_NETNS
+    exec nsenter --net="/run/netns/$KASCHED_SLURM_NETNS" bash "$0" "$@"  # keeps the mounts (/sys/fs/cgroup)
+fi
 dir=${KASCHED_SLURM_DIR:-/var/lib/kasched-slurm}
 nodes=${KASCHED_SLURM_NODES:-4}
 timeout=${KASCHED_SLURMD_TIMEOUT:-300}
 port=${KASCHED_SLURM_PORT:-16800}
 user=${KASCHED_SLURM_USER:-kasched-slurm-user}
 kasched=${KASCHED:-$root/.venv/bin/kasched}
+prefix=${KASCHED_SLURM_NODE_PREFIX:-n}
 standin_addr=${KASCHED_SLURM_STANDIN_ADDR:-127.0.0.2}
 [ "$standin_addr" != none ] || standin_addr=
 admins=kasched-slurm-admins
@@ -78,6 +89,22 @@ make_users() {
     else
         slurm_user=root
     fi
+    user_bin=$dir/bin  # a `kasched` ordinary users can run, for their deploy jobs
+    mkdir -p "$user_bin"
+    chmod 755 "$user_bin"
+    if runuser -u "$user" -- "$kasched" --version >/dev/null 2>&1; then
+        ln -sf "$kasched" "$user_bin/kasched"
+    else  # the venv's Python is out of users' reach: Debian's python3 (same 3.11) on the venv's packages
+        local site
+        site=$("$(dirname "$kasched")/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        rm -f "$user_bin/kasched"
+        printf '#!/bin/sh\nexec /usr/bin/python3 -c %s "$@"\n' \
+            "'import site, sys; site.addsitedir(\"$site\"); from kasched.cli import main; sys.exit(main())'" \
+            > "$user_bin/kasched"
+        chmod 755 "$user_bin/kasched"
+        runuser -u "$user" -- "$user_bin/kasched" --version >/dev/null 2>&1 ||
+            { echo "start-slurm: $user cannot run kasched (neither $kasched nor /usr/bin/python3)" >&2; exit 1; }
+    fi
 }
 
 make_site() {  # a kasched site for the hooks, unless the caller gave one
@@ -87,8 +114,8 @@ make_site() {  # a kasched site for the hooks, unless the caller gave one
     printf 'site: slurm\nstate_dir: %s\nadmin_group: %s\n' "$dir/kasched/state" "$admins" > "$KASCHED_CONFIG"
     local inventory=$dir/kasched/nodes.yaml
     printf 'site: slurm\nclusters:\n  - name: kasched\n    nodes:\n' > "$inventory"
-    printf '      - name: n[1-%s]\n        mac: "02:00:00:5e:00:[01-%02d]"\n        ip: 10.99.0.[1-%s]\n' \
-        "$nodes" "$nodes" "$nodes" >> "$inventory"
+    printf '      - name: %s[1-%s]\n        mac: "02:00:00:5e:00:[01-%02d]"\n        ip: 10.99.0.[1-%s]\n' \
+        "$prefix" "$nodes" "$nodes" "$nodes" >> "$inventory"
     printf '        bmc: {driver: ssh}\n' >> "$inventory"
     chown -R "$slurm_user":"$admins" "$dir/kasched"
     chmod 755 "$dir/kasched"
@@ -168,8 +195,8 @@ JobSubmitPlugins=lua
 PrologSlurmctld=$dir/hooks/prolog
 EpilogSlurmctld=$dir/hooks/epilog
 Epilog=$dir/hooks/node-epilog
-NodeName=n[1-$nodes] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((port + 1))-$last] CPUs=1 RealMemory=100 Feature=deploy State=UNKNOWN
-PartitionName=main Nodes=n[1-$nodes] Default=YES MaxTime=INFINITE State=UP
+NodeName=$prefix[1-$nodes] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((port + 1))-$last] CPUs=1 RealMemory=100 Feature=deploy State=UNKNOWN
+PartitionName=main Nodes=$prefix[1-$nodes] Default=YES MaxTime=INFINITE State=UP
 EOF
     if [ -e "$conf" ] && ! cmp -s "$conf" "$conf.new" && scontrol ping 2>/dev/null | grep -q UP; then
         echo "start-slurm: slurm.conf changes: restarting the daemons" >&2
@@ -189,9 +216,9 @@ start_daemons() {
     fi
     local i pid
     for i in $(seq "$nodes"); do
-        pid=$(cat "$dir/slurmd/n$i@$(hostname -s).pid" 2>/dev/null || true)
+        pid=$(cat "$dir/slurmd/$prefix$i@$(hostname -s).pid" 2>/dev/null || true)
         if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
-            SLURM_CONF=$conf slurmd -f "$conf" -N "n$i"
+            SLURM_CONF=$conf slurmd -f "$conf" -N "$prefix$i"
         fi
     done
     wait_for 150 sh -c "[ \$(SLURM_CONF=$conf sinfo -h -N -t idle,alloc,mix -o %N | wc -l) -ge $nodes ]" ||
@@ -209,3 +236,4 @@ write_hooks
 start_daemons
 echo "export SLURM_CONF=$conf"
 echo "export KASCHED_CONFIG=$KASCHED_CONFIG"
+echo "export KASCHED_USER_BIN=$user_bin"

@@ -3,10 +3,17 @@
 # kasched's Slurm hooks, every slurmd and slurmctld of KASCHED_SLURM_DIR (by their pid files), and munged
 # if start-slurm.sh started it. Forgets Slurm's job state (the next start is clean), keeps the logs.
 # --purge also removes KASCHED_SLURM_DIR (logs, generated kasched site).
+# KASCHED_SLURM_NETNS: the network namespace start-slurm.sh ran in (the Slurm commands run there; if
+# it is gone already, the daemons are still found by their pid files).
 set -uo pipefail
 dir=${KASCHED_SLURM_DIR:-/var/lib/kasched-slurm}
 [ "$(id -u)" = 0 ] || { echo "stop-slurm: run as root" >&2; exit 0; }
 [ -d "$dir" ] || exit 0
+if [ -n "${KASCHED_SLURM_NETNS:-}" ] && [ "${KASCHED_SLURM_IN_NETNS:-}" != "$KASCHED_SLURM_NETNS" ] &&
+    ip netns list | awk '{print $1}' | grep -qxF "$KASCHED_SLURM_NETNS"; then
+    export KASCHED_SLURM_IN_NETNS=$KASCHED_SLURM_NETNS
+    exec nsenter --net="/run/netns/$KASCHED_SLURM_NETNS" bash "$0" "$@"  # keeps the mounts (/sys/fs/cgroup)
+fi
 
 export SLURM_CONF=$dir/slurm.conf
 if [ -e "$SLURM_CONF" ] && timeout 10 scontrol ping 2>/dev/null | grep -q UP; then

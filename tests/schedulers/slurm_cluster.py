@@ -34,9 +34,15 @@ NEEDED = {
 class SlurmCluster:
     dir: Path
     env: dict[str, str]  # SLURM_CONF and KASCHED_CONFIG, on top of a clean PATH
+    netns: str = ""  # the network namespace the cluster runs in (a lab's), where its commands must run
+
+    def command(self, *args: str, user: str | None = None) -> list[str]:
+        """``args`` as run by ``run``: as ``user``, inside the cluster's network namespace."""
+        command = ["runuser", "-u", user, "--", *args] if user else list(args)
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *command] if self.netns else command
 
     def run(self, *args: str, user: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        command = ["runuser", "-u", user, "--", *args] if user else list(args)
+        command = self.command(*args, user=user)
         return subprocess.run(command, env=self.env, cwd="/tmp", capture_output=True, text=True, timeout=timeout)
 
     def kasched(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -116,9 +122,12 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, step: f
 
 
 @contextmanager
-def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2", nodes: int = 4) -> Iterator[SlurmCluster]:
+def slurm_cluster(
+    port: int = 16900, standin_addr: str = "127.0.0.2", nodes: int = 4, settings: dict[str, str] | None = None
+) -> Iterator[SlurmCluster]:
     """Start the cluster (failing with the missing package's name), always stop it. ``standin_addr="none"``:
-    no stand-ins, as Slurm is without kasched's help."""
+    no stand-ins, as Slurm is without kasched's help. ``settings``: more of start-slurm.sh's settings
+    (with KASCHED_SLURM_NETNS the cluster and its commands run in that network namespace)."""
     if os.geteuid() != 0:
         pytest.fail("the Slurm tests need root to run munged, slurmctld and slurmd (run scripts/test.sh as root)")
     missing = sorted({package for command, package in NEEDED.items() if not _have(command)})
@@ -136,6 +145,7 @@ def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2", nodes: int
         "KASCHED_SLURM_STANDIN_ADDR": standin_addr,
         "KASCHED_SLURMD_TIMEOUT": str(SLURMD_TIMEOUT),
         "KASCHED_SLURM_NODES": str(nodes),
+        **(settings or {}),
     }
     try:
         started = subprocess.run(
@@ -146,7 +156,9 @@ def slurm_cluster(port: int = 16900, standin_addr: str = "127.0.0.2", nodes: int
         for line in started.stdout.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
-        yield SlurmCluster(workdir, env)
+        if env.get("KASCHED_USER_BIN"):
+            env["PATH"] = f"{env['KASCHED_USER_BIN']}:{env['PATH']}"
+        yield SlurmCluster(workdir, env, env.get("KASCHED_SLURM_NETNS", ""))
     finally:
         subprocess.run(["bash", str(ROOT / "scripts/stop-slurm.sh")], env=env, timeout=120, check=False)
         if (workdir / "log").is_dir():  # for a look after a failure

@@ -1,0 +1,235 @@
+"""Deploy jobs end to end with a real Slurm 22.05 on a lab's nodes: an ordinary user submits a deploy job,
+deploys an environment inside it with ``kasched deploy`` (no node list: the job's nodes), and the job
+ends three ways (normal end, walltime, scancel). After each, with no admin action: the grant is revoked
+with the right reason, the nodes run the reference environment again (seen from inside them) and Slurm
+has them back, idle. Outside a job, or on another user's job, ``kasched deploy`` is refused.
+
+Placement (docs/slurm.md): the lab's nodes are reachable only inside its network namespace kl-kslab, so
+everything that drives them runs there: kaschedd (as root), slurmctld, the nodes' slurmds and the
+stand-ins (scripts/start-slurm.sh with KASCHED_SLURM_NETNS; hooks inherit it, and so does the background
+revert the epilog starts), and the users' salloc/sbatch (the lab's service host is the login node).
+munged is shared with the host through its socket file. The lab keeps no route out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_cluster import USER, SlurmCluster, slurm_cluster, wait_for
+from test_slurm_deploy import grant_of, wait_idle
+
+from kasched.nodeset import expand
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slurm, pytest.mark.lab, pytest.mark.slow]
+LAB = "kslab"
+NETNS = f"kl-{LAB}"
+PORT = 17900  # not the session cluster's 16900 (that one runs on the host's loopback, this one in NETNS)
+OTHER = "kasched-slurm-other"
+KASCHED = [str(ROOT / ".venv/bin/kasched")]
+SSH = ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+       "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]  # fmt: skip
+# What the user's job runs: deploy on the job's nodes (no node list), note the exit code.
+DEPLOY = 'kasched deploy -e userenv -k "$KEY.pub" > "$OUT/deploy-$SLURM_JOB_ID.log" 2>&1; echo $? > "$OUT/deployed-$SLURM_JOB_ID"'
+
+
+@dataclass
+class SlurmLab:
+    slurm: SlurmCluster
+    lab_dir: Path
+    user_dir: Path  # the user's key and the jobs' files
+
+    def ip(self, node: str) -> str:
+        inventory = yaml.safe_load((self.lab_dir / "inventory.yaml").read_text())
+        return next(str(n["ip"]) for n in inventory["clusters"][0]["nodes"] if n["name"] == node)
+
+    def inside(self, node: str, command: str, key: Path) -> subprocess.CompletedProcess[str]:
+        return self.slurm.run(*SSH, "-i", str(key), f"root@{self.ip(node)}", command, timeout=60)
+
+    def script(self, body: str) -> str:
+        """A job script of the user's: ``body`` runs with $KEY (the user's key) and $OUT (a directory)."""
+        path = self.user_dir / f"job-{len(list(self.user_dir.glob('job-*')))}.sh"
+        path.write_text(f"#!/bin/sh\nKEY={self.user_dir}/key OUT={self.user_dir}\n{body}\n")
+        path.chmod(0o755)
+        return str(path)
+
+    def sbatch(self, *args: str, body: str) -> str:
+        done = self.slurm.run("sbatch", "--parsable", "-o", "/dev/null", *args, self.script(body), user=USER)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().split(";")[0]
+
+    def deployed(self, job_id: str) -> str:
+        """Wait until the job's ``kasched deploy`` is done, check that it succeeded; the job's nodes."""
+        done = self.user_dir / f"deployed-{job_id}"
+        wait_for(done.exists, 240, f"job {job_id} to deploy ({self.slurm.log('prolog.log')[-600:]})", step=1)
+        log = self.user_dir / f"deploy-{job_id}.log"
+        assert done.read_text().strip() == "0", log.read_text()[-1500:]
+        print(f"job {job_id}: {log.read_text().splitlines()[-3:]}")
+        return self.slurm.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
+
+    def runs(self, node: str, key: Path | None = None) -> list[str]:
+        """The node's name and system, from inside it (ssh with ``key``, default the service's)."""
+        done = self.inside(node, "hostname; cat /etc/kasched-system", key or self.lab_dir / "ssh" / "id_ed25519")
+        return done.stdout.split() if done.returncode == 0 else [f"ssh failed: {done.stderr.strip()}"]
+
+    def wait_back(self, job_id: str, nodes: list[str], reason: tuple[str, ...]) -> None:
+        """After the job's end: grant revoked for ``reason``, nodes in the reference environment (seen
+        from inside; the user's key gone with the user's system) and idle in Slurm, nobody helping."""
+        wait_for(lambda: grant_of(self.slurm, job_id)["revoked_at"], 120, f"the grant of job {job_id} to be revoked")
+        grant = grant_of(self.slurm, job_id)
+        assert str(grant["revoke_reason"]).startswith(reason), grant
+        for node in nodes:
+            back = [node, "reference"]
+            wait_for(lambda n=node, b=back: self.runs(n) == b, 240, f"{node} to run the reference environment", 2)
+            assert self.inside(node, "true", self.user_dir / "key").returncode != 0, "the user's key is gone"
+        wait_idle(self.slurm, nodes, timeout=120)
+
+
+def _run(*args: str, timeout: float = 300) -> str:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args[:5])}... failed: {done.stderr.strip()[-800:]}")
+    return done.stdout
+
+
+def _environments(lab_dir: Path, work: Path) -> None:
+    """The small user environment (the lab's system, /etc/kasched-system says userenv) and the site's
+    reference environment (the lab's reference partition), as tests/e2e makes them."""
+    from tests.e2e.conftest import _reference_environment
+
+    _run(*KASCHED, "lab", "make-env", "--name", LAB, str(work / "userenv.tgz"))
+    (work / "userenv.yaml").write_text("name: userenv\nvisibility: public\nimage: {file: userenv.tgz, kind: tar}\n")
+    _reference_environment(type("Site", (), {"lab_dir": lab_dir, "work": work})())  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[SlurmLab]:
+    work = Path(tempfile.mkdtemp(prefix="kasched-slurm-lab-"))
+    work.chmod(0o755)
+    lab_dir = work / "lab"
+    config = lab_dir / "kasched.yaml"
+    _run(*KASCHED, "lab", "down", "--name", LAB)
+    kaschedd: subprocess.Popen[bytes] | None = None
+    try:
+        _run(*KASCHED, "lab", "up", "--name", LAB, "--nodes", "4", "--switches", "1", "--state-dir", str(lab_dir))
+        lab_dir.chmod(0o755)
+        _environments(lab_dir, work)
+        for command in (["nodes", "import", str(lab_dir / "inventory.yaml")], ["env", "add", str(work / "userenv.yaml")],
+                        ["env", "add", str(work / "reference.yaml")]):  # fmt: skip
+            _run(*KASCHED, "lab", "exec", "--name", LAB, "--", *KASCHED, *command)  # as root, the lab's config
+        kaschedd = _start_kaschedd(config, work)
+        user_dir = work / "user"
+        user_dir.mkdir()
+        shutil.chown(user_dir, USER)
+        subprocess.run(["runuser", "-u", USER, "--", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(user_dir / "key")], check=True, capture_output=True)  # fmt: skip
+        if subprocess.run(["id", OTHER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER], check=True)
+        settings = {"KASCHED_SLURM_NETNS": NETNS, "KASCHED_SLURM_NODE_PREFIX": "node-", "KASCHED_CONFIG": str(config)}
+        with slurm_cluster(port=PORT, settings=settings) as slurm:
+            yield SlurmLab(slurm, lab_dir, user_dir)
+    finally:
+        if kaschedd is not None:
+            kaschedd.terminate()
+            try:
+                kaschedd.wait(30)
+            except subprocess.TimeoutExpired:
+                kaschedd.kill()
+        subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _start_kaschedd(config: Path, work: Path) -> subprocess.Popen[bytes]:
+    """kaschedd as root in the lab's namespace: ordinary users deploy through it."""
+    log = (work / "kaschedd.log").open("ab")
+    service = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{NETNS}", str(ROOT / ".venv/bin/kaschedd"), "--config", str(config)],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    log.close()
+    socket = yaml.safe_load(config.read_text())["state_dir"] + "/kaschedd.sock"
+    env = {**os.environ, "KASCHED_CONFIG": str(config)}
+    for _ in range(300):
+        if service.poll() is not None:
+            pytest.fail(f"kaschedd exited: {(work / 'kaschedd.log').read_text()[-800:]}")
+        if (
+            Path(socket).exists()
+            and subprocess.run([*KASCHED, "env", "list"], env=env, capture_output=True).returncode == 0
+        ):
+            return service
+        subprocess.run(["sleep", "0.2"])
+    service.kill()
+    pytest.fail("kaschedd did not answer")
+
+
+def test_deploy_refused_outside_a_job_and_on_another_users_job(lab: SlurmLab) -> None:
+    job = lab.sbatch("-C", "deploy", "-N", "1", "-t", "5", body="sleep 300")
+    wait_for(lambda: lab.slurm.job_state(job) == "RUNNING", 60, f"job {job} to run")
+    (node,) = expand(lab.slurm.run("squeue", "-h", "-j", job, "-o", "%N").stdout.strip())
+    outside = lab.slurm.run("kasched", "deploy", "-e", "userenv", user=USER)
+    assert outside.returncode != 0 and "run inside a deploy job" in outside.stderr, outside.stderr
+    other = lab.slurm.run("env", f"SLURM_JOB_NODELIST={node}", "kasched", "deploy", "-e", "userenv", user=OTHER)
+    assert other.returncode != 0, other.stdout
+    assert f"{OTHER} may not deploy these nodes: {node}: granted to {USER}" in other.stderr, other.stderr
+    assert lab.slurm.run("scancel", job, user=USER).returncode == 0
+    lab.wait_back(job, [node], ("cancelled", "killed by signal 15"))
+
+
+def test_deploy_job_ends_three_ways_and_the_nodes_come_back(lab: SlurmLab) -> None:
+    """A walltime job (-t 1) and a salloc job deploy at the same time; the salloc job ends normally; a
+    batch job then deploys on the nodes it gave back and is cancelled; the walltime job runs out."""
+    walltime = lab.sbatch("-C", "deploy", "-N", "2", "-t", "1", body=f"{DEPLOY}\nsleep 600")
+    stop = lab.user_dir / "stop"
+    salloc = subprocess.Popen(
+        lab.slurm.command("salloc", "-C", "deploy", "-N", "2", "-t", "5",
+                          lab.script(f"{DEPLOY}\nwhile [ ! -e {stop} ]; do sleep 1; done"), user=USER),
+        env=lab.slurm.env, cwd="/tmp", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        normal = _job_of(lab, exclude={walltime})
+        for job in (walltime, normal):
+            nodes = expand(lab.deployed(job))
+            for node in nodes:
+                assert lab.runs(node, lab.user_dir / "key") == [node, "userenv"]
+        normal_nodes = expand(lab.deployed(normal))
+        stop.write_text("")
+        stop.chmod(0o644)
+        output, _ = salloc.communicate(timeout=120)
+        assert salloc.returncode == 0, output
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+    lab.wait_back(normal, normal_nodes, ("job ended",))
+
+    cancelled = lab.sbatch("-C", "deploy", "-N", "2", "-t", "5", body=f"{DEPLOY}\nsleep 600")
+    cancelled_nodes = expand(lab.deployed(cancelled))
+    assert all(lab.runs(node, lab.user_dir / "key") == [node, "userenv"] for node in cancelled_nodes)
+    assert lab.slurm.run("scancel", cancelled, user=USER).returncode == 0
+    lab.wait_back(cancelled, cancelled_nodes, ("cancelled", "killed by signal 15"))
+
+    walltime_nodes = [n for n in grant_of(lab.slurm, walltime)["nodes"]]  # type: ignore[attr-defined]
+    wait_for(lambda: lab.slurm.job_state(walltime) in ("TIMEOUT", "COMPLETING", ""), 180, "the walltime to pass")
+    lab.wait_back(walltime, walltime_nodes, ("walltime",))
+    times = lab.slurm.log("hooks-time.log")
+    print(times)
+    assert f"job {walltime} epilog exit 0" in times and f"job {cancelled} epilog exit 0" in times
+
+
+def _job_of(lab: SlurmLab, exclude: set[str]) -> str:
+    """The id of the user's other deploy job (the salloc's)."""
+    jobs: list[str] = []
+
+    def found() -> bool:
+        listed = lab.slurm.run("squeue", "-h", "-u", USER, "-o", "%i").stdout.split()
+        jobs[:] = [j for j in listed if j not in exclude]
+        return bool(jobs)
+
+    wait_for(found, 60, "the salloc job to start")
+    return jobs[0]
