@@ -51,11 +51,13 @@ def kasched(action: str, job: OarJob, environ: Mapping[str, str]) -> tuple[int, 
 
 def prologue(job_id: str, environ: Mapping[str, str]) -> None:
     settings = OarSettings.from_environ(environ)
+    started = time.monotonic()
     try:
         job = read_job(job_id, settings)
     except OarError as error:
         print(f"job {job_id}: not readable, no grant: {error}")
         return
+    print(f"job {job_id}: read from {job.source} in {time.monotonic() - started:.2f} s")
     if not job.is_deploy:
         print(f"job {job_id}: not a deploy job ({','.join(job.types) or 'no types'}), nothing to do")
         return
@@ -77,8 +79,10 @@ def cancel(job_id: str, settings: OarSettings) -> None:
 
 def epilogue(job_id: str, environ: Mapping[str, str]) -> None:
     settings = OarSettings.from_environ(environ)
+    started = time.monotonic()
     try:
         job = read_job(job_id, settings)
+        print(f"job {job_id}: read from {job.source} in {time.monotonic() - started:.2f} s")
     except OarError as error:  # a grant of this job, if any, is revoked all the same
         print(f"job {job_id}: not readable ({error}); revoking its grant if it has one")
         job = OarJob(job_id, "", "", (), None, ("deploy",))
