@@ -40,6 +40,7 @@ from kasched.lab.topology import LabPlan  # noqa: E402
 
 KASCHED = [sys.executable, "-m", "kasched"]
 EXTRA_PACKAGES = ("perl-base", "taktuk", "udpcast", "openssh-client")
+BOOT_WAVE = 16  # nodes rebooted at once: more made TFTP time out on the loaded machine
 SSH_OPTIONS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR"
 
 
@@ -103,7 +104,7 @@ def lab_up(plan: LabPlan, *, deploy: bool = True, extras: bool = False) -> Itera
         shutil.rmtree(work, ignore_errors=True)
 
 
-def boot_deploy_system(labrun: LabRun, timeout: float = 600) -> None:
+def boot_deploy_system(labrun: LabRun, timeout: float = 900) -> None:
     """Every node into the deployment system: its boot profile set to it (kasched's PXE driver),
     then ``reboot`` from inside (the lab's power supply boots it again, from the network).
 
@@ -114,18 +115,29 @@ def boot_deploy_system(labrun: LabRun, timeout: float = 600) -> None:
     for target in labrun.lab.targets(labrun.plan):
         driver.set_profile(target, BootTarget.DEPLOY)
     names = [n["name"] for n in labrun.nodes]
+    deadline = time.monotonic() + timeout
     with inside_netns(labrun.netns):
-        tree.run(names, "(sleep 0.2; reboot) >/dev/null 2>&1 &", key_file=str(labrun.key),
-                 addresses=labrun.addresses, window=16, connect_timeout=30, command_timeout=30)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        waiting = names
-        while waiting and time.monotonic() < deadline:
+        for start in range(0, len(names), BOOT_WAVE):
+            _reboot_until_deploy(labrun, names[start : start + BOOT_WAVE], deadline)
+
+
+def _reboot_until_deploy(labrun: LabRun, names: list[str], deadline: float) -> None:
+    """Reboot ``names`` and wait; reboot again those that fell back to the disk (a TFTP timeout
+    under load makes the firmware boot the reference system)."""
+    ssh = {"key_file": str(labrun.key), "addresses": labrun.addresses, "window": 16}
+    reboot, waiting = list(names), list(names)
+    while waiting and time.monotonic() < deadline:
+        if reboot:
+            tree.run(reboot, "(sleep 0.2; reboot) >/dev/null 2>&1 &", connect_timeout=30, command_timeout=30, **ssh)
+            time.sleep(3)
+        seen = tree.run(waiting, "cat /etc/kasched-system", connect_timeout=5, command_timeout=10, **ssh)
+        systems = {n: r.value.stdout.strip() if r.ok and r.value else "" for n, r in seen.items()}
+        waiting = [n for n, system in systems.items() if system != "deploy"]
+        reboot = [n for n, system in systems.items() if system and system != "deploy"]
+        if waiting and not reboot:
             time.sleep(2)
-            seen = tree.run(waiting, "cat /etc/kasched-system", key_file=str(labrun.key), addresses=labrun.addresses,
-                            window=16, connect_timeout=5, command_timeout=10)  # fmt: skip
-            waiting = [n for n, r in seen.items() if not (r.ok and r.value.stdout.strip() == "deploy")]
     if waiting:
-        raise SystemExit(f"not in the deployment system after {timeout:.0f} s: {waiting[:8]}")
+        raise SystemExit(f"not in the deployment system in time: {waiting[:8]}")
 
 
 def extras_tarball(cache_dir: Path = rootfs.DEFAULT_CACHE) -> Path:
