@@ -34,3 +34,12 @@ def test_bad_urls_are_clear() -> None:
     with pytest.raises(DatabaseError) as error:
         database.upgrade()
     assert "secret" not in str(error.value) and "***" in str(error.value)
+
+
+def test_head_revision_constant_is_the_newest_migration() -> None:
+    """kasched.db checks the schema against HEAD_REVISION without loading alembic's scripts."""
+    from alembic.script import ScriptDirectory
+
+    from kasched.db import HEAD_REVISION, _alembic_config
+
+    assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == HEAD_REVISION
