@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent.parent
 SLURMD_TIMEOUT = 5  # seconds: short, so that a node without slurmd would be DOWN within ~15 s
 USER = "kasched-slurm-user"
-LOGS = Path("/tmp/kasched-slurm-test-logs")  # the daemons' and hooks' logs of the last run
+LOGS = Path("/tmp/kasched-slurm-test-logs")  # the daemons' and hooks' logs of the last run, per port
 NEEDED = {
     "munged": "munge",
     "slurmctld": "slurmctld",
@@ -162,7 +162,7 @@ def slurm_cluster(
     finally:
         subprocess.run(["bash", str(ROOT / "scripts/stop-slurm.sh")], env=env, timeout=120, check=False)
         if (workdir / "log").is_dir():  # for a look after a failure
-            shutil.copytree(workdir / "log", LOGS, dirs_exist_ok=True)
+            shutil.copytree(workdir / "log", LOGS / str(port), dirs_exist_ok=True)  # one cluster's own
         shutil.rmtree(workdir, ignore_errors=True)
 
 
