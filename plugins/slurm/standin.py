@@ -47,8 +47,10 @@ from kasched_slurm.slurmcli import SlurmCommandError
 
 DEFAULT_COMMAND = "slurmd -D -N {node}"
 DEFAULT_STATE_DIR = "/var/lib/kasched/slurm"
-READY_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
+# Under load a slurmd takes seconds to start (200 jobs at once on 2 busy cores: the 15 s first chosen
+# failed prologs); these stay well under PrologEpilogTimeout (120 s in scripts/start-slurm.sh).
+READY_TIMEOUT = 45.0
+STOP_TIMEOUT = 20.0
 DRAIN_TIMEOUT = 15.0
 KEEP_INTERVAL = 2.0
 KEEP_IDLE_ROUNDS = 3  # the keeper exits after this many rounds without any deploy job
