@@ -263,7 +263,8 @@ def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any]
     print(
         f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})", file=sys.stderr
     )
-    view, seen = ProgressView(count), {}
+    view: ProgressView = ProgressView(count)
+    seen: dict[str, Any] = {}
     with cancellable() as cancel:
         asked = False
         try:
@@ -308,9 +309,16 @@ def _poll(api: Any, operation_id: str) -> dict[str, Any]:
             time.sleep(POLL)
 
 
-def _show_poll(shown: dict[str, Any], view: ProgressView, seen: dict[str, tuple[Any, ...]]) -> None:
-    """Feed the live view (the same as without the service) what changed since the last poll: the
-    service records each node's last finished step, with its error if that attempt failed."""
+def _show_poll(shown: dict[str, Any], view: ProgressView, seen: dict[str, Any]) -> None:
+    """Feed the live view (the same as without the service) what happened since the last poll: every
+    attempt the operation's history recorded; without a history, each node's last finished step."""
+    history = shown.get("steps") or []
+    for entry in history[seen.get("", 0) :]:
+        step, _, variant = str(entry["step"]).partition("/")
+        view(StepReport(entry["node"], step, variant, 0, utcnow(), entry["duration"], entry["ok"], entry["error"]))
+    seen[""] = len(history)
+    if history:
+        return
     for node, detail in shown["nodes"].items():
         state = (detail["step"], detail["error"], detail["ok"])
         if not detail["step"] or seen.get(node) == state:

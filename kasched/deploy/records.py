@@ -11,14 +11,14 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from kasched.errors import ConflictError, NotFoundError, PermissionDenied
 from kasched.grants import node_ids_by_name
-from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, utcnow
+from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, Operation, utcnow
 from kasched.nodeset import fold
 from kasched.processes import pid_alive
 
@@ -35,6 +35,7 @@ class DeploymentView:
     nodes: dict[str, dict[str, object]]
     created_at: object
     ended_at: object
+    steps: list[dict[str, object]] = field(default_factory=list)  # every attempt, in order (the history)
 
 
 def start(
@@ -139,6 +140,12 @@ def view(session: Session, deployment_id: str) -> DeploymentView:
         },
         created_at=deployment.created_at,
         ended_at=deployment.ended_at,
+        steps=[
+            {"node": op.node, "step": op.step, "ok": op.ok, "error": op.error, "duration": op.duration}
+            for op in session.scalars(
+                select(Operation).where(Operation.deployment_id == deployment_id).order_by(Operation.id)
+            )
+        ],
     )
 
 

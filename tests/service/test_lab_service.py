@@ -257,7 +257,9 @@ def test_a_user_deploys_through_the_service(lab: ServiceLab) -> None:
     assert done.returncode == 0, done.stderr
     assert "started in kaschedd" in done.stderr
     view = [line.split()[2:4] for line in done.stderr.splitlines()[1:] if line.startswith("[")]  # the live view
-    assert ["setup", "ok"] in view and view[-1] == ["boot", "ok"], done.stderr
+    assert [step for step in ("setup", "broadcast", "configure", "boot") if [step, "ok"] in view] == [
+        "setup", "broadcast", "configure", "boot"
+    ], done.stderr  # every step, even those that went by between two polls
     assert done.stderr.splitlines()[-1].endswith("boot       ok 2/2  failed 0  in progress 0"), done.stderr
     assert done.stdout.startswith("deploy ") and ": done; ok node-[1-2]; failed -" in done.stdout
     for node in ("node-1", "node-2"):
@@ -329,11 +331,24 @@ def host_leftovers() -> list[str]:
 
 
 def node_leftovers(lab: ServiceLab, node: str) -> list[str]:
-    """kasched's programs still running on ``node`` (chain agents, relays, image writers)."""
-    inside = lab.ssh(node, "ps -o pid,args")
+    """kasched's programs still running on ``node`` (chain agents, relays, image writers) and SSH
+    sessions other than the one asking."""
+    inside = lab.ssh(node, "ps -o pid,ppid,args")
     assert inside.returncode == 0, f"{node}: {inside.stderr}"
+    rows = [(*line.split(None, 2), "")[:3] for line in inside.stdout.splitlines()[1:]]
+    parents = {pid: ppid for pid, ppid, _ in rows}
+    asking = next(pid for pid, _, args in rows if args.startswith("ps -o"))
+    own = set()
+    while asking in parents and asking not in own:  # this session: ps, its shell, its sshd processes
+        own.add(asking)
+        asking = parents[asking]
     programs = ("python", "--listen", "kasched", "tar ")  # the agent is ``python3 - --listen ... --name NODE``
-    return [line for line in inside.stdout.splitlines()[1:] if any(word in line for word in programs)]
+    return [
+        args
+        for pid, _, args in rows
+        if pid not in own
+        and (any(word in args for word in programs) or (args.startswith("sshd:") and "listener" not in args))
+    ]
 
 
 def test_kill_9_mid_deployment_then_revert(lab: ServiceLab) -> None:
