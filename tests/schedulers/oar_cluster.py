@@ -3,10 +3,12 @@ plugins/oar/cgiserver.py) wired to kasched by scripts/start-oar.sh, and what the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ USER = "kasched-oar-user"
 OAR_DIR = Path("/var/lib/kasched-oar")  # /etc/oar/oar.conf is the only one OAR's commands read: one OAR per host
 LOGS = Path("/tmp/kasched-oar-test-logs")  # the hooks' and OAR's logs of the last run
 API_PORT = 6680
+LOCK = Path("/run/kasched-oar-test.lock")  # one OAR test at a time on this host, across pytest processes
+_held: list[bool] = []
 NEEDED = {
     "oar-server": "oar-server",
     "oarsub": "oar-user",
@@ -107,7 +111,12 @@ def oar_cluster(settings: Mapping[str, str] | None = None) -> Iterator[OarCluste
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "KASCHED_OAR_DIR": str(OAR_DIR), "KASCHED_OAR_API_PORT": str(API_PORT)}
     env.update(settings or {})
     stop = ["bash", str(ROOT / "scripts/stop-oar.sh")]
-    subprocess.run([*stop, "--purge"], env=env, timeout=120, check=False)  # a clean site: OAR numbers jobs from 1
+    with one_oar_per_host():
+        subprocess.run([*stop, "--purge"], env=env, timeout=120, check=False)  # a clean site: jobs from 1
+        yield from _running(env, stop)
+
+
+def _running(env: dict[str, str], stop: list[str]) -> Iterator[OarCluster]:
     try:
         started = subprocess.run(
             ["bash", str(ROOT / "scripts/start-oar.sh")], env=env, capture_output=True, text=True, timeout=180
@@ -123,6 +132,31 @@ def oar_cluster(settings: Mapping[str, str] | None = None) -> Iterator[OarCluste
         if (OAR_DIR / "log").is_dir():  # for a look after a failure
             shutil.copytree(OAR_DIR / "log", LOGS, dirs_exist_ok=True)
         subprocess.run([*stop, "--purge"], env=env, timeout=120, check=False)
+
+
+@contextmanager
+def one_oar_per_host(timeout: float = 1800) -> Iterator[None]:
+    """Hold the host's OAR test lock (OAR reads only /etc/oar/oar.conf); waits for another pytest
+    process's OAR test to finish. Reentrant within a process (the lab fixture holds it around OAR's)."""
+    if _held:
+        yield
+        return
+    with open(LOCK, "w") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another OAR test has held {LOCK} for {timeout:.0f} s")
+                time.sleep(2)
+        _held.append(True)
+        try:
+            yield
+        finally:
+            _held.clear()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _have(command: str) -> bool:

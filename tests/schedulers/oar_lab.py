@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from oar_cluster import OAR_DIR, USER, OarCluster, oar_cluster
+from oar_cluster import OAR_DIR, USER, OarCluster, oar_cluster, one_oar_per_host
 from slurm_cluster import wait_for
 
 from kasched import config as config_module
@@ -45,7 +45,7 @@ JOB_SCRIPT = """#!/bin/sh
 out={out}/job-$OAR_JOB_ID
 KASCHED_CONFIG={config} {python} -m kasched deploy -e userenv -k {key} >$out.deploy 2>&1
 echo $? >$out.exit
-while [ ! -e $out.release ]; do sleep 1; done
+while [ -d {out} ] && [ ! -e $out.release ]; do sleep 1; done  # ends with the test's directory, whatever happens
 """
 
 
@@ -185,6 +185,11 @@ def lab_oar() -> Iterator[LabOar]:
     OAR on the lab's nodes. Torn down in reverse, even on failure; the logs go to /tmp/kasched-oar-test-logs."""
     if os.geteuid() != 0:
         pytest.fail("the OAR lab test needs root (run scripts/test.sh as root)")
+    with one_oar_per_host():  # also keeps the lab's name to one test at a time
+        yield from _lab_oar()
+
+
+def _lab_oar() -> Iterator[LabOar]:
     work = Path(tempfile.mkdtemp(prefix="kasched-oar-lab-"))
     work.chmod(0o755)
     lab_dir = work / "lab"
@@ -211,11 +216,13 @@ def lab_oar() -> Iterator[LabOar]:
 
 
 def _keep_logs(work: Path) -> None:
-    """kaschedd's log, the background reclaims' and the jobs' outputs, for a look after a failure."""
+    """kaschedd's log, the background reclaims', the jobs' outputs, the nodes' BMC and console logs."""
     logs = Path("/tmp/kasched-oar-test-logs/lab")
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     for path in [work / "kaschedd.log", *(work / "state" / "reclaim").glob("*.log"), *(work / "out").glob("job-*")]:
         if path.is_file():
             shutil.copy(path, logs / path.name)
+    for path in [*(work / "lab" / "nodes").glob("*/bmc.log"), *(work / "lab" / "nodes").glob("*/console.log")]:
+        shutil.copy(path, logs / f"{path.parent.name}-{path.name}")
 
