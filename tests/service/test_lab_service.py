@@ -357,27 +357,15 @@ def test_kill_9_mid_deployment_then_revert(lab: ServiceLab) -> None:
     command = ["deploy", "-e", "userenv", "-m", "node-[1-2]", "-k", f"{lab.alice_key}.pub"]
     user = subprocess.Popen([*_as(ALICE), *KASCHED, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)  # fmt: skip
-    assert user.stderr is not None
-    seen = [user.stderr.readline()]  # deploy ID started in kaschedd (...)
-    operation = seen[0].split()[1]
     try:
-        _wait_for_setup(lab, operation)
-        # node-1's port slowed to 8 Mbit/s: the 64 MiB image takes over a minute, kaschedd is killed
-        # when 8 MiB went through.
-        shape("nd1", "8mbit")
-        baseline = sent_to("nd1")
-        while sent_to("nd1") - baseline < 8 << 20 and user.poll() is None:
-            time.sleep(0.05)
-        assert user.poll() is None, "".join(seen) + "".join(user.communicate())
-        grants = active_grants(lab, ALICE)
-        os.kill(lab.daemon_pid(), signal.SIGKILL)
-        assert lab.service is not None and lab.service.wait(60) != 0
+        operation, grants = _kill_during_the_broadcast(lab, user)
+        assert host_leftovers() == []  # kaschedd left nothing running in the lab (its SSH is in-process)
+        lab.service = None
+        lab.start()
+        out, err = user.communicate(timeout=300)
     finally:
-        shape("nd1", "200mbit")
-    assert host_leftovers() == []  # kaschedd left nothing running in the lab (its SSH is in-process)
-    lab.service = None
-    lab.start()
-    out, err = user.communicate(timeout=300)
+        if user.poll() is None:
+            user.kill()
     # The user's command waited for the service to come back, then showed the operation's end.
     assert user.returncode == 1 and "waiting for it to come back" in err, err
     assert f"deploy {operation}: interrupted; ok -; failed node-[1-2]" in out, out
@@ -396,6 +384,28 @@ def test_kill_9_mid_deployment_then_revert(lab: ServiceLab) -> None:
     slurm_job(lab, "end", "42")
     assert active_grants(lab, ALICE) == []
     refused(lab.kasched(ALICE, "revert", "-m", "node-1"), 5, "node-1: no active grant")
+
+
+def _kill_during_the_broadcast(lab: ServiceLab, user: subprocess.Popen[str]) -> tuple[str, list[dict[str, object]]]:
+    """kill -9 of kaschedd while it streams the image: the operation's id, and alice's grants then."""
+    assert user.stderr is not None
+    started = user.stderr.readline()  # deploy ID started in kaschedd (...)
+    operation = started.split()[1]
+    try:
+        _wait_for_setup(lab, operation)
+        # node-1's port slowed to 8 Mbit/s: the 64 MiB image takes over a minute, kaschedd is killed
+        # when 8 MiB went through.
+        shape("nd1", "8mbit")
+        baseline = sent_to("nd1")
+        while sent_to("nd1") - baseline < 8 << 20 and user.poll() is None:
+            time.sleep(0.05)
+        assert user.poll() is None, started + "".join(user.communicate())
+        grants = active_grants(lab, ALICE)
+        os.kill(lab.daemon_pid(), signal.SIGKILL)
+        assert lab.service is not None and lab.service.wait(60) != 0
+    finally:
+        shape("nd1", "200mbit")
+    return operation, grants
 
 
 def _wait_for_setup(lab: ServiceLab, operation: str) -> None:
