@@ -60,7 +60,9 @@ fi
 rm -rf "$dir/ctld" "$dir/slurmd" "$dir/standin" "$dir/kasched"
 rm -f "$dir/slurmctld.pid"
 
-if [ -e "$dir/munged.started" ]; then
+# munged is shared by every Slurm on this host (its socket is a file): left running while another
+# slurmctld (another cluster, a lab's, a test's) still needs it.
+if [ -e "$dir/munged.started" ] && ! pgrep -x slurmctld >/dev/null; then
     pid=$(cat /run/munge/munged.pid 2>/dev/null || true)
     case "$pid" in ''|*[!0-9]*) ;; *) kill -TERM "$pid" 2>/dev/null ;; esac
     rm -f "$dir/munged.started"
