@@ -104,6 +104,7 @@ class Bench:
             sent = broadcast(self.image, launch.ready, {"kind": "discard"}, options=options or BroadcastOptions(),
                              ordered=ordered)  # fmt: skip
             streamed = time.monotonic()
+            launch.close(failed=set(sent.failed))
         failed = [f"{r.node}: {r.error}" for r in sent.values() if not r.ok] + list(launch.failed)
         if failed and not during:
             raise SystemExit(f"chain failed: {failed[:4]}")

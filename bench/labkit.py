@@ -100,7 +100,11 @@ def lab_up(plan: LabPlan, *, deploy: bool = True, extras: bool = False) -> Itera
             install_extras(labrun)
         yield labrun
     finally:
-        lab.down()
+        try:
+            lab.down()
+        except OSError:  # a file vanished under rmtree (a node still shutting down): once more
+            time.sleep(2)
+            lab.down()
         shutil.rmtree(work, ignore_errors=True)
 
 

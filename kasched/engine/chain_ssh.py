@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +31,12 @@ class AgentLaunch:
     failed: dict[str, NodeResult] = field(default_factory=dict)
     sessions: list[tuple[SshSession, paramiko.Channel]] = field(default_factory=list)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, failed: Collection[str] = ()) -> None:
+        """Wait (bounded) for the agents to exit, then end the sessions; agents of ``failed`` nodes
+        (dead, unplugged: their channel may never close) are not waited for."""
         deadline = time.monotonic() + timeout
         for session, channel in self.sessions:
-            while not channel.exit_status_ready() and time.monotonic() < deadline:
+            while session.node not in failed and not channel.exit_status_ready() and time.monotonic() < deadline:
                 time.sleep(0.05)
             channel.close()
             session.close()
@@ -119,6 +121,7 @@ def broadcast_over_ssh(
     """Start the agents over SSH, broadcast to those that started, stop them; one result per node."""
     with start_agents(nodes, ssh_addresses, auth, python=python) as launch:
         sent = broadcast(source, launch.ready, sink, expected_sha256=expected_sha256, options=options)
+        launch.close(failed=set(sent.failed))
     group = GroupResult()
     for node in nodes:
         group.add(launch.failed.get(node.name) or sent[node.name])
