@@ -185,11 +185,18 @@ def _run(args: argparse.Namespace, context: Context, operation: Any, count: int)
         print_table(
             ["node", "result", "step", "variant", "seconds", "error"],
             [
-                (n, "ok" if o.ok else "failed", o.step, o.variant, f"{o.duration:.1f}", o.error or "")
+                (n, "ok" if o.ok else "failed", o.step, _variant(o), f"{o.duration:.1f}", o.error or "")
                 for n, o in result.outcomes.items()
             ],
         )
     return 0 if not result.failed else 1
+
+
+def _variant(outcome: Any) -> str:
+    """The variant that worked, and those of its step that failed before it (``pxe (after kexec)``)."""
+    prefix = f"{outcome.step}/"
+    failed = [e.split(":", 1)[0].removeprefix(prefix) for e in outcome.fallbacks if e.startswith(prefix)]
+    return f"{outcome.variant} (after {', '.join(failed)})" if outcome.ok and failed else outcome.variant
 
 
 def _write_node_files(args: argparse.Namespace, ok: list[str], failed: list[str]) -> None:

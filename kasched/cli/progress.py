@@ -1,4 +1,5 @@
-"""The live progress view of an operation: per step, nodes ok / failed / in progress."""
+"""The live progress view of an operation: per step, nodes ok / failed / in progress, and while an
+image streams, the bytes the server has sent and their rate."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import time
 from collections import defaultdict
 from typing import TextIO
 
-from kasched.deploy.workflow import StepReport
+from kasched.deploy.workflow import StepReport, TransferReport
+
+MIB = 1 << 20
+RATE_LINE_EVERY = 5.0  # seconds between two rate lines when the output is not a terminal
 
 
 class ProgressView:
@@ -23,27 +27,51 @@ class ProgressView:
         self.step = ""
         self.ok: dict[str, set[str]] = defaultdict(set)
         self.failed: dict[str, set[str]] = defaultdict(set)
+        self.transfer: TransferReport | None = None  # the stream of the current step, if any
+        self.rate_shown = 0.0
 
-    def __call__(self, report: StepReport) -> None:
+    def __call__(self, report: StepReport | TransferReport) -> None:
         with self.lock:
-            if report.step != self.step:
-                if self.tty and self.step:
-                    self.out.write("\n")
-                self.step = report.step
+            if isinstance(report, TransferReport):
+                self._transfer(report)
+                return
+            self._enter(report.step)
             (self.ok if report.ok else self.failed)[report.step].add(report.node)
             if report.ok:
                 self.failed[report.step].discard(report.node)
             self._show(report)
 
-    def _show(self, report: StepReport) -> None:
+    def _enter(self, step: str) -> None:
+        if step != self.step:
+            if self.tty and self.step:
+                self.out.write("\n")
+            self.step = step
+            self.transfer = None
+
+    def _transfer(self, report: TransferReport) -> None:
+        """The image's stream (it runs before the step's first node result): switch to its step."""
+        self._enter(report.step)
+        self.transfer = report
+        now = time.monotonic()
+        if self.tty or report.done or now - self.rate_shown >= RATE_LINE_EVERY:
+            self.rate_shown = now
+            self._show(None)
+
+    def line(self) -> str:
         ok, failed = len(self.ok[self.step]), len(self.failed[self.step])
         line = (
             f"[{time.monotonic() - self.started:6.1f}s] {self.step:<10} ok {ok}/{self.total}  failed {failed}  "
             f"in progress {max(0, self.total - ok - failed)}"
         )
+        if self.transfer is not None:
+            line += f"  sent {self.transfer.sent / MIB:.1f} MiB at {self.transfer.rate / MIB:.1f} MiB/s"
+        return line
+
+    def _show(self, report: StepReport | None) -> None:
+        line = self.line()
         if self.tty:
             self.out.write("\r" + line.ljust(78))
-        elif not report.ok:
+        elif report is not None and not report.ok:
             self.out.write(f"{line}  ({report.node}: {report.error})\n")
         else:
             self.out.write(line + "\n")

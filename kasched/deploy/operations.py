@@ -20,7 +20,16 @@ from kasched.api import Kasched
 from kasched.deploy import records, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
-from kasched.deploy.workflow import Listener, MacroStep, NodeOutcome, StepReport, Timeout, Variant, Workflow
+from kasched.deploy.workflow import (
+    MacroStep,
+    NodeOutcome,
+    ProgressListener,
+    StepReport,
+    Timeout,
+    TransferReport,
+    Variant,
+    Workflow,
+)
 from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
 from kasched.errors import ConfigError, InputError, PermissionDenied
@@ -76,7 +85,7 @@ class Operations:
         self,
         api: Kasched,
         *,
-        progress: Listener | None = None,
+        progress: ProgressListener | None = None,
         cancel: threading.Event | None = None,
         fanout: int = 0,
         reboot_timeout: float | None = None,
@@ -121,12 +130,13 @@ class Operations:
         chain = Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2))
         unicast = Variant("unicast", self._action(steps.broadcast_alone), Timeout(600, 10))
         configure = Variant("postinstall", self._action(steps.configure), Timeout(300, 1))
+        kexec = Variant("kexec", self._action(steps.boot_environment_kexec), Timeout(reboot + 60, 0.5))
         boot = Variant("pxe", self._action(steps.boot_environment(ALL_LEVELS)), Timeout(reboot * 3 + 60, 0.5))
         return [
             MacroStep("setup", (nomini, pxe)),
             MacroStep("broadcast", (chain, unicast)),
             MacroStep("configure", (configure,)),
-            MacroStep("boot", (boot,)),
+            MacroStep("boot", (kexec, boot)),
         ]
 
     def _stateless(self, names: list[str], env: EnvironmentView) -> PendingOperation:
@@ -397,6 +407,7 @@ class Operations:
             broadcast=self.broadcast_options or steps.BroadcastOptions(report_host=config.service_address or None),
             stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
             stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
+            on_transfer=lambda sent, elapsed, done: self.progress(TransferReport("broadcast", sent, elapsed, done)),
         )
 
     def _power_drivers(self, views: list[NodeView], node_targets: dict[str, NodeTarget]) -> dict[str, PowerDriver]:

@@ -5,7 +5,8 @@ and returns one result per node (see :mod:`kasched.deploy.workflow`).
 * broadcast: prepare the target partition, start a chain agent on every node, stream the image once
   through the chain (or to each node alone, the unicast fallback), checked by sha256 on every node;
 * configure: hostname, the user's SSH key, the environment's postinstall scripts;
-* boot: boot profile ``local partition N``, reboot, check from the node that partition N booted.
+* boot: boot profile ``local partition N``, then kexec into the environment's kernel, or else reboot
+  through the firmware; check from the node that partition N booted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import requests
 
 from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
-from kasched.drivers.reboot import Rebooter, RebootLevel
+from kasched.drivers.reboot import Rebooter, RebootLevel, port_cycle
 from kasched.engine.chain import BroadcastOptions, ChainNode
 from kasched.engine.chain_ssh import broadcast_over_ssh
 from kasched.engine.ssh_session import CommandOutput, SshAuth
@@ -55,6 +56,7 @@ class StepContext:
     broken: set[str] = field(default_factory=set)  # nodes whose running system cannot run a command
     stateless_kernel: str = ""  # boot paths (relative to the boot directory) of a stateless boot
     stateless_initrd: str = ""
+    on_transfer: Callable[[int, float, bool], None] | None = None  # (bytes sent, seconds, a stream ended)
 
     @property
     def env(self) -> EnvironmentView:
@@ -230,6 +232,83 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
     return action
 
 
+KEXEC_MOUNT = "/mnt/kasched-kexec"
+
+
+def kexec_command(ctx: StepContext, node: NodeTarget, partition: int) -> str:
+    """Load the environment's kernel (and initrd) from partition N and jump to it (kexec-tools):
+    Kadeploy's "boot the new environment by kexec", no firmware, BMC or network boot on the way. The
+    jump is detached and delayed, so the SSH command returns first; ``kexec -e`` then replaces the
+    running kernel. Exit 3: no kexec-tools on the node; 4: the environment names no kernel; 5: the
+    kernel or initrd cannot be loaded (the next variant reboots through the firmware instead)."""
+    env = ctx.env
+    installed = "command -v kexec >/dev/null || { echo 'kexec-tools is not installed on the node' >&2; exit 3; }"
+    if not env.kernel:
+        return f"{installed}\necho 'the environment names no kernel (boot.kernel) to kexec' >&2; exit 4"
+    device = f"{node.disk_device}{partition}"
+    root = f"root={device} ro {env.cmdline}".strip()
+    load = ["kexec", "-l", shlex.quote(f"{KEXEC_MOUNT}/{env.kernel.lstrip('/')}"), f"--append={shlex.quote(root)}"]
+    if env.initrd:
+        load.insert(3, f"--initrd={shlex.quote(f'{KEXEC_MOUNT}/{env.initrd.lstrip(chr(47))}')}")
+    return "\n".join(
+        [
+            installed,
+            f"mkdir -p {KEXEC_MOUNT} && mount -o ro {device} {KEXEC_MOUNT} || exit 5",
+            f"{' '.join(load)}; loaded=$?; umount {KEXEC_MOUNT}",
+            "[ $loaded -eq 0 ] || { echo 'kexec could not load the kernel' >&2; exit 5; }",
+            "sync; nohup setsid sh -c 'sleep 1; kexec -e' >/dev/null 2>&1 </dev/null &",
+        ]
+    )
+
+
+def kexec_into(ctx: StepContext, names: Sequence[str], partition: int) -> GroupResult:
+    """Run :func:`kexec_command` on the nodes, then wait for each to go down and come back."""
+    commands = ctx.shell.run_each(names, lambda n: kexec_command(ctx, ctx.targets[n], partition), ctx.command_timeout)
+    started = checked(commands, "kexec")
+    wait_up = port_cycle()
+
+    def back(name: str) -> NodeResult:
+        if not wait_up(ctx.targets[name], ctx.reboot_timeout, True):
+            return NodeResult(name, False, "kexec", f"kexec: not back {ctx.reboot_timeout:.0f} s after kexec -e")
+        return NodeResult(name, True, "kexec")
+
+    results = GroupResult()
+    alive = [name for name, result in started.items() if result.ok]
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(alive)))) as pool:
+        for result in pool.map(back, alive):
+            results.add(result)
+    for result in started.values():
+        if not result.ok:
+            results.add(result)
+    return _ordered(results, names)
+
+
+def boot_environment_kexec(
+    ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+) -> GroupResult:
+    """The boot step without a firmware reboot: the boot profile is set (later reboots boot the same
+    partition), then the running system kexecs the environment's kernel; checked from the node."""
+    results = GroupResult()
+    by_partition: dict[int, list[str]] = {}
+    for node in ctx.nodes(names):
+        by_partition.setdefault(ctx.partition(node), []).append(node.name)
+    for partition, group in by_partition.items():
+        booted = chain_phases(
+            group,
+            [
+                lambda alive, p=partition: set_profiles(
+                    ctx, alive, BootTarget.LOCAL, partition=p, cmdline=ctx.env.cmdline
+                ),
+                lambda alive: leave_token(ctx, alive),
+                lambda alive, p=partition: kexec_into(ctx, alive, p),
+                lambda alive, p=partition: check_system(ctx, alive, f"root=/dev/sda{p}", f"partition {p}"),
+            ],
+        )
+        for result in booted.values():
+            results.add(result)
+    return _ordered(results, names)
+
+
 # --- Broadcasting the image ------------------------------------------------------------------------
 
 
@@ -271,8 +350,9 @@ def broadcast_chain(
                 ChainNode(name, f"{ctx.targets[name].ip}:{AGENT_PORT}", *ctx.placement[name])
             )
         results = GroupResult()
+        meter = TransferMeter(ctx.on_transfer)
         with ThreadPoolExecutor(max_workers=len(chains)) as pool:
-            for group in pool.map(lambda c: _send_one_chain(ctx, c), chains.values()):
+            for group in pool.map(lambda c: _send_one_chain(ctx, c, meter), chains.values()):
                 for result in group.values():
                     results.add(result)
         return results
@@ -294,7 +374,40 @@ def broadcast_alone(ctx: StepContext, names: Sequence[str], deadline: float, can
     return broadcast_chain(ctx, names, deadline, cancel, alone=True)
 
 
-def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
+class TransferMeter:
+    """Counts the bytes the server reads from the image (what it sends into the chains) and tells
+    ``report`` at most every ``every`` seconds, and once more at the end of each stream."""
+
+    def __init__(self, report: Callable[[int, float, bool], None] | None, every: float = 0.5) -> None:
+        self.report, self.every = report, every
+        self.sent, self.started, self.last = 0, 0.0, 0.0
+        self.lock = threading.Lock()
+
+    def add(self, count: int, *, final: bool = False) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.started = self.started or now  # the clock starts with the stream, not with the agents
+            self.sent += count
+            if self.report is None or not (final or now - self.last >= self.every):
+                return
+            self.last = now
+            sent, elapsed = self.sent, now - self.started
+        self.report(sent, elapsed, final)
+
+
+class _CountingReader:
+    """A binary file object that tells a meter about every read."""
+
+    def __init__(self, handle: Any, meter: TransferMeter) -> None:
+        self.handle, self.meter = handle, meter
+
+    def read(self, size: int = -1) -> bytes:
+        chunk: bytes = self.handle.read(size)
+        self.meter.add(len(chunk), final=not chunk)
+        return chunk
+
+
+def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMeter | None = None) -> GroupResult:
     sink = sink_for(ctx, ctx.partition(ctx.targets[nodes[0].name]))
     location = ctx.env.image_location
     auth = SshAuth.from_key_file("root", str(ctx.shell.key_file))
@@ -302,8 +415,9 @@ def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
 
     def send(source: Any) -> GroupResult:
         # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
+        counted = _CountingReader(source, meter) if meter is not None else source
         return broadcast_over_ssh(
-            source, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast
+            counted, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast
         )
 
     try:
@@ -311,7 +425,8 @@ def _send_one_chain(ctx: StepContext, nodes: list[ChainNode]) -> GroupResult:
             with requests.get(location, stream=True, timeout=30) as response:
                 response.raise_for_status()
                 return send(response.raw)
-        return send(location)
+        with open(location, "rb") as image:
+            return send(image)
     except (KaschedError, requests.RequestException, OSError) as error:
         failed = GroupResult()
         for node in nodes:

@@ -65,6 +65,7 @@ class NodeOutcome:
     variant: str = ""
     error: str | None = None
     durations: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)  # "step/variant: error" of each failed attempt
 
     @property
     def duration(self) -> float:
@@ -85,7 +86,22 @@ class StepReport:
     error: str | None
 
 
+@dataclass(frozen=True)
+class TransferReport:
+    """How much of the image the server has sent in a step so far, for the live view's rate."""
+
+    step: str
+    sent: int  # bytes
+    elapsed: float  # seconds since the step's stream started
+    done: bool = False  # a stream ended (every image byte was read)
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.elapsed if self.elapsed > 0 else 0.0
+
+
 Listener = Callable[[StepReport], None]
+ProgressListener = Callable[[StepReport | TransferReport], None]
 
 
 class Workflow:
@@ -146,6 +162,8 @@ class Workflow:
             outcome.variant = variant.name
             outcome.durations[step.name] = outcome.durations.get(step.name, 0.0) + (result.duration or elapsed)
             outcome.error = None if result.ok else result.error
+            if not result.ok:
+                outcome.fallbacks.append(f"{step.name}/{variant.name}: {result.error}")
             if result.ok:
                 succeeded.append(node)
             self.listener(

@@ -52,6 +52,17 @@ def test_deploy_eight_nodes_then_revert(site: Site) -> None:
     code, result, stderr = deploy(site, ALL)
     assert code == 0, stderr
     assert result["state"] == "done"
+    # Each node fell back twice, and its outcome says so: the lab's reference system has no python3
+    # (no "nomini" setup), and the lab's nodes cannot kexec (no kexec-tools, and a namespace cannot
+    # replace the kernel it shares): PXE reboots did both.
+    for outcome in result["nodes"].values():  # type: ignore[attr-defined]
+        assert outcome["variant"] == "pxe" and outcome["error"] is None, outcome
+        assert outcome["fallbacks"] == [
+            "setup/nomini: running system: exit 3: missing python3",
+            "boot/kexec: kexec: exit 3: kexec-tools is not installed on the node",
+        ]
+    size = (site.work / "userenv.tar.zst").stat().st_size
+    assert f"sent {size / (1 << 20):.1f} MiB at " in stderr  # the live view: the whole image, and its rate
     payloads = set()
     for node in site.nodes():
         assert_runs_userenv(site, node)

@@ -1,0 +1,87 @@
+"""The kexec variant of the boot step: the command it runs on a node, and the fallback to the PXE
+reboot as data in the node's outcome. (A real ``kexec -e`` cannot run on the lab's namespace nodes nor
+here: the lab tests see it fail there and fall back, see tests/e2e/test_operations_lab.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kasched.deploy.nodes import NodeShell
+from kasched.deploy.steps import KEXEC_MOUNT, StepContext, kexec_command
+from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
+from kasched.drivers.base import NodeTarget
+from kasched.results import GroupResult, NodeResult
+from kasched.views import EnvironmentView
+
+NODE = NodeTarget("node-1", "02:00:00:00:00:01", "10.0.0.1", disk_device="/dev/vdb")
+ENV = EnvironmentView(
+    name="debian", version=1, owner="alice", description="", visibility="private", image_kind="tar",
+    compression="zst", image_location="/dev/null", image_size=0, sha256="0" * 64, kernel="/boot/vmlinuz",
+    initrd="/boot/initrd.img", cmdline="console=ttyS0 quiet", postinstall=[], destructive=False,
+    reference=False, created_at=datetime.now(UTC),
+)  # fmt: skip
+
+
+def context(env: EnvironmentView) -> StepContext:
+    return StepContext(
+        targets={NODE.name: NODE},
+        placement={NODE.name: ("sw1", "r1")},
+        power={},
+        soft=None,  # type: ignore[arg-type]
+        boot=None,  # type: ignore[arg-type]
+        shell=NodeShell(Path("/nonexistent"), {NODE.name: NODE.ip}),
+        environment=env,
+        partition=lambda node: node.deploy_partition,
+    )
+
+
+def test_kexec_command_loads_the_kernel_from_the_partition_and_jumps_detached() -> None:
+    command = kexec_command(context(ENV), NODE, 3)
+    assert subprocess.run(["sh", "-n", "-c", command], check=False).returncode == 0  # valid shell
+    lines = command.splitlines()
+    assert f"mount -o ro /dev/vdb3 {KEXEC_MOUNT}" in lines[1]
+    assert lines[2].startswith(
+        f"kexec -l {KEXEC_MOUNT}/boot/vmlinuz --initrd={KEXEC_MOUNT}/boot/initrd.img "
+        "--append='root=/dev/vdb3 ro console=ttyS0 quiet'; loaded=$?; umount"
+    ), lines[2]
+    assert lines[-1].endswith("nohup setsid sh -c 'sleep 1; kexec -e' >/dev/null 2>&1 </dev/null &")
+
+
+def test_kexec_command_without_kexec_tools_or_kernel_fails_with_its_reason() -> None:
+    command = kexec_command(context(ENV), NODE, 3)
+    done = subprocess.run(["/bin/sh", "-c", command], env={"PATH": "/nonexistent"}, capture_output=True, text=True)
+    assert done.returncode == 3 and done.stderr.strip() == "kexec-tools is not installed on the node"
+    no_kernel = kexec_command(context(dataclasses.replace(ENV, kernel="", initrd="")), NODE, 3)
+    assert "exit 4" in no_kernel and "kexec -l" not in no_kernel
+
+
+def step(ok: bool, error: str = "") -> Variant:
+    def run(nodes: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+        group = GroupResult()
+        for node in nodes:
+            group.add(NodeResult(node, ok or node == "n2", error=None if ok or node == "n2" else error))
+        return group
+
+    return Variant("kexec" if not ok else "pxe", run, Timeout(5))
+
+
+def test_a_failed_kexec_falls_back_to_pxe_and_says_so_in_the_outcome() -> None:
+    error = "kexec: exit 3: kexec-tools is not installed on the node"
+    outcomes = Workflow([MacroStep("boot", (step(False, error), step(True)))]).run(["n1", "n2"])
+    assert outcomes["n1"].ok and outcomes["n1"].variant == "pxe" and outcomes["n1"].error is None
+    assert outcomes["n1"].fallbacks == [f"boot/kexec: {error}"]
+    assert outcomes["n2"].ok and outcomes["n2"].variant == "kexec" and outcomes["n2"].fallbacks == []
+
+
+def test_the_result_table_names_the_variants_that_failed_first() -> None:
+    from kasched.cli.deploy import _variant
+
+    outcomes = Workflow(
+        [MacroStep("setup", (step(False, "no python3"), step(True))), MacroStep("boot", (step(False, "no"), step(True)))]
+    ).run(["n1", "n2"])
+    assert (_variant(outcomes["n1"]), _variant(outcomes["n2"])) == ("pxe (after kexec)", "kexec")
