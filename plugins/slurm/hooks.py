@@ -112,7 +112,7 @@ def epilog(environ: Mapping[str, str]) -> int:
     return code or ended
 
 
-STATE_SETTLE_SECONDS = 2.0  # how long the epilog waits for the exit status of a job scancel ended
+STATE_SETTLE_SECONDS = 5.0  # how long the epilog waits for the exit status of a job scancel ended
 
 
 def job_state(job_id: str, settle: float = STATE_SETTLE_SECONDS) -> str:
@@ -121,7 +121,8 @@ def job_state(job_id: str, settle: float = STATE_SETTLE_SECONDS) -> str:
 
     After ``scancel`` slurmctld runs EpilogSlurmctld at once, before the node reports that the batch
     script died of SIGTERM (seen on Slurm 22.05: exit status 0, then 15 about 0.3 s later). A job that
-    looks like a plain exit 0 is read again for up to ``settle`` seconds; only deploy jobs pay it."""
+    looks like a plain exit 0 is read again for up to ``settle`` seconds; only deploy jobs pay it. 2 s was
+    not enough on a loaded host (load average 45: a scancel read as a normal end)."""
     deadline = time.monotonic() + settle
     while True:
         try:
@@ -135,7 +136,7 @@ def job_state(job_id: str, settle: float = STATE_SETTLE_SECONDS) -> str:
             break
         time.sleep(0.2)
     if state == "SIGNALED":
-        return f"SIGNALED {job.exit_status & 0x7F}"
+        return f"SIGNALED {job.signal}"
     return state
 
 

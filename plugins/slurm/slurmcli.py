@@ -44,9 +44,17 @@ class SlurmJob:
         ran = self.end_time - self.start_time
         if self.time_limit and self.start_time and ran >= self.time_limit - 1:
             return "TIMEOUT"
-        if self.exit_status & 0x7F:
+        if self.signal:
             return "SIGNALED"
         return "COMPLETING"
+
+    @property
+    def signal(self) -> int:
+        """The signal that ended the batch script: from the wait status, or a shell's exit code 128+N (a
+        script whose child scancel's SIGTERM reached first exits 143 instead of dying of it; seen under
+        load on a lab)."""
+        code = self.exit_status >> 8
+        return self.exit_status & 0x7F or (code - 128 if 128 < code < 160 else 0)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ def squeue_entry(**fields: object) -> dict[str, object]:
 def test_squeue_job_base_state() -> None:
     assert slurmcli._job(squeue_entry()).base_state == "TIMEOUT"
     assert slurmcli._job(squeue_entry(end_time=1010, exit_code=15)).base_state == "SIGNALED"
+    shell = slurmcli._job(squeue_entry(end_time=1010, exit_code=143 << 8))  # sh whose child died of SIGTERM
+    assert (shell.base_state, shell.signal) == ("SIGNALED", 15)
+    assert slurmcli._job(squeue_entry(end_time=1010, exit_code=1 << 8)).base_state == "COMPLETING"
     assert slurmcli._job(squeue_entry(end_time=1010)).base_state == "COMPLETING"
     assert slurmcli._job(squeue_entry(job_state="CANCELLED")).base_state == "CANCELLED"
     assert slurmcli._job(squeue_entry(time_limit=0xFFFFFFFE)).time_limit is None
