@@ -12,10 +12,12 @@ munged is shared with the host through its socket file. The lab keeps no route o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +87,16 @@ class SlurmLab:
         wait_for(lambda: grant_of(self.slurm, job_id)["revoked_at"], 120, f"the grant of job {job_id} to be revoked")
         grant = grant_of(self.slurm, job_id)
         assert str(grant["revoke_reason"]).startswith(reason), grant
+        revoked = time.monotonic()
         for node in nodes:
-            back = [node, "reference"]
-            wait_for(lambda n=node, b=back: self.runs(n) == b, 240, f"{node} to run the reference environment", 2)
+            want = [node, "reference"]
+            wait_for(lambda n=node, w=want: self.runs(n) == w, 240, f"{node} to run the reference environment", 2)
             assert self.inside(node, "true", self.user_dir / "key").returncode != 0, "the user's key is gone"
+        took = time.monotonic() - revoked
         wait_idle(self.slurm, nodes, timeout=120)
+        print(
+            f"job {job_id} ({grant['revoke_reason']}): nodes in the reference environment {took:.0f} s after the revoke"
+        )
 
 
 def _run(*args: str, timeout: float = 300) -> str:
@@ -101,12 +108,18 @@ def _run(*args: str, timeout: float = 300) -> str:
 
 def _environments(lab_dir: Path, work: Path) -> None:
     """The small user environment (the lab's system, /etc/kasched-system says userenv) and the site's
-    reference environment (the lab's reference partition), as tests/e2e makes them."""
-    from tests.e2e.conftest import _reference_environment
-
+    reference environment (the lab's reference partition, as a zstd raw image), as tests/e2e makes them."""
     _run(*KASCHED, "lab", "make-env", "--name", LAB, str(work / "userenv.tgz"))
     (work / "userenv.yaml").write_text("name: userenv\nvisibility: public\nimage: {file: userenv.tgz, kind: tar}\n")
-    _reference_environment(type("Site", (), {"lab_dir": lab_dir, "work": work})())  # type: ignore[arg-type]
+    golden = lab_dir / "systems" / "golden.img"
+    partition = json.loads(_run("sfdisk", "--json", str(golden)))["partitiontable"]["partitions"][1]
+    raw = work / "reference.ext4"
+    _run("dd", f"if={golden}", f"of={raw}", "bs=512", f"skip={partition['start']}", f"count={partition['size']}",
+         "status=none")  # fmt: skip
+    _run("zstd", "-q", "-f", "--rm", str(raw), "-o", f"{raw}.zst")
+    (work / "reference.yaml").write_text(
+        "name: reference\nvisibility: public\nreference: true\nimage: {file: reference.ext4.zst, kind: raw}\n"
+    )
 
 
 @pytest.fixture(scope="module")
