@@ -36,7 +36,8 @@ class ProgressView:
                 self._transfer(report)
                 return
             self._enter(report.step)
-            (self.ok if report.ok else self.failed)[report.step].add(report.node)
+            if report.ok or report.final:
+                (self.ok if report.ok else self.failed)[report.step].add(report.node)
             if report.ok:
                 self.failed[report.step].discard(report.node)
             self._show(report)
@@ -71,6 +72,9 @@ class ProgressView:
         line = self.line()
         if self.tty:
             self.out.write("\r" + line.ljust(78))
+        elif report is not None and not report.ok and not report.final:
+            fallback = f"{report.variant} did not work, trying the next way"
+            self.out.write(f"{line}  ({report.node}: {fallback}: {report.error})\n")
         elif report is not None and not report.ok:
             self.out.write(f"{line}  ({report.node}: {report.error})\n")
         else:

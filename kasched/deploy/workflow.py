@@ -84,6 +84,7 @@ class StepReport:
     duration: float
     ok: bool
     error: str | None
+    final: bool = True  # False: a failed attempt after which the node gets another retry or variant
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Workflow:
                     self._fail(pending, outcomes, CANCELLED)
                     pending = []
                     break
-                succeeded = set(self._attempt(step, variant, attempt, pending, outcomes))
+                last = variant is step.variants[-1] and attempt == variant.retries + 1
+                succeeded = set(self._attempt(step, variant, attempt, pending, outcomes, last))
                 done.extend(succeeded)
                 pending = [node for node in pending if node not in succeeded]
         # Nodes still pending failed every variant (their outcome holds the last error). The others go
@@ -149,7 +151,13 @@ class Workflow:
         return [node for node in nodes if node in finished]
 
     def _attempt(
-        self, step: MacroStep, variant: Variant, attempt: int, nodes: list[str], outcomes: dict[str, NodeOutcome]
+        self,
+        step: MacroStep,
+        variant: Variant,
+        attempt: int,
+        nodes: list[str],
+        outcomes: dict[str, NodeOutcome],
+        last: bool = True,
     ) -> list[str]:
         started_at, start = utcnow(), time.monotonic()
         budget = variant.timeout.for_nodes(len(nodes))
@@ -176,6 +184,7 @@ class Workflow:
                     result.duration or elapsed,
                     result.ok,
                     result.error,
+                    last,
                 )
             )
         return succeeded

@@ -58,3 +58,29 @@ def test_view_shows_the_sent_bytes_and_rate_of_the_broadcast() -> None:
     assert "ok 1/2" in lines[4] and "sent 64.0 MiB" in lines[4]
     assert "failed 1" in lines[5] and lines[5].endswith("(n2: lost)")
     assert "boot" in lines[-1] and "sent" not in lines[-1]  # a new step has no stream
+
+
+def test_a_failed_attempt_with_a_fallback_left_is_not_a_failure() -> None:
+    """The kexec or nomini variant failing on a node is not the node failing: the next variant runs."""
+    out = io.StringIO()
+    view = ProgressView(1, out)
+    view(StepReport("n1", "setup", "nomini", 1, utcnow(), 0.1, False, "missing python3", final=False))
+    view(StepReport("n1", "setup", "pxe", 1, utcnow(), 5.0, True, None))
+    lines = out.getvalue().splitlines()
+    assert "failed 0" in lines[0] and "nomini did not work, trying the next way: missing python3" in lines[0]
+    assert "ok 1/1" in lines[1] and "failed 0" in lines[1]
+    view(StepReport("n1", "boot", "pxe", 2, utcnow(), 5.0, False, "did not come back", final=True))
+    assert "failed 1" in out.getvalue().splitlines()[-1]
+
+
+def test_workflow_marks_only_the_last_chance_final() -> None:
+    from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
+    from kasched.results import GroupResult, NodeResult
+
+    def fails(nodes: list[str], deadline: float, cancel: object) -> GroupResult:
+        return GroupResult({n: NodeResult(n, False, "setup", "no") for n in nodes})
+
+    seen: list[StepReport] = []
+    steps = [MacroStep("setup", (Variant("a", fails, Timeout(5, 0), retries=1), Variant("b", fails, Timeout(5, 0))))]
+    Workflow(steps, listener=lambda r: seen.append(r) if isinstance(r, StepReport) else None).run(["n1"])
+    assert [(r.variant, r.attempt, r.final) for r in seen] == [("a", 1, False), ("a", 2, False), ("b", 1, True)]
