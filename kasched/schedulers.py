@@ -3,10 +3,12 @@ with any scheduler through the plugin bus."""
 
 from __future__ import annotations
 
+import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kasched.errors import KaschedError
 from kasched.jobs import JobEnd, JobInfo
 
 
@@ -50,3 +52,29 @@ class SchedulerAdapter(ABC):
         """``kasched doctor``: this scheduler's state as kasched sees it (which client library or command
         it uses, whether the prolog/epilog are configured). Empty when there is nothing to check."""
         return []
+
+
+def run_command(
+    args: list[str], timeout: float, error: type[KaschedError], package: str, cwd: str | None = None
+) -> str:
+    """Run a scheduler's command; its stdout, or ``error`` naming the command and its complaint (the
+    Debian ``package`` to install when the command is missing)."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
+    except FileNotFoundError:
+        raise error(f"{args[0]} not found (install Debian package {package})") from None
+    except subprocess.TimeoutExpired:
+        raise error(f"{' '.join(args)} did not answer within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise error(f"{' '.join(args)} failed: {message[-1] if message else done.returncode}")
+    return done.stdout
+
+
+def positive_seconds(value: str) -> float | None:
+    """A walltime a hook was given as text: seconds, or None when it is missing, unreadable or not > 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None

@@ -12,7 +12,6 @@ Field names were read from Debian 12's OAR 2.5.9 (../shared/LAB-NOTES.md, docs/o
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import requests
 
 from kasched.errors import KaschedError
+from kasched.schedulers import run_command
 
 # Jobs that hold (or are about to hold) their nodes; Terminated and Error ones do not.
 ACTIVE_STATES = frozenset(
@@ -194,13 +194,4 @@ def _loads(text: str, what: str) -> dict[str, Any]:
 
 def run(args: list[str], timeout: float) -> str:
     """Run an OAR command; its stdout, or OarError naming the command and its complaint."""
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, cwd="/")
-    except FileNotFoundError:
-        raise OarError(f"{args[0]} not found (install Debian package oar-user)") from None
-    except subprocess.TimeoutExpired:
-        raise OarError(f"{' '.join(args)} did not answer within {timeout:.0f} s") from None
-    if done.returncode != 0:
-        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
-        raise OarError(f"{' '.join(args)} failed: {message[-1] if message else done.returncode}")
-    return done.stdout
+    return run_command(args, timeout, OarError, "oar-user", cwd="/")

@@ -21,7 +21,7 @@ from kasched_pbs import pbscli
 from kasched.errors import InputError
 from kasched.hookspecs import hookimpl
 from kasched.jobs import JobEnd, JobInfo
-from kasched.schedulers import Check, SchedulerAdapter
+from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SIGNAL_BASE = 256  # PBS reports a job killed by signal N as exit status 256 + N
@@ -44,7 +44,7 @@ class PbsAdapter(SchedulerAdapter):
             user=environ["KASCHED_PBS_USER"],
             nodes=_nodes(environ["KASCHED_PBS_NODES"]),
             environment=environ.get("KASCHED_PBS_ENV") or None,
-            walltime=_walltime(environ.get("KASCHED_PBS_WALLTIME", "")),
+            walltime=positive_seconds(environ.get("KASCHED_PBS_WALLTIME", "")),
             extra={
                 "deploy": environ.get("KASCHED_PBS_DEPLOY", "").lower() == "true",
                 "queue": environ.get("KASCHED_PBS_QUEUE", ""),
@@ -103,12 +103,6 @@ def _nodes(value: str) -> tuple[str, ...]:
     return names
 
 
-def _walltime(value: str) -> float | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds > 0 else None
 
 
 @hookimpl

@@ -16,7 +16,7 @@ from kasched.errors import InputError, KaschedError
 from kasched.hookspecs import hookimpl
 from kasched.jobs import JobEnd, JobInfo
 from kasched.nodeset import expand
-from kasched.schedulers import Check, SchedulerAdapter
+from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 
 # How a job ended, as squeue shows it to the epilog (kasched_slurm.hooks passes it in KASCHED_SLURM_JOB_STATE).
 END_REASONS = {"TIMEOUT": "walltime", "CANCELLED": "cancelled", "NODE_FAIL": "node failure", "FAILED": "failed"}
@@ -42,7 +42,7 @@ class SlurmAdapter(SchedulerAdapter):
             user=environ["SLURM_JOB_USER"],
             nodes=tuple(expand(environ["SLURM_JOB_NODELIST"], field="SLURM_JOB_NODELIST")),
             environment=match.group("env") if match else None,
-            walltime=_walltime(environ.get("KASCHED_SLURM_TIME_LIMIT", "")),
+            walltime=positive_seconds(environ.get("KASCHED_SLURM_TIME_LIMIT", "")),
             extra={
                 "constraints": environ.get("SLURM_JOB_CONSTRAINTS", ""),
                 "partition": environ.get("SLURM_JOB_PARTITION", ""),
@@ -93,12 +93,6 @@ class SlurmAdapter(SchedulerAdapter):
         return "deploy" in re.split(r"[&|,\[\]*()\s]+", constraints)
 
 
-def _walltime(value: str) -> float | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds > 0 else None
 
 
 @hookimpl

@@ -8,11 +8,11 @@ reads go through those, node updates through ``scontrol update``. Every call has
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from kasched.errors import KaschedError
+from kasched.schedulers import run_command
 
 TIMEOUT = 20.0
 
@@ -69,16 +69,7 @@ class SlurmNode:
 
 def run(args: list[str], timeout: float = TIMEOUT) -> str:
     """Run a Slurm command; its stdout, or SlurmCommandError naming the command and its complaint."""
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise SlurmCommandError(f"{args[0]} not found (install Debian package slurm-client)") from None
-    except subprocess.TimeoutExpired:
-        raise SlurmCommandError(f"{' '.join(args)} did not answer within {timeout:.0f} s") from None
-    if done.returncode != 0:
-        message = (done.stderr.strip() or done.stdout.strip()).splitlines()
-        raise SlurmCommandError(f"{' '.join(args)} failed: {message[-1] if message else done.returncode}")
-    return done.stdout
+    return run_command(args, timeout, SlurmCommandError, "slurm-client")
 
 
 def _json(args: list[str]) -> dict[str, Any]:
