@@ -118,3 +118,31 @@ def test_ipmi_driver_refuses_a_node_without_bmc_credentials() -> None:
 )
 def test_library_package_names_follow_debian_policy(soname: str, package: str) -> None:
     assert package_for_soname(soname) == package
+
+
+def test_atomic_writes_from_many_threads_at_once(tmp_path: Path) -> None:
+    """kaschedd's deployments run in threads of one process and rewrite the shared boot.ipxe together:
+    each write has its own temporary file (a pid-named one was renamed away under another thread)."""
+    import threading
+
+    from kasched.drivers.pxe import write_atomic
+    from kasched.lab.system import write_atomic as lab_write_atomic
+
+    errors: list[BaseException] = []
+
+    def writer(index: int) -> None:
+        try:
+            for round_ in range(50):
+                write_atomic(tmp_path / "boot.ipxe", f"writer {index} round {round_}\n")
+                lab_write_atomic(tmp_path / "state.json", f"{index}\n")
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert (tmp_path / "boot.ipxe").read_text().startswith("writer ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boot.ipxe", "state.json"], "no temporary file left"
