@@ -3,10 +3,12 @@ with any scheduler through the plugin bus."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kasched.errors import KaschedError
 from kasched.jobs import JobEnd, JobInfo
@@ -78,3 +80,14 @@ def positive_seconds(value: str) -> float | None:
     except ValueError:
         return None
     return seconds if seconds > 0 else None
+
+
+def json_object(text: str, what: str, error: type[KaschedError], hint: str = "") -> dict[str, Any]:
+    """A scheduler's JSON answer, which must be an object; else ``error`` saying what printed it."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise error(f"{what} printed no JSON{hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} printed unexpected JSON")
+    return data

@@ -11,7 +11,6 @@ Field names were read from Debian 12's OAR 2.5.9 (../shared/LAB-NOTES.md, docs/o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import requests
 
 from kasched.errors import KaschedError
-from kasched.schedulers import run_command
+from kasched.schedulers import json_object, run_command
 
 # Jobs that hold (or are about to hold) their nodes; Terminated and Error ones do not.
 ACTIVE_STATES = frozenset(
@@ -183,13 +182,7 @@ def _get(settings: OarSettings, path: str) -> dict[str, Any]:
 
 
 def _loads(text: str, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise OarError(f"{what} printed no JSON") from None
-    if not isinstance(data, dict):
-        raise OarError(f"{what} printed unexpected JSON")
-    return data
+    return json_object(text, what, OarError)
 
 
 def run(args: list[str], timeout: float) -> str:

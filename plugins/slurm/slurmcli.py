@@ -7,12 +7,11 @@ reads go through those, node updates through ``scontrol update``. Every call has
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from kasched.errors import KaschedError
-from kasched.schedulers import run_command
+from kasched.schedulers import json_object, run_command
 
 TIMEOUT = 20.0
 
@@ -73,14 +72,7 @@ def run(args: list[str], timeout: float = TIMEOUT) -> str:
 
 
 def _json(args: list[str]) -> dict[str, Any]:
-    out = run(args)
-    try:
-        data = json.loads(out)
-    except ValueError:
-        raise SlurmCommandError(f"{' '.join(args)} printed no JSON (needs Slurm 22.05 or later)") from None
-    if not isinstance(data, dict):
-        raise SlurmCommandError(f"{' '.join(args)} printed unexpected JSON")
-    return data
+    return json_object(run(args), " ".join(args), SlurmCommandError, " (needs Slurm 22.05 or later)")
 
 
 def job(job_id: str) -> SlurmJob | None:

@@ -45,6 +45,8 @@ from pathlib import Path
 from kasched_slurm import slurmcli
 from kasched_slurm.slurmcli import SlurmCommandError
 
+from kasched.processes import pid_alive
+
 DEFAULT_COMMAND = "slurmd -D -N {node}"
 DEFAULT_STATE_DIR = "/var/lib/kasched/slurm"
 # Under load a slurmd takes seconds to start (200 jobs at once on 2 busy cores: the 15 s first chosen
@@ -205,16 +207,10 @@ def _give_back(standins: list[Standin]) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of this process is dead too
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
+    """Whether a stand-in still runs; one that was a child of this process and exited is reaped first."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return pid_alive(pid)
 
 
 def _stop_all(settings: StandinSettings, standins: list[Standin]) -> None:
