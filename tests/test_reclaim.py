@@ -111,6 +111,9 @@ def test_reclaim_refuses_active_grants_and_users(run: Run, site: Path, monkeypat
     one_line_error(err, "grant 1 is active: its job still runs")
     code, _, err = run("job", "reclaim", "7")
     one_line_error(err, "no grant 7")
+    code, _, err = run("job", "reclaim", "1", "--wait", "nan")
+    assert code == 2
+    one_line_error(err, "wait: expected seconds")
     with pytest.raises(SystemExit) as usage:
         run("job", "reclaim", "x1")
     assert usage.value.code == 2

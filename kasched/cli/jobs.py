@@ -78,6 +78,8 @@ def job_reclaim(args: argparse.Namespace, context: Context) -> int:
     from kasched.deploy import reclaim
     from kasched.deploy.operations import Operations
 
+    if not 0 <= args.wait < float("inf"):
+        raise InputError("expected seconds (0 or more)", field="wait")
     api = context.api
     if not isinstance(api, Kasched):
         raise InputError("'kasched job reclaim' runs beside the database: set KASCHED_DIRECT=1", field="service")
