@@ -46,6 +46,7 @@ class StepEvent:
     error: str | None = None
     environment: str | None = None
     deployment_id: str | None = None
+    final: bool = True  # False: a failed attempt after which the node gets another retry or variant
 
 
 @dataclass(frozen=True)

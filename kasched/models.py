@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, true
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -180,6 +180,9 @@ class Operation(Base):
     duration: Mapped[float] = mapped_column(Float)
     ok: Mapped[bool]
     error: Mapped[str | None] = mapped_column(Text)
+    # False: a failed attempt after which the node had another retry or variant (not the node failing).
+    # Rows written before this column existed read as true.
+    final: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
 class DeploymentState(enum.StrEnum):

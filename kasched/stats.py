@@ -66,6 +66,7 @@ def record(session: Session, event: StepEvent) -> None:
             duration=event.duration,
             ok=event.ok,
             error=event.error,
+            final=event.final,
         )
     )
 

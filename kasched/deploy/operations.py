@@ -364,6 +364,7 @@ class Operations:
                 error=report.error,
                 environment=env.label if env else None,
                 deployment_id=deployment_id,
+                final=report.final,
             )
         )
         with self.api.database.session() as session:  # live per-node progress for --status and the service

@@ -35,7 +35,9 @@ class DeploymentView:
     nodes: dict[str, dict[str, object]]
     created_at: object
     ended_at: object
-    steps: list[dict[str, object]] = field(default_factory=list)  # every attempt, in order (the history)
+    # Every attempt, in order (the history). ``final`` false: a failed attempt after which the node had
+    # another retry or variant (kexec failed, PXE comes next): the node did not fail there.
+    steps: list[dict[str, object]] = field(default_factory=list)
 
 
 def start(
@@ -141,7 +143,14 @@ def view(session: Session, deployment_id: str) -> DeploymentView:
         created_at=deployment.created_at,
         ended_at=deployment.ended_at,
         steps=[
-            {"node": op.node, "step": op.step, "ok": op.ok, "error": op.error, "duration": op.duration}
+            {
+                "node": op.node,
+                "step": op.step,
+                "ok": op.ok,
+                "error": op.error,
+                "duration": op.duration,
+                "final": op.final is not False,
+            }
             for op in session.scalars(
                 select(Operation).where(Operation.deployment_id == deployment_id).order_by(Operation.id)
             )
