@@ -38,7 +38,20 @@ def markdown(document: dict[str, Any]) -> str:
                 lines += [f"Body (JSON object): {fields}", ""]
             success = next(code for code in operation["responses"] if code.startswith("2"))
             lines += [f"Success: {success}", ""]
+            lines += _answer(operation["responses"][success]["content"]["application/json"]["schema"])
     return "\n".join(lines)
+
+
+def _answer(answer_schema: dict[str, Any]) -> list[str]:
+    """The fields of a JSON object answer, one item each, when its schema lists them."""
+    fields = answer_schema.get("properties") or {}
+    if not fields:
+        return []
+    lines = ["Answer (JSON object):", ""]
+    for name, spec in fields.items():
+        kind = spec["type"] + (" or null" if spec.get("nullable") else "")
+        lines.append(f"- `{name}` ({kind})" + (f": {spec['description']}" if spec.get("description") else ""))
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ def _stats(api: Kasched, params: dict[str, str], query: dict[str, str], body: An
 
 def _deployment_show(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
     from kasched.deploy import records
+    from kasched.service.live import TRANSFERS
 
     with api.database.session() as session:
         shown = records.view(session, params["id"])
@@ -130,7 +131,7 @@ def _deployment_show(api: Kasched, params: dict[str, str], query: dict[str, str]
         from kasched.errors import PermissionDenied
 
         raise PermissionDenied(f"deployment {shown.id} belongs to {shown.user}")
-    return shown
+    return {**to_json(shown), "transfer": TRANSFERS.latest(shown.id)}  # live, not stored
 
 
 def _deployment_cancel(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
@@ -228,13 +229,15 @@ def _deployment_start(api: Kasched, params: dict[str, str], query: dict[str, str
 
     from kasched.deploy.operations import Operations
     from kasched.drivers.reboot import RebootLevel
+    from kasched.service.live import LiveProgress
 
     fields = _fields(
         body,
         {"kind": str, "nodes": str},
         {"environment": str, "key": str, "stateless": bool, "level": str, "to": str, "fanout": int},
     )
-    operations = Operations(api, fanout=fields["fanout"] or 0)
+    live = LiveProgress()
+    operations = Operations(api, progress=live, fanout=fields["fanout"] or 0)
     kind = fields["kind"]
     if kind == "deploy":
         if not fields["environment"]:
@@ -251,7 +254,7 @@ def _deployment_start(api: Kasched, params: dict[str, str], query: dict[str, str
         pending = operations.prepare_reboot(fields["nodes"], RebootLevel(level), fields["to"] or "reference")
     else:
         raise InputError(f"{kind!r} is not one of deploy, revert, reboot", field="kind")
-    threading.Thread(target=pending.run, name=f"kasched-{pending.deployment_id}", daemon=True).start()
+    threading.Thread(target=live.run, args=(pending,), name=f"kasched-{pending.deployment_id}", daemon=True).start()
     return {"id": pending.deployment_id, "kind": kind, "nodes": pending.names}
 
 
@@ -287,6 +290,33 @@ def _object(properties: dict[str, str], required: list[str] | None = None) -> di
         "additionalProperties": False,
     }
 
+
+DEPLOYMENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "kind": {"type": "string", "description": "deploy, revert or reboot"},
+        "user": {"type": "string"},
+        "environment": {"type": "string", "nullable": True},
+        "created_at": {"type": "string"},
+        "ended_at": {"type": "string", "nullable": True},
+        "state": {"type": "string", "description": "running, done, partial, failed, cancelled or interrupted"},
+        "nodes": {"type": "object", "description": "per node: its last step, ok (null while running), error, duration"},
+        "steps": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "the history, every attempt in order: node, step (step/variant), ok, error, duration, "
+            "final (false: the attempt failed and the node had another retry or variant left, so the node did "
+            "not fail there; missing in older answers: true)",
+        },
+        "transfer": {
+            "type": "object",
+            "nullable": True,
+            "description": "while the image streams (not stored): step, sent (bytes), elapsed (seconds), done, "
+            "rate (bytes per second); null otherwise",
+        },
+    },
+}
 
 ROUTES = (
     Route("GET", "/v1/health", "Service health, and who you are", _health),
@@ -417,7 +447,13 @@ ROUTES = (
         query=("user", "nodes", "environment", "kind", "failed", "since", "until", "by", "limit"),
         response=ARRAY,
     ),
-    Route("GET", "/v1/deployments/{id}", "A deployment and its nodes", _deployment_show),
+    Route(
+        "GET",
+        "/v1/deployments/{id}",
+        "A deployment, its nodes, its step history and its live broadcast progress",
+        _deployment_show,
+        response=DEPLOYMENT,
+    ),
     Route("POST", "/v1/deployments/{id}/cancel", "Cancel a running deployment", _deployment_cancel),
     Route(
         "GET",
