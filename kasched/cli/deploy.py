@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
-from kasched.deploy.workflow import StepReport
+from kasched.deploy.workflow import StepReport, TransferReport
 from kasched.errors import DatabaseError, InputError
 from kasched.models import utcnow
 from kasched.nodeset import expand, fold
@@ -271,7 +272,7 @@ def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any]
         f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})", file=sys.stderr
     )
     view: ProgressView = ProgressView(count)
-    seen: dict[str, Any] = {}
+    seen = _Seen()
     with cancellable() as cancel:
         asked = False
         try:
@@ -316,20 +317,54 @@ def _poll(api: Any, operation_id: str) -> dict[str, Any]:
             time.sleep(POLL)
 
 
-def _show_poll(shown: dict[str, Any], view: ProgressView, seen: dict[str, Any]) -> None:
+@dataclass
+class _Seen:
+    """What the live view was fed already, from the previous polls of the operation's record."""
+
+    history: int = 0  # entries of the step history
+    nodes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # without a history: each node's last state
+    steps: set[str] = field(default_factory=set)  # the steps shown
+    transfer: dict[str, Any] | None = None
+
+
+def _show_poll(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
     """Feed the live view (the same as without the service) what happened since the last poll: every
-    attempt the operation's history recorded; without a history, each node's last finished step."""
+    attempt the operation's history recorded (``final`` false: the node had another retry or variant,
+    so it did not fail; older services leave it out: final); without a history, each node's last
+    finished step; then the image's broadcast progress, if it streams."""
     history = shown.get("steps") or []
-    for entry in history[seen.get("", 0) :]:
+    for entry in history[seen.history :]:
         step, _, variant = str(entry["step"]).partition("/")
-        view(StepReport(entry["node"], step, variant, 0, utcnow(), entry["duration"], entry["ok"], entry["error"]))
-    seen[""] = len(history)
-    if history:
-        return
+        final = entry.get("final") is not False
+        seen.steps.add(step)
+        duration, ok, error = entry["duration"], entry["ok"], entry["error"]
+        view(StepReport(entry["node"], step, variant, 0, utcnow(), duration, ok, error, final))
+    seen.history = len(history)
+    if not history:
+        _show_nodes(shown, view, seen)
+    _show_transfer(shown.get("transfer"), view, seen)
+
+
+def _show_nodes(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
     for node, detail in shown["nodes"].items():
         state = (detail["step"], detail["error"], detail["ok"])
-        if not detail["step"] or seen.get(node) == state:
+        if not detail["step"] or seen.nodes.get(node) == state:
             continue
-        seen[node] = state
+        seen.nodes[node] = state
+        seen.steps.add(detail["step"])
         ok = detail["error"] is None if detail["ok"] is None else bool(detail["ok"])
         view(StepReport(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
+
+
+def _show_transfer(transfer: dict[str, Any] | None, view: ProgressView, seen: _Seen) -> None:
+    """The service's latest report of the image's stream (not stored: ``transfer``), once per change.
+    A stream of a step the view has left is not shown again (a poll may see the service's report of
+    it just before the service forgets it)."""
+    if not transfer or transfer == seen.transfer:
+        return
+    seen.transfer = transfer
+    step = str(transfer["step"])
+    if step != view.step and step in seen.steps:
+        return
+    seen.steps.add(step)
+    view(TransferReport(step, int(transfer["sent"]), float(transfer["elapsed"]), bool(transfer["done"])))

@@ -22,7 +22,13 @@ from tests.conftest import EXAMPLES
 def service() -> Iterator[tuple[Config, ServiceClient]]:
     base = Path(tempfile.mkdtemp(prefix="kaschedd-"))
     base.chmod(0o755)
-    config = Config(site="t", state_dir=base / "state", admin_group="kasched-test-admins")
+    config = Config(
+        site="t",
+        state_dir=base / "state",
+        admin_group="kasched-test-admins",
+        credentials_file=base / "credentials.yaml",  # the sample inventory's BMCs: operations can start
+    )
+    config.credentials_file.write_text("demo-bmc: {user: admin, password: pw}\n")
     admin = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     admin.close()
