@@ -406,6 +406,10 @@ class _CountingReader:
         self.meter.add(len(chunk), final=not chunk)
         return chunk
 
+    def fileno(self) -> int:
+        """The file's descriptor (the broadcast sizes its batches from it); raises for a stream."""
+        return int(self.handle.fileno())
+
 
 def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMeter | None = None) -> GroupResult:
     sink = sink_for(ctx, ctx.partition(ctx.targets[nodes[0].name]))

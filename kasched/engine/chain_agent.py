@@ -32,6 +32,7 @@ OFFSET = struct.Struct("!Q")
 END_PAYLOAD = struct.Struct("!32sQ")  # sha256 digest of the whole stream, its length in bytes
 CHUNK = 1 << 20
 MAX_CONTROL = 1 << 20
+MAX_LOW_WATER = CHUNK  # a node waits for at most this many bytes before it wakes up to forward them
 SINK_QUEUE = 16  # chunks buffered between the network and the sink: bounded memory
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
@@ -377,6 +378,7 @@ class Agent:
         self.abandoned: list[socket.socket] = []
         self.config: dict[str, Any] = {}
         self.have = 0
+        self.low_water = 1  # the upstream socket's SO_RCVLOWAT now
         self.stall = 30.0
         self.deadline = 0.0
         self.done = threading.Event()
@@ -422,12 +424,18 @@ class Agent:
             self.abandoned.append(self.upstream)
         with self.upstream_lock:
             self.upstream = conn
+            self.low_water = 1  # a new socket's
         return header
 
     def read_some(self, size: int) -> bytes:
         """Some bytes from the predecessor. No stall timeout here: a stalled predecessor is detected
-        and bypassed by its own predecessor, which then connects to our listener."""
+        and bypassed by its own predecessor, which then connects to our listener.
+
+        The agent wakes up only once ``low_water`` bytes (the session's, at most ``size``: never more
+        than the predecessor is bound to send) have arrived: on a slow link, waking up for every few
+        packets costs far more CPU than the data, at the price of that much delay per hop."""
         assert self.upstream is not None
+        self._set_low_water(min(size, int(self.config.get("low_water", 1)), MAX_LOW_WATER))
         remaining = self.deadline - time.monotonic()
         readable, _, _ = select.select([self.upstream, self.listener], [], [], max(0.0, remaining))
         if not readable:
@@ -443,6 +451,13 @@ class Agent:
         if not data:
             raise UpstreamLost("connection closed before the end of the stream")
         return data
+
+    def _set_low_water(self, low_water: int) -> None:
+        assert self.upstream is not None
+        if low_water != self.low_water:
+            with contextlib.suppress(OSError):  # then select() wakes up for any byte: slower, still right
+                self.upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, low_water))
+            self.low_water = low_water
 
     def read_exact(self, size: int) -> bytes:
         parts, left = [], size
