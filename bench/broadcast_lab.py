@@ -2,8 +2,8 @@
 (what Warewulf, Ironic and MAAS do), TakTuk (a chain, ``-d 1``, and its default adaptive tree) and
 udpcast (multicast), measured side by side in one run.
 
-    .venv/bin/python bench/broadcast_lab.py [--nodes 1,8] [--size-mib 48] [--link 100] [--quick]
-    .venv/bin/python bench/broadcast_lab.py --nodes 1,8,32,64 --size-mib 48      # the full run
+    .venv/bin/python bench/broadcast_lab.py [--nodes 1,8] [--size-mib 48] [--link 100[,20]] [--quick]
+    .venv/bin/python bench/broadcast_lab.py --nodes 1,8,32,64 --size-mib 48 --link 100,20   # the full run
 
 Builds a lab (``kbcast``) whose node links are shaped to ``--link`` Mbit/s, boots the nodes into the
 deployment system and puts TakTuk (with Perl and an SSH client) and udpcast into it (``labkit``).
@@ -13,7 +13,11 @@ root feed one node's link, the HTTP server is throttled to one link in Python, u
 hashing it and discarding it. Every time counts the whole operation from the server's side,
 including starting the remote programs over SSH. Prints per method the time, E = (size / time) / link
 rate, T(N)/T(1), the time against the chain's, and for the chain its startup (agents over SSH) and
-stream phases; then ``RATIO`` lines. Removes the lab at the end, also on failure.
+stream phases and how busy the host's CPUs were during the stream; then ``RATIO`` lines. With several
+``--link`` rates, the same lab and image are measured at each in turn (the links reshaped in place).
+All the lab's nodes share the host's CPUs: where they are busy near 100 %, the lab, not the method,
+sets the pace; a slower link asks the same work of them over a longer time, as nodes with their own
+CPUs would see it. Removes the lab at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from kasched.deploy.nodes import NodeShell
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
 from kasched.engine.chain_ssh import start_agents
 from kasched.engine.ssh_session import SshAuth
+from kasched.lab.network import shape_node_links
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
 
@@ -99,17 +104,18 @@ class Bench:
         started = time.monotonic()
         with start_agents(chain, {n["name"]: n["ip"] for n in nodes}, self.auth, window=64) as launch:
             agents_up = time.monotonic()
+            cpu = labkit.CpuMeter()
             if during:
                 threading.Thread(target=during, daemon=True).start()
             sent = broadcast(self.image, launch.ready, {"kind": "discard"}, options=options or BroadcastOptions(),
                              ordered=ordered)  # fmt: skip
-            streamed = time.monotonic()
+            streamed, busy = time.monotonic(), cpu.busy()
             launch.close(failed=set(sent.failed))
         failed = [f"{r.node}: {r.error}" for r in sent.values() if not r.ok] + list(launch.failed)
         if failed and not during:
             raise SystemExit(f"chain failed: {failed[:4]}")
         return {"startup": agents_up - started, "stream": streamed - agents_up, "total": time.monotonic() - started,
-                "failed": float(len(failed))}  # fmt: skip
+                "failed": float(len(failed)), "cpu": busy}  # fmt: skip
 
     def http(self, nodes: list[dict]) -> dict[str, float]:
         url = f"http://10.77.0.1:{self.server.server_address[1]}/{self.image.name}"
@@ -161,12 +167,13 @@ class Bench:
         }
 
 
-def measure(labrun: LabRun, counts: list[int], methods: list[str], size_mib: int, link: int) -> None:
-    image = labrun.work / "image.bin"
-    image.write_bytes(os.urandom(size_mib << 20))
+def measure(labrun: LabRun, counts: list[int], methods: list[str], image: Path, link: int, http_max: float) -> None:
+    """Every method at every N, the nodes' links shaped to ``link`` Mbit/s; HTTP only where it can
+    take at most ``http_max`` seconds (N images through the server's one link)."""
+    shape_node_links(labrun.plan, list(labrun.plan.nodes_list), f"{link}mbit")
     link_bytes = link * 1e6 / 8
-    print(f"image {size_mib} MiB, node links {link} Mbit/s, lab of {len(labrun.nodes)} nodes; "
-          "E = (size / time) / link rate\n", flush=True)  # fmt: skip
+    print(f"\nimage {image.stat().st_size >> 20} MiB, node links {link} Mbit/s, lab of {len(labrun.nodes)} nodes; "
+          "E = (size / time) / link rate", flush=True)  # fmt: skip
     print(f"{'N':>3} {'method':<13} {'time s':>7} {'E':>5} {'T(N)/T(1)':>9} {'vs chain':>8}  phases")
     first: dict[str, float] = {}
     with inside_netns(labrun.netns):
@@ -175,19 +182,26 @@ def measure(labrun: LabRun, counts: list[int], methods: list[str], size_mib: int
         for count in counts:
             chain_time = None
             for method in methods:
+                if method == "http" and (floor := count * image.stat().st_size / link_bytes) > http_max:
+                    print(f"{count:>3} {method:<13} skipped: at least {floor:.0f} s, over --http-max-seconds")
+                    continue
                 phases = runners[method](labrun.nodes[:count])
                 took = phases["total"]
                 first.setdefault(method, took)
                 chain_time = took if method == "chain" else chain_time
                 versus = f"{took / chain_time:8.2f}" if chain_time else f"{'':8}"
                 detail = (f"startup {phases['startup']:.2f} s, stream {phases['stream']:.2f} s "
-                          f"(E stream {image.stat().st_size / phases['stream'] / link_bytes:.2f})"
+                          f"(E stream {image.stat().st_size / phases['stream'] / link_bytes:.2f}, "
+                          f"host CPUs {phases['cpu']:.0%} busy)"
                           if "startup" in phases else "")  # fmt: skip
                 print(f"{count:>3} {method:<13} {took:>7.2f} {image.stat().st_size / took / link_bytes:>5.2f} "
                       f"{took / first[method]:>9.2f} {versus}  {detail}", flush=True)  # fmt: skip
                 if count == counts[-1]:
-                    print(ratio_line(f"{method} E N={count}", image.stat().st_size / took / link_bytes))
-                    print(ratio_line(f"{method} T({count})/T({counts[0]})", took / first[method]), flush=True)
+                    at = f"N={count} {link}Mbit"
+                    print(ratio_line(f"{method} E {at}", image.stat().st_size / took / link_bytes))
+                    print(
+                        ratio_line(f"{method} T({count})/T({counts[0]}) {link}Mbit", took / first[method]), flush=True
+                    )
         bench.server.shutdown()
 
 
@@ -195,21 +209,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="1,8", help="comma-separated N, e.g. 1,8,32,64")
     parser.add_argument("--size-mib", type=int, default=48)
-    parser.add_argument("--link", type=int, default=100, help="node link rate, Mbit/s")
+    parser.add_argument("--link", default=None, help="node link rates, Mbit/s, comma-separated: each one "
+                        "measured in turn on the same lab (e.g. 100,20)")  # fmt: skip
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--quick", action="store_true", help="2 nodes, 8 MiB: a smoke run")
+    parser.add_argument("--http-max-seconds", type=float, default=600.0,
+                        help="skip HTTP where N images through one link would take longer")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="2 nodes, 8 MiB, links 100 then 50: a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.nodes, args.size_mib = "1,2", 8
+        args.nodes, args.size_mib, args.link = "1,2", 8, args.link or "100,50"
+    args.link = args.link or "100"
     counts = sorted({int(n) for n in args.nodes.split(",")})
+    links = [int(rate) for rate in args.link.split(",") if rate]
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
     name = LAB + ("q" if args.quick else "")  # smoke runs never touch a full run's lab
     plan = LabPlan(name, nodes=max(counts), switches=max(1, min(4, max(counts) // 16)),
-                   link=f"{args.link}mbit", uplink="10gbit")  # fmt: skip
+                   link=f"{links[0]}mbit", uplink="10gbit")  # fmt: skip
     with labkit.lab_up(plan, extras=bool({"taktuk-chain", "taktuk-tree", "udpcast"} & set(methods))) as labrun:
-        measure(labrun, counts, methods, args.size_mib, args.link)
+        image = labrun.work / "image.bin"
+        image.write_bytes(os.urandom(args.size_mib << 20))
+        for link in links:
+            measure(labrun, counts, methods, image, link, args.http_max_seconds)
     return 0
 
 

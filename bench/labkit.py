@@ -216,3 +216,25 @@ def in_lab(labrun: LabRun, *argv: str) -> list[str]:
 def ratio_line(label: str, value: float) -> str:
     """The lines the smoke tests look for: ``RATIO <label> = <value>``."""
     return f"RATIO {label} = {value:.2f}"
+
+
+class CpuMeter:
+    """How busy the host's CPUs were between ``start()`` and ``busy()``, from /proc/stat: the lab's
+    nodes all share them, so a share near 1.0 means the lab, not the method, set the pace."""
+
+    def __init__(self) -> None:
+        self.first = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    def start(self) -> None:
+        self.first = self._sample()
+
+    def busy(self) -> float:
+        """The busy share of all CPUs since ``start()``, 0..1."""
+        busy, total = self._sample()
+        return (busy - self.first[0]) / max(1, total - self.first[1])

@@ -73,7 +73,7 @@ def create_lab_namespace(plan: LabPlan) -> None:
 
 def create_node_namespaces(plan: LabPlan, nodes: list[NodePlan]) -> None:
     """Each node's namespace and cable (veth to its switch), shaped at ``plan.link``."""
-    lab_lines, lab_tc = [], []
+    lab_lines = []
     for node in nodes:
         if not netns_exists(node.netns):
             run(["ip", "netns", "add", node.netns])
@@ -82,12 +82,17 @@ def create_node_namespaces(plan: LabPlan, nodes: list[NodePlan]) -> None:
             f"link set {node.lab_port} master {node.switch_name} up",
             f"addr add {node.bmc_address}/32 dev bmc0",
         ]
-        lab_tc.append(shaping_command(node.lab_port, plan.link))
     ip_batch(plan.netns, lab_lines)
-    tc_batch(plan.netns, lab_tc)
     for node in nodes:
         ip_batch(node.netns, ["link set lo up", f"link set eth0 address {node.mac}", "link set eth0 up"])
-        tc_batch(node.netns, [shaping_command("eth0", plan.link)])
+    shape_node_links(plan, nodes, plan.link)
+
+
+def shape_node_links(plan: LabPlan, nodes: list[NodePlan], rate: str) -> None:
+    """Shape the nodes' cables, both ends, to ``rate`` (also to change a running lab's link speed)."""
+    tc_batch(plan.netns, [shaping_command(node.lab_port, rate) for node in nodes])
+    for node in nodes:
+        tc_batch(node.netns, [shaping_command("eth0", rate)])
 
 
 def flush_node_addresses(netns: str) -> None:
