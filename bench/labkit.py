@@ -100,6 +100,7 @@ def lab_up(plan: LabPlan, *, deploy: bool = True, extras: bool = False) -> Itera
             install_extras(labrun)
         yield labrun
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM (timeout(1) sends one) must not stop this
         try:
             lab.down()
         except OSError:  # a file vanished under rmtree (a node still shutting down): once more
