@@ -17,7 +17,7 @@ import pytest
 from chain_agents import AgentGroup
 from sshd_nodes import SshdCluster, free_port
 
-from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast, order_chain
+from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
 from kasched.engine.chain_agent import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
 from kasched.engine.chain_ssh import broadcast_over_ssh
 from kasched.engine.ssh_session import SshAuth
@@ -95,6 +95,23 @@ def test_tarball_reaches_every_node_with_the_same_checksum(
         assert (dest / "etc" / "hostname").read_text() == "deployed\n"
         assert sha256_file(dest / "boot" / "vmlinuz") == sha256_file(tree_dir / "boot" / "vmlinuz")
     assert set(agents.wait(10).values()) == {0}
+
+
+def test_a_clean_broadcast_says_no_node_lost(agents: AgentGroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node closes its upstream right after its ack: a predecessor that went on reading took the
+    close for a loss and tried every later node (N^2 connections and reports on a 64-node chain)."""
+    messages: list[dict] = []
+    record = ReportCollector.record
+
+    def keep(collector: ReportCollector, message: dict) -> None:
+        messages.append(message)
+        record(collector, message)
+
+    monkeypatch.setattr(ReportCollector, "record", keep)
+    result = broadcast(random_image(tmp_path / "image.raw", 2), agents.nodes, {"kind": "discard"}, options=FAST)
+    assert result.ok, {n: r.error for n, r in result.items()}
+    assert [m for m in messages if m.get("type") == "lost"] == []
+    assert sorted(m["node"] for m in messages if m.get("type") == "result") == sorted(n.name for n in agents.nodes)
 
 
 @pytest.mark.slow
