@@ -207,14 +207,24 @@ def boot_stateless(ctx: StepContext, names: Sequence[str], deadline: float, canc
     )
 
 
+def per_partition(
+    ctx: StepContext, names: Sequence[str], run: Callable[[int, list[str]], GroupResult]
+) -> GroupResult:
+    """``run(partition, nodes)`` once per target partition number (nodes of a job may differ)."""
+    groups: dict[int, list[str]] = {}
+    for node in ctx.nodes(names):
+        groups.setdefault(ctx.partition(node), []).append(node.name)
+    results = GroupResult()
+    for partition, group in groups.items():
+        for result in run(partition, group).values():
+            results.add(result)
+    return _ordered(results, names)
+
+
 def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
     def action(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
-        results = GroupResult()
-        by_partition: dict[int, list[str]] = {}
-        for node in ctx.nodes(names):
-            by_partition.setdefault(ctx.partition(node), []).append(node.name)
-        for partition, group in by_partition.items():
-            booted = boot_into(
+        def boot(partition: int, group: list[str]) -> GroupResult:
+            return boot_into(
                 ctx,
                 group,
                 BootTarget.LOCAL,
@@ -225,9 +235,8 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
                 partition=partition,
                 cmdline=ctx.env.cmdline,
             )
-            for result in booted.values():
-                results.add(result)
-        return results
+
+        return per_partition(ctx, names, boot)
 
     return action
 
@@ -288,25 +297,19 @@ def boot_environment_kexec(
 ) -> GroupResult:
     """The boot step without a firmware reboot: the boot profile is set (later reboots boot the same
     partition), then the running system kexecs the environment's kernel; checked from the node."""
-    results = GroupResult()
-    by_partition: dict[int, list[str]] = {}
-    for node in ctx.nodes(names):
-        by_partition.setdefault(ctx.partition(node), []).append(node.name)
-    for partition, group in by_partition.items():
-        booted = chain_phases(
+
+    def boot(partition: int, group: list[str]) -> GroupResult:
+        return chain_phases(
             group,
             [
-                lambda alive, p=partition: set_profiles(
-                    ctx, alive, BootTarget.LOCAL, partition=p, cmdline=ctx.env.cmdline
-                ),
+                lambda alive: set_profiles(ctx, alive, BootTarget.LOCAL, partition=partition, cmdline=ctx.env.cmdline),
                 lambda alive: leave_token(ctx, alive),
-                lambda alive, p=partition: kexec_into(ctx, alive, p),
-                lambda alive, p=partition: check_system(ctx, alive, f"root=/dev/sda{p}", f"partition {p}"),
+                lambda alive: kexec_into(ctx, alive, partition),
+                lambda alive: check_system(ctx, alive, f"root=/dev/sda{partition}", f"partition {partition}"),
             ],
         )
-        for result in booted.values():
-            results.add(result)
-    return _ordered(results, names)
+
+    return per_partition(ctx, names, boot)
 
 
 # --- Broadcasting the image ------------------------------------------------------------------------
