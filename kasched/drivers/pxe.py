@@ -16,12 +16,11 @@ profile or the new one, never half of one.
 from __future__ import annotations
 
 import ipaddress
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kasched import files
 from kasched.drivers.base import BootDriver, BootTarget, NodeTarget
 from kasched.errors import DriverError
 
@@ -156,20 +155,10 @@ class PxeBootDriver(BootDriver):
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """A boot file, atomically, in a directory the TFTP and HTTP servers can read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.chmod(0o755)
-    # A temporary name of its own per call: kaschedd's threads write the shared boot.ipxe at once (one
-    # pid-named temporary file was renamed away under another thread: "No such file or directory").
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, text)
 
 
 def dnsmasq_config(

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kasched.errors import LabError
-from kasched.lab.system import write_atomic
+from kasched.files import write_atomic
 
 BOOT_NETWORK = "pxe"
 BOOT_DISK = "default"

@@ -126,7 +126,7 @@ def test_atomic_writes_from_many_threads_at_once(tmp_path: Path) -> None:
     import threading
 
     from kasched.drivers.pxe import write_atomic
-    from kasched.lab.system import write_atomic as lab_write_atomic
+    from kasched.files import write_atomic as file_write_atomic
 
     errors: list[BaseException] = []
 
@@ -134,7 +134,7 @@ def test_atomic_writes_from_many_threads_at_once(tmp_path: Path) -> None:
         try:
             for round_ in range(50):
                 write_atomic(tmp_path / "boot.ipxe", f"writer {index} round {round_}\n")
-                lab_write_atomic(tmp_path / "state.json", f"{index}\n")
+                file_write_atomic(tmp_path / "state.json", f"{index}\n")
         except BaseException as error:  # collected and asserted below
             errors.append(error)
 
