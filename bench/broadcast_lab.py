@@ -220,7 +220,12 @@ def main() -> int:
         args.nodes, args.size_mib, args.link = "1,2", 8, args.link or "100,50"
     args.link = args.link or "100"
     counts = sorted({int(n) for n in args.nodes.split(",")})
-    links = [int(rate) for rate in args.link.split(",") if rate]
+    try:
+        links = [int(rate) for rate in args.link.split(",") if rate]
+    except ValueError:
+        parser.error(f"--link {args.link!r}: comma-separated whole Mbit/s, e.g. 100,20")
+    if not links or min(links) <= 0:
+        parser.error(f"--link {args.link!r}: each rate must be a positive number of Mbit/s")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")

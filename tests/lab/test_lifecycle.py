@@ -134,3 +134,27 @@ def test_one_process_drives_two_labs(lab8: LabHandle, tmp_path: Path) -> None:
                 assert [lab8.ipmi.status(t) for t in targets] == [PowerState.ON] * len(targets)
     finally:
         other.down()
+
+
+def test_links_are_reshaped_in_place(lab8: LabHandle) -> None:
+    """bench/broadcast_lab.py --link 100,20 measures one lab at several rates: both ends of every
+    node's cable must take the new rate, and take the lab's own back."""
+    from kasched.lab.network import shape_node_links
+
+    def rates() -> list[str]:
+        """The shaped rate of each cable end: the switch port, then the node's eth0, node by node."""
+        found = []
+        for node in lab8.plan.nodes_list:
+            for netns, device in ((lab8.plan.netns, node.lab_port), (node.netns, "eth0")):
+                shown = subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "show", "dev", device],
+                                       capture_output=True, text=True, check=True).stdout  # fmt: skip
+                found.append(shown.split(" rate ")[1].split()[0])
+        return found
+
+    nodes = list(lab8.plan.nodes_list)
+    try:
+        shape_node_links(lab8.plan, nodes, "20mbit")
+        assert rates() == ["20Mbit"] * 2 * len(nodes)
+    finally:
+        shape_node_links(lab8.plan, nodes, lab8.plan.link)
+    assert rates() == ["100Mbit"] * 2 * len(nodes)  # LAB8's link
