@@ -1,0 +1,37 @@
+"""Starting a chain agent as the SSH launcher does: its source on stdin, ``python3 -I -S -``. Every node
+of a chain starts one when the broadcast starts, so what it imports is CPU time on every node."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
+
+#: loaded only for the sinks that run a program (tar, command), or not at all
+NOT_AT_START = {"argparse", "typing", "subprocess", "site"}
+
+
+def start_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = ["python3", *AGENT_FLAGS.split(), "-X", "importtime", "-", *args]
+    return subprocess.run(argv, input=AGENT_SOURCE.decode(), capture_output=True, text=True, timeout=30)
+
+
+def test_the_agent_starts_isolated_on_the_standard_library_it_needs() -> None:
+    done = start_agent("--listen", "127.0.0.1:0", "--name", "n1", "--accept-timeout", "0.01")
+    assert done.stdout.startswith("ready 127.0.0.1:")
+    assert done.returncode == 2 and "nobody connected within 0.01s" in done.stderr
+    imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", done.stderr, re.MULTILINE))
+    assert {"socket", "hashlib", "json", "threading"} <= imported  # the parsing above does read them
+    assert imported.isdisjoint(NOT_AT_START), imported & NOT_AT_START
+
+
+def test_bad_arguments_get_the_usage_line_not_a_traceback() -> None:
+    for args in (["--name", "n1"], ["--listen", "127.0.0.1:0", "--name"], ["--listen", "x:0", "--nme", "n1"],
+                 ["--listen", "127.0.0.1:0", "--name", "n1", "--accept-timeout", "soon"]):  # fmt: skip
+        done = start_agent(*args)
+        assert done.returncode == 2, args
+        assert "Traceback" not in done.stderr
+        assert "usage: chain_agent --listen HOST:PORT --name NODE" in done.stderr
+        assert not done.stdout
+    assert "--accept-timeout 'soon' is not a number of seconds" in done.stderr
