@@ -36,6 +36,9 @@ CHUNK = 1 << 20
 MAX_CONTROL = 1 << 20
 MAX_LOW_WATER = CHUNK  # a node waits for at most this many bytes before it wakes up to forward them
 SINK_QUEUE = 16  # chunks buffered between the network and the sink: bounded memory
+BATCH_SECONDS = 0.01  # a batch is at most this long at the rate the stream arrives (see Pacer)
+BATCH_RANGE = (32 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
+RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
 OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
@@ -385,6 +388,29 @@ class Reporter:
             print(f"chain agent: cannot report to {self.address}: {error}", file=sys.stderr)
 
 
+class Pacer:
+    """How many bytes a node lets arrive before it wakes up to forward them: ``BATCH_SECONDS`` of the
+    stream at the rate it arrives, measured over ``RATE_WINDOW``. Batches cut the CPU a node spends
+    per byte, but a batch long against the link's round trip stalls the sender, which waits for
+    window while the batch sits unread: on 8 lab nodes at 20 Mbit/s, 256 KiB batches (100 ms)
+    brought the stream's E from 0.91 to 0.77, 32 KiB (13 ms) kept 0.90-0.91 for 40 % of the CPU."""
+
+    def __init__(self) -> None:
+        self.batch = BATCH_RANGE[0]
+        self.since = 0.0  # when the current measuring window started (0: no data yet)
+        self.count = 0
+
+    def arrived(self, count: int, now: float) -> None:
+        if not self.since:
+            self.since = now
+            return
+        self.count += count
+        if (elapsed := now - self.since) >= RATE_WINDOW:
+            low, high = BATCH_RANGE
+            self.batch = int(min(high, max(low, self.count / elapsed * BATCH_SECONDS)))
+            self.since, self.count = now, 0
+
+
 class Agent:
     """One node of the chain: accepts the stream, sinks it, forwards it, reports. A thread sends
     keepalives upstream so that a predecessor blocked by backpressure knows we are alive."""
@@ -398,6 +424,7 @@ class Agent:
         self.config: dict[str, Any] = {}
         self.have = 0
         self.low_water = 1  # the upstream socket's SO_RCVLOWAT now
+        self.pacer = Pacer()
         self.stall = 30.0
         self.deadline = 0.0
         self.done = threading.Event()
@@ -451,11 +478,12 @@ class Agent:
         """Some bytes from the predecessor. No stall timeout here: a stalled predecessor is detected
         and bypassed by its own predecessor, which then connects to our listener.
 
-        The agent wakes up only once ``low_water`` bytes (the session's, at most ``size``: never more
-        than the predecessor is bound to send) have arrived: on a slow link, waking up for every few
-        packets costs far more CPU than the data, at the price of that much delay per hop."""
+        The agent wakes up only once a batch has arrived (the :class:`Pacer`'s, at most the session's
+        ``low_water`` and ``size``: never more than the predecessor is bound to send): on a slow
+        link, waking up for every few packets costs far more CPU than the data, at the price of that
+        much delay per hop."""
         assert self.upstream is not None
-        self._set_low_water(min(size, int(self.config.get("low_water", 1)), MAX_LOW_WATER))
+        self._set_low_water(min(size, int(self.config.get("low_water", 1)), self.pacer.batch))
         remaining = self.deadline - time.monotonic()
         readable, _, _ = select.select([self.upstream, self.listener], [], [], max(0.0, remaining))
         if not readable:
@@ -470,6 +498,7 @@ class Agent:
             raise UpstreamLost(str(error)) from error
         if not data:
             raise UpstreamLost("connection closed before the end of the stream")
+        self.pacer.arrived(len(data), time.monotonic())
         return data
 
     def _set_low_water(self, low_water: int) -> None:

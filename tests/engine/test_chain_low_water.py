@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from kasched.engine.chain import LOW_WATER_RANGE, low_water_for
-from kasched.engine.chain_agent import CHUNK, Agent
+from kasched.engine.chain_agent import BATCH_RANGE, BATCH_SECONDS, CHUNK, RATE_WINDOW, Agent, Pacer
 
 
 @pytest.fixture
@@ -34,6 +34,7 @@ def agent() -> Iterator[tuple[Agent, socket.socket]]:
 
 def test_a_read_waits_for_the_low_water_mark(agent: tuple[Agent, socket.socket]) -> None:
     node, predecessor = agent
+    node.pacer.batch = BATCH_RANGE[1]  # a fast stream: the session's 64 KiB is the bound
     predecessor.sendall(b"x" * 1000)
 
     def rest() -> None:
@@ -70,3 +71,34 @@ def test_low_water_keeps_the_per_hop_delays_to_a_share_of_the_stream() -> None:
     assert low_water_for(1 << 30, 64) == high
     middle = low_water_for(48 << 20, 24)
     assert low < middle < high and middle * 24 == pytest.approx(0.05 * (48 << 20), rel=0.01)
+
+
+def test_the_first_batch_is_the_smallest_until_the_rate_is_known(agent: tuple[Agent, socket.socket]) -> None:
+    node, predecessor = agent
+    node.config = {"low_water": 256 << 10}
+    predecessor.sendall(b"x" * (BATCH_RANGE[0] + 10))
+    assert len(node.read_some(CHUNK)) >= BATCH_RANGE[0]
+    assert node.upstream is not None
+    assert node.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == BATCH_RANGE[0]
+
+
+def arrive_at(pacer: Pacer, rate: float, seconds: float, now: float = 1000.0, step: float = 0.01) -> float:
+    """Feed the pacer ``rate`` bytes/s for ``seconds`` from ``now`` on, in arrivals ``step`` apart
+    (the times are given, not read from the clock); the time after the last arrival."""
+    for _ in range(int(seconds / step) + 1):
+        pacer.arrived(int(rate * step), now)
+        now += step
+    return now
+
+
+def test_batches_follow_the_rate_the_stream_arrives_at() -> None:
+    low, high = BATCH_RANGE
+    slow, fast, faster = Pacer(), Pacer(), Pacer()
+    arrive_at(slow, 20e6 / 8, 2 * RATE_WINDOW)  # a 20 Mbit/s link: 10 ms are 25 kB, under the floor
+    later = arrive_at(fast, 100e6 / 8, 2 * RATE_WINDOW)
+    arrive_at(faster, 10e9 / 8, 2 * RATE_WINDOW)
+    assert slow.batch == low
+    assert fast.batch == pytest.approx(100e6 / 8 * BATCH_SECONDS, rel=0.1)
+    assert faster.batch == high
+    arrive_at(fast, 20e6 / 8, 2 * RATE_WINDOW, now=later)  # the same stream slowed down: smaller batches again
+    assert fast.batch == low
