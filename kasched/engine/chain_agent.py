@@ -37,7 +37,7 @@ MAX_CONTROL = 1 << 20
 MAX_LOW_WATER = CHUNK  # a node waits for at most this many bytes before it wakes up to forward them
 SINK_QUEUE = 16  # chunks buffered between the network and the sink: bounded memory
 BATCH_SECONDS = 0.01  # a batch is at most this long at the rate the stream arrives (see Pacer)
-BATCH_RANGE = (32 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
+BATCH_RANGE = (16 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
 RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction

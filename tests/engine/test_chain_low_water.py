@@ -94,11 +94,11 @@ def arrive_at(pacer: Pacer, rate: float, seconds: float, now: float = 1000.0, st
 def test_batches_follow_the_rate_the_stream_arrives_at() -> None:
     low, high = BATCH_RANGE
     slow, fast, faster = Pacer(), Pacer(), Pacer()
-    arrive_at(slow, 20e6 / 8, 2 * RATE_WINDOW)  # a 20 Mbit/s link: 10 ms are 25 kB, under the floor
+    arrive_at(slow, 10e6 / 8, 2 * RATE_WINDOW)  # a 10 Mbit/s link: 10 ms are 12.5 kB, under the floor
     later = arrive_at(fast, 100e6 / 8, 2 * RATE_WINDOW)
     arrive_at(faster, 10e9 / 8, 2 * RATE_WINDOW)
     assert slow.batch == low
     assert fast.batch == pytest.approx(100e6 / 8 * BATCH_SECONDS, rel=0.1)
     assert faster.batch == high
-    arrive_at(fast, 20e6 / 8, 2 * RATE_WINDOW, now=later)  # the same stream slowed down: smaller batches again
+    arrive_at(fast, 10e6 / 8, 2 * RATE_WINDOW, now=later)  # the same stream slowed down: smaller batches again
     assert fast.batch == low
