@@ -11,9 +11,11 @@ The server (10.77.0.1, the lab host) sends at most the link rate in all: the cha
 root feed one node's link, the HTTP server is throttled to one link in Python, udp-sender is given
 ``--max-bitrate`` 95 % of the link. For each N, each method sends a random image to N nodes, each
 hashing it and discarding it. Every time counts the whole operation from the server's side,
-including starting the remote programs over SSH. Prints per method the time, E = (size / time) / link
-rate, T(N)/T(1), the time against the chain's, and for the chain its startup (agents over SSH) and
-stream phases and how busy the host's CPUs were during the stream; then ``RATIO`` lines. With several
+including starting the remote programs over SSH, on warm nodes (each node first runs, untimed, an
+SSH session with python3 and sha256sum, so that no method pays for another's cold start). Prints per
+method the time, E = (size / time) / link rate, T(N)/T(1), the time against the chain's, and for the
+chain its startup (agents over SSH) and stream phases and how busy the host's CPUs were during the
+stream; then ``RATIO`` lines. With several
 ``--link`` rates, the same lab and image are measured at each in turn (the links reshaped in place).
 All the lab's nodes share the host's CPUs: where they are busy near 100 %, the lab, not the method,
 sets the pace; a slower link asks the same work of them over a longer time, as nodes with their own
@@ -167,6 +169,19 @@ class Bench:
         }
 
 
+WARM_UP = "python3 -I -S -c 'import hashlib, json, queue, select, socket, threading' && sha256sum /dev/null"
+
+
+def warm_up(bench: Bench, nodes: list[dict]) -> None:
+    """Run once on every node, untimed, what the methods start there (an SSH session, python3 and the
+    modules the chain agent and the HTTP client import, sha256sum). A node's first SSH session and
+    first python3 took about twice as long as later ones (startup of 64 agents: 6.5 s cold, 3.1 s
+    warm), which fell on whichever method reached the node first: the chain, at every new N."""
+    done = bench.shell.run([node["name"] for node in nodes], WARM_UP, 300)
+    if cold := sorted(name for name, result in done.items() if not result.ok):
+        raise SystemExit(f"warm-up failed on {cold[:4]}: {done[cold[0]].error}")
+
+
 def measure(labrun: LabRun, counts: list[int], methods: list[str], image: Path, link: int, http_max: float) -> None:
     """Every method at every N, the nodes' links shaped to ``link`` Mbit/s; HTTP only where it can
     take at most ``http_max`` seconds (N images through the server's one link)."""
@@ -178,6 +193,7 @@ def measure(labrun: LabRun, counts: list[int], methods: list[str], image: Path, 
     first: dict[str, float] = {}
     with inside_netns(labrun.netns):
         bench = Bench(labrun, image, link)
+        warm_up(bench, labrun.nodes[: counts[-1]])
         runners = bench.runners()
         for count in counts:
             chain_time = None
