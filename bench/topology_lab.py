@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import labkit
-from broadcast_lab import Bench
+from broadcast_lab import Bench, warm_up
 from labkit import ratio_line
 
 from kasched.engine.chain import natural_key
@@ -46,6 +46,7 @@ def measure(labrun: labkit.LabRun, size_mib: int, link: int, rounds: int) -> Non
     best: dict[str, float] = {}
     with inside_netns(labrun.netns):
         bench = Bench(labrun, image, link)
+        warm_up(bench, by_name)  # untimed: else the first order measured pays for the nodes' cold start
         for attempt in range(rounds):
             for label, ordered in (("topology-aware", True), ("name order", False)):
                 phases = bench.chain(by_name, ordered=ordered)
