@@ -22,7 +22,7 @@ def test_the_agent_starts_isolated_on_the_standard_library_it_needs() -> None:
     assert done.stdout.startswith("ready 127.0.0.1:")
     assert done.returncode == 2 and "nobody connected within 0.01s" in done.stderr
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)$", done.stderr, re.MULTILINE))
-    assert {"socket", "hashlib", "json", "threading"} <= imported  # the parsing above does read them
+    assert {"socket", "hashlib", "json", "threading"} <= imported  # the pattern does match the log
     assert imported.isdisjoint(NOT_AT_START), imported & NOT_AT_START
 
 
@@ -35,3 +35,19 @@ def test_bad_arguments_get_the_usage_line_not_a_traceback() -> None:
         assert "usage: chain_agent --listen HOST:PORT --name NODE" in done.stderr
         assert not done.stdout
     assert "--accept-timeout 'soon' is not a number of seconds" in done.stderr
+
+
+def test_an_address_it_cannot_listen_on_gets_one_line() -> None:
+    for address, message in (("nohost", "--listen 'nohost' is not HOST:PORT"),
+                             ("127.0.0.1:99999", "--listen '127.0.0.1:99999' is not HOST:PORT"),
+                             ("10.9.9.9:0", "chain agent n1: cannot listen on 10.9.9.9:0: ")):  # fmt: skip
+        done = start_agent("--listen", address, "--name", "n1")
+        assert done.returncode == 2, address
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert not done.stdout
+
+
+def test_the_agent_listens_on_ipv6_too() -> None:
+    done = start_agent("--listen", "[::1]:0", "--name", "n1", "--accept-timeout", "0.01")
+    assert done.stdout.startswith("ready ::1:"), done.stderr[-500:]
+    assert "nobody connected within 0.01s" in done.stderr
