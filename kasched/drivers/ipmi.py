@@ -2,11 +2,13 @@
 
 Every pyghmi error becomes a :class:`~kasched.errors.DriverError` naming the node: a refused user or
 password says so, a BMC that does not answer is a :class:`~kasched.errors.DriverTimeout`. Each call
-opens its own session and runs under a deadline, so one silent BMC never blocks the others.
+opens its own session, logs out when done and runs under a deadline, so one silent BMC never blocks
+the others, and a session the BMC has dropped is never reused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -83,7 +85,10 @@ class IpmiPowerDriver(PowerDriver):
                     port=node.bmc_port,
                     keepalive=False,
                 )
-                outcome["value"] = action(session)
+                try:
+                    outcome["value"] = action(session)
+                finally:
+                    _log_out(session)
             except Exception as error:  # pyghmi raises many kinds; all are translated below
                 outcome["error"] = error
 
@@ -91,10 +96,41 @@ class IpmiPowerDriver(PowerDriver):
         worker.start()
         worker.join(self.timeout)
         if worker.is_alive():
+            _forget_sessions(node)
             raise DriverTimeout(f"{where} did not answer {what} in {self.timeout:.0f} s", node=node.name)
         if "error" in outcome:
             raise _translate(outcome["error"], node, where, what, self.timeout) from None
         return outcome["value"]
+
+
+def _log_out(command: Any) -> None:
+    """Close the call's session on the BMC, so that no later call reuses it.
+
+    pyghmi keeps a logged-in session and hands it to the next ``Command`` for the same BMC, even
+    without keepalives. A BMC drops an idle session (``ipmi_sim`` after about 30 s) and then ignores
+    its packets: the next call would time out on a BMC that is up. Logging out also frees one of the
+    BMC's few session slots.
+    """
+    with contextlib.suppress(Exception):  # the answer is already in; a failed logout changes nothing
+        command.ipmi_session.logout()
+
+
+def _forget_sessions(node: NodeTarget) -> None:
+    """Drop pyghmi's cached sessions for a BMC that did not answer, so the next call logs in anew.
+
+    The timed-out call's thread still waits on its session; marking that session broken lets the
+    thread give up, and the next call no longer queues behind it.
+    """
+    with _pool_lock:
+        for key, stale in list(ipmi_session.Session.initting_sessions.items()):
+            if key[0] == node.bmc_address and key[3] == node.bmc_port:
+                stale.broken = True
+                ipmi_session.Session.initting_sessions.pop(key, None)
+        for sockaddr, by_port in list(ipmi_session.Session.bmc_handlers.items()):
+            if sockaddr[1] == node.bmc_port and sockaddr[0] in (node.bmc_address, f"::ffff:{node.bmc_address}"):
+                for stale in list(by_port.values()):
+                    stale.broken = True
+                ipmi_session.Session.bmc_handlers.pop(sockaddr, None)
 
 
 _pool_lock = threading.Lock()

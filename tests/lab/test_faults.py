@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from pyghmi.ipmi.private import session as ipmi_session
 
-from kasched.drivers.base import PowerState
+from kasched.drivers.base import NodeTarget, PowerState
 from kasched.errors import DriverError, DriverTimeout
 from kasched.lab.disk import loops_of
 from kasched.lab.system import netns_list, netns_pids, read_pid
@@ -35,6 +37,9 @@ def test_silent_bmc_times_out_and_fails_only_its_node(in_lab: LabHandle) -> None
     silent = in_lab.targets["node-8"]
     pid = read_pid(in_lab.lab.state_dir / "nodes" / "node-8" / "bmc.pid")
     assert pid is not None
+    for name in ("node-6", "node-7", "node-8"):  # earlier calls leave no session behind to reuse
+        assert in_lab.ipmi.status(in_lab.targets[name]) is PowerState.ON
+        assert not _cached_sessions(in_lab.targets[name])
     in_lab.ipmi.timeout = 4
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -49,6 +54,28 @@ def test_silent_bmc_times_out_and_fails_only_its_node(in_lab: LabHandle) -> None
     assert results["node-6"].value is PowerState.ON and results["node-7"].value is PowerState.ON
     assert (results["node-8"].error or "").startswith(f"node-8: BMC {silent.bmc_address}:623 did not answer")
     assert in_lab.ipmi.status(silent) is PowerState.ON  # answers again once resumed
+
+
+def test_bmc_idle_past_its_session_timeout_still_answers(in_lab: LabHandle) -> None:
+    """ipmi_sim drops a session idle for about 30 s and then ignores it: each call must log in anew."""
+    node = in_lab.targets["node-5"]
+    assert in_lab.ipmi.status(node) is PowerState.ON
+    time.sleep(35)
+    assert in_lab.ipmi.boot_device(node) in ("network", "hd", "default")
+    assert in_lab.ipmi.status(node) is PowerState.ON
+
+
+def _cached_sessions(node: NodeTarget) -> list[object]:
+    """pyghmi's sessions kept for the node's BMC, logged in or logging in."""
+    handlers = ipmi_session.Session.bmc_handlers
+    kept = [
+        session
+        for sockaddr, by_port in list(handlers.items())
+        if sockaddr[0] in (node.bmc_address, f"::ffff:{node.bmc_address}")
+        for session in by_port.values()
+    ]
+    kept += [s for key, s in ipmi_session.Session.initting_sessions.items() if key[0] == node.bmc_address]
+    return kept
 
 
 def test_lab_up_twice_creates_no_duplicates(lab8: LabHandle) -> None:
