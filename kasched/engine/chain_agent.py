@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import select
 import socket
 import stat
@@ -35,7 +34,7 @@ END_PAYLOAD = struct.Struct("!32sQ")  # sha256 digest of the whole stream, its l
 CHUNK = 1 << 20
 MAX_CONTROL = 1 << 20
 MAX_LOW_WATER = CHUNK  # a node waits for at most this many bytes before it wakes up to forward them
-SINK_QUEUE = 16  # chunks buffered between the network and the sink: bounded memory
+SINK_PIPE = 1 << 20  # bytes a tar or command sink's pipe holds: it absorbs the sink's jitter
 BATCH_SECONDS = 0.01  # a batch is at most this long at the rate the stream arrives (see Pacer)
 BATCH_RANGE = (16 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
 RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
@@ -280,10 +279,16 @@ def _was_superseded(sock: socket.socket) -> bool:
 
 
 class Sink:
-    """Where a node writes the stream, fed by its own thread through a bounded queue; it also hashes
-    the stream. ``spec``: {"kind": "tar", "dest": dir, "compression": "gz|xz|zst|none"},
-    {"kind": "raw", "dest": file or device}, {"kind": "command", "argv": [...]} or {"kind": "discard"}.
-    ``{node}`` in ``dest`` is replaced by the node's name."""
+    """Where a node writes the stream; it also hashes the stream. ``spec``: {"kind": "tar", "dest":
+    dir, "compression": "gz|xz|zst|none"}, {"kind": "raw", "dest": file or device}, {"kind":
+    "command", "argv": [...]} or {"kind": "discard"}. ``{node}`` in ``dest`` is replaced by the node's
+    name.
+
+    Written inline, right after the chunk is forwarded: a sink thread fed through a queue cost each
+    node 1.3x the CPU per byte (24-26 against 18.5-19 ms per MiB, 16 KiB batches, bench in
+    docs/benchmarks.md), in lock hand-offs and thread switches. A sink slower than the stream slows the
+    chain to its pace, as the bounded queue did once full; a tar or command sink's pipe holds
+    ``SINK_PIPE`` bytes to absorb its jitter."""
 
     def __init__(self, spec: dict[str, Any], node: str) -> None:
         self.spec = spec
@@ -297,9 +302,6 @@ class Sink:
             self.fd = self._open()
         except (OSError, ProtocolError, KeyError) as error:  # keep forwarding for the others anyway
             self.error = f"cannot open sink: {error}"
-        self.queue: queue.Queue[bytes | None] = queue.Queue(SINK_QUEUE)
-        self.thread = threading.Thread(target=self._drain, name="sink", daemon=True)
-        self.thread.start()
 
     def _open(self) -> int | None:
         kind = self.spec.get("kind", "discard")
@@ -318,30 +320,27 @@ class Sink:
             argv = [str(arg).replace("{node}", self.node) for arg in self.spec["argv"]]
         else:
             raise ProtocolError(f"unknown sink kind {kind!r}")
+        import fcntl
         import subprocess  # only for these sinks
 
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.process.stdin is not None
+        with contextlib.suppress(OSError):  # then the default 64 KiB: right, with less slack
+            fcntl.fcntl(self.process.stdin.fileno(), fcntl.F_SETPIPE_SZ, SINK_PIPE)
         return self.process.stdin.fileno()
 
     def put(self, chunk: bytes) -> None:
-        self.queue.put(chunk)
-
-    def _drain(self) -> None:
-        while (chunk := self.queue.get()) is not None:
-            self.hasher.update(chunk)
-            if self.fd is not None and self.error is None:
-                try:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(self.fd, view) :]
-                except OSError as error:
-                    self.error = f"sink write failed: {error.strerror}"
+        self.hasher.update(chunk)
+        if self.fd is not None and self.error is None:
+            try:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+            except OSError as error:
+                self.error = f"sink write failed: {error.strerror}"
 
     def close(self, timeout: float) -> str:
         """Wait for the sink to finish; the hex sha256 of what went through it."""
-        self.queue.put(None)
-        self.thread.join(timeout)
         if self.process is not None:
             self._close_process(self.process, timeout)
         elif self.fd is not None:

@@ -18,7 +18,15 @@ from chain_agents import AgentGroup
 from sshd_nodes import SshdCluster, free_port
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
-from kasched.engine.chain_agent import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
+from kasched.engine.chain_agent import (
+    DATA,
+    FRAME,
+    SINK_PIPE,
+    ProtocolError,
+    ReplayBuffer,
+    recv_exact,
+    split_address,
+)
 from kasched.engine.chain_ssh import broadcast_over_ssh
 from kasched.engine.ssh_session import SshAuth
 from kasched.errors import InputError
@@ -191,6 +199,17 @@ def test_unreachable_node_and_failing_sink_do_not_stop_the_others(agents: AgentG
     assert "cannot reach ghost" in (result["ghost"].error or "")
     for name in ["a01", "a02", "a03", "a05", "a06"]:
         assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
+
+
+def test_a_command_sinks_pipe_holds_a_mebibyte(agents: AgentGroup, tmp_path: Path) -> None:
+    """The sink is written inline: its pipe, not a queue, absorbs a tar's or a command's jitter."""
+    image = random_image(tmp_path / "disk.img", 2)
+    report = 'python3 -c "import fcntl; print(fcntl.fcntl(0, fcntl.F_GETPIPE_SZ))" > "$0"; exec cat > /dev/null'
+    sink = {"kind": "command", "argv": ["sh", "-c", report, str(tmp_path / "{node}.pipe")]}
+    result = broadcast(image, agents.nodes[:2], sink, options=FAST)
+    assert result.ok, result.failed
+    for node in agents.nodes[:2]:
+        assert int((tmp_path / f"{node.name}.pipe").read_text()) == SINK_PIPE == 1 << 20
 
 
 @pytest.mark.slow
