@@ -342,7 +342,8 @@ def sink_for(ctx: StepContext, partition: int) -> dict[str, Any]:
 def broadcast_chain(
     ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event, *, alone: bool = False
 ) -> GroupResult:
-    """Prepare, start the agents, send the image once through the chain (or to each node alone)."""
+    """Prepare each node while its agent starts (one SSH session per node), send the image once
+    through the chain (or to each node alone)."""
 
     def send(alive: list[str]) -> GroupResult:
         # One chain per target partition number (the sink is the same along a chain); alone: one per node.
@@ -360,16 +361,7 @@ def broadcast_chain(
                     results.add(result)
         return results
 
-    return chain_phases(
-        names,
-        [
-            lambda alive: checked(
-                ctx.shell.run_each(alive, lambda n: prepare_command(ctx, ctx.targets[n]), ctx.command_timeout),
-                "preparing the partition",
-            ),
-            send,
-        ],
-    )
+    return chain_phases(names, [send])
 
 
 def broadcast_alone(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
@@ -424,8 +416,9 @@ def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMet
         # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
         counted = _CountingReader(source, meter) if meter is not None else source
         return broadcast_over_ssh(
-            counted, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast
-        )
+            counted, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast,
+            prepare=lambda name: prepare_command(ctx, ctx.targets[name]), prepare_timeout=ctx.command_timeout,
+        )  # fmt: skip
 
     try:
         if location.startswith(("http://", "https://")):

@@ -1,12 +1,18 @@
 """Start chain agents on nodes over SSH, shipping the agent itself: ``python3 - --listen ...`` with
 the source of :mod:`kasched.engine.chain_agent` sent on stdin, so nodes need only python3. Then
-broadcast to the agents that started; the others are failed results."""
+broadcast to the agents that started; the others are failed results.
+
+A node may have to be prepared before it receives (its partition made and mounted): ``prepare`` gives
+each node a shell command that runs in the same SSH session, while its agent starts. The agent's start
+(the interpreter's, mostly) and the preparation overlap, and the node costs one SSH session instead of
+two. A node whose preparation fails has its agent stopped before the broadcast and a failed result
+with the command's exit status and last line on stderr."""
 
 from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +28,9 @@ from kasched.results import GroupResult, NodeResult
 
 AGENT_SOURCE = Path(chain_agent.__file__).read_bytes()
 AGENT_FLAGS = "-I -S"  # isolated, no site: the standard library only; 1.32x less CPU to start (bench/agent_start.py)
+PREPARE_FAILED = 3  # the session's exit status when the preparation failed (the agent was stopped)
+PREPARE_KILL_AFTER = 5.0  # seconds a timed-out preparation has to end on SIGTERM before SIGKILL
+TIMED_OUT = "124"  # coreutils timeout's exit status when the command ran out of time
 
 
 @dataclass
@@ -59,15 +68,20 @@ def start_agents(
     accept_timeout: float = 120.0,
     connect_timeout: float = 10.0,
     window: int = 32,
+    prepare: Callable[[str], str] | None = None,
+    prepare_timeout: float = 600.0,
 ) -> AgentLaunch:
-    """Start one agent per node, listening on the node's ``address``; wait until each says ready."""
+    """Start one agent per node, listening on the node's ``address``; wait until each says ready (and,
+    with ``prepare``, until the command ``prepare(node name)`` has succeeded on it, run meanwhile)."""
     launch = AgentLaunch()
     pkey = load_private_key(auth.private_key)
 
     def start(node: ChainNode) -> tuple[ChainNode, Any]:
+        command = agent_command(node, python, accept_timeout, prepare(node.name) if prepare else None, prepare_timeout)
+        wait = connect_timeout + (prepare_timeout + PREPARE_KILL_AFTER if prepare else 0.0)
         try:
-            return node, _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, python,
-                                    accept_timeout, connect_timeout)  # fmt: skip
+            return node, _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command,
+                                    connect_timeout, wait)  # fmt: skip
         except KaschedError as error:
             return node, NodeResult(node.name, False, STEP, str(error))
 
@@ -81,31 +95,75 @@ def start_agents(
     return launch
 
 
-def _start_one(
-    node: ChainNode, ssh_address: str, auth: SshAuth, pkey: paramiko.PKey, python: str,
-    accept_timeout: float, timeout: float,
-) -> tuple[SshSession, paramiko.Channel, str]:  # fmt: skip
-    session = SshSession(node.name, ssh_address, auth, pkey, timeout)
-    command = (
+def agent_command(
+    node: ChainNode, python: str, accept_timeout: float, prepare: str | None = None, prepare_timeout: float = 600.0
+) -> str:
+    """The command an SSH session runs: the agent reading its source on stdin; with ``prepare``, a
+    shell that starts the agent in the background (on the session's stdin, saved as fd 3: a background
+    command's stdin is /dev/null otherwise), runs the preparation (ended by the node itself after
+    ``prepare_timeout`` seconds) with its output on stderr, says ``prepared STATUS`` on stdout, and
+    stops the agent if the preparation failed: nothing is left listening on the node."""
+    agent = (
         f"{shlex.quote(python)} {AGENT_FLAGS} - --listen {shlex.quote(node.address)} --name {shlex.quote(node.name)}"
         f" --accept-timeout {accept_timeout:g}"
     )
+    if prepare is None:
+        return agent
+    return (
+        f"exec 3<&0; {agent} <&3 3<&- & agent=$!; exec 3<&-\n"
+        f"timeout -k {PREPARE_KILL_AFTER:g} {prepare_timeout:g} sh -c {shlex.quote(prepare)} </dev/null >&2; "
+        "status=$?; echo prepared $status\n"
+        f"if [ $status -ne 0 ]; then kill $agent 2>/dev/null; wait $agent; exit {PREPARE_FAILED}; fi; wait $agent"
+    )
+
+
+def _start_one(
+    node: ChainNode, ssh_address: str, auth: SshAuth, pkey: paramiko.PKey, command: str, timeout: float, wait: float
+) -> tuple[SshSession, paramiko.Channel, str]:
+    """Open the session, ship the agent, read its ``ready HOST:PORT`` (and ``prepared 0`` when the
+    command prepares the node) within ``wait`` seconds."""
+    session = SshSession(node.name, ssh_address, auth, pkey, timeout)
+    preparing = "echo prepared" in command
+    said: dict[str, str] = {}
     try:
         channel = session.open_command(command)
         channel.sendall(AGENT_SOURCE)
         channel.shutdown_write()
-        channel.settimeout(timeout)
-        line = channel.makefile("rb").readline().decode(errors="replace").split()
-        if len(line) != 2 or line[0] != "ready":
-            error = channel.makefile_stderr("rb").read().decode(errors="replace").strip()
-            raise DriverError(f"chain agent did not start: {error[-300:] or 'no message'}", node=node.name)
+        channel.settimeout(wait)
+        _read_said(channel.makefile("rb"), preparing, said)
+        if said.get("prepared") == TIMED_OUT:
+            raise DriverError(f"preparation timed out after {wait - timeout - PREPARE_KILL_AFTER:g} s", node=node.name)
+        if said.get("prepared", "0") != "0":
+            raise DriverError(f"preparation failed: exit {said['prepared']}: {_last_error(channel)}", node=node.name)
+        if "ready" not in said:
+            raise DriverError(f"chain agent did not start: {_last_error(channel)}", node=node.name)
     except (OSError, paramiko.SSHException, EOFError) as error:
         session.close()
-        raise DriverError(f"chain agent did not start: {error}", node=node.name) from error
+        what = "preparation did not finish" if preparing and "prepared" not in said else "chain agent did not start"
+        raise DriverError(f"{what}: {error or type(error).__name__}", node=node.name) from error
     except KaschedError:
         session.close()
         raise
-    return session, channel, line[1]
+    return session, channel, said["ready"]
+
+
+def _read_said(stdout: Any, preparing: bool, said: dict[str, str]) -> None:
+    """``ready`` and ``prepared`` from the session's first lines into ``said``, until both are in, or
+    the agent or the preparation gave up (EOF, a failed preparation)."""
+    while "ready" not in said or (preparing and "prepared" not in said):
+        words = stdout.readline().decode(errors="replace").split()
+        if not words:
+            break
+        if len(words) == 2 and words[0] in ("ready", "prepared"):
+            said[words[0]] = words[1]
+        if said.get("prepared", "0") != "0":
+            break
+
+
+def _last_error(channel: paramiko.Channel) -> str:
+    """The last line the session wrote on stderr (it has ended, or is ending)."""
+    lines = channel.makefile_stderr("rb").read().decode(errors="replace").strip().splitlines()
+    return lines[-1][-300:] if lines else "no message"
 
 
 def broadcast_over_ssh(
@@ -118,9 +176,13 @@ def broadcast_over_ssh(
     expected_sha256: str | None = None,
     options: BroadcastOptions | None = None,
     python: str = "python3",
+    prepare: Callable[[str], str] | None = None,
+    prepare_timeout: float = 600.0,
 ) -> GroupResult:
-    """Start the agents over SSH, broadcast to those that started, stop them; one result per node."""
-    with start_agents(nodes, ssh_addresses, auth, python=python) as launch:
+    """Start the agents over SSH (preparing each node meanwhile, with ``prepare``), broadcast to those
+    that started, stop them; one result per node."""
+    with start_agents(nodes, ssh_addresses, auth, python=python, prepare=prepare, prepare_timeout=prepare_timeout) \
+            as launch:  # fmt: skip
         sent = broadcast(source, launch.ready, sink, expected_sha256=expected_sha256, options=options)
         launch.close(failed=set(sent.failed))
     group = GroupResult()

@@ -52,3 +52,14 @@ def test_fault_lab_quick() -> None:
 def test_tree_exec_lab_quick() -> None:
     run_bench("tree_exec_lab.py", "N=4 kasched tree k=2 / kasched direct", "N=4 clush -f 64 / kasched direct",
               "N=4 taktuk -s / kasched direct")
+
+
+def test_prepare_lab_quick() -> None:
+    run_bench("prepare_lab.py", "start N=2 separate / together")
+
+
+def test_prepare_lab_refuses_bad_node_counts() -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "prepare_lab.py"), "--nodes", "8,x"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2
+    assert "--nodes must be node counts" in done.stderr and "Traceback" not in done.stderr
