@@ -6,13 +6,16 @@ that runs a command on nodes and returns per-node results, whichever way it trav
 
 from __future__ import annotations
 
+import shlex
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from kasched.engine import tree
-from kasched.engine.ssh_session import CommandOutput
+from kasched.engine.ssh_session import CommandOutput, SshAuth, SshSession, load_private_key
+from kasched.errors import KaschedError
 from kasched.results import GroupResult, NodeResult
 
 # Which system a node booted, from the node side: the kernel command line says kasched.system=...
@@ -52,6 +55,36 @@ class NodeShell:
             futures = {node: pool.submit(self.run, [node], command_for(node), timeout) for node in nodes}
         for node, future in futures.items():
             group.add(future.result()[node])
+        return group
+
+
+    def push(self, nodes: Sequence[str], files: Mapping[str, bytes], directory: str, timeout: float) -> GroupResult:
+        """Write ``files`` (name -> content) into ``directory`` on each node over SSH (``mkdir -p``,
+        then one ``cat >`` per file on one connection), at most ``window`` nodes at once. A node's
+        result is its last command's, as for :meth:`run`."""
+        auth = SshAuth.from_key_file("root", str(self.key_file))
+        pkey = load_private_key(auth.private_key)
+
+        def push_one(node: str) -> NodeResult:
+            started = time.monotonic()
+            try:
+                with SshSession(node, self.addresses[node], auth, pkey, self.connect_timeout) as session:
+                    output = CommandOutput("", "", 0)
+                    for name, content in files.items():
+                        target = shlex.quote(f"{directory}/{name}")
+                        command = f"mkdir -p {shlex.quote(directory)} && cat > {target}"
+                        output = session.run(command, timeout, content)
+                        if output.exit_status != 0:
+                            break
+            except KaschedError as error:
+                return NodeResult(node, False, tree.STEP, str(error), time.monotonic() - started)
+            return tree.command_result(node, output, time.monotonic() - started)
+
+        group = GroupResult()
+        if nodes:
+            with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
+                for result in pool.map(push_one, nodes):
+                    group.add(result)
         return group
 
 

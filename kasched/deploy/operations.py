@@ -17,7 +17,7 @@ import requests
 
 from kasched import environments as env_catalog
 from kasched.api import Kasched
-from kasched.deploy import records, steps
+from kasched.deploy import kexec, records, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
 from kasched.deploy.workflow import (
@@ -126,17 +126,18 @@ class Operations:
     def _deploy_steps(self) -> list[MacroStep]:
         reboot = self.reboot_timeout
         nomini = Variant("nomini", self._action(steps.use_running_reference), Timeout(60, 0.1))
+        to_deploy = Variant("kexec", self._action(kexec.setup_deploy_system_kexec), Timeout(reboot + 120, 0.5))
         pxe = Variant("pxe", self._action(steps.setup_deploy_system(HARD_LEVELS)), Timeout(reboot * 2 + 60, 0.5))
         chain = Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2))
         unicast = Variant("unicast", self._action(steps.broadcast_alone), Timeout(600, 10))
         configure = Variant("postinstall", self._action(steps.configure), Timeout(300, 1))
-        kexec = Variant("kexec", self._action(steps.boot_environment_kexec), Timeout(reboot + 60, 0.5))
+        to_env = Variant("kexec", self._action(kexec.boot_environment_kexec), Timeout(reboot + 60, 0.5))
         boot = Variant("pxe", self._action(steps.boot_environment(ALL_LEVELS)), Timeout(reboot * 3 + 60, 0.5))
         return [
-            MacroStep("setup", (nomini, pxe)),
+            MacroStep("setup", (nomini, to_deploy, pxe)),
             MacroStep("broadcast", (chain, unicast)),
             MacroStep("configure", (configure,)),
-            MacroStep("boot", (kexec, boot)),
+            MacroStep("boot", (to_env, boot)),
         ]
 
     def _stateless(self, names: list[str], env: EnvironmentView) -> PendingOperation:

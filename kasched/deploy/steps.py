@@ -1,12 +1,13 @@
 """The steps of a deployment, as workflow actions: each takes nodes, a deadline and a cancel event,
 and returns one result per node (see :mod:`kasched.deploy.workflow`).
 
-* set up the deployment system: boot profile ``deploy``, reboot (escalating), check from the node;
+* set up the deployment system: the running reference system as is ("nomini"), or boot profile
+  ``deploy`` then a reboot (escalating), checked from the node (kexec: :mod:`kasched.deploy.kexec`);
 * broadcast: prepare the target partition, start a chain agent on every node, stream the image once
   through the chain (or to each node alone, the unicast fallback), checked by sha256 on every node;
 * configure: hostname, the user's SSH key, the environment's postinstall scripts;
-* boot: boot profile ``local partition N``, then kexec into the environment's kernel, or else reboot
-  through the firmware; check from the node that partition N booted.
+* boot: boot profile ``local partition N``, then a reboot through the firmware (or kexec, in
+  :mod:`kasched.deploy.kexec`); check from the node that partition N booted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import requests
 
 from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
-from kasched.drivers.reboot import Rebooter, RebootLevel, port_cycle
+from kasched.drivers.reboot import Rebooter, RebootLevel
 from kasched.engine.chain import BroadcastOptions, ChainNode
 from kasched.engine.chain_ssh import broadcast_over_ssh
 from kasched.engine.ssh_session import CommandOutput, SshAuth
@@ -218,7 +219,7 @@ def per_partition(
     for partition, group in groups.items():
         for result in run(partition, group).values():
             results.add(result)
-    return _ordered(results, names)
+    return ordered(results, names)
 
 
 def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
@@ -239,77 +240,6 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
         return per_partition(ctx, names, boot)
 
     return action
-
-
-KEXEC_MOUNT = "/mnt/kasched-kexec"
-
-
-def kexec_command(ctx: StepContext, node: NodeTarget, partition: int) -> str:
-    """Load the environment's kernel (and initrd) from partition N and jump to it (kexec-tools):
-    Kadeploy's "boot the new environment by kexec", no firmware, BMC or network boot on the way. The
-    jump is detached and delayed, so the SSH command returns first; ``kexec -e`` then replaces the
-    running kernel. Exit 3: no kexec-tools on the node; 4: the environment names no kernel; 5: the
-    kernel or initrd cannot be loaded (the next variant reboots through the firmware instead)."""
-    env = ctx.env
-    installed = "command -v kexec >/dev/null || { echo 'kexec-tools is not installed on the node' >&2; exit 3; }"
-    if not env.kernel:
-        return f"{installed}\necho 'the environment names no kernel (boot.kernel) to kexec' >&2; exit 4"
-    device = f"{node.disk_device}{partition}"
-    root = f"root={device} ro {env.cmdline}".strip()
-    load = ["kexec", "-l", shlex.quote(f"{KEXEC_MOUNT}/{env.kernel.lstrip('/')}"), f"--append={shlex.quote(root)}"]
-    if env.initrd:
-        load.insert(3, f"--initrd={shlex.quote(f'{KEXEC_MOUNT}/{env.initrd.lstrip(chr(47))}')}")
-    return "\n".join(
-        [
-            installed,
-            f"mkdir -p {KEXEC_MOUNT} && mount -o ro {device} {KEXEC_MOUNT} || exit 5",
-            f"{' '.join(load)}; loaded=$?; umount {KEXEC_MOUNT}",
-            "[ $loaded -eq 0 ] || { echo 'kexec could not load the kernel' >&2; exit 5; }",
-            "sync; nohup setsid sh -c 'sleep 1; kexec -e' >/dev/null 2>&1 </dev/null &",
-        ]
-    )
-
-
-def kexec_into(ctx: StepContext, names: Sequence[str], partition: int) -> GroupResult:
-    """Run :func:`kexec_command` on the nodes, then wait for each to go down and come back."""
-    commands = ctx.shell.run_each(names, lambda n: kexec_command(ctx, ctx.targets[n], partition), ctx.command_timeout)
-    started = checked(commands, "kexec")
-    wait_up = port_cycle()
-
-    def back(name: str) -> NodeResult:
-        if not wait_up(ctx.targets[name], ctx.reboot_timeout, True):
-            return NodeResult(name, False, "kexec", f"kexec: not back {ctx.reboot_timeout:.0f} s after kexec -e")
-        return NodeResult(name, True, "kexec")
-
-    results = GroupResult()
-    alive = [name for name, result in started.items() if result.ok]
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(alive)))) as pool:
-        for result in pool.map(back, alive):
-            results.add(result)
-    for result in started.values():
-        if not result.ok:
-            results.add(result)
-    return _ordered(results, names)
-
-
-def boot_environment_kexec(
-    ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
-) -> GroupResult:
-    """The boot step without a firmware reboot: the boot profile is set (later reboots boot the same
-    partition), then the running system kexecs the environment's kernel; checked from the node."""
-
-    def boot(partition: int, group: list[str]) -> GroupResult:
-        return chain_phases(
-            group,
-            [
-                lambda alive: set_profiles(ctx, alive, BootTarget.LOCAL, partition=partition, cmdline=ctx.env.cmdline),
-                lambda alive: leave_token(ctx, alive),
-                lambda alive: kexec_into(ctx, alive, partition),
-                lambda alive: check_system(ctx, alive, f"root=/dev/sda{partition}", f"partition {partition}"),
-            ],
-        )
-
-    return per_partition(ctx, names, boot)
 
 
 # --- Broadcasting the image ------------------------------------------------------------------------
@@ -494,12 +424,13 @@ def chain_phases(names: Sequence[str], phases: list[Callable[[list[str]], GroupR
         last = outcome
     for name in alive:
         results.add(last[name])
-    return _ordered(results, names)
+    return ordered(results, names)
 
 
-def _ordered(results: GroupResult, names: Sequence[str]) -> GroupResult:
-    ordered = GroupResult()
+def ordered(results: GroupResult, names: Sequence[str]) -> GroupResult:
+    """``results`` in the order of ``names`` (those it has)."""
+    group = GroupResult()
     for name in names:
         if name in results:
-            ordered.add(results[name])
-    return ordered
+            group.add(results[name])
+    return group

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,16 @@ class PowerDriver(ABC):
         """Choose the device of the next boot; drivers that cannot do it keep this default (no-op)."""
 
 
+@dataclass(frozen=True)
+class BootFiles:
+    """What a boot profile boots, as files on the server: a kernel, an initrd (or none) and the
+    kernel command line. What a kexec into that system needs."""
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+
+
 class BootDriver(ABC):
     """Writes the boot profile a node finds on the network (iPXE, PXELINUX, GRUB)."""
 
@@ -97,6 +108,11 @@ class BootDriver(ABC):
         cmdline: str = "",
     ) -> None:
         """Write, atomically, the profile that makes ``node`` boot ``target`` at its next network boot."""
+
+    def boot_files(self, node: NodeTarget, target: BootTarget) -> BootFiles | None:
+        """The files ``target``'s profile would boot ``node`` with (kernel, initrd, command line), so
+        that the running system can kexec them; None when the driver cannot say (no kexec setup)."""
+        return None
 
 
 class ConsoleDriver(ABC):

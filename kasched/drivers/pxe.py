@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kasched import files
-from kasched.drivers.base import BootDriver, BootTarget, NodeTarget
+from kasched.drivers.base import BootDriver, BootFiles, BootTarget, NodeTarget
 from kasched.errors import DriverError
 
 BOOT_SCRIPT = "boot.ipxe"
@@ -141,6 +141,16 @@ class PxeBootDriver(BootDriver):
             write_atomic(self.boot_dir / "grub" / f"grub.cfg-01-{mac}", profile.grub())
         except OSError as error:
             raise DriverError(f"cannot write its boot profile: {error}", node=node.name) from None
+
+    def boot_files(self, node: NodeTarget, target: BootTarget) -> BootFiles | None:
+        """The deployment system's kernel and initrd, under the boot directory, and its command line.
+        (A local partition's kernel is on the node's disk; a stateless profile's files are the
+        environment's.)"""
+        if target is not BootTarget.DEPLOY:
+            return None
+        profile = self.profile(node, target)
+        initrd = self.boot_dir / profile.initrd if profile.initrd else None
+        return BootFiles(self.boot_dir / profile.kernel, initrd, profile.cmdline)
 
     def current_label(self, node: NodeTarget) -> str | None:
         """What the node's iPXE profile says it boots (``deploy system``...), or None."""

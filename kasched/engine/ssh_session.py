@@ -4,6 +4,7 @@ boundary, into :class:`~kasched.errors.DriverError` / :class:`~kasched.errors.Dr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import select
@@ -140,8 +141,11 @@ class SshSession:
         channel = self.open_command(command)
         try:
             if stdin_data:
-                channel.sendall(stdin_data)
-            channel.shutdown_write()
+                # The command may end before it reads all its input: its output and status say why.
+                with contextlib.suppress(OSError):
+                    channel.sendall(stdin_data)
+            if not channel.closed:
+                channel.shutdown_write()
             stdout, stderr = read_channel(channel, time.monotonic() + timeout, self.node)
             status = channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as error:

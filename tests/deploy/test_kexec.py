@@ -11,10 +11,20 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kasched.deploy.kexec import (
+    INSTALLED,
+    KEXEC_FILES,
+    KEXEC_MOUNT,
+    kexec_command,
+    kexec_setup_command,
+    setup_deploy_system_kexec,
+)
 from kasched.deploy.nodes import NodeShell
-from kasched.deploy.steps import KEXEC_MOUNT, StepContext, kexec_command
+from kasched.deploy.steps import StepContext
 from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
-from kasched.drivers.base import NodeTarget
+from kasched.drivers.base import BootDriver, BootFiles, BootTarget, NodeTarget
+from kasched.drivers.pxe import PxeBootDriver
+from kasched.engine.ssh_session import CommandOutput
 from kasched.results import GroupResult, NodeResult
 from kasched.views import EnvironmentView
 
@@ -85,3 +95,59 @@ def test_the_result_table_names_the_variants_that_failed_first() -> None:
         [MacroStep("setup", (step(False, "no python3"), step(True))), MacroStep("boot", (step(False, "no"), step(True)))]
     ).run(["n1", "n2"])
     assert (_variant(outcomes["n1"]), _variant(outcomes["n2"])) == ("pxe (after kexec)", "kexec")
+
+
+def test_kexec_setup_command_loads_the_sent_deployment_system_and_jumps_detached() -> None:
+    files = BootFiles(Path("/srv/boot/deploy/vmlinuz"), Path("/srv/boot/deploy/initrd.img"), "kasched.system=deploy")
+    lines = kexec_setup_command(files).splitlines()
+    assert "exit 3" in lines[0] and "command -v kexec" in lines[0]
+    assert lines[1] == (
+        f"kexec -l {KEXEC_FILES}/kernel --initrd={KEXEC_FILES}/initrd --append=kasched.system=deploy; "
+        f"loaded=$?; rm -rf {KEXEC_FILES}"
+    )
+    assert "exit 5" in lines[2] and lines[3].startswith("sync; nohup setsid sh -c 'sleep 1; kexec -e'")
+    for shell in ("sh", "bash"):
+        assert subprocess.run([shell, "-n", "-c", "\n".join(lines)], check=False).returncode == 0
+    no_initrd = kexec_setup_command(BootFiles(Path("/k"), None, "kasched.system=deploy console=ttyS0"))
+    assert "--initrd" not in no_initrd and "--append='kasched.system=deploy console=ttyS0'" in no_initrd
+
+
+def test_the_pxe_driver_names_the_deployment_systems_files(tmp_path: Path) -> None:
+    driver = PxeBootDriver(tmp_path, deploy_kernel="deploy/vmlinuz", deploy_initrd="deploy/initrd.img")
+    files = driver.boot_files(NODE, BootTarget.DEPLOY)
+    assert files == BootFiles(tmp_path / "deploy/vmlinuz", tmp_path / "deploy/initrd.img", "kasched.system=deploy")
+    assert driver.boot_files(NODE, BootTarget.LOCAL) is None  # its kernel is on the node's disk
+
+
+def test_a_driver_that_names_no_files_fails_the_kexec_setup_with_its_reason() -> None:
+    ctx = context(ENV)
+    ctx.boot = FilelessBootDriver()
+    shell_stand_in = RecordingShell()
+    ctx.shell = shell_stand_in  # type: ignore[assignment]
+    result = setup_deploy_system_kexec(ctx, [NODE.name], 0.0, threading.Event())
+    assert result[NODE.name].error == "kexec: the boot driver names no deployment system files"
+    assert shell_stand_in.commands == [INSTALLED]  # checked for kexec, then nothing sent, no profile, no jump
+
+
+class FilelessBootDriver(BootDriver):
+    """A boot driver that writes nothing and, like BootDriver by default, names no files."""
+
+    def validate(self, node: NodeTarget) -> None:
+        pass
+
+    def set_profile(self, node: NodeTarget, target: BootTarget, **profile: object) -> None:  # type: ignore[override]
+        raise AssertionError("no profile may be set when the files are missing")
+
+
+class RecordingShell:
+    """A stand-in for NodeShell (no node is reached): records the commands, and every node has kexec."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(self, nodes: Sequence[str], command: str, timeout: float) -> GroupResult:
+        self.commands.append(command)
+        group = GroupResult()
+        for node in nodes:
+            group.add(NodeResult(node, True, value=CommandOutput("", "", 0)))
+        return group

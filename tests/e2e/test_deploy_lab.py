@@ -52,13 +52,15 @@ def test_deploy_eight_nodes_then_revert(site: Site) -> None:
     code, result, stderr = deploy(site, ALL)
     assert code == 0, stderr
     assert result["state"] == "done"
-    # Each node fell back twice, and its outcome says so: the lab's reference system has no python3
-    # (no "nomini" setup), and the lab's nodes cannot kexec (no kexec-tools, and a namespace cannot
-    # replace the kernel it shares): PXE reboots did both.
+    # Each node fell back three times, and its outcome says so: the lab's reference system has no
+    # python3 (no "nomini" setup), and the lab's nodes cannot kexec (no kexec-tools: a namespace node
+    # must not replace the kernel it shares with the host), for the setup nor for the boot: PXE
+    # reboots did both.
     for outcome in result["nodes"].values():  # type: ignore[attr-defined]
         assert outcome["variant"] == "pxe" and outcome["error"] is None, outcome
         assert outcome["fallbacks"] == [
             "setup/nomini: running system: exit 3: missing python3",
+            "setup/kexec: kexec: exit 3: kexec-tools is not installed on the node",
             "boot/kexec: kexec: exit 3: kexec-tools is not installed on the node",
         ]
     size = (site.work / "userenv.tar.zst").stat().st_size

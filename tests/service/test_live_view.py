@@ -19,7 +19,7 @@ from kasched.cli import deploy as deploy_cli
 from kasched.cli import main
 from kasched.cli.progress import ProgressView
 from kasched.config import Config
-from kasched.deploy import steps
+from kasched.deploy import kexec, steps
 from kasched.results import GroupResult, NodeResult
 from kasched.service.client import ServiceClient
 from kasched.service.live import TransferBoard
@@ -51,7 +51,8 @@ def fake_deploy_steps(monkeypatch: pytest.MonkeyPatch, broadcast: Step | None = 
     monkeypatch.setattr(steps, "setup_deploy_system", lambda levels: stand_in())
     monkeypatch.setattr(steps, "broadcast_chain", broadcast or stand_in())
     monkeypatch.setattr(steps, "configure", stand_in())
-    monkeypatch.setattr(steps, "boot_environment_kexec", stand_in({"node-2": "no kexec-tools"}))
+    monkeypatch.setattr(kexec, "setup_deploy_system_kexec", stand_in({"node-1": "no kexec-tools"}))
+    monkeypatch.setattr(kexec, "boot_environment_kexec", stand_in({"node-2": "no kexec-tools"}))
     monkeypatch.setattr(steps, "boot_environment", lambda levels: stand_in({"node-2": "did not come back"}))
 
 
@@ -91,6 +92,7 @@ def test_a_failed_attempt_with_a_variant_left_is_not_a_failure_through_the_servi
     assert code == 1 and shown["state"] == "partial"
     history = {(s["node"], s["step"]): (s["ok"], s["final"]) for s in shown["steps"]}
     assert history[("node-1", "setup/nomini")] == (False, False)
+    assert history[("node-1", "setup/kexec")] == (False, False)
     assert history[("node-2", "boot/kexec")] == (False, False)
     assert history[("node-2", "boot/pxe")] == (False, True)
     lines = err.splitlines()

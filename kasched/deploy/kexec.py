@@ -1,0 +1,171 @@
+"""Booting by kexec (kexec-tools): the running system loads a kernel and jumps to it, with no firmware,
+BMC or network boot on the way (Kadeploy's kexec variants). Two uses:
+
+* **setup**: from the running (reference) system into the deployment system. Its kernel and initrd,
+  the files the boot driver's network profile names, are sent to the node over SSH (into
+  ``/run/kasched-kexec``, a tmpfs), loaded with the profile's command line, and jumped to;
+* **boot**: from the deployment system into the environment just written, its kernel and initrd
+  read from the environment's partition.
+
+Each checks first that the node has ``kexec`` (exit 3 otherwise: the next variant reboots through the
+firmware). The boot profile is set as for a network boot, so that a later reboot boots the same system,
+and the check is the same: the token in /run is gone and the command line says what was booted.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kasched.deploy.nodes import checked
+from kasched.deploy.steps import (
+    StepContext,
+    chain_phases,
+    check_system,
+    leave_token,
+    ordered,
+    per_partition,
+    set_profiles,
+)
+from kasched.drivers.base import BootFiles, BootTarget, NodeTarget
+from kasched.drivers.reboot import port_cycle
+from kasched.results import GroupResult, NodeResult
+
+KEXEC_MOUNT = "/mnt/kasched-kexec"
+KEXEC_FILES = "/run/kasched-kexec"  # where the deployment system's kernel and initrd are sent
+INSTALLED = "command -v kexec >/dev/null || { echo 'kexec-tools is not installed on the node' >&2; exit 3; }"
+JUMP = "sync; nohup setsid sh -c 'sleep 1; kexec -e' >/dev/null 2>&1 </dev/null &"
+
+
+def kexec_command(ctx: StepContext, node: NodeTarget, partition: int) -> str:
+    """Load the environment's kernel (and initrd) from partition N and jump to it. The jump is detached
+    and delayed, so the SSH command returns first; ``kexec -e`` then replaces the running kernel.
+    Exit 3: no kexec-tools on the node; 4: the environment names no kernel; 5: the kernel or initrd
+    cannot be loaded (the next variant reboots through the firmware instead)."""
+    env = ctx.env
+    if not env.kernel:
+        return f"{INSTALLED}\necho 'the environment names no kernel (boot.kernel) to kexec' >&2; exit 4"
+    device = f"{node.disk_device}{partition}"
+    root = f"root={device} ro {env.cmdline}".strip()
+    load = ["kexec", "-l", shlex.quote(f"{KEXEC_MOUNT}/{env.kernel.lstrip('/')}"), f"--append={shlex.quote(root)}"]
+    if env.initrd:
+        load.insert(3, f"--initrd={shlex.quote(f'{KEXEC_MOUNT}/{env.initrd.lstrip(chr(47))}')}")
+    return "\n".join(
+        [
+            INSTALLED,
+            f"mkdir -p {KEXEC_MOUNT} && mount -o ro {device} {KEXEC_MOUNT} || exit 5",
+            f"{' '.join(load)}; loaded=$?; umount {KEXEC_MOUNT}",
+            "[ $loaded -eq 0 ] || { echo 'kexec could not load the kernel' >&2; exit 5; }",
+            JUMP,
+        ]
+    )
+
+
+def kexec_setup_command(files: BootFiles) -> str:
+    """Load the deployment system sent into :data:`KEXEC_FILES` and jump to it; the files are removed
+    once loaded (the kernel keeps its copy). Exit 5: they cannot be loaded."""
+    load = ["kexec", "-l", f"{KEXEC_FILES}/kernel", f"--append={shlex.quote(files.cmdline)}"]
+    if files.initrd is not None:
+        load.insert(3, f"--initrd={KEXEC_FILES}/initrd")
+    return "\n".join(
+        [
+            INSTALLED,
+            f"{' '.join(load)}; loaded=$?; rm -rf {KEXEC_FILES}",
+            "[ $loaded -eq 0 ] || { echo 'kexec could not load the deployment system' >&2; exit 5; }",
+            JUMP,
+        ]
+    )
+
+
+def kexec_into(ctx: StepContext, names: Sequence[str], command_for: Callable[[str], str]) -> GroupResult:
+    """Run each node's kexec command, then wait for each node to go down and come back."""
+    started = checked(ctx.shell.run_each(names, command_for, ctx.command_timeout), "kexec")
+    wait_up = port_cycle()
+
+    def back(name: str) -> NodeResult:
+        if not wait_up(ctx.targets[name], ctx.reboot_timeout, True):
+            return NodeResult(name, False, "kexec", f"kexec: not back {ctx.reboot_timeout:.0f} s after kexec -e")
+        return NodeResult(name, True, "kexec")
+
+    results = GroupResult()
+    alive = [name for name, result in started.items() if result.ok]
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(alive)))) as pool:
+        for result in pool.map(back, alive):
+            results.add(result)
+    for result in started.values():
+        if not result.ok:
+            results.add(result)
+    return ordered(results, names)
+
+
+def boot_environment_kexec(
+    ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+) -> GroupResult:
+    """The boot step without a firmware reboot: the boot profile is set (later reboots boot the same
+    partition), then the running system kexecs the environment's kernel; checked from the node."""
+
+    def boot(partition: int, group: list[str]) -> GroupResult:
+        return chain_phases(
+            group,
+            [
+                lambda alive: set_profiles(ctx, alive, BootTarget.LOCAL, partition=partition, cmdline=ctx.env.cmdline),
+                lambda alive: leave_token(ctx, alive),
+                lambda alive: kexec_into(ctx, alive, lambda n: kexec_command(ctx, ctx.targets[n], partition)),
+                lambda alive: check_system(ctx, alive, f"root=/dev/sda{partition}", f"partition {partition}"),
+            ],
+        )
+
+    return per_partition(ctx, names, boot)
+
+
+def setup_deploy_system_kexec(
+    ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+) -> GroupResult:
+    """The setup step without a firmware reboot: the running system must have kexec-tools; the
+    deployment system's files are sent to each node, the boot profile set to it, and each node kexecs
+    it; checked from the node as after a network boot."""
+    files: dict[str, BootFiles] = {}
+
+    def send(alive: list[str]) -> GroupResult:
+        results = GroupResult()
+        for name in alive:
+            found = ctx.boot.boot_files(ctx.targets[name], BootTarget.DEPLOY)
+            if found is None:
+                results.add(NodeResult(name, False, "kexec", "kexec: the boot driver names no deployment system files"))
+            else:
+                files[name] = found
+        sendable = [name for name in alive if name in files]
+        for result in send_boot_files(ctx, sendable, files).values():
+            results.add(result)
+        return ordered(results, alive)
+
+    return chain_phases(
+        names,
+        [
+            lambda alive: checked(ctx.shell.run(alive, INSTALLED, 30), "kexec"),
+            send,
+            lambda alive: set_profiles(ctx, alive, BootTarget.DEPLOY),
+            lambda alive: leave_token(ctx, alive),
+            lambda alive: kexec_into(ctx, alive, lambda n: kexec_setup_command(files[n])),
+            lambda alive: check_system(ctx, alive, "kasched.system=deploy", "deployment system"),
+        ],
+    )
+
+
+def send_boot_files(ctx: StepContext, names: Sequence[str], files: dict[str, BootFiles]) -> GroupResult:
+    """Each node's kernel (and initrd) into :data:`KEXEC_FILES` on it, over SSH; each file is read once."""
+    contents: dict[Path, bytes] = {}
+    results = GroupResult()
+    for name in names:
+        wanted = {"kernel": files[name].kernel, "initrd": files[name].initrd}
+        try:
+            payload = {label: contents.setdefault(path, path.read_bytes()) for label, path in wanted.items() if path}
+        except OSError as error:
+            results.add(NodeResult(name, False, "kexec", f"kexec: cannot read the deployment system: {error}"))
+            continue
+        sent = ctx.shell.push([name], payload, KEXEC_FILES, ctx.command_timeout)
+        results.add(checked(sent, "kexec: sending the deployment system")[name])
+    return ordered(results, names)
