@@ -77,7 +77,8 @@ def start_agents(
     pkey = load_private_key(auth.private_key)
 
     def start(node: ChainNode) -> tuple[ChainNode, Any]:
-        command = agent_command(node, python, accept_timeout, prepare(node.name) if prepare else None, prepare_timeout)
+        preparation = prepare(node.name) if prepare else None
+        command = session_command(node, python, accept_timeout, preparation, prepare_timeout)
         wait = connect_timeout + (prepare_timeout + PREPARE_KILL_AFTER if prepare else 0.0)
         try:
             return node, _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command,
@@ -95,7 +96,7 @@ def start_agents(
     return launch
 
 
-def agent_command(
+def session_command(
     node: ChainNode, python: str, accept_timeout: float, prepare: str | None = None, prepare_timeout: float = 600.0
 ) -> str:
     """The command an SSH session runs: the agent reading its source on stdin; with ``prepare``, a

@@ -14,7 +14,7 @@ from sshd_nodes import SshdCluster
 from test_chain import FAST, random_image, sha256_file
 
 from kasched.engine.chain import ChainNode
-from kasched.engine.chain_ssh import agent_command, broadcast_over_ssh
+from kasched.engine.chain_ssh import broadcast_over_ssh, session_command
 from kasched.engine.ssh_session import SshAuth
 from kasched.results import GroupResult
 
@@ -101,13 +101,13 @@ def test_a_preparation_that_outlasts_its_timeout_fails_its_node_only(sshd_cluste
 
 def test_without_preparation_the_session_runs_the_agent_alone() -> None:
     node = ChainNode("n1", "10.0.0.1:7373")
-    assert agent_command(node, "python3", 120) == "python3 -I -S - --listen 10.0.0.1:7373 --name n1 --accept-timeout 120"
-    prepared = agent_command(node, "python3", 120, "mkfs.ext4 -q /dev/sda3", 120)
+    assert session_command(node, "python3", 120) == "python3 -I -S - --listen 10.0.0.1:7373 --name n1 --accept-timeout 120"
+    prepared = session_command(node, "python3", 120, "mkfs.ext4 -q /dev/sda3", 120)
     assert "timeout -k 5 120 sh -c 'mkfs.ext4 -q /dev/sda3' </dev/null >&2" in prepared
     assert prepared.startswith("exec 3<&0; python3 -I -S - --listen 10.0.0.1:7373 --name n1 --accept-timeout 120 <&3")
 
 
 def test_the_prepared_shell_is_valid_sh() -> None:
-    prepared = agent_command(ChainNode("n1", "10.0.0.1:7373"), "python3", 120, "true")
+    prepared = session_command(ChainNode("n1", "10.0.0.1:7373"), "python3", 120, "true")
     for shell in ("sh", "bash"):
         assert subprocess.run([shell, "-n", "-c", prepared], capture_output=True, check=False).returncode == 0
