@@ -18,7 +18,6 @@ import shlex
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from kasched.deploy.nodes import checked
 from kasched.deploy.steps import (
@@ -155,17 +154,24 @@ def setup_deploy_system_kexec(
     )
 
 
-def send_boot_files(ctx: StepContext, names: Sequence[str], files: dict[str, BootFiles]) -> GroupResult:
-    """Each node's kernel (and initrd) into :data:`KEXEC_FILES` on it, over SSH; each file is read once."""
-    contents: dict[Path, bytes] = {}
-    results = GroupResult()
+def send_boot_files(
+    ctx: StepContext, names: Sequence[str], files: dict[str, BootFiles], directory: str = KEXEC_FILES
+) -> GroupResult:
+    """Each node's kernel (and initrd) into ``directory`` on it, over SSH: one push per set of files
+    (nodes in parallel, the shell's window at once), each file read once."""
+    groups: dict[BootFiles, list[str]] = {}
     for name in names:
-        wanted = {"kernel": files[name].kernel, "initrd": files[name].initrd}
+        groups.setdefault(files[name], []).append(name)
+    results = GroupResult()
+    for boot_files, group in groups.items():
+        wanted = {"kernel": boot_files.kernel, "initrd": boot_files.initrd}
         try:
-            payload = {label: contents.setdefault(path, path.read_bytes()) for label, path in wanted.items() if path}
+            payload = {label: path.read_bytes() for label, path in wanted.items() if path is not None}
         except OSError as error:
-            results.add(NodeResult(name, False, "kexec", f"kexec: cannot read the deployment system: {error}"))
+            for name in group:
+                results.add(NodeResult(name, False, "kexec", f"kexec: cannot read the deployment system: {error}"))
             continue
-        sent = ctx.shell.push([name], payload, KEXEC_FILES, ctx.command_timeout)
-        results.add(checked(sent, "kexec: sending the deployment system")[name])
+        sent = ctx.shell.push(group, payload, directory, ctx.command_timeout)
+        for result in checked(sent, "kexec: sending the deployment system").values():
+            results.add(result)
     return ordered(results, names)

@@ -57,7 +57,6 @@ class NodeShell:
             group.add(future.result()[node])
         return group
 
-
     def push(self, nodes: Sequence[str], files: Mapping[str, bytes], directory: str, timeout: float) -> GroupResult:
         """Write ``files`` (name -> content) into ``directory`` on each node over SSH (``mkdir -p``,
         then one ``cat >`` per file on one connection), at most ``window`` nodes at once. A node's

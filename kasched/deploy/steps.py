@@ -3,7 +3,8 @@ and returns one result per node (see :mod:`kasched.deploy.workflow`).
 
 * set up the deployment system: the running reference system as is ("nomini"), or boot profile
   ``deploy`` then a reboot (escalating), checked from the node (kexec: :mod:`kasched.deploy.kexec`);
-* broadcast: prepare the target partition, start a chain agent on every node, stream the image once
+* broadcast: prepare the target partition while a chain agent starts on every node (one SSH session
+  per node), stream the image once
   through the chain (or to each node alone, the unicast fallback), checked by sha256 on every node;
 * configure: hostname, the user's SSH key, the environment's postinstall scripts;
 * boot: boot profile ``local partition N``, then a reboot through the firmware (or kexec, in

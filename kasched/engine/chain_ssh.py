@@ -79,10 +79,9 @@ def start_agents(
     def start(node: ChainNode) -> tuple[ChainNode, Any]:
         preparation = prepare(node.name) if prepare else None
         command = session_command(node, python, accept_timeout, preparation, prepare_timeout)
-        wait = connect_timeout + (prepare_timeout + PREPARE_KILL_AFTER if prepare else 0.0)
         try:
             return node, _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command,
-                                    connect_timeout, wait)  # fmt: skip
+                                    connect_timeout, prepare_timeout if prepare else None)  # fmt: skip
         except KaschedError as error:
             return node, NodeResult(node.name, False, STEP, str(error))
 
@@ -119,21 +118,22 @@ def session_command(
 
 
 def _start_one(
-    node: ChainNode, ssh_address: str, auth: SshAuth, pkey: paramiko.PKey, command: str, timeout: float, wait: float
-) -> tuple[SshSession, paramiko.Channel, str]:
-    """Open the session, ship the agent, read its ``ready HOST:PORT`` (and ``prepared 0`` when the
-    command prepares the node) within ``wait`` seconds."""
+    node: ChainNode, ssh_address: str, auth: SshAuth, pkey: paramiko.PKey, command: str, timeout: float,
+    prepare_timeout: float | None,
+) -> tuple[SshSession, paramiko.Channel, str]:  # fmt: skip
+    """Open the session, ship the agent, read its ``ready HOST:PORT`` within ``timeout`` seconds (and,
+    when the command prepares the node, ``prepared 0`` within the preparation's time too)."""
     session = SshSession(node.name, ssh_address, auth, pkey, timeout)
-    preparing = "echo prepared" in command
+    preparing = prepare_timeout is not None
     said: dict[str, str] = {}
     try:
         channel = session.open_command(command)
         channel.sendall(AGENT_SOURCE)
         channel.shutdown_write()
-        channel.settimeout(wait)
+        channel.settimeout(timeout + (prepare_timeout + PREPARE_KILL_AFTER if prepare_timeout is not None else 0.0))
         _read_said(channel.makefile("rb"), preparing, said)
         if said.get("prepared") == TIMED_OUT:
-            raise DriverError(f"preparation timed out after {wait - timeout - PREPARE_KILL_AFTER:g} s", node=node.name)
+            raise DriverError(f"preparation timed out after {prepare_timeout:g} s", node=node.name)
         if said.get("prepared", "0") != "0":
             raise DriverError(f"preparation failed: exit {said['prepared']}: {_last_error(channel)}", node=node.name)
         if "ready" not in said:

@@ -1,5 +1,5 @@
-"""Files sent to nodes over SSH (``NodeShell.push``, what the kexec setup sends the deployment system
-with), over real sshds on loopback: the bytes arrive whole, a node that cannot be reached or written
+"""Files sent to nodes over SSH (``NodeShell.push``, and the kexec setup's ``send_boot_files`` built on
+it), over real sshds on loopback: the bytes arrive whole, a node that cannot be reached or written
 to is a failed result, and the others are not held back by it."""
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 from sshd_nodes import SshdCluster, free_port
 
+from kasched.deploy.kexec import send_boot_files
 from kasched.deploy.nodes import NodeShell, checked
+from kasched.deploy.steps import StepContext
+from kasched.drivers.base import BootFiles, BootTarget, NodeTarget
+from kasched.drivers.pxe import PxeBootDriver
 
 
 @pytest.mark.slow
@@ -42,3 +46,27 @@ def test_many_nodes_at_once(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
     pushed = shell.push(names, {"kernel": b"k" * 1000}, str(tmp_path / "same"), 30)
     assert pushed.succeeded == names  # all to one directory here: each node rewrote the same file whole
     assert (tmp_path / "same" / "kernel").read_bytes() == b"k" * 1000
+
+
+@pytest.mark.slow
+def test_the_kexec_setup_sends_the_deployment_system_to_every_node(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
+    names = sshd_cluster.nodes[:3]
+    boot = tmp_path / "boot"
+    (boot / "deploy").mkdir(parents=True)
+    kernel, initrd = os.urandom(1 << 20), os.urandom(2 << 20)
+    (boot / "deploy" / "vmlinuz").write_bytes(kernel)
+    (boot / "deploy" / "initrd.img").write_bytes(initrd)
+    found = PxeBootDriver(boot).boot_files(NodeTarget(names[0], "02:00:00:00:00:01", "127.0.0.1"), BootTarget.DEPLOY)
+    assert found is not None
+    missing = BootFiles(boot / "deploy" / "gone", None, "kasched.system=deploy")
+    files = {names[0]: found, names[1]: found, names[2]: missing}
+    ctx = StepContext(
+        targets={}, placement={}, power={}, soft=None, boot=None,  # type: ignore[arg-type]
+        shell=NodeShell(sshd_cluster.key_file, sshd_cluster.addresses), environment=None,
+        partition=lambda node: node.deploy_partition,
+    )  # fmt: skip
+    sent = send_boot_files(ctx, names, files, str(tmp_path / "kexec"))
+    assert list(sent) == names and sent.succeeded == names[:2]
+    assert (tmp_path / "kexec" / "kernel").read_bytes() == kernel  # every node here shares this host's disk
+    assert (tmp_path / "kexec" / "initrd").read_bytes() == initrd
+    assert "kexec: cannot read the deployment system" in (sent[names[2]].error or "")
