@@ -1,7 +1,8 @@
 """The chain when one node dies mid-stream: time with the fault against time without, in one run.
 
-    .venv/bin/python bench/fault_lab.py [--nodes 8] [--size-mib 48] [--link 100] [--faults kill,link]
-                                        [--stall-timeout 5] [--quick]
+    .venv/bin/python bench/fault_lab.py [--nodes 8] [--size-mib 48] [--link 100]
+                                        [--faults kill,link,link-stall] [--stall-timeout 30]
+                                        [--ack-timeout 3] [--quick]
 
 Builds a lab (``kfault``) of ``--nodes`` nodes on one switch, links shaped to ``--link`` Mbit/s, and
 broadcasts a random image with the chain: once with no fault, then once per fault, where a node in the
@@ -9,8 +10,11 @@ middle of the chain is hit when about 40 % of the no-fault stream time has passe
 
 * ``kill``: every process of the node's network namespace is SIGKILLed (sshd, the agent, its init:
   the node is gone, its kernel answers with resets);
-* ``link``: the node's switch port is set down (a cable pulled: no reset, its predecessor's sends
-  just stop progressing, detected after ``--stall-timeout`` seconds without keepalives).
+* ``link``: the node's switch port is set down (a cable pulled, or the node powered off: no reset,
+  its predecessor's sends just stop progressing), detected when what the predecessor sent stays
+  unacknowledged for ``--ack-timeout`` seconds;
+* ``link-stall``: the same with the ack timeout off (0), as before it existed: detected after
+  ``--stall-timeout`` seconds without keepalives.
 
 Prints each time (whole operation, and the stream alone), T / T(no fault), the nodes failed (only the
 faulty one is expected), then ``RATIO`` lines. Removes the lab at the end, also on failure.
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,12 +63,13 @@ def fault_action(labrun: labkit.LabRun, kind: str, node: dict, delay: float) -> 
     return hit
 
 
-def measure(labrun: labkit.LabRun, size_mib: int, link: int, faults: list[str], stall: float) -> None:
+def measure(labrun: labkit.LabRun, size_mib: int, link: int, faults: list[str], stall: float, ack: float) -> None:
     image = labrun.work / "image.bin"
     image.write_bytes(os.urandom(size_mib << 20))
     size, link_bytes = image.stat().st_size, link * 1e6 / 8
-    options = BroadcastOptions(stall_timeout=stall)
-    print(f"image {size_mib} MiB, {len(labrun.nodes)} nodes, links {link} Mbit/s, stall timeout {stall:g} s\n")
+    options = BroadcastOptions(stall_timeout=stall, ack_timeout=ack)
+    print(f"image {size_mib} MiB, {len(labrun.nodes)} nodes, links {link} Mbit/s, stall timeout {stall:g} s,"
+          f" ack timeout {ack:g} s\n")  # fmt: skip
     victims = labrun.nodes[1:-1] or labrun.nodes  # middle nodes (never the tail), a new one per fault
     with inside_netns(labrun.netns):
         bench = Bench(labrun, image, link)
@@ -75,7 +81,8 @@ def measure(labrun: labkit.LabRun, size_mib: int, link: int, faults: list[str], 
             victim = victims[(len(victims) // 2 + index) % len(victims)]
             alive = [n for n in labrun.nodes if n is not victim and n["name"] not in results]
             hit = fault_action(labrun, kind, victim, 0.4 * base["stream"])
-            phases = bench.chain([*alive, victim], options, during=hit)
+            run_options = replace(options, ack_timeout=0.0) if kind == "link-stall" else options
+            phases = bench.chain([*alive, victim], run_options, during=hit)
             results[victim["name"]] = phases
             print(f"{kind:<10} {phases['total']:7.2f} s (stream {phases['stream']:.2f} s)  "
                   f"T/T(no fault) {phases['total'] / base['total']:.2f}, "
@@ -91,22 +98,25 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--size-mib", type=int, default=48)
     parser.add_argument("--link", type=int, default=100, help="node link rate, Mbit/s")
-    parser.add_argument("--faults", default="kill,link")
-    parser.add_argument("--stall-timeout", type=float, default=5.0)
+    parser.add_argument("--faults", default="kill,link,link-stall")
+    parser.add_argument("--stall-timeout", type=float, default=BroadcastOptions.stall_timeout)
+    parser.add_argument("--ack-timeout", type=float, default=BroadcastOptions.ack_timeout)
     parser.add_argument("--quick", action="store_true", help="4 nodes, 8 MiB, kill only: a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.nodes, args.size_mib, args.faults = 4, 8, "kill"
     faults = [f for f in args.faults.split(",") if f]
-    if set(faults) - {"kill", "link"}:
-        parser.error("--faults: kill and/or link")
+    if not faults or set(faults) - {"kill", "link", "link-stall"}:
+        parser.error("--faults: kill, link and/or link-stall")
+    if args.stall_timeout <= 0 or args.ack_timeout < 0:
+        parser.error("--stall-timeout: more than 0; --ack-timeout: 0 (off) or more")
     if args.nodes < 3 + len(faults) - 1:
         parser.error("--nodes: at least 3, plus one per extra fault")
     name = LAB + ("q" if args.quick else "")  # smoke runs never touch a full run's lab
     plan = LabPlan(name, nodes=args.nodes, switches=1, link=f"{args.link}mbit",
                    uplink="10gbit")
     with labkit.lab_up(plan) as labrun:
-        measure(labrun, args.size_mib, args.link, faults, args.stall_timeout)
+        measure(labrun, args.size_mib, args.link, faults, args.stall_timeout, args.ack_timeout)
     return 0
 
 

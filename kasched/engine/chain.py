@@ -99,6 +99,9 @@ class BroadcastOptions:
 
     timeout: float = 3600.0  # the whole broadcast
     stall_timeout: float = 30.0  # a connection without progress for this long is dead
+    # what a node sent its successor not acknowledged by the successor's kernel for this long: the
+    # successor is powered off or its cable pulled (no reset comes); 0: only the stall timeout
+    ack_timeout: float = 3.0
     reconnect_timeout: float = 30.0  # how long a node whose upstream died waits to be resumed
     replay_bytes: int = 64 << 20  # bounded replay buffer per node
     lost_grace: float = 3.0  # how long to wait for a report from a node said lost by its predecessor
@@ -267,6 +270,7 @@ def _session_config(session: str, sink: dict[str, Any], options: BroadcastOption
         "report": report,
         "timeout": options.timeout,
         "stall_timeout": options.stall_timeout,
+        "ack_timeout": options.ack_timeout,
         "reconnect_timeout": options.reconnect_timeout,
         "replay_bytes": options.replay_bytes,
     }

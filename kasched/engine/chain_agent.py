@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -95,6 +96,37 @@ def no_delay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def probe_when_idle(sock: socket.socket, seconds: float) -> None:
+    """Let the kernel probe an idle connection every second and end it (ETIMEDOUT) after ``seconds``
+    of unanswered probes: a successor powered off or behind a pulled cable sends no reset. A live
+    one's kernel answers, however busy the node is. (Not TCP_USER_TIMEOUT: since Linux 5.11 it also
+    ends a connection whose window stays closed that long, i.e. a live successor whose sink stalls.)"""
+    if seconds <= 0 or not hasattr(socket, "TCP_KEEPIDLE"):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, round(seconds)))
+
+
+TCP_INFO_HEAD = struct.Struct("=8B13I")  # struct tcp_info up to tcpi_last_ack_recv (linux/tcp.h)
+
+
+def unanswered_for(sock: socket.socket) -> float:
+    """Seconds the kernel has been retransmitting data the peer never acknowledged (0 when nothing
+    sent is waiting for an ack, or no retransmission timer has fired yet). A closed window is not
+    counted: the peer acknowledged everything and answers the window probes."""
+    if not hasattr(socket, "TCP_INFO"):
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
+    except OSError:
+        return 0.0
+    fields = TCP_INFO_HEAD.unpack_from(info.ljust(TCP_INFO_HEAD.size, b"\0"))
+    retransmits, unacked, last_ack_recv_ms = fields[2], fields[12], fields[20]
+    return last_ack_recv_ms / 1000 if retransmits and unacked else 0.0
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -143,8 +175,10 @@ class Forwarder:
         self.successors = successors
         self.note_lost = note_lost
         self.stall = float(config["stall_timeout"])
+        self.ack_timeout = min(self.stall, float(config.get("ack_timeout", 0)))
         self.ring = ReplayBuffer(int(config["replay_bytes"]))
-        self.poll = min(1.0, self.stall / 4)  # how often a blocked send checks the successor is alive
+        # how often a blocked send checks the successor is alive
+        self.poll = min(1.0, self.stall / 4, max(0.1, self.ack_timeout / 4) if self.ack_timeout else 1.0)
         self.sock: socket.socket | None = None
         self.index = -1
         self.alive_at = time.monotonic()
@@ -180,6 +214,7 @@ class Forwarder:
         sock = socket.create_connection(split_address(address), timeout=self.stall)
         try:
             no_delay(sock)
+            probe_when_idle(sock, self.ack_timeout)
             sock.settimeout(self.stall)
             header = dict(self.config, chain=self.successors[index + 1 :])
             if header["report"].startswith(":"):  # the server's address as this node reaches it
@@ -202,7 +237,9 @@ class Forwarder:
         while views := [view for view in views if view]:
             try:
                 sent = self.sock.sendmsg(views)
-            except TimeoutError:
+            except TimeoutError as error:
+                if error.errno == errno.ETIMEDOUT:  # the kernel's verdict (probe_when_idle), not our poll
+                    raise
                 self._poll_successor()
                 continue
             for index, view in enumerate(views):
@@ -222,6 +259,8 @@ class Forwarder:
                 return True
         if time.monotonic() - self.alive_at > self.stall:
             raise TimeoutError(f"no sign of life for {self.stall:g}s")
+        if self.ack_timeout and unanswered_for(self.sock) > self.ack_timeout:
+            raise TimeoutError(errno.ETIMEDOUT, "unacknowledged")  # told apart in _bypass
         return False
 
     def send(self, chunk: bytes) -> None:
@@ -236,7 +275,11 @@ class Forwarder:
         assert self.sock is not None
         if _was_superseded(self.sock):
             raise Superseded(f"{self.current} was taken over by our predecessor")
-        self.note_lost(self.current, f"connection to {self.current} lost: {error or type(error).__name__}")
+        if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
+            why = f"nothing acknowledged for {self.ack_timeout:g}s (powered off, or its link is down)"
+        else:
+            why = str(error) or type(error).__name__
+        self.note_lost(self.current, f"connection to {self.current} lost: {why}")
         self.sock.close()
         self.sock = None
         self.attach(self.index + 1)

@@ -8,6 +8,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class AgentGroup:
     subnet: int = 42
     per_switch: int = 4
     accept_timeout: float = 60.0
+    # where node i runs: (argv prefix, listen address); None: on this host, on 127.<subnet>.0.<i+1>
+    placement: Callable[[int], tuple[list[str], str]] | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nodes: list[ChainNode] = field(default_factory=list)
 
@@ -40,7 +43,8 @@ class AgentGroup:
 
     def _start_one(self, index: int) -> None:
         name = f"a{index + 1:02d}"
-        argv = [sys.executable, str(AGENT_FILE), "--listen", f"127.{self.subnet}.0.{index + 1}:0"]
+        prefix, host = self.placement(index) if self.placement else ([], f"127.{self.subnet}.0.{index + 1}")
+        argv = [*prefix, sys.executable, str(AGENT_FILE), "--listen", f"{host}:0"]
         argv += ["--name", name, "--accept-timeout", str(self.accept_timeout)]
         self.processes[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
