@@ -29,6 +29,7 @@ from kasched.engine.chain_agent import (
     CHUNK,
     END_PAYLOAD,
     HEADER,
+    DeadlinePassed,
     Forwarder,
     ProtocolError,
     Superseded,
@@ -212,7 +213,10 @@ def broadcast(
         forwarder = Forwarder(config, [[n.name, n.address] for n in chain], _server_note(collector))
         forwarder.attach(0)
         if forwarder.sock is not None:  # else no node answered: all are reported lost already
-            _send_stream(source, forwarder, expected_sha256, options.rate_limit, deadline)
+            try:
+                _send_stream(source, forwarder, expected_sha256, options.rate_limit, deadline)
+            except DeadlinePassed as error:  # the nodes not done are reported so
+                forwarder.abort(str(error))
         collector.wait([n.name for n in chain], deadline, options.lost_grace, options.lost_settle)
     except (OSError, Superseded, ProtocolError) as error:
         raise DriverError(f"broadcast failed at the source: {error}") from error

@@ -61,6 +61,10 @@ class NewUpstream(Exception):
     """A predecessor resumed the stream on a new connection; restart the frame parser."""
 
 
+class DeadlinePassed(Exception):
+    """The broadcast's deadline passed while a send waited for a live but blocked successor."""
+
+
 # --- framing ---------------------------------------------------------------------------------------
 
 
@@ -182,6 +186,7 @@ class Forwarder:
         self.sock: socket.socket | None = None
         self.index = -1
         self.alive_at = time.monotonic()
+        self.deadline = self.alive_at + float(config["timeout"])
 
     @property
     def current(self) -> str:
@@ -257,7 +262,10 @@ class Forwarder:
             self.alive_at = time.monotonic()
             if kind == ACK:  # the successor closes right after it: reading on would see that as a loss
                 return True
-        if time.monotonic() - self.alive_at > self.stall:
+        now = time.monotonic()
+        if now > self.deadline:  # not an OSError: no successor is bypassed for it
+            raise DeadlinePassed("the stream did not end before the deadline")
+        if now - self.alive_at > self.stall:
             raise TimeoutError(f"no sign of life for {self.stall:g}s")
         if self.ack_timeout and unanswered_for(self.sock) > self.ack_timeout:
             raise TimeoutError(errno.ETIMEDOUT, "unacknowledged")  # told apart in _bypass
@@ -624,7 +632,7 @@ def serve(agent: Agent, accept_timeout: float) -> dict[str, Any]:
         end = agent.receive(consume)
         forwarder.finish(end, deadline)
         agent.acknowledge()
-    except (ProtocolError, OSError) as error:
+    except (ProtocolError, OSError, DeadlinePassed) as error:
         forwarder.abort(str(error))
         result["error"] = str(error)
     except Superseded as error:

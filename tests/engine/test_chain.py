@@ -348,3 +348,33 @@ def test_no_reachable_node_and_a_bad_expected_checksum(tmp_path: Path) -> None:
     assert "cannot reach ghost2" in (result["ghost2"].error or "")
     with pytest.raises(InputError):
         broadcast(image, nodes, {"kind": "discard"}, expected_sha256="abc")
+
+
+@pytest.mark.slow
+def test_the_deadline_holds_while_a_hung_node_blocks_the_chain(agents: AgentGroup, tmp_path: Path) -> None:
+    """A hung node (its kernel still acknowledges, then closes the window) is found only after the
+    stall timeout; a deadline shorter than that still ends the broadcast, the nodes not done say so."""
+    image = random_image(tmp_path / "disk.img", 24)
+    options = BroadcastOptions(timeout=6.0, stall_timeout=120.0, reconnect_timeout=5.0, rate_limit=12 << 20)
+    nodes = agents.nodes[:4]
+    victim = agents.processes["a02"]
+    output = tmp_path / "a02.img"
+
+    def freeze() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (output.exists() and output.stat().st_size >= 2 << 20):
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGSTOP)
+
+    freezer = threading.Thread(target=freeze, daemon=True)
+    freezer.start()
+    started = time.monotonic()
+    try:
+        result = broadcast(image, nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+        elapsed = time.monotonic() - started
+    finally:
+        freezer.join(35)
+        victim.send_signal(signal.SIGCONT)
+    assert elapsed < 60, elapsed  # without the deadline in blocked sends: the stall timeout, 120 s
+    assert not result.ok and set(result.failed) >= {"a02", "a03", "a04"}
+    assert "deadline" in (result["a03"].error or ""), result["a03"].error
