@@ -53,7 +53,6 @@ def create_lab_namespace(plan: LabPlan) -> None:
             f"link add sw{switch} type bridge stp_state 0 forward_delay 0",
             f"link set sw{switch} up",
         ]
-    tc_lines = []
     for switch in range(1, plan.switches):
         a, b = f"up{switch}a", f"up{switch}b"
         lines += [
@@ -61,14 +60,19 @@ def create_lab_namespace(plan: LabPlan) -> None:
             f"link set {a} master sw{switch} up",
             f"link set {b} master sw{switch + 1} up",
         ]
-        tc_lines += [shaping_command(a, plan.uplink), shaping_command(b, plan.uplink)]
     lines += [
         f"addr add {SERVICE_ADDRESS}/{PREFIX_LENGTH} dev sw1",
         "link add bmc0 type bridge",
         "link set bmc0 up",
     ]
     ip_batch(ns, lines)
-    tc_batch(ns, tc_lines)
+    shape_uplinks(plan, plan.uplink)
+
+
+def shape_uplinks(plan: LabPlan, rate: str) -> None:
+    """Shape the uplinks between switches, both ends, to ``rate`` (also in a running lab)."""
+    ends = [f"up{switch}{end}" for switch in range(1, plan.switches) for end in "ab"]
+    tc_batch(plan.netns, [shaping_command(device, rate) for device in ends])
 
 
 def create_node_namespaces(plan: LabPlan, nodes: list[NodePlan]) -> None:
