@@ -36,7 +36,9 @@ from kasched.results import GroupResult, NodeResult
 KEXEC_MOUNT = "/mnt/kasched-kexec"
 KEXEC_FILES = "/run/kasched-kexec"  # where the deployment system's kernel and initrd are sent
 INSTALLED = "command -v kexec >/dev/null || { echo 'kexec-tools is not installed on the node' >&2; exit 3; }"
-JUMP = "sync; nohup setsid sh -c 'sleep 1; kexec -e' >/dev/null 2>&1 </dev/null &"
+# Detached in plain shell: no nohup (a coreutils program; busybox-static has none, so a deployment
+# system built on it never jumped) and no setsid needed; SIGHUP stays ignored across the exec.
+JUMP = "sync; (trap '' HUP; sleep 1; exec kexec -e) </dev/null >/dev/null 2>&1 &"
 
 
 def kexec_command(ctx: StepContext, node: NodeTarget, partition: int) -> str:

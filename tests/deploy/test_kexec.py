@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kasched.deploy.kexec import (
     INSTALLED,
+    JUMP,
     KEXEC_FILES,
     KEXEC_MOUNT,
     kexec_command,
@@ -59,7 +60,7 @@ def test_kexec_command_loads_the_kernel_from_the_partition_and_jumps_detached() 
         f"kexec -l {KEXEC_MOUNT}/boot/vmlinuz --initrd={KEXEC_MOUNT}/boot/initrd.img "
         "--append='root=/dev/vdb3 ro console=ttyS0 quiet'; loaded=$?; umount"
     ), lines[2]
-    assert lines[-1].endswith("nohup setsid sh -c 'sleep 1; kexec -e' >/dev/null 2>&1 </dev/null &")
+    assert lines[-1] == JUMP == "sync; (trap '' HUP; sleep 1; exec kexec -e) </dev/null >/dev/null 2>&1 &"
 
 
 def test_kexec_command_without_kexec_tools_or_kernel_fails_with_its_reason() -> None:
@@ -105,7 +106,7 @@ def test_kexec_setup_command_loads_the_sent_deployment_system_and_jumps_detached
         f"kexec -l {KEXEC_FILES}/kernel --initrd={KEXEC_FILES}/initrd --append=kasched.system=deploy; "
         f"loaded=$?; rm -rf {KEXEC_FILES}"
     )
-    assert "exit 5" in lines[2] and lines[3].startswith("sync; nohup setsid sh -c 'sleep 1; kexec -e'")
+    assert "exit 5" in lines[2] and lines[3] == JUMP
     for shell in ("sh", "bash"):
         assert subprocess.run([shell, "-n", "-c", "\n".join(lines)], check=False).returncode == 0
     no_initrd = kexec_setup_command(BootFiles(Path("/k"), None, "kasched.system=deploy console=ttyS0"))
