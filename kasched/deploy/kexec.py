@@ -49,7 +49,7 @@ def kexec_command(ctx: StepContext, node: NodeTarget, partition: int) -> str:
     env = ctx.env
     if not env.kernel:
         return f"{INSTALLED}\necho 'the environment names no kernel (boot.kernel) to kexec' >&2; exit 4"
-    device = f"{node.disk_device}{partition}"
+    device = node.partition_device(partition)
     root = f"root={device} ro {env.cmdline}".strip()
     load = ["kexec", "-l", shlex.quote(f"{KEXEC_MOUNT}/{env.kernel.lstrip('/')}"), f"--append={shlex.quote(root)}"]
     if env.initrd:
@@ -115,7 +115,9 @@ def boot_environment_kexec(
                 lambda alive: set_profiles(ctx, alive, BootTarget.LOCAL, partition=partition, cmdline=ctx.env.cmdline),
                 lambda alive: leave_token(ctx, alive),
                 lambda alive: kexec_into(ctx, alive, lambda n: kexec_command(ctx, ctx.targets[n], partition)),
-                lambda alive: check_system(ctx, alive, f"root=/dev/sda{partition}", f"partition {partition}"),
+                lambda alive: check_system(
+                    ctx, alive, f"root={ctx.targets[group[0]].partition_device(partition)}", f"partition {partition}"
+                ),
             ],
         )
 

@@ -186,8 +186,8 @@ def use_running_reference(
     )
     results = GroupResult()
     for name, result in checked(ctx.shell.run(names, probe, 30), "running system").items():
-        partition = ctx.targets[name].reference_partition
-        if result.ok and f"root=/dev/sda{partition}" not in stdout_of(result):
+        node = ctx.targets[name]
+        if result.ok and f"root={node.partition_device(node.reference_partition)}" not in stdout_of(result):
             result = NodeResult(name, False, "setup", "the node does not run the reference environment")
         results.add(result)
     return results
@@ -212,12 +212,14 @@ def boot_stateless(ctx: StepContext, names: Sequence[str], deadline: float, canc
 def per_partition(
     ctx: StepContext, names: Sequence[str], run: Callable[[int, list[str]], GroupResult]
 ) -> GroupResult:
-    """``run(partition, nodes)`` once per target partition number (nodes of a job may differ)."""
-    groups: dict[int, list[str]] = {}
+    """``run(partition, nodes)`` once per target partition (its number, and the disk it is on: nodes
+    of a job may differ); all the nodes of one call have the same partition device."""
+    groups: dict[tuple[int, str], list[str]] = {}
     for node in ctx.nodes(names):
-        groups.setdefault(ctx.partition(node), []).append(node.name)
+        partition = ctx.partition(node)
+        groups.setdefault((partition, node.partition_device(partition)), []).append(node.name)
     results = GroupResult()
-    for partition, group in groups.items():
+    for (partition, _), group in groups.items():
         for result in run(partition, group).values():
             results.add(result)
     return ordered(results, names)
@@ -230,7 +232,7 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
                 ctx,
                 group,
                 BootTarget.LOCAL,
-                f"root=/dev/sda{partition}",
+                f"root={ctx.targets[group[0]].partition_device(partition)}",
                 f"partition {partition}",
                 levels,
                 deadline,
@@ -246,8 +248,14 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
 # --- Broadcasting the image ------------------------------------------------------------------------
 
 
+def partition_device(ctx: StepContext, name: str) -> str:
+    """The device of the partition the operation writes on node ``name``."""
+    node = ctx.targets[name]
+    return node.partition_device(ctx.partition(node))
+
+
 def prepare_command(ctx: StepContext, node: NodeTarget) -> str:
-    device = f"/dev/sda{ctx.partition(node)}"
+    device = node.partition_device(ctx.partition(node))
     if ctx.env.image_kind == "raw":
         return f"test -b {device} && umount {device} 2>/dev/null; true"
     return (
@@ -258,11 +266,10 @@ def prepare_command(ctx: StepContext, node: NodeTarget) -> str:
 DECOMPRESS = {"gz": "gzip -dc", "xz": "xz -dc", "zst": "zstd -dc"}
 
 
-def sink_for(ctx: StepContext, partition: int) -> dict[str, Any]:
+def sink_for(ctx: StepContext, device: str) -> dict[str, Any]:
     """Where each node writes the stream: untar into the mounted partition, or raw onto the partition
-    (decompressed on the way)."""
+    ``device`` (decompressed on the way)."""
     env = ctx.env
-    device = f"/dev/sda{partition}"
     if env.image_kind == "raw":
         if env.compression == "none":
             return {"kind": "raw", "dest": device}
@@ -277,10 +284,10 @@ def broadcast_chain(
     through the chain (or to each node alone)."""
 
     def send(alive: list[str]) -> GroupResult:
-        # One chain per target partition number (the sink is the same along a chain); alone: one per node.
+        # One chain per target partition device (the sink is the same along a chain); alone: one per node.
         chains: dict[object, list[ChainNode]] = {}
         for name in alive:
-            key = name if alone else ctx.partition(ctx.targets[name])
+            key = name if alone else partition_device(ctx, name)
             chains.setdefault(key, []).append(
                 ChainNode(name, f"{ctx.targets[name].ip}:{AGENT_PORT}", *ctx.placement[name])
             )
@@ -338,7 +345,7 @@ class _CountingReader:
 
 
 def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMeter | None = None) -> GroupResult:
-    sink = sink_for(ctx, ctx.partition(ctx.targets[nodes[0].name]))
+    sink = sink_for(ctx, partition_device(ctx, nodes[0].name))
     location = ctx.env.image_location
     auth = SshAuth.from_key_file("root", str(ctx.shell.key_file))
     addresses = {node.name: ctx.targets[node.name].ip for node in nodes}

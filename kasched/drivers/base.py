@@ -28,6 +28,11 @@ class NodeTarget:
     reference_partition: int = 2
     deploy_partition: int = 3
 
+    def partition_device(self, number: int) -> str:
+        """Partition ``number`` of the node's disk as Linux names it: /dev/sda3, /dev/vda3, but
+        /dev/nvme0n1p3 and /dev/mmcblk0p3 (a disk whose name ends in a digit takes a ``p``)."""
+        return f"{self.disk_device}{'p' if self.disk_device[-1:].isdigit() else ''}{number}"
+
 
 class PowerState(enum.StrEnum):
     ON = "on"

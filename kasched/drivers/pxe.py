@@ -8,7 +8,8 @@ The boot directory (``boot_dir``, the TFTP root) holds:
 * the kernels and initramfs images the profiles name (paths relative to the boot directory).
 
 A profile says one of: the deployment system (kernel + initramfs, nothing from the disk), a local
-partition (kernel with ``root=/dev/sdaN``), or a stateless environment (kernel + image in RAM).
+partition (kernel with ``root=`` the partition: ``/dev/sdaN``, ``/dev/nvme0n1pN``), or a stateless
+environment (kernel + image in RAM).
 Every file is written atomically (temporary file + rename): a node booting meanwhile reads the old
 profile or the new one, never half of one.
 """
@@ -111,8 +112,7 @@ class PxeBootDriver(BootDriver):
             return Profile("deploy system", kernel or self.deploy_kernel, initrd or self.deploy_initrd, extra)
         if target is BootTarget.LOCAL:
             number = partition or node.reference_partition
-            disk = node.disk_device.removeprefix("/dev/")
-            extra = f"root=/dev/{disk}{number} ro {cmdline}".strip()
+            extra = f"root={node.partition_device(number)} ro {cmdline}".strip()
             return Profile(f"local partition {number}", kernel or self.local_kernel, initrd, extra)
         if target is BootTarget.STATELESS:
             if not kernel or not initrd:

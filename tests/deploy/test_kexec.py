@@ -1,6 +1,7 @@
 """The kexec variant of the boot step: the command it runs on a node, and the fallback to the PXE
-reboot as data in the node's outcome. (A real ``kexec -e`` cannot run on the lab's namespace nodes nor
-here: the lab tests see it fail there and fall back, see tests/e2e/test_operations_lab.py.)"""
+reboot as data in the node's outcome. (A real ``kexec -e`` cannot run on the lab's namespace nodes:
+the lab tests see it fail there and fall back, see tests/e2e/test_operations_lab.py; the commands
+jump for real in a QEMU VM in tests/lab/test_vm_kexec.py.)"""
 
 from __future__ import annotations
 
