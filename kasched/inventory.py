@@ -222,7 +222,7 @@ def _int(value: Any, where: str, low: int, high: int) -> int:
 
 
 def _device(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.match(r"^/dev/[A-Za-z0-9/_.-]+$", value) or ".." in value:
+    if not isinstance(value, str) or not re.match(r"^/dev/[A-Za-z0-9/_.:-]+$", value) or ".." in value:
         raise InputError(f"{value!r} is not a device path under /dev", field=where)
     return value
 

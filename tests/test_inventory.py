@@ -169,3 +169,13 @@ def test_remove_and_state(cluster: Kasched) -> None:
     assert len(cluster.list_nodes()) == 6
     with pytest.raises(NotFoundError, match="unknown node"):
         cluster.remove_nodes("node-99")
+
+
+@pytest.mark.parametrize("device", ["/dev/nvme0n1", "/dev/disk/by-path/pci-0000:00:1f.2-ata-1"])
+def test_disk_device_may_be_nvme_or_a_stable_udev_link(admin: Kasched, tmp_path: Path, device: str) -> None:
+    nodes = (
+        "      - name: n1\n        mac: aa:00:00:00:00:01\n        ip: 10.0.0.1\n        bmc: {address: 10.1.0.1}\n"
+        f"        disk: {{device: '{device}'}}"
+    )
+    admin.import_nodes(inventory(tmp_path, nodes))
+    assert admin.show_node("n1").disk_device == device

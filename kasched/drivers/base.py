@@ -30,7 +30,10 @@ class NodeTarget:
 
     def partition_device(self, number: int) -> str:
         """Partition ``number`` of the node's disk as Linux names it: /dev/sda3, /dev/vda3, but
-        /dev/nvme0n1p3 and /dev/mmcblk0p3 (a disk whose name ends in a digit takes a ``p``)."""
+        /dev/nvme0n1p3 and /dev/mmcblk0p3 (a disk whose name ends in a digit takes a ``p``), and
+        udev's stable links take ``-partN`` (/dev/disk/by-id/wwn-0x5000c500a1b2c3d4-part3)."""
+        if self.disk_device.startswith("/dev/disk/by-"):
+            return f"{self.disk_device}-part{number}"
         return f"{self.disk_device}{'p' if self.disk_device[-1:].isdigit() else ''}{number}"
 
 

@@ -25,7 +25,8 @@ from tests.deploy.test_kexec import ENV, NODE, context
         ("/dev/vdb", "/dev/vdb3"),
         ("/dev/nvme0n1", "/dev/nvme0n1p3"),
         ("/dev/mmcblk0", "/dev/mmcblk0p3"),
-        ("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4", "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4p3"),
+        ("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4", "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4-part3"),
+        ("/dev/disk/by-path/pci-0000:00:1f.2-ata-1", "/dev/disk/by-path/pci-0000:00:1f.2-ata-1-part3"),
     ],
 )
 def test_partition_device_follows_the_kernels_naming(disk: str, device: str) -> None:
