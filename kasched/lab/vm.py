@@ -4,8 +4,9 @@ kernel, so ``kexec -e`` cannot replace it there (and ``kexec -l`` from a node wo
 host's kernel). The kernel is Debian's cloud kernel (``linux-image-cloud-amd64``), extracted once from
 its .deb into the lab's cache, as the lab's root file systems are built (:mod:`kasched.lab.rootfs`).
 
-A VM has no network here (``-nic none``) and at most one raw disk (virtio); it is always stopped on
-exit from its context, also on failure. TCG, not KVM: a KVM guest hung on this machine kind
+A VM has at most one raw disk and one network card (virtio), the card on a tap device of a network
+namespace, QEMU running in that namespace (no network at all otherwise: ``-nic none``); it is always
+stopped on exit from its context, also on failure. TCG, not KVM: a KVM guest hung on this machine kind
 (LAB-NOTES.md); a kernel and a busybox initramfs boot to ``/init`` in about 3 s under TCG.
 """
 
@@ -20,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kasched.errors import LabError
-from kasched.lab.rootfs import DEFAULT_CACHE, fetch_deb, package_version
+from kasched.lab.rootfs import BASE_PACKAGES, DEFAULT_CACHE, fetch_deb, package_version
 from kasched.lab.system import run
 
 QEMU = "qemu-system-x86_64"  # Debian package qemu-system-x86
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the versioned image
-# A system that can kexec: busybox and kexec-tools, with the package of kexec's libxenctrl.so.4.17,
-# which Debian 12 ships in libxenmisc4.17 (not under the name its soname suggests, so the rootfs
-# builder's guess by soname cannot find it)
-KEXEC_PACKAGES = ("busybox-static", "kexec-tools", "libxenmisc4.17")
+# A lab system (busybox, sshd...) that can kexec: with kexec-tools, and the package of kexec's
+# libxenctrl.so.4.17, which Debian 12 ships in libxenmisc4.17 (not under the name its soname
+# suggests, so the rootfs builder's guess by soname cannot find it)
+KEXEC_PACKAGES = (*BASE_PACKAGES, "kexec-tools", "libxenmisc4.17")
 # The modules a guest needs for its virtio disk, in load order (``modinfo -F depends``; ext4 is built in)
 VIRTIO_DISK_MODULES = (
     "drivers/virtio/virtio_ring.ko",
@@ -37,6 +38,16 @@ VIRTIO_DISK_MODULES = (
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/block/virtio_blk.ko",
+)
+VIRTIO_NET_MODULES = (
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
 )
 
 
@@ -60,6 +71,23 @@ class Kernel:
             shutil.copyfile(source, dest)
             lines.append(f"insmod /{dest.relative_to(tree)}")
         return lines
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A VM's network card: tap ``device`` (created by :func:`add_tap`) in network namespace
+    ``netns``, and the card's MAC address."""
+
+    netns: str
+    device: str
+    mac: str
+
+
+def add_tap(netns: str, device: str, bridge: str, mac: str) -> Tap:
+    """A tap device in ``netns``, a port of ``bridge`` there, for one VM."""
+    run(["ip", "-n", netns, "tuntap", "add", "dev", device, "mode", "tap"])
+    run(["ip", "-n", netns, "link", "set", device, "master", bridge, "up"])
+    return Tap(netns, device, mac)
 
 
 def image_package() -> str:
@@ -104,16 +132,22 @@ class Vm:
 
     def __init__(
         self, kernel: Path, initrd: Path, append: str, console: Path, *, disk: Path | None = None,
-        memory_mib: int = 512,
+        tap: Tap | None = None, memory_mib: int = 512,
     ) -> None:  # fmt: skip
         self.console = console
         self.argv = [
             QEMU, "-accel", "tcg", "-m", str(memory_mib), "-nodefaults", "-no-user-config",
-            "-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot",
+            "-display", "none", "-monitor", "none", "-no-reboot",
             "-serial", f"file:{console}", "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         ]  # fmt: skip
         if disk is not None:
             self.argv += ["-drive", f"file={disk},format=raw,if=virtio"]
+        if tap is None:
+            self.argv += ["-nic", "none"]
+        else:
+            self.argv = ["ip", "netns", "exec", tap.netns, *self.argv, "-netdev",
+                         f"tap,id=net0,ifname={tap.device},script=no,downscript=no",
+                         "-device", f"virtio-net-pci,netdev=net0,mac={tap.mac}"]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Vm:

@@ -16,8 +16,10 @@ from kasched.drivers.ipmi import IpmiPowerDriver
 from kasched.drivers.ssh import SshClient
 from kasched.errors import KaschedError, LabError
 from kasched.lab.lab import Lab
+from kasched.lab.rootfs import build_rootfs
 from kasched.lab.system import inside_netns, require
 from kasched.lab.topology import LabPlan
+from kasched.lab.vm import KEXEC_PACKAGES, Kernel, fetch_kernel, qemu_missing
 
 LAB8 = LabPlan("kt8", nodes=8, switches=2, link="100mbit", uplink="200mbit")
 
@@ -95,3 +97,19 @@ def in_lab(lab8: LabHandle) -> Iterator[LabHandle]:
     """Run the test inside the lab's namespace, where the nodes' and BMCs' addresses are."""
     with inside_netns(lab8.plan.netns):
         yield lab8
+
+
+@pytest.fixture(scope="session")
+def vm_kernel() -> Kernel:
+    """Debian's cloud kernel for QEMU VMs (fetched once into the lab's cache)."""
+    if os.geteuid() != 0:
+        pytest.fail("VM tests need root (the lab's package cache, network namespaces): run them as root")
+    if reason := qemu_missing():
+        pytest.fail(reason)
+    return fetch_kernel()
+
+
+@pytest.fixture(scope="session")
+def kexec_base() -> Path:
+    """A lab system's base tree with kexec-tools (built once into the lab's cache)."""
+    return build_rootfs(packages=KEXEC_PACKAGES)

@@ -15,7 +15,6 @@ Needs root (the lab's cache), QEMU and Debian's packages (scripts/packages/lab.t
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -26,9 +25,8 @@ import pytest
 from kasched.deploy.kexec import KEXEC_FILES, kexec_command, kexec_setup_command
 from kasched.deploy.steps import StepContext
 from kasched.drivers.base import BootFiles, NodeTarget
-from kasched.lab.rootfs import build_rootfs
 from kasched.lab.systems import make_ext4_image, make_initramfs
-from kasched.lab.vm import KEXEC_PACKAGES, VIRTIO_DISK_MODULES, Kernel, Vm, fetch_kernel, qemu_missing
+from kasched.lab.vm import VIRTIO_DISK_MODULES, Kernel, Vm
 from kasched.views import EnvironmentView
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -41,20 +39,6 @@ mount -t proc proc /proc
 echo "{SECOND} cmdline=[$(cat /proc/cmdline)] root_fs=$(stat -f -c %T /)"
 poweroff -f
 """
-
-
-@pytest.fixture(scope="module")
-def kernel() -> Kernel:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (the lab's package cache): run scripts/test.sh as root")
-    if reason := qemu_missing():
-        pytest.fail(reason)
-    return fetch_kernel()
-
-
-@pytest.fixture(scope="module")
-def base() -> Path:
-    return build_rootfs(packages=KEXEC_PACKAGES)
 
 
 def system_tree(base: Path, dest: Path, init: str) -> Path:
@@ -97,44 +81,44 @@ def disk_with_partition_3(tree: Path, work: Path) -> Path:
     return disk
 
 
-def test_setup_by_kexec_jumps_into_the_deployment_system(kernel: Kernel, base: Path, tmp_path: Path) -> None:
-    second = make_initramfs(system_tree(base, tmp_path / "second", SECOND_INIT), tmp_path / "second.img")
-    first = system_tree(base, tmp_path / "first", first_init([]))
+def test_setup_by_kexec_jumps_into_the_deployment_system(vm_kernel: Kernel, kexec_base: Path, tmp_path: Path) -> None:
+    second = make_initramfs(system_tree(kexec_base, tmp_path / "second", SECOND_INIT), tmp_path / "second.img")
+    first = system_tree(kexec_base, tmp_path / "first", first_init([]))
     sent = first / KEXEC_FILES.lstrip("/")  # where send_boot_files pushes them
     sent.mkdir(parents=True)
-    shutil.copyfile(kernel.image, sent / "kernel")
+    shutil.copyfile(vm_kernel.image, sent / "kernel")
     shutil.copyfile(second, sent / "initrd")
     cmdline = "console=ttyS0 panic=-1 kasched.system=deploy kasched.note='two words'"
-    (first / "kasched-command.sh").write_text(kexec_setup_command(BootFiles(kernel.image, second, cmdline)))
+    (first / "kasched-command.sh").write_text(kexec_setup_command(BootFiles(vm_kernel.image, second, cmdline)))
     initrd = make_initramfs(first, tmp_path / "first.img")
-    with Vm(kernel.image, initrd, "console=ttyS0 panic=-1", tmp_path / "console.log") as vm:
+    with Vm(vm_kernel.image, initrd, "console=ttyS0 panic=-1", tmp_path / "console.log") as vm:
         seen = vm.wait_for(SECOND, BOOT_TIMEOUT)
     assert "KASCHED-COMMAND-EXIT 0" in seen
     assert f"{SECOND} cmdline=[{cmdline}]" in seen, seen[-2000:]
 
 
-def test_boot_by_kexec_jumps_into_the_environment_of_partition_3(kernel: Kernel, base: Path, tmp_path: Path) -> None:
+def test_boot_by_kexec_jumps_into_the_environment_of_partition_3(vm_kernel: Kernel, kexec_base: Path, tmp_path: Path) -> None:
     env = EnvironmentView(
         name="vm-env", version=1, owner="alice", description="", visibility="private", image_kind="tar",
         compression="none", image_location="/dev/null", image_size=0, sha256="0" * 64, kernel="/boot/vmlinuz",
         initrd="/boot/initrd.img", cmdline="console=ttyS0 panic=-1 quiet", postinstall=[], destructive=False,
         reference=False, created_at=datetime.now(UTC),
     )  # fmt: skip
-    environment = system_tree(base, tmp_path / "environment", SECOND_INIT)
+    environment = system_tree(kexec_base, tmp_path / "environment", SECOND_INIT)
     (environment / "boot").mkdir()
-    shutil.copyfile(kernel.image, environment / "boot" / "vmlinuz")
-    make_initramfs(system_tree(base, tmp_path / "env-initrd", SECOND_INIT), environment / "boot" / "initrd.img")
+    shutil.copyfile(vm_kernel.image, environment / "boot" / "vmlinuz")
+    make_initramfs(system_tree(kexec_base, tmp_path / "env-initrd", SECOND_INIT), environment / "boot" / "initrd.img")
     disk = disk_with_partition_3(environment, tmp_path)
     node = NodeTarget("vm-1", "02:00:00:00:00:01", "10.0.0.1", disk_device="/dev/vda")
-    first = system_tree(base, tmp_path / "first", "")
-    (first / "init").write_text(first_init(kernel.add_modules(first, VIRTIO_DISK_MODULES)))
+    first = system_tree(kexec_base, tmp_path / "first", "")
+    (first / "init").write_text(first_init(vm_kernel.add_modules(first, VIRTIO_DISK_MODULES)))
     ctx = StepContext(
         targets={node.name: node}, placement={node.name: ("sw1", "r1")}, power={},
         soft=None, boot=None, shell=None, environment=env, partition=lambda target: 3,
     )  # type: ignore[arg-type]  # fmt: skip  (the command needs the environment only)
     (first / "kasched-command.sh").write_text(kexec_command(ctx, node, 3))
     initrd = make_initramfs(first, tmp_path / "first.img")
-    with Vm(kernel.image, initrd, "console=ttyS0 panic=-1", tmp_path / "console.log", disk=disk) as vm:
+    with Vm(vm_kernel.image, initrd, "console=ttyS0 panic=-1", tmp_path / "console.log", disk=disk) as vm:
         seen = vm.wait_for(SECOND, BOOT_TIMEOUT)
     assert "KASCHED-COMMAND-EXIT 0" in seen, seen[-2000:]
     assert f"{SECOND} cmdline=[root=/dev/vda3 ro console=ttyS0 panic=-1 quiet]" in seen, seen[-2000:]
