@@ -249,6 +249,21 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
+def freeze_once_written(victim: subprocess.Popen[bytes], output: Path, size: int) -> threading.Thread:
+    """A started thread that stops ``victim`` (SIGSTOP: it hangs) once ``output`` holds ``size`` bytes
+    (30 s at most); the caller joins it and sends SIGCONT."""
+
+    def freeze() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (output.exists() and output.stat().st_size >= size):
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGSTOP)
+
+    freezer = threading.Thread(target=freeze, daemon=True)
+    freezer.start()
+    return freezer
+
+
 @pytest.mark.slow
 def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 24)
@@ -256,16 +271,7 @@ def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp
         timeout=60.0, stall_timeout=2.0, reconnect_timeout=5.0, lost_grace=1.0, rate_limit=12 << 20
     )
     victim = agents.processes["a04"]
-    output = tmp_path / "a04.img"
-
-    def freeze() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (output.exists() and output.stat().st_size >= 4 << 20):
-            time.sleep(0.02)
-        victim.send_signal(signal.SIGSTOP)
-
-    freezer = threading.Thread(target=freeze, daemon=True)
-    freezer.start()
+    freezer = freeze_once_written(victim, tmp_path / "a04.img", 4 << 20)
     try:
         result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
     finally:
@@ -358,16 +364,7 @@ def test_the_deadline_holds_while_a_hung_node_blocks_the_chain(agents: AgentGrou
     options = BroadcastOptions(timeout=6.0, stall_timeout=120.0, reconnect_timeout=5.0, rate_limit=12 << 20)
     nodes = agents.nodes[:4]
     victim = agents.processes["a02"]
-    output = tmp_path / "a02.img"
-
-    def freeze() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (output.exists() and output.stat().st_size >= 2 << 20):
-            time.sleep(0.02)
-        victim.send_signal(signal.SIGSTOP)
-
-    freezer = threading.Thread(target=freeze, daemon=True)
-    freezer.start()
+    freezer = freeze_once_written(victim, tmp_path / "a02.img", 2 << 20)
     started = time.monotonic()
     try:
         result = broadcast(image, nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from kasched.drivers.base import BootFiles, NodeTarget
 from kasched.lab.systems import make_ext4_image, make_initramfs
 from kasched.lab.vm import VIRTIO_DISK_MODULES, Kernel, Vm
 from kasched.views import EnvironmentView
+from tests.deploy.test_kexec import ENV
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -39,6 +40,18 @@ mount -t proc proc /proc
 echo "{SECOND} cmdline=[$(cat /proc/cmdline)] root_fs=$(stat -f -c %T /)"
 poweroff -f
 """
+
+
+def vm_environment(cmdline: str) -> EnvironmentView:
+    """An environment whose kernel and initrd are /boot/vmlinuz and /boot/initrd.img in its image."""
+    return replace(ENV, name="vm-env", kernel="/boot/vmlinuz", initrd="/boot/initrd.img", cmdline=cmdline)
+
+
+def put_boot_files(directory: Path, kernel: Path, initrd: Path) -> None:
+    """``kernel`` and ``initrd`` as ``directory``/vmlinuz and initrd.img."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(kernel, directory / "vmlinuz")
+    shutil.copyfile(initrd, directory / "initrd.img")
 
 
 def system_tree(base: Path, dest: Path, init: str) -> Path:
@@ -98,12 +111,7 @@ def test_setup_by_kexec_jumps_into_the_deployment_system(vm_kernel: Kernel, kexe
 
 
 def test_boot_by_kexec_jumps_into_the_environment_of_partition_3(vm_kernel: Kernel, kexec_base: Path, tmp_path: Path) -> None:
-    env = EnvironmentView(
-        name="vm-env", version=1, owner="alice", description="", visibility="private", image_kind="tar",
-        compression="none", image_location="/dev/null", image_size=0, sha256="0" * 64, kernel="/boot/vmlinuz",
-        initrd="/boot/initrd.img", cmdline="console=ttyS0 panic=-1 quiet", postinstall=[], destructive=False,
-        reference=False, created_at=datetime.now(UTC),
-    )  # fmt: skip
+    env = vm_environment("console=ttyS0 panic=-1 quiet")
     environment = system_tree(kexec_base, tmp_path / "environment", SECOND_INIT)
     (environment / "boot").mkdir()
     shutil.copyfile(vm_kernel.image, environment / "boot" / "vmlinuz")

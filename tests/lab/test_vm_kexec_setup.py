@@ -18,11 +18,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from test_vm_kexec import disk_with_partition_3
+from test_vm_kexec import disk_with_partition_3, put_boot_files, vm_environment
 
 from kasched.deploy.kexec import boot_environment_kexec, setup_deploy_system_kexec
 from kasched.deploy.nodes import NodeShell
@@ -100,9 +99,7 @@ def test_setup_by_kexec_over_ssh_boots_the_deployment_system(
 ) -> None:
     initrd, service_key = vm_system(vm_kernel, kexec_base, tmp_path)
     boot_dir = tmp_path / "boot"
-    (boot_dir / "deploy").mkdir(parents=True)
-    (boot_dir / "deploy" / "vmlinuz").write_bytes(vm_kernel.image.read_bytes())
-    (boot_dir / "deploy" / "initrd.img").write_bytes(initrd.read_bytes())
+    put_boot_files(boot_dir / "deploy", vm_kernel.image, initrd)  # where the PXE driver looks
     driver = PxeBootDriver(boot_dir)
     shell = NodeShell(service_key, {NODE.name: NODE.ip})
     ctx = step_context(driver, shell, None)
@@ -126,16 +123,9 @@ def test_boot_by_kexec_over_ssh_boots_the_environment_of_partition_3(
 ) -> None:
     initrd, service_key = vm_system(vm_kernel, kexec_base, tmp_path)
     environment = tmp_path / "environment"
-    (environment / "boot").mkdir(parents=True)
-    (environment / "boot" / "vmlinuz").write_bytes(vm_kernel.image.read_bytes())
-    (environment / "boot" / "initrd.img").write_bytes(initrd.read_bytes())
+    put_boot_files(environment / "boot", vm_kernel.image, initrd)
     disk = disk_with_partition_3(environment, tmp_path)
-    env = EnvironmentView(
-        name="vm-env", version=1, owner="alice", description="", visibility="private", image_kind="tar",
-        compression="none", image_location="/dev/null", image_size=0, sha256="0" * 64, kernel="/boot/vmlinuz",
-        initrd="/boot/initrd.img", cmdline="kasched.env=vm-env", postinstall=[], destructive=False,
-        reference=False, created_at=datetime.now(UTC),
-    )  # fmt: skip
+    env = vm_environment("kasched.env=vm-env")
     driver = PxeBootDriver(tmp_path / "boot")
     shell = NodeShell(service_key, {NODE.name: NODE.ip})
     ctx = step_context(driver, shell, env)
