@@ -216,7 +216,8 @@ class Forwarder:
         self.sock, self.index = None, len(self.successors)
 
     def _handshake(self, index: int, address: str) -> tuple[socket.socket, int]:
-        sock = socket.create_connection(split_address(address), timeout=self.stall)
+        # a SYN unanswered for the ack timeout: that successor is gone too (it would cost the stall)
+        sock = socket.create_connection(split_address(address), timeout=self.ack_timeout or self.stall)
         try:
             no_delay(sock)
             probe_when_idle(sock, self.ack_timeout)
