@@ -41,6 +41,8 @@ class Config:
     admin_group: str = "kasched-admin"
     max_grant_hours: float = 24 * 7
     reboot_timeout: float = 120.0
+    broadcast_stall_timeout: float = 30.0  # a chain connection with no sign of life this long is dead
+    broadcast_ack_timeout: float = 3.0  # sent data unacknowledged this long: node off or unplugged (0: off)
     disabled_plugins: tuple[str, ...] = ()
     revert_at_job_end: bool = True
     reconcile_interval: float = 300.0  # kaschedd runs 'kasched reconcile' this often (seconds; 0: never)
@@ -150,7 +152,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
             raise ConfigError(f"{where}{key}: expected seconds (0: never)")
         return float(value)
-    if key in ("max_grant_hours", "reboot_timeout"):
+    if key == "broadcast_ack_timeout":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ConfigError(f"{where}{key}: expected seconds (0: off)")
+        return float(value)
+    if key in ("max_grant_hours", "reboot_timeout", "broadcast_stall_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}{key}: expected a positive number")
         return float(value)

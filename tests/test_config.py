@@ -50,3 +50,28 @@ def test_check_reports_problems(tmp_path: Path) -> None:
 def test_missing_named_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         config_module.load(tmp_path / "none.yaml")
+
+
+def test_broadcast_timeouts_reach_the_chain(tmp_path: Path) -> None:
+    from kasched.deploy.operations import site_broadcast_options
+
+    config = config_module.load(
+        write(tmp_path / "k.yaml", "broadcast_stall_timeout: 60\nbroadcast_ack_timeout: 0\nservice_address: 10.0.0.9\n")
+    )
+    options = site_broadcast_options(config)
+    assert (options.stall_timeout, options.ack_timeout, options.report_host) == (60.0, 0.0, "10.0.0.9")
+    default = site_broadcast_options(config_module.load(write(tmp_path / "d.yaml", "site: s\n")))
+    assert (default.stall_timeout, default.ack_timeout, default.report_host) == (30.0, 3.0, None)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("broadcast_ack_timeout: -1\n", "broadcast_ack_timeout: expected seconds (0: off)"),
+        ("broadcast_ack_timeout: true\n", "broadcast_ack_timeout: expected seconds (0: off)"),
+        ("broadcast_stall_timeout: 0\n", "broadcast_stall_timeout: expected a positive number"),
+    ],
+)
+def test_bad_broadcast_timeouts(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_module.load(write(tmp_path / "k.yaml", content))

@@ -17,6 +17,7 @@ import requests
 
 from kasched import environments as env_catalog
 from kasched.api import Kasched
+from kasched.config import Config
 from kasched.deploy import kexec, records, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
@@ -406,7 +407,7 @@ class Operations:
             partition=partition,
             user_key=user_key,
             reboot_timeout=self.reboot_timeout,
-            broadcast=self.broadcast_options or steps.BroadcastOptions(report_host=config.service_address or None),
+            broadcast=self.broadcast_options or site_broadcast_options(config),
             stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
             stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
             on_transfer=lambda sent, elapsed, done: self.progress(TransferReport("broadcast", sent, elapsed, done)),
@@ -427,6 +428,16 @@ class Operations:
             driver.validate(node_targets[view.name])
             power[view.name] = driver
         return power
+
+
+def site_broadcast_options(config: Config) -> steps.BroadcastOptions:
+    """The chain's options from the site's settings: its timeouts for a dead node, and the address
+    nodes report to."""
+    return steps.BroadcastOptions(
+        stall_timeout=config.broadcast_stall_timeout,
+        ack_timeout=config.broadcast_ack_timeout,
+        report_host=config.service_address or None,
+    )
 
 
 class _CancelWatcher:
