@@ -158,3 +158,25 @@ def test_links_are_reshaped_in_place(lab8: LabHandle) -> None:
     finally:
         shape_node_links(lab8.plan, nodes, lab8.plan.link)
     assert rates() == ["100Mbit"] * 2 * len(nodes)  # LAB8's link
+
+
+def test_uplinks_are_reshaped_in_place(lab8: LabHandle) -> None:
+    """bench/topology_lab.py boots its nodes behind fast uplinks, then shapes them to the rate it
+    measures: both ends of every uplink take the new rate, and the lab's own back."""
+    from kasched.lab.network import shape_uplinks
+
+    def rates() -> list[str]:
+        found = []
+        for device in ("up1a", "up1b"):  # LAB8: two switches, one uplink
+            shown = subprocess.run(["ip", "netns", "exec", lab8.plan.netns, "tc", "qdisc", "show", "dev", device],
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+            found.append(shown.split(" rate ")[1].split()[0])
+        return found
+
+    assert rates() == ["200Mbit", "200Mbit"]  # LAB8's uplink, from the lab's creation
+    try:
+        shape_uplinks(lab8.plan, "10mbit")
+        assert rates() == ["10Mbit", "10Mbit"]
+    finally:
+        shape_uplinks(lab8.plan, lab8.plan.uplink)
+    assert rates() == ["200Mbit", "200Mbit"]
