@@ -143,18 +143,17 @@ def from_mapping(data: dict[str, Any], *, source: Path | None = None) -> Config:
     return Config(**values, path=source)
 
 
+_ZERO_MEANS = {"reconcile_interval": "never", "broadcast_ack_timeout": "off"}
+
+
 def _coerce(key: str, value: Any, where: str) -> Any:
     if key in _PATH_KEYS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}{key}: expected a path")
         return Path(value)
-    if key == "reconcile_interval":
+    if key in _ZERO_MEANS:  # seconds, where 0 turns the thing off
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-            raise ConfigError(f"{where}{key}: expected seconds (0: never)")
-        return float(value)
-    if key == "broadcast_ack_timeout":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-            raise ConfigError(f"{where}{key}: expected seconds (0: off)")
+            raise ConfigError(f"{where}{key}: expected seconds (0: {_ZERO_MEANS[key]})")
         return float(value)
     if key in ("max_grant_hours", "reboot_timeout", "broadcast_stall_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:

@@ -26,6 +26,7 @@ from kasched.deploy.steps import (
     check_system,
     leave_token,
     ordered,
+    partition_device,
     per_partition,
     set_profiles,
 )
@@ -109,15 +110,14 @@ def boot_environment_kexec(
     partition), then the running system kexecs the environment's kernel; checked from the node."""
 
     def boot(partition: int, group: list[str]) -> GroupResult:
+        booted = f"root={partition_device(ctx, group[0])}"  # the same device for the whole group
         return chain_phases(
             group,
             [
                 lambda alive: set_profiles(ctx, alive, BootTarget.LOCAL, partition=partition, cmdline=ctx.env.cmdline),
                 lambda alive: leave_token(ctx, alive),
                 lambda alive: kexec_into(ctx, alive, lambda n: kexec_command(ctx, ctx.targets[n], partition)),
-                lambda alive: check_system(
-                    ctx, alive, f"root={ctx.targets[group[0]].partition_device(partition)}", f"partition {partition}"
-                ),
+                lambda alive: check_system(ctx, alive, booted, f"partition {partition}"),
             ],
         )
 

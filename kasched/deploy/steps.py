@@ -209,6 +209,12 @@ def boot_stateless(ctx: StepContext, names: Sequence[str], deadline: float, canc
     )
 
 
+def partition_device(ctx: StepContext, name: str) -> str:
+    """The device of the partition the operation writes on node ``name``."""
+    node = ctx.targets[name]
+    return node.partition_device(ctx.partition(node))
+
+
 def per_partition(
     ctx: StepContext, names: Sequence[str], run: Callable[[int, list[str]], GroupResult]
 ) -> GroupResult:
@@ -232,7 +238,7 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
                 ctx,
                 group,
                 BootTarget.LOCAL,
-                f"root={ctx.targets[group[0]].partition_device(partition)}",
+                f"root={partition_device(ctx, group[0])}",
                 f"partition {partition}",
                 levels,
                 deadline,
@@ -248,14 +254,8 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
 # --- Broadcasting the image ------------------------------------------------------------------------
 
 
-def partition_device(ctx: StepContext, name: str) -> str:
-    """The device of the partition the operation writes on node ``name``."""
-    node = ctx.targets[name]
-    return node.partition_device(ctx.partition(node))
-
-
 def prepare_command(ctx: StepContext, node: NodeTarget) -> str:
-    device = node.partition_device(ctx.partition(node))
+    device = partition_device(ctx, node.name)
     if ctx.env.image_kind == "raw":
         return f"test -b {device} && umount {device} 2>/dev/null; true"
     return (

@@ -30,25 +30,18 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the v
 # libxenctrl.so.4.17, which Debian 12 ships in libxenmisc4.17 (not under the name its soname
 # suggests, so the rootfs builder's guess by soname cannot find it)
 KEXEC_PACKAGES = (*BASE_PACKAGES, "kexec-tools", "libxenmisc4.17")
-# The modules a guest needs for its virtio disk, in load order (``modinfo -F depends``; ext4 is built in)
-VIRTIO_DISK_MODULES = (
+# The modules a guest needs for virtio devices, in load order (``modinfo -F depends``), then for its
+# disk (ext4 is built in) or its network card
+VIRTIO_PCI_MODULES = (
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko",
-    "drivers/block/virtio_blk.ko",
 )
-VIRTIO_NET_MODULES = (
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko",
-    "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci.ko",
-    "net/core/failover.ko",
-    "drivers/net/net_failover.ko",
-    "drivers/net/virtio_net.ko",
-)
+VIRTIO_DISK_MODULES = (*VIRTIO_PCI_MODULES, "drivers/block/virtio_blk.ko")
+VIRTIO_NET_MODULES = (*VIRTIO_PCI_MODULES, "net/core/failover.ko", "drivers/net/net_failover.ko",
+                      "drivers/net/virtio_net.ko")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,9 +53,9 @@ class Kernel:
 
     def add_modules(self, tree: Path, names: Sequence[str]) -> list[str]:
         """Copy the modules ``names`` (paths under ``kernel/``) into ``tree``; the ``insmod`` lines
-        that load them, in the order given."""
+        that load them, in the order given, each once (lists of several devices may share modules)."""
         lines = []
-        for name in names:
+        for name in dict.fromkeys(names):
             source = self.modules / "kernel" / name
             if not source.is_file():
                 raise LabError(f"kernel module {name} is not in {self.modules}")

@@ -70,8 +70,7 @@ def vm_system(kernel: Kernel, base: Path, work: Path) -> tuple[Path, Path]:
     service_key, host_key = make_keys(work / "keys")
     keys = SystemKeys(host_key, service_key.with_suffix(".pub").read_text())
     tree = make_tree(base, work / "system", "deploy", keys)
-    wanted = list(dict.fromkeys([*VIRTIO_NET_MODULES, *VIRTIO_DISK_MODULES]))  # in order, once each
-    modules = "\n".join(kernel.add_modules(tree, wanted))
+    modules = "\n".join(kernel.add_modules(tree, [*VIRTIO_NET_MODULES, *VIRTIO_DISK_MODULES]))
     (tree / "etc" / "init.d" / "rcS").write_text(RCS.format(modules=modules, address=NODE.ip))
     return make_initramfs(tree, work / "system.img"), service_key
 
