@@ -44,6 +44,12 @@ class Config:
     broadcast_stall_timeout: float = 30.0  # a chain connection with no sign of life this long is dead
     broadcast_ack_timeout: float = 3.0  # sent data unacknowledged this long: node off or unplugged (0: off)
     disabled_plugins: tuple[str, ...] = ()
+    # Network boot profiles (the pxe driver): a URL prefix iPXE loads kernels and initrds from
+    # (e.g. http://${next-server}/; empty: TFTP), the initrd a local partition's kernel needs
+    # (relative to boot_dir; empty: none), and arguments added to every kernel's command line.
+    pxe_base_url: str = ""
+    pxe_local_initrd: str = ""
+    pxe_kernel_args: str = ""
     revert_at_job_end: bool = True
     reconcile_interval: float = 300.0  # kaschedd runs 'kasched reconcile' this often (seconds; 0: never)
     path: Path | None = field(default=None, compare=False)
@@ -78,7 +84,7 @@ _PATH_KEYS = {
     "token_secret",
     "console_logs",
 }
-_MAY_BE_EMPTY = {"service_address", "service_tcp", "service_url"}
+_MAY_BE_EMPTY = {"service_address", "service_tcp", "service_url", "pxe_base_url", "pxe_local_initrd", "pxe_kernel_args"}
 
 
 def is_set(path: Path) -> bool:
@@ -174,6 +180,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             parse_hostport(value)
         if key == "service_url" and value:
             parse_url(value)
+        if key == "pxe_base_url" and value and "://" not in value:
+            raise ConfigError(f"{key}: expected a URL prefix such as http://${{next-server}}/")
+        if key == "pxe_local_initrd" and (value.startswith("/") or ".." in Path(value).parts):
+            raise ConfigError(f"{key}: expected a path relative to boot_dir")
     except ConfigError as error:
         raise ConfigError(f"{where}{error}") from None
     return value

@@ -24,7 +24,12 @@ def _ssh(config: Config) -> PowerDriver:
 def _pxe(config: Config) -> BootDriver:
     from kasched.drivers.pxe import PxeBootDriver
 
-    return PxeBootDriver(config.boot_dir)
+    return PxeBootDriver(
+        config.boot_dir,
+        local_initrd=config.pxe_local_initrd,
+        kernel_args=config.pxe_kernel_args,
+        base_url=config.pxe_base_url,
+    )
 
 
 class BuiltinDrivers:

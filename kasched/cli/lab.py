@@ -24,6 +24,12 @@ def register(subparsers: Any) -> None:
     up.add_argument("--uplink", default="10gbit", help="rate between switches (default 10gbit)")
     up.add_argument("--cache-dir", type=Path, help="rootfs cache (default /var/cache/kasched-lab)")
     up.add_argument("--boot-timeout", type=float, default=180, help="seconds for all nodes to boot")
+    up.add_argument(
+        "--kind",
+        choices=("namespace", "qemu"),
+        default="namespace",
+        help="namespace: light nodes sharing the host's kernel (default); qemu: VMs that boot from the network",
+    )
     up.add_argument("--json", action="store_true")
     up.set_defaults(handler=lab_up)
 
@@ -67,6 +73,8 @@ def _lab(args: argparse.Namespace) -> Any:
     kwargs: dict[str, Any] = {"name": args.name, "state_dir": args.state_dir}
     if getattr(args, "cache_dir", None):
         kwargs["cache_dir"] = args.cache_dir
+    if getattr(args, "kind", None):
+        kwargs["kind"] = args.kind
     return Lab(**kwargs)
 
 

@@ -82,6 +82,8 @@ class PxeBootDriver(BootDriver):
         deploy_kernel: str = "deploy/vmlinuz",
         deploy_initrd: str = "deploy/initrd.img",
         local_kernel: str = "reference/vmlinuz",
+        local_initrd: str = "",
+        kernel_args: str = "",
         base_url: str = "",
     ) -> None:
         self.boot_dir = Path(boot_dir)
@@ -91,6 +93,11 @@ class PxeBootDriver(BootDriver):
         self.deploy_kernel = deploy_kernel
         self.deploy_initrd = deploy_initrd
         self.local_kernel = local_kernel
+        # The initramfs that mounts ``root=`` for a local partition's kernel, when the site's kernel
+        # needs one (its disk driver is a module); empty: the kernel mounts the partition itself.
+        self.local_initrd = local_initrd
+        # Appended to every profile's command line (a site's console=ttyS0,115200, for example).
+        self.kernel_args = kernel_args
 
     def validate(self, node: NodeTarget) -> None:
         if not node.mac or len(node.mac.split(":")) != 6:
@@ -107,13 +114,14 @@ class PxeBootDriver(BootDriver):
         cmdline: str = "",
     ) -> Profile:
         """The profile ``set_profile`` would write (also useful to show it)."""
+        cmdline = f"{cmdline} {self.kernel_args}".strip()
         if target is BootTarget.DEPLOY:
             extra = f"kasched.system=deploy {cmdline}".strip()
             return Profile("deploy system", kernel or self.deploy_kernel, initrd or self.deploy_initrd, extra)
         if target is BootTarget.LOCAL:
             number = partition or node.reference_partition
             extra = f"root={node.partition_device(number)} ro {cmdline}".strip()
-            return Profile(f"local partition {number}", kernel or self.local_kernel, initrd, extra)
+            return Profile(f"local partition {number}", kernel or self.local_kernel, initrd or self.local_initrd, extra)
         if target is BootTarget.STATELESS:
             if not kernel or not initrd:
                 raise DriverError("a stateless boot needs a kernel and an image (initrd)", node=node.name)

@@ -26,7 +26,8 @@ from kasched.lab.bmc import BMC_PORT, BmcCredentials
 from kasched.lab.dhcp import LabDnsmasq
 from kasched.lab.http import LabHttp
 from kasched.lab.network import create_lab_namespace, delete_namespace
-from kasched.lab.nodekind import NODE_KINDS, LabContext, NodeKind
+from kasched.lab.nodekind import LabContext, NamespaceNodeKind, NodeKind
+from kasched.lab.qemu import QemuNodeKind
 from kasched.lab.system import inside_netns, kill_and_wait, netns_exists, netns_pids, require, run
 from kasched.lab.topology import LabPlan, NodePlan
 
@@ -35,7 +36,7 @@ DEFAULT_STATE_ROOT = Path("/var/lib/kasched-lab")
 # so ``lab status``/``lab down`` without --state-dir find a lab made with one.
 POINTER_DIR = Path("/run/kasched-lab")
 BMC_USER = "admin"
-PLACEHOLDER_KERNEL = "kasched lab: namespace nodes run the host's kernel; this file stands for a kernel image.\n"
+NODE_KINDS: dict[str, type[NodeKind]] = {kind.name: kind for kind in (NamespaceNodeKind, QemuNodeKind)}
 _TOOLS = ("ip", "tc", "ipmi_sim", "dnsmasq", "busybox", "sshd", "ssh-keygen", "mkfs.ext4", "sfdisk",
           "partx", "unshare", "apt-get", "dpkg-deb")  # fmt: skip
 
@@ -46,11 +47,14 @@ class Lab:
         name: str = "lab",
         state_dir: Path | None = None,
         cache_dir: Path = rootfs.DEFAULT_CACHE,
-        kind: str = "namespace",
+        kind: str | None = None,
     ) -> None:
+        """``kind``: the node kind of a lab to build (default: the kind of the lab in ``state_dir``,
+        else ``namespace``)."""
         self.name = name
         self.state_dir = Path(state_dir or _noted_state_dir(name) or DEFAULT_STATE_ROOT / name).resolve()
         self.cache_dir = cache_dir
+        kind = kind or (self.read_state() or {}).get("kind") or NamespaceNodeKind.name
         if kind not in NODE_KINDS:
             raise LabError(f"unknown node kind {kind!r} (known: {', '.join(NODE_KINDS)})")
         self.kind: NodeKind = NODE_KINDS[kind]()
@@ -147,26 +151,26 @@ class Lab:
 
     def _build_systems(self) -> None:
         """The reference ext4 image, the golden disk, the deploy and stateless initramfs images."""
-        base = rootfs.build_rootfs(self.cache_dir, rootfs.BASE_PACKAGES)
-        deploy_base = rootfs.build_rootfs(self.cache_dir, rootfs.DEPLOY_PACKAGES)
+        kind, cache = self.kind, self.cache_dir
         service_key, host_key = systems.make_keys(self.state_dir / "ssh")
         keys = systems.SystemKeys(host_key, service_key.with_suffix(".pub").read_text())
         work = self.state_dir / "systems"
         work.mkdir(exist_ok=True)
+        base = rootfs.build_rootfs(cache, kind.packages(systems.REFERENCE))
         tree = systems.make_tree(base, work / "tree", systems.REFERENCE, keys)
+        kind.finish_tree(tree, systems.REFERENCE, cache)
         reference = systems.make_ext4_image(tree, work / "reference.ext4", disk.REFERENCE_MIB)
         disk.make_golden_disk(work / "golden.img", reference)
         reference.unlink()
         for role in (systems.DEPLOY, systems.STATELESS):
-            systems.make_tree(deploy_base if role == systems.DEPLOY else base, tree, role, keys)
+            systems.make_tree(rootfs.build_rootfs(cache, kind.packages(role)), tree, role, keys)
             if role == systems.DEPLOY:
                 systems.add_kasched_package(tree)
+            kind.finish_tree(tree, role, cache)
             (self.boot_dir / role).mkdir(parents=True, exist_ok=True)
             systems.make_initramfs(tree, self.boot_dir / role / "initrd.img")
-            (self.boot_dir / role / "vmlinuz").write_text(PLACEHOLDER_KERNEL)
         shutil.rmtree(tree)
-        (self.boot_dir / "reference").mkdir(parents=True, exist_ok=True)
-        (self.boot_dir / "reference" / "vmlinuz").write_text(PLACEHOLDER_KERNEL)
+        kind.write_kernels(self.boot_dir, base, cache)
         for directory in (self.boot_dir, *self.boot_dir.iterdir()):
             directory.chmod(0o755)
 
@@ -181,9 +185,15 @@ class Lab:
         LabHttp(self.state_dir, plan.netns, self.boot_dir).start()
 
     def boot_driver(self, *, http: bool = False) -> PxeBootDriver:
-        """The boot-profile driver for this lab's TFTP root; ``http``: profiles load kernels and
-        images from the lab's HTTP server instead of TFTP."""
-        return PxeBootDriver(self.boot_dir, base_url="http://${next-server}/" if http else "")
+        """The boot-profile driver for this lab's TFTP root, as the lab's site configuration sets it
+        up; ``http``: profiles load kernels and images from the lab's HTTP server (not TFTP)."""
+        settings = self.kind.site_settings()
+        return PxeBootDriver(
+            self.boot_dir,
+            local_initrd=str(settings.get("pxe_local_initrd", "")),
+            kernel_args=str(settings.get("pxe_kernel_args", "")),
+            base_url="http://${next-server}/" if http else str(settings.get("pxe_base_url", "")),
+        )
 
     def wait_for_ssh(self, nodes: tuple[NodePlan, ...] | list[NodePlan], timeout: float) -> list[str]:
         """Wait (bounded) until each node's sshd accepts TCP; returns the nodes still silent."""
@@ -201,11 +211,12 @@ class Lab:
     def make_environment(self, archive: Path, system: str = "userenv") -> Path:
         """A bootable environment as a tar.gz, for deployments on this lab: the reference tree with
         ``/etc/kasched-system`` = ``system``, the service's key and the lab's host key."""
-        base = rootfs.build_rootfs(self.cache_dir, rootfs.BASE_PACKAGES)
+        base = rootfs.build_rootfs(self.cache_dir, self.kind.packages("environment"))
         service_key, host_key = systems.make_keys(self.state_dir / "ssh")
         keys = systems.SystemKeys(host_key, service_key.with_suffix(".pub").read_text())
         tree = systems.make_tree(base, self.state_dir / "systems" / f"env-{os.getpid()}", system, keys)
         try:
+            self.kind.finish_tree(tree, "environment", self.cache_dir)
             archive = Path(archive).resolve()
             archive.parent.mkdir(parents=True, exist_ok=True)
             run(["tar", "-C", str(tree), "--numeric-owner", "-czf", str(archive), "."], timeout=300)
@@ -227,7 +238,7 @@ class Lab:
                 bmc_port=BMC_PORT,
                 bmc_user=creds.user,
                 bmc_password=creds.password,
-                disk_device="/dev/sda",
+                disk_device=self.kind.disk_device,
                 reference_partition=disk.REFERENCE_PARTITION,
                 deploy_partition=disk.DEPLOY_PARTITION,
             )
@@ -248,7 +259,7 @@ class Lab:
                     "defaults": {
                         "bmc": {"driver": "ipmi", "port": BMC_PORT, "credentials": f"{self.name}-bmc"},
                         "disk": {
-                            "device": "/dev/sda",
+                            "device": self.kind.disk_device,
                             "reference_partition": disk.REFERENCE_PARTITION,
                             "deploy_partition": disk.DEPLOY_PARTITION,
                         },
@@ -271,7 +282,7 @@ class Lab:
             "credentials_file": str(self.credentials_file),
             "service_key": str(self.state_dir / "ssh" / "id_ed25519"),
             "console_logs": str(self.state_dir / "nodes"),  # kasched console -m NODE: nodes/<node>/console.log
-            "reboot_timeout": 30,  # lab nodes boot in seconds
+            **self.kind.site_settings(),
         }
         (self.state_dir / "kasched.yaml").write_text(yaml.safe_dump(config))
 

@@ -3,7 +3,10 @@ images); a :class:`NodeKind` builds, powers and removes the nodes themselves.
 
 :class:`NamespaceNodeKind` (the light kind) makes each node a network namespace with a loop-device
 disk, an ``ipmi_sim`` BMC and the :mod:`simulated firmware <kasched.lab.firmware>`. A QEMU kind
-(VMs that PXE-boot for real, their BMC an ``ipmi_sim`` whose ``startcmd`` runs QEMU) plugs in here.
+(:mod:`kasched.lab.qemu`: VMs that boot from the network for real) plugs in here.
+
+A kind also says what its systems need: their packages, what goes into each system's tree (a real
+kernel's modules), the kernels in the boot directory, and the site settings its boot profiles need.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from kasched.lab import disk, power
+from kasched.lab import disk, power, systems
 from kasched.lab.bmc import BmcCredentials, LabBmc
 from kasched.lab.network import create_node_namespaces, delete_namespace
 from kasched.lab.nodedir import BOOT_NETWORK, NodeDir, NodeFacts
+from kasched.lab.rootfs import BASE_PACKAGES, DEPLOY_PACKAGES
 from kasched.lab.system import kill_and_wait, netns_list, netns_pids
 from kasched.lab.topology import LabPlan, NodePlan
 
@@ -34,10 +38,34 @@ class LabContext:
         return NodeDir(self.state_dir / "nodes" / node.name)
 
 
+PLACEHOLDER_KERNEL = "kasched lab: namespace nodes run the host's kernel; this file stands for a kernel image.\n"
+
+
 class NodeKind(ABC):
-    """How one kind of lab node is made, powered and removed."""
+    """How one kind of lab node is made, powered and removed, and what its systems need."""
 
     name: str = ""
+    disk_device: str = "/dev/sda"  # the node's disk, as its systems (and the inventory) name it
+
+    def packages(self, role: str) -> tuple[str, ...]:
+        """The Debian packages of system ``role`` (:mod:`kasched.lab.systems`; ``environment``:
+        the environments the lab makes)."""
+        return DEPLOY_PACKAGES if role == systems.DEPLOY else BASE_PACKAGES
+
+    def finish_tree(self, tree: Path, role: str, cache_dir: Path) -> None:
+        """Add what this kind's nodes need to system ``role``'s tree, before it is packed (namespace
+        nodes need nothing: they run the host's kernel)."""
+        return None
+
+    def write_kernels(self, boot_dir: Path, base_tree: Path, cache_dir: Path) -> None:
+        """The kernel files the boot profiles name (``deploy/``, ``stateless/``, ``reference/``)."""
+        for role in (systems.DEPLOY, systems.STATELESS, systems.REFERENCE):
+            (boot_dir / role).mkdir(parents=True, exist_ok=True)
+            (boot_dir / role / "vmlinuz").write_text(PLACEHOLDER_KERNEL)
+
+    def site_settings(self) -> dict[str, object]:
+        """Settings of the site configuration (``kasched.yaml``) the lab writes for these nodes."""
+        return {"reboot_timeout": 30}  # namespace nodes boot in seconds
 
     @abstractmethod
     def create(self, ctx: LabContext, nodes: list[NodePlan]) -> None:
@@ -77,8 +105,8 @@ class NamespaceNodeKind(NodeKind):
                     mac=node.mac,
                     disk_image=str(image),
                     disk_device=device,
-                    python=sys.executable,
-                    pythonpath=_pythonpath(),
+                    python=pythonpath()[0],
+                    pythonpath=pythonpath()[1],
                 )
             )
             node_dir.root_mount.mkdir(exist_ok=True)
@@ -124,10 +152,8 @@ class NamespaceNodeKind(NodeKind):
         return [f"{len(namespaces)} node namespace(s)"] * bool(namespaces) + [f"loop device {d}" for d in loops]
 
 
-def _pythonpath() -> str:
+def pythonpath() -> tuple[str, str]:
+    """The interpreter and path that run kasched's lab programs (chassis, firmware)."""
     import kasched
 
-    return str(Path(kasched.__file__).resolve().parent.parent)
-
-
-NODE_KINDS: dict[str, type[NodeKind]] = {NamespaceNodeKind.name: NamespaceNodeKind}
+    return sys.executable, str(Path(kasched.__file__).resolve().parent.parent)

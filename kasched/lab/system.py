@@ -107,7 +107,6 @@ def inside_netns(name: str) -> Iterator[None]:
             libc.setns(own.fileno(), _CLONE_NEWNET)
 
 
-
 def kill_and_wait(pids: Sequence[int], timeout: float = 5.0) -> None:
     """SIGKILL ``pids`` and wait (bounded) until they are gone."""
     for pid in pids:

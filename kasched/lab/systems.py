@@ -32,8 +32,15 @@ _INITTAB = "::sysinit:/etc/init.d/rcS\n::respawn:/usr/sbin/sshd -D -e\n"
 _RCS = """#!/bin/sh
 # Started by BusyBox init: prepare sshd, then say on the console which system is up.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# A namespace node's firmware mounted these; a VM's kernel did not (/dev: devtmpfs, maybe moved here).
+for fs in proc:/proc sysfs:/sys devtmpfs:/dev tmpfs:/run tmpfs:/tmp; do
+  grep -q " ${fs#*:} " /proc/mounts 2>/dev/null || mount -t "${fs%%:*}" "${fs%%:*}" "${fs#*:}"
+done
+# A VM's network card and disk drivers (kernel modules), where the system lists them.
+[ -f /etc/kasched-modules ] && while read -r module; do insmod "$module" 2>/dev/null; done < /etc/kasched-modules
 mkdir -p /run/sshd && chmod 755 /run/sshd
 ip link set lo up
+ip link set eth0 up  # a namespace node's firmware left it up, a VM's kernel did not
 udhcpc -i eth0 -n -q -t 5 -T 1 -A 1 -s /etc/udhcpc.sh -O hostname >/dev/null 2>&1 ||
   echo "kasched-lab: no DHCP answer, keeping the firmware's address"
 /usr/sbin/sshd -t || { echo "kasched-lab: sshd configuration is invalid"; sleep 5; }
@@ -109,6 +116,8 @@ def make_tree(base: Path, dest: Path, role: str, keys: SystemKeys) -> Path:
     ssh_dir.mkdir(parents=True, exist_ok=True)
     ssh_dir.chmod(0o700)
     (ssh_dir / "authorized_keys").write_text(keys.authorized_key.strip() + "\n")
+    for directory in ("proc", "sys", "dev", "run", "tmp"):
+        (dest / directory).mkdir(exist_ok=True)
     init = dest / "init"
     if not init.exists():
         init.symlink_to("/bin/busybox")

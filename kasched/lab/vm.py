@@ -29,7 +29,8 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"  # a metapackage: it depends on the v
 # A lab system (busybox, sshd...) that can kexec: with kexec-tools, and the package of kexec's
 # libxenctrl.so.4.17, which Debian 12 ships in libxenmisc4.17 (not under the name its soname
 # suggests, so the rootfs builder's guess by soname cannot find it)
-KEXEC_PACKAGES = (*BASE_PACKAGES, "kexec-tools", "libxenmisc4.17")
+KEXEC_TOOLS = ("kexec-tools", "libxenmisc4.17")
+KEXEC_PACKAGES = (*BASE_PACKAGES, *KEXEC_TOOLS)
 # The modules a guest needs for virtio devices, in load order (``modinfo -F depends``), then for its
 # disk (ext4 is built in) or its network card
 VIRTIO_PCI_MODULES = (
