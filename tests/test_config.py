@@ -75,3 +75,38 @@ def test_broadcast_timeouts_reach_the_chain(tmp_path: Path) -> None:
 def test_bad_broadcast_timeouts(tmp_path: Path, content: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_module.load(write(tmp_path / "k.yaml", content))
+
+
+def test_network_boot_settings_reach_the_pxe_driver(tmp_path: Path) -> None:
+    from kasched.builtin.drivers import BuiltinDrivers
+    from kasched.drivers.base import BootTarget, NodeTarget
+
+    config = config_module.load(
+        write(
+            tmp_path / "k.yaml",
+            "pxe_base_url: http://${next-server}/\npxe_local_initrd: reference/initrd.img\n"
+            "pxe_kernel_args: console=ttyS0,115200\n",
+        )
+    )
+    driver = BuiltinDrivers().kasched_boot_drivers()["pxe"](config)
+    node = NodeTarget("n1", "02:00:00:00:00:01", "10.0.0.1", disk_device="/dev/vda")
+    profile = driver.profile(node, BootTarget.LOCAL, partition=2)  # type: ignore[attr-defined]
+    assert (profile.kernel, profile.initrd) == ("reference/vmlinuz", "reference/initrd.img")
+    assert profile.cmdline == "root=/dev/vda2 ro console=ttyS0,115200"
+    assert "kernel http://${next-server}/reference/vmlinuz root=/dev/vda2" in profile.ipxe(driver.base_url)  # type: ignore[attr-defined]
+    plain = BuiltinDrivers().kasched_boot_drivers()["pxe"](config_module.load(write(tmp_path / "d.yaml", "site: s\n")))
+    assert plain.profile(node, BootTarget.LOCAL, partition=2).initrd == ""  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("pxe_base_url: next-server/\n", "pxe_base_url: expected a URL prefix"),
+        ("pxe_local_initrd: /srv/tftp/initrd.img\n", "pxe_local_initrd: expected a path relative to boot_dir"),
+        ("pxe_local_initrd: ../initrd.img\n", "pxe_local_initrd: expected a path relative to boot_dir"),
+        ("pxe_kernel_args: [console=ttyS0]\n", "pxe_kernel_args: expected a non-empty string"),
+    ],
+)
+def test_bad_network_boot_settings(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_module.load(write(tmp_path / "k.yaml", content))

@@ -35,6 +35,7 @@ class Site:
     config: Path
     user_key: Path
     service_key: Path
+    lab: str = LAB  # the lab's name
 
     def kasched(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """A kasched command run inside the lab's network namespace, as a site's frontend would."""
@@ -45,7 +46,7 @@ class Site:
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
         }
         return subprocess.run(
-            [*KASCHED, "lab", "exec", "--name", LAB, "--", *KASCHED, *args],
+            [*KASCHED, "lab", "exec", "--name", self.lab, "--", *KASCHED, *args],
             capture_output=True,
             text=True,
             env=env,
@@ -68,7 +69,7 @@ class Site:
             str(key or self.service_key),
         ]
         return subprocess.run(
-            [*KASCHED, "lab", "exec", "--name", LAB, "--", "ssh", *options, f"root@{node_ip}", command],
+            [*KASCHED, "lab", "exec", "--name", self.lab, "--", "ssh", *options, f"root@{node_ip}", command],
             capture_output=True,
             text=True,
             timeout=60,

@@ -51,6 +51,21 @@ def test_local_profile_names_the_partition(tmp_path: Path) -> None:
     assert BootSpec(kernel="k", cmdline="kasched.system=deploy").root_partition is None
 
 
+def test_site_kernel_arguments_and_local_initrd_go_into_every_profile(tmp_path: Path) -> None:
+    driver = PxeBootDriver(tmp_path, local_initrd="reference/initrd.img", kernel_args="console=ttyS0")
+    vm = NodeTarget(name="node-1", mac="02:4B:00:00:01:01", ip="10.77.1.11", disk_device="/dev/vda")
+    driver.set_profile(vm, BootTarget.LOCAL, partition=2)
+    ipxe = (tmp_path / "ipxe" / "02-4b-00-00-01-01.ipxe").read_text().splitlines()
+    assert ipxe[2:4] == ["kernel reference/vmlinuz root=/dev/vda2 ro console=ttyS0", "initrd reference/initrd.img"]
+    # an environment's own initrd wins over the site's; the deployment system keeps its own
+    local = driver.profile(vm, BootTarget.LOCAL, partition=3, initrd="envs/e/initrd.img", cmdline="quiet")
+    assert (local.initrd, local.cmdline) == ("envs/e/initrd.img", "root=/dev/vda3 ro quiet console=ttyS0")
+    deploy = driver.profile(vm, BootTarget.DEPLOY)
+    assert (deploy.initrd, deploy.cmdline) == ("deploy/initrd.img", "kasched.system=deploy console=ttyS0")
+    files = driver.boot_files(vm, BootTarget.DEPLOY)  # what the kexec setup sends: the same command line
+    assert files is not None and files.cmdline == "kasched.system=deploy console=ttyS0"
+
+
 def test_stateless_profile_needs_an_image(tmp_path: Path) -> None:
     with pytest.raises(DriverError, match=r"^node-1: a stateless boot needs"):
         PxeBootDriver(tmp_path).set_profile(NODE, BootTarget.STATELESS)
@@ -146,3 +161,22 @@ def test_atomic_writes_from_many_threads_at_once(tmp_path: Path) -> None:
     assert errors == []
     assert (tmp_path / "boot.ipxe").read_text().startswith("writer ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["boot.ipxe", "state.json"], "no temporary file left"
+
+
+def test_a_lab_keeps_the_node_kind_it_was_built_with(tmp_path: Path) -> None:
+    import json
+
+    from kasched.errors import LabError
+    from kasched.lab.lab import Lab
+
+    (tmp_path / "lab.json").write_text(json.dumps({"name": "vms", "kind": "qemu", "status": "up"}))
+    lab = Lab("vms", state_dir=tmp_path)
+    assert lab.kind.name == "qemu" and lab.kind.disk_device == "/dev/vda"
+    driver = lab.boot_driver()  # the profiles the lab writes match the settings its site gets
+    assert (driver.local_initrd, driver.kernel_args) == ("reference/initrd.img", "console=ttyS0")
+    assert driver.base_url == lab.kind.site_settings()["pxe_base_url"] == "http://${next-server}/"
+    fresh = Lab("other", state_dir=tmp_path / "other")
+    assert fresh.kind.name == "namespace" and fresh.kind.disk_device == "/dev/sda"
+    assert fresh.boot_driver().local_initrd == "" and fresh.boot_driver(http=True).base_url.startswith("http://")
+    with pytest.raises(LabError, match=r"unknown node kind 'vm' \(known: namespace, qemu\)"):
+        Lab("bad", state_dir=tmp_path / "bad", kind="vm")
