@@ -149,3 +149,24 @@ def test_the_bmc_powers_a_vm_off_and_on(vm_site: Site) -> None:
     wait_ssh(vm_site, "node-2")
     assert starts(vm_site, "node-2") == (power_ons + 1, kernels + 1)
     assert inside(vm_site, "node-2")[1] == "reference"
+
+
+def test_stateless_on_a_vm_runs_in_ram_and_leaves_the_disk(vm_site: Site) -> None:
+    image = vm_site.work / "diskless.cpio.gz"  # the lab's stateless initramfs (virtio modules in it)
+    shutil.copyfile(vm_site.lab_dir / "boot" / "stateless" / "initrd.img", image)
+    (vm_site.work / "diskless.yaml").write_text(
+        "name: diskless\nvisibility: public\nimage: {file: diskless.cpio.gz, kind: raw, compression: gz}\n"
+    )
+    assert vm_site.kasched("env", "add", str(vm_site.work / "diskless.yaml")).returncode == 0
+    disk = "sha256sum /dev/vda3 | cut -c1-16"
+    before = vm_site.ssh(vm_site.ip("node-1"), disk).stdout
+    result = operation(vm_site, "deploy", "-e", "diskless", "--stateless", "-m", "node-1")
+    assert isinstance(result, dict) and result["state"] == "done", result
+    probe = "cat /etc/kasched-system; cat /proc/cmdline; awk '$2==\"/\"{print $3}' /proc/mounts | tail -1"
+    done = vm_site.ssh(vm_site.ip("node-1"), f"{probe}; {disk}")
+    system, cmdline, root, after = done.stdout.split("\n")[:4]
+    assert system == "stateless" and cmdline.startswith("kasched.system=stateless") and "root=" not in cmdline
+    assert root in ("rootfs", "tmpfs")  # the kernel's initramfs: in RAM
+    assert after == before.strip()  # the deploy partition is untouched
+    operation(vm_site, "revert", "-m", "node-1")
+    assert inside(vm_site, "node-1")[1:3] == ["reference", "root=/dev/vda2 ro console=ttyS0"]

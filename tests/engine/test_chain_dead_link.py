@@ -19,6 +19,7 @@ from test_chain import random_image, sha256_file
 
 from kasched.engine.chain import BroadcastOptions, broadcast
 from kasched.lab.system import inside_netns
+from kasched.results import GroupResult
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -64,6 +65,15 @@ class Wiring:
     def pull_cable(self, index: int) -> None:
         self.ip("-n", self.switch, "link", "set", f"p{index + 1}", "down")
 
+    def pin_neighbour(self, index: int, other: int) -> None:
+        """A permanent ARP entry on node ``index`` for node ``other``: a connect to ``other`` behind a
+        pulled cable then never fails on ARP, its SYNs just go unanswered."""
+        shown = subprocess.run(["ip", "-n", self.nodes[other], "-o", "link", "show", "eth0"], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+        mac = shown.split("link/ether ")[1].split()[0]
+        self.ip("-n", self.nodes[index], "neigh", "replace", f"{SUBNET}.{other + 1}", "lladdr", mac,
+                "dev", "eth0", "nud", "permanent")  # fmt: skip
+
 
 @pytest.fixture
 def wiring() -> Iterator[Wiring]:
@@ -76,7 +86,8 @@ def wiring() -> Iterator[Wiring]:
         wires.down()
 
 
-def test_nodes_behind_pulled_cables_are_bypassed_before_the_stall_timeout(wiring: Wiring, tmp_path: Path) -> None:
+def broadcast_pulling_two_cables(wiring: Wiring, tmp_path: Path) -> tuple[GroupResult, Path]:
+    """Broadcast 24 MiB to 5 agents; pull a02's and a03's cables once a02 has 4 MiB."""
     image = random_image(tmp_path / "disk.img", 24)
     # the stall timeout alone (120 s) would outlast the whole broadcast's deadline (40 s)
     options = BroadcastOptions(
@@ -103,8 +114,28 @@ def test_nodes_behind_pulled_cables_are_bypassed_before_the_stall_timeout(wiring
     finally:
         puller.join(35)
         agents.stop()
+    return result, image
+
+
+def test_nodes_behind_pulled_cables_are_bypassed_before_the_stall_timeout(wiring: Wiring, tmp_path: Path) -> None:
+    result, image = broadcast_pulling_two_cables(wiring, tmp_path)
     assert result.failed == ["a02", "a03"], {name: result[name].error for name in result}
     assert "nothing acknowledged for 1s" in (result["a02"].error or ""), result["a02"].error
+    for name in ["a01", "a04", "a05"]:
+        assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
+
+
+def test_a_connect_at_a_bypass_gives_up_after_the_ack_timeout(wiring: Wiring, tmp_path: Path) -> None:
+    """a01 bypasses a02 and connects to a03, whose cable is pulled too; a01 knows a03's MAC for good,
+    so that connect cannot fail on ARP: only its own timeout (the ack timeout) ends it. Left to the
+    stall timeout or TCP's SYN retries (2 min), a04 and a05 would miss the 40 s deadline."""
+    for other in (2, 3):
+        wiring.pin_neighbour(0, other)
+    result, image = broadcast_pulling_two_cables(wiring, tmp_path)
+    assert result.failed == ["a02", "a03"], {name: result[name].error for name in result}
+    assert "cannot reach a03" in (result["a03"].error or "") and "timed out" in (result["a03"].error or ""), (
+        result["a03"].error
+    )
     for name in ["a01", "a04", "a05"]:
         assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
 
