@@ -4,6 +4,7 @@ udpcast (multicast), measured side by side in one run.
 
     .venv/bin/python bench/broadcast_lab.py [--nodes 1,8] [--size-mib 48] [--link 100[,20]] [--quick]
     .venv/bin/python bench/broadcast_lab.py --nodes 1,8,32,64 --size-mib 48 --link 100,20   # the full run
+    .venv/bin/python bench/broadcast_lab.py --nodes 1,64 --link 10 --methods chain,chain-20ms,chain-40ms
 
 Builds a lab (``kbcast``) whose node links are shaped to ``--link`` Mbit/s, boots the nodes into the
 deployment system and puts TakTuk (with Perl and an SSH client) and udpcast into it (``labkit``).
@@ -50,6 +51,9 @@ from kasched.lab.topology import LabPlan
 
 LAB = "kbcast"
 METHODS = ("chain", "http", "taktuk-chain", "taktuk-tree", "udpcast")
+# the chain with a node's batches bounded to this many ms of its stream instead of the default 10
+# (BroadcastOptions.batch_seconds): less CPU per byte, more delay per hop; only when asked for
+BATCH_VARIANTS = {"chain-20ms": 0.02, "chain-40ms": 0.04}
 FETCH = (
     'python3 -c "import hashlib,urllib.request;h=hashlib.sha256();'
     "r=urllib.request.urlopen('{url}',timeout=900)\n"
@@ -166,6 +170,9 @@ class Bench:
             "taktuk-chain": lambda nodes: self.taktuk(nodes, "1"),
             "taktuk-tree": lambda nodes: self.taktuk(nodes, "0"),
             "udpcast": self.udpcast,
+        } | {
+            name: lambda nodes, seconds=seconds: self.chain(nodes, BroadcastOptions(batch_seconds=seconds))
+            for name, seconds in BATCH_VARIANTS.items()
         }
 
 
@@ -243,8 +250,8 @@ def main() -> int:
     if not links or min(links) <= 0:
         parser.error(f"--link {args.link!r}: each rate must be a positive number of Mbit/s")
     methods = [m for m in args.methods.split(",") if m]
-    if unknown := set(methods) - set(METHODS):
-        parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    if unknown := set(methods) - set(METHODS) - set(BATCH_VARIANTS):
+        parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join([*METHODS, *BATCH_VARIANTS])}")
     name = LAB + ("q" if args.quick else "")  # smoke runs never touch a full run's lab
     plan = LabPlan(name, nodes=max(counts), switches=max(1, min(4, max(counts) // 16)),
                    link=f"{links[0]}mbit", uplink="10gbit")  # fmt: skip

@@ -111,6 +111,9 @@ class BroadcastOptions:
     # bytes a node waits for before it wakes up to forward them: fewer wake-ups (CPU) for one such
     # delay more per hop; None: see low_water_for()
     low_water: int | None = None
+    # a node lets at most this long of its stream (at the rate it arrives) gather before it wakes up
+    # to forward it (the agent's Pacer; 16 KiB to low_water): longer, less CPU per byte, more delay
+    batch_seconds: float = 0.01
     # the address nodes report to; None: listen on all addresses and tell each node the server's
     # address on its connection to the chain (right when the nodes sit on the server's network)
     report_host: str | None = None
@@ -277,6 +280,7 @@ def _session_config(session: str, sink: dict[str, Any], options: BroadcastOption
         "ack_timeout": options.ack_timeout,
         "reconnect_timeout": options.reconnect_timeout,
         "replay_bytes": options.replay_bytes,
+        "batch_seconds": options.batch_seconds,
     }
 
 

@@ -440,13 +440,15 @@ class Reporter:
 
 
 class Pacer:
-    """How many bytes a node lets arrive before it wakes up to forward them: ``BATCH_SECONDS`` of the
-    stream at the rate it arrives, measured over ``RATE_WINDOW``. Batches cut the CPU a node spends
-    per byte, but a batch long against the link's round trip stalls the sender, which waits for
-    window while the batch sits unread: on 8 lab nodes at 20 Mbit/s, 256 KiB batches (100 ms)
-    brought the stream's E from 0.91 to 0.77, 32 KiB (13 ms) kept 0.90-0.91 for 40 % of the CPU."""
+    """How many bytes a node lets arrive before it wakes up to forward them: ``seconds`` of the
+    stream (``BATCH_SECONDS`` unless the session says) at the rate it arrives, measured over
+    ``RATE_WINDOW``. Batches cut the CPU a node spends per byte, but a batch long against the link's
+    round trip stalls the sender, which waits for window while the batch sits unread: on 8 lab nodes
+    at 20 Mbit/s, 256 KiB batches (100 ms) brought the stream's E from 0.91 to 0.77, 32 KiB (13 ms)
+    kept 0.90-0.91 for 40 % of the CPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float = BATCH_SECONDS) -> None:
+        self.seconds = seconds
         self.batch = BATCH_RANGE[0]
         self.since = 0.0  # when the current measuring window started (0: no data yet)
         self.count = 0
@@ -458,7 +460,7 @@ class Pacer:
         self.count += count
         if (elapsed := now - self.since) >= RATE_WINDOW:
             low, high = BATCH_RANGE
-            self.batch = int(min(high, max(low, self.count / elapsed * BATCH_SECONDS)))
+            self.batch = int(min(high, max(low, self.count / elapsed * self.seconds)))
             self.since, self.count = now, 0
 
 
@@ -490,6 +492,7 @@ class Agent:
             if header is not None:
                 self.config = header
                 self.stall = float(header["stall_timeout"])
+                self.pacer.seconds = float(header.get("batch_seconds", BATCH_SECONDS))
                 self.deadline = time.monotonic() + float(header["timeout"])
         threading.Thread(target=self._keepalive, name="keepalive", daemon=True).start()
 

@@ -102,3 +102,15 @@ def test_batches_follow_the_rate_the_stream_arrives_at() -> None:
     assert faster.batch == high
     arrive_at(fast, 10e6 / 8, 2 * RATE_WINDOW, now=later)  # the same stream slowed down: smaller batches again
     assert fast.batch == low
+
+
+def test_a_session_can_ask_for_longer_batches() -> None:
+    from kasched.engine.chain import BroadcastOptions, _session_config
+
+    config = _session_config("s", {"kind": "discard"}, BroadcastOptions(batch_seconds=0.04), ":1")
+    assert config["batch_seconds"] == 0.04  # what each agent's header carries
+    default, longer = Pacer(), Pacer(config["batch_seconds"])
+    arrive_at(default, 100e6 / 8, 2 * RATE_WINDOW)
+    arrive_at(longer, 100e6 / 8, 2 * RATE_WINDOW)
+    assert longer.batch == pytest.approx(4 * default.batch, rel=0.1)
+    assert _session_config("s", {}, BroadcastOptions(), ":1")["batch_seconds"] == BATCH_SECONDS
