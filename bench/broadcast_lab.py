@@ -104,8 +104,9 @@ class Bench:
         self.server = serve(image.parent, "10.77.0.1", ServerLink(link_mbit * 1e6 / 8))
 
     def chain(self, nodes: list[dict], options: BroadcastOptions | None = None, ordered: bool = True,
-              during: Callable[[], None] | None = None) -> dict[str, float]:  # fmt: skip
-        """The chain; ``ordered=False`` keeps the nodes' order; ``during`` runs in a thread as the stream starts."""
+              during: Callable[[], None] | None = None, image: Path | None = None) -> dict[str, float]:  # fmt: skip
+        """The chain; ``ordered=False`` keeps the nodes' order; ``during`` runs in a thread as the stream
+        starts; ``image``: another image than the bench's."""
         chain = [ChainNode(n["name"], f"{n['ip']}:7373", n["switch"], n["rack"]) for n in nodes]
         started = time.monotonic()
         with start_agents(chain, {n["name"]: n["ip"] for n in nodes}, self.auth, window=64) as launch:
@@ -113,8 +114,8 @@ class Bench:
             cpu = labkit.CpuMeter()
             if during:
                 threading.Thread(target=during, daemon=True).start()
-            sent = broadcast(self.image, launch.ready, {"kind": "discard"}, options=options or BroadcastOptions(),
-                             ordered=ordered)  # fmt: skip
+            sent = broadcast(image or self.image, launch.ready, {"kind": "discard"},
+                             options=options or BroadcastOptions(), ordered=ordered)  # fmt: skip
             streamed, busy = time.monotonic(), cpu.busy()
             launch.close(failed=set(sent.failed))
         failed = [f"{r.node}: {r.error}" for r in sent.values() if not r.ok] + list(launch.failed)
@@ -187,6 +188,14 @@ def warm_up(bench: Bench, nodes: list[dict]) -> None:
     done = bench.shell.run([node["name"] for node in nodes], WARM_UP, 300)
     if cold := sorted(name for name, result in done.items() if not result.ok):
         raise SystemExit(f"warm-up failed on {cold[:4]}: {done[cold[0]].error}")
+    # and one small chain through every node: the first 64-node broadcast of a run took 64-65 s
+    # whatever its batches (10, 20 or 40 ms; both orders), the next ones 51-53 s (session 8)
+    small = bench.image.with_name("warm-up.bin")
+    small.write_bytes(os.urandom(2 << 20))
+    try:
+        bench.chain(nodes, image=small)
+    finally:
+        small.unlink()
 
 
 def measure(labrun: LabRun, counts: list[int], methods: list[str], image: Path, link: int, http_max: float) -> None:

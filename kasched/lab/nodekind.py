@@ -95,29 +95,23 @@ class NamespaceNodeKind(NodeKind):
         for node in nodes:
             node_dir = ctx.node_dir(node)
             node_dir.path.mkdir(parents=True, exist_ok=True)
-            image = node_dir.path / "disk.img"
-            disk.copy_disk(ctx.golden_disk, image)
-            device = disk.attach(image)
-            node_dir.write_facts(
-                NodeFacts(
-                    name=node.name,
-                    netns=node.netns,
-                    mac=node.mac,
-                    disk_image=str(image),
-                    disk_device=device,
-                    python=pythonpath()[0],
-                    pythonpath=pythonpath()[1],
-                )
-            )
-            node_dir.root_mount.mkdir(exist_ok=True)
+            self.make_node(node, node_dir, ctx.golden_disk)
             node_dir.set_bootdev(BOOT_NETWORK)
-            power.write_supervisor(node_dir)
             bmc = LabBmc(node_dir, node.bmc_address, ctx.credentials)
             bmc.configure(node.index)
             bmc.start(ctx.plan.netns)
             bmcs.append(bmc)
         for bmc in bmcs:
             bmc.wait_ready()
+
+    def make_node(self, node: NodePlan, node_dir: NodeDir, golden_disk: Path) -> None:
+        """The node's disk, facts and power supply (here: a loop device, the simulated firmware)."""
+        image = node_dir.path / "disk.img"
+        disk.copy_disk(golden_disk, image)
+        python, path = pythonpath()
+        node_dir.write_facts(NodeFacts(node.name, node.netns, node.mac, str(image), disk.attach(image), python, path))
+        node_dir.root_mount.mkdir(exist_ok=True)
+        power.write_supervisor(node_dir)
 
     def power_on(self, ctx: LabContext, node: NodePlan) -> None:
         node_dir = ctx.node_dir(node)

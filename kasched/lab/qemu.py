@@ -27,10 +27,9 @@ import shutil
 from pathlib import Path
 
 from kasched.errors import LabError
-from kasched.lab import bmc as lab_bmc
 from kasched.lab import disk, systems
-from kasched.lab.network import create_node_namespaces, ip_batch
-from kasched.lab.nodedir import BOOT_NETWORK, NodeDir, NodeFacts
+from kasched.lab.network import ip_batch
+from kasched.lab.nodedir import NodeDir, NodeFacts
 from kasched.lab.nodekind import LabContext, NamespaceNodeKind, pythonpath
 from kasched.lab.rootfs import BASE_PACKAGES, DEPLOY_PACKAGES
 from kasched.lab.system import run
@@ -139,25 +138,15 @@ class QemuNodeKind(NamespaceNodeKind):
     def create(self, ctx: LabContext, nodes: list[NodePlan]) -> None:
         if reason := qemu_missing():
             raise LabError(reason)
-        create_node_namespaces(ctx.plan, nodes)
-        bmcs = []
-        for node in nodes:
-            _cable_vm(node)
-            node_dir = ctx.node_dir(node)
-            node_dir.path.mkdir(parents=True, exist_ok=True)
-            image = node_dir.path / "disk.img"
-            disk.copy_disk(ctx.golden_disk, image)
-            node_dir.write_facts(
-                NodeFacts(node.name, node.netns, node.mac, str(image), self.disk_device, *pythonpath())
-            )
-            node_dir.set_bootdev(BOOT_NETWORK)
-            _write_power_supply(node_dir)
-            bmc = lab_bmc.LabBmc(node_dir, node.bmc_address, ctx.credentials)
-            bmc.configure(node.index)
-            bmc.start(ctx.plan.netns)
-            bmcs.append(bmc)
-        for bmc in bmcs:
-            bmc.wait_ready()
+        super().create(ctx, nodes)
+
+    def make_node(self, node: NodePlan, node_dir: NodeDir, golden_disk: Path) -> None:
+        """The VM's tap port on the node's cable, its disk image file, its facts and power supply."""
+        _cable_vm(node)
+        image = node_dir.path / "disk.img"
+        disk.copy_disk(golden_disk, image)
+        node_dir.write_facts(NodeFacts(node.name, node.netns, node.mac, str(image), self.disk_device, *pythonpath()))
+        _write_power_supply(node_dir)
 
 
 def _cable_vm(node: NodePlan) -> None:
