@@ -140,6 +140,16 @@ def _reference_environment(site: Site) -> Path:
     return Path(f"{raw}.zst")
 
 
+def register(site: Site, *descriptions: str) -> None:
+    """Import the lab's inventory and add the environments described in ``site.work``."""
+    commands = [["nodes", "import", str(site.lab_dir / "inventory.yaml")]]
+    for description in descriptions:
+        commands.append(["env", "add", str(site.work / description)])
+    for command in commands:
+        done = site.kasched(*command)
+        assert done.returncode == 0, done.stderr
+
+
 @pytest.fixture(scope="session")
 def site() -> Iterator[Site]:
     if os.geteuid() != 0:
@@ -184,13 +194,7 @@ def site() -> Iterator[Site]:
         site = Site(lab_dir, work, config, work / "alice", lab_dir / "ssh" / "id_ed25519")
         _user_environment(site)
         _reference_environment(site)
-        for command in (
-            ["nodes", "import", str(lab_dir / "inventory.yaml")],
-            ["env", "add", str(work / "userenv.yaml")],
-            ["env", "add", str(work / "reference.yaml")],
-        ):
-            done = site.kasched(*command)
-            assert done.returncode == 0, done.stderr
+        register(site, "userenv.yaml", "reference.yaml")
         yield site
     finally:
         subprocess.run(

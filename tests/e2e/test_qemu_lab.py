@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import yaml
 
 from kasched.lab.system import netns_pids
 from tests.conftest import ROOT
-from tests.e2e.conftest import KASCHED, Site, _reference_environment, _run
+from tests.e2e.conftest import KASCHED, Site, _reference_environment, _run, register
+from tests.e2e.test_operations_lab import wait_ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 LAB = os.environ.get("KASCHED_E2E_QEMU_LAB", "ktq")
@@ -64,13 +64,7 @@ def vm_site() -> Iterator[Site]:
         _run(*KASCHED, "lab", "make-env", "--name", LAB, str(work / "vmenv.tar.gz"), "--system", "userenv")
         (work / "vmenv.yaml").write_text(VM_ENV)
         _reference_environment(site)
-        for command in (
-            ["nodes", "import", str(lab_dir / "inventory.yaml")],
-            ["env", "add", str(work / "vmenv.yaml")],
-            ["env", "add", str(work / "reference.yaml")],
-        ):
-            done = site.kasched(*command)
-            assert done.returncode == 0, done.stderr
+        register(site, "vmenv.yaml", "reference.yaml")
         yield site
     finally:
         subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300,
@@ -94,15 +88,6 @@ def inside(site: Site, node: str, key: Path | None = None) -> list[str]:
     done = site.ssh(site.ip(node), "hostname; cat /etc/kasched-system; cat /proc/cmdline; uname -r", key=key)
     assert done.returncode == 0, f"{node}: {done.stderr}"
     return done.stdout.split("\n")
-
-
-def wait_ssh(site: Site, node: str, timeout: float = BOOT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if site.ssh(site.ip(node), "true").returncode == 0:
-            return
-        time.sleep(2)
-    pytest.fail(f"{node} did not answer SSH within {timeout:.0f} s: {console(site, node)[-800:]}")
 
 
 def operation(site: Site, *args: str) -> object:
@@ -146,7 +131,7 @@ def test_the_bmc_powers_a_vm_off_and_on(vm_site: Site) -> None:
     assert netns_pids(f"kl-{LAB}-node-2") == []  # QEMU has ended
     operation(vm_site, "power", "on", "-m", "node-2")
     assert operation(vm_site, "power", "status", "-m", "node-2")[0]["value"] == "on"  # type: ignore[index]
-    wait_ssh(vm_site, "node-2")
+    wait_ssh(vm_site, "node-2", timeout=BOOT_TIMEOUT)
     assert starts(vm_site, "node-2") == (power_ons + 1, kernels + 1)
     assert inside(vm_site, "node-2")[1] == "reference"
 
