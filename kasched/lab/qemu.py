@@ -23,6 +23,7 @@ QEMU kind is for fidelity (kexec, a real kernel's network and disk), the namespa
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from kasched.errors import LabError
 from kasched.lab import disk, systems
 from kasched.lab.network import ip_batch
 from kasched.lab.nodedir import NodeDir, NodeFacts
-from kasched.lab.nodekind import LabContext, NamespaceNodeKind, pythonpath
+from kasched.lab.nodekind import NamespaceNodeKind, pythonpath
 from kasched.lab.rootfs import BASE_PACKAGES, DEPLOY_PACKAGES
 from kasched.lab.system import run
 from kasched.lab.topology import NodePlan
@@ -114,17 +115,24 @@ class QemuNodeKind(NamespaceNodeKind):
         self._local_initrd(base_tree, boot_dir / LOCAL_INITRD, cache_dir)
 
     def _local_initrd(self, base_tree: Path, image: Path, cache_dir: Path) -> None:
-        tree = image.with_name(image.name + ".tree")
-        shutil.rmtree(tree, ignore_errors=True)
-        for directory in ("bin", "proc", "dev", "newroot"):
-            (tree / directory).mkdir(parents=True)
-        shutil.copy2(base_tree / "bin" / "busybox", tree / "bin" / "busybox")
-        (tree / "bin" / "sh").symlink_to("busybox")
-        modules = self.kernel(cache_dir).add_modules(tree, [*VIRTIO_DISK_MODULES, *VIRTIO_NET_MODULES])
-        (tree / "init").write_text(_LOCAL_INIT.format(modules="\n".join(modules)))
-        (tree / "init").chmod(0o755)
-        systems.make_initramfs(tree, image)
-        shutil.rmtree(tree)
+        """The local partition's initramfs at ``image``: built once per kernel and script into the
+        cache (the lab's reference, its boot directory and each environment carry the same one)."""
+        kernel = self.kernel(cache_dir)
+        key = hashlib.sha256(f"{kernel.modules}\n{_LOCAL_INIT}".encode()).hexdigest()[:12]
+        cached = cache_dir / f"local-initrd-{key}.img"
+        if not cached.exists():
+            tree = cached.with_name(cached.name + ".tree")
+            shutil.rmtree(tree, ignore_errors=True)
+            for directory in ("bin", "proc", "dev", "newroot"):
+                (tree / directory).mkdir(parents=True)
+            shutil.copy2(base_tree / "bin" / "busybox", tree / "bin" / "busybox")
+            (tree / "bin" / "sh").symlink_to("busybox")
+            modules = kernel.add_modules(tree, [*VIRTIO_DISK_MODULES, *VIRTIO_NET_MODULES])
+            (tree / "init").write_text(_LOCAL_INIT.format(modules="\n".join(modules)))
+            (tree / "init").chmod(0o755)
+            systems.make_initramfs(tree, cached)  # written whole, then renamed
+            shutil.rmtree(tree)
+        shutil.copyfile(cached, image)
 
     def site_settings(self) -> dict[str, object]:
         return {
@@ -135,11 +143,6 @@ class QemuNodeKind(NamespaceNodeKind):
         }
 
     # -- nodes ------------------------------------------------------------------------------------
-    def create(self, ctx: LabContext, nodes: list[NodePlan]) -> None:
-        if reason := qemu_missing():
-            raise LabError(reason)
-        super().create(ctx, nodes)
-
     def make_node(self, node: NodePlan, node_dir: NodeDir, golden_disk: Path) -> None:
         """The VM's tap port on the node's cable, its disk image file, its facts and power supply."""
         _cable_vm(node)

@@ -150,14 +150,20 @@ def register(site: Site, *descriptions: str) -> None:
         assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture(scope="session")
-def site() -> Iterator[Site]:
+def fresh_work_dir(prefix: str, lab: str) -> Path:
+    """A new work directory for a site on lab ``lab``, whose leftovers of an earlier run are removed."""
     if os.geteuid() != 0:
         pytest.fail("the lab needs root (run scripts/test.sh as root)")
-    work = Path(tempfile.mkdtemp(prefix="kasched-e2e-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     work.chmod(0o755)
+    _run(*KASCHED, "lab", "down", "--name", lab)
+    return work
+
+
+@pytest.fixture(scope="session")
+def site() -> Iterator[Site]:
+    work = fresh_work_dir("kasched-e2e-", LAB)
     lab_dir = work / "lab"
-    _run(*KASCHED, "lab", "down", "--name", LAB)
     _run(
         *KASCHED,
         "lab",

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import yaml
 
 from kasched.lab.system import netns_pids
 from tests.conftest import ROOT
-from tests.e2e.conftest import KASCHED, Site, _reference_environment, _run, register
+from tests.e2e.conftest import KASCHED, Site, _reference_environment, _run, fresh_work_dir, register
 from tests.e2e.test_operations_lab import wait_ssh
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -46,12 +45,8 @@ boot:
 
 @pytest.fixture(scope="module")
 def vm_site() -> Iterator[Site]:
-    if os.geteuid() != 0:
-        pytest.fail("the lab needs root (run scripts/test.sh as root)")
-    work = Path(tempfile.mkdtemp(prefix="kasched-e2e-qemu-"))
-    work.chmod(0o755)
+    work = fresh_work_dir("kasched-e2e-qemu-", LAB)
     lab_dir = work / "lab"
-    _run(*KASCHED, "lab", "down", "--name", LAB)
     try:
         _run(*KASCHED, "lab", "up", "--name", LAB, "--kind", "qemu", "--state-dir", str(lab_dir), "--nodes", "2",
              "--switches", "2", "--link", "100mbit", "--uplink", "1gbit", "--boot-timeout", str(BOOT_TIMEOUT),
