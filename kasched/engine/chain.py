@@ -114,6 +114,9 @@ class BroadcastOptions:
     # a node lets at most this long of its stream (at the rate it arrives) gather before it wakes up
     # to forward it (the agent's Pacer; 16 KiB to low_water): longer, less CPU per byte, more delay
     batch_seconds: float = 0.01
+    # kernel buffer for each chain connection, sending and receiving side (see chain_agent.set_buffer):
+    # it absorbs a node's short delays instead of passing them up to the source; 0: kernel autotuning
+    socket_buffer: int = 4 << 20
     # the address nodes report to; None: listen on all addresses and tell each node the server's
     # address on its connection to the chain (right when the nodes sit on the server's network)
     report_host: str | None = None
@@ -281,6 +284,7 @@ def _session_config(session: str, sink: dict[str, Any], options: BroadcastOption
         "reconnect_timeout": options.reconnect_timeout,
         "replay_bytes": options.replay_bytes,
         "batch_seconds": options.batch_seconds,
+        "socket_buffer": options.socket_buffer,
     }
 
 

@@ -39,6 +39,8 @@ SINK_PIPE = 1 << 20  # bytes a tar or command sink's pipe holds: it absorbs the 
 BATCH_SECONDS = 0.01  # a batch is at most this long at the rate the stream arrives (see Pacer)
 BATCH_RANGE = (16 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
 RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
+SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel for each chain connection's buffers (see set_buffer)
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/socket.h: past net.core.[rw]mem_max, with CAP_NET_ADMIN
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
 OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
@@ -98,6 +100,24 @@ def no_delay(sock: socket.socket) -> None:
     waited for the peer's delayed ack of the previous one, up to ~0.4 s per hop: on a 64-node chain
     the acks of the end of stream took 27 s to come back from the tail."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def set_buffer(sock: socket.socket, option: int, size: int) -> None:
+    """Give a chain connection ``size`` bytes of kernel buffer (``SO_SNDBUF`` on the sending side,
+    ``SO_RCVBUF`` on the receiving side; the kernel doubles it for its bookkeeping). A node that falls
+    behind for a moment (not scheduled, its sink busy) leaves the stream in its receive buffer, and its
+    predecessor goes on at the link's rate: with the kernel's autotuning, sized for the round trip,
+    such a moment held the whole chain back, down to the source (64 lab nodes at 10 Mbit/s: the
+    first node received at E 0.89-0.91 instead of 0.94). As root, past ``net.core.[rw]mem_max``;
+    otherwise up to it. 0: the kernel's autotuning."""
+    if size <= 0:
+        return
+    force = SO_SNDBUFFORCE if option == socket.SO_SNDBUF else SO_RCVBUFFORCE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:  # not root: what net.core.[rw]mem_max allows
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 def probe_when_idle(sock: socket.socket, seconds: float) -> None:
@@ -183,9 +203,11 @@ class Forwarder:
         self.ring = ReplayBuffer(int(config["replay_bytes"]))
         # how often a blocked send checks the successor is alive
         self.poll = min(1.0, self.stall / 4, max(0.1, self.ack_timeout / 4) if self.ack_timeout else 1.0)
+        self.buffer = int(config.get("socket_buffer", SOCKET_BUFFER))
         self.sock: socket.socket | None = None
         self.index = -1
         self.alive_at = time.monotonic()
+        self.check_at = 0.0  # when send() next looks at the successor (its buffer may hide a death)
         self.deadline = self.alive_at + float(config["timeout"])
 
     @property
@@ -221,6 +243,7 @@ class Forwarder:
         try:
             no_delay(sock)
             probe_when_idle(sock, self.ack_timeout)
+            set_buffer(sock, socket.SO_SNDBUF, self.buffer)
             sock.settimeout(self.stall)
             header = dict(self.config, chain=self.successors[index + 1 :])
             if header["report"].startswith(":"):  # the server's address as this node reaches it
@@ -273,10 +296,16 @@ class Forwarder:
         return False
 
     def send(self, chunk: bytes) -> None:
+        """Forward a chunk. Every ``poll`` seconds, also look at the successor when the send did not
+        block: a send buffer of seconds of the stream would take that long to fill and block after
+        the successor died."""
         self.ring.append(chunk)
         if self.sock is not None:
             try:
                 self._send(DATA, chunk)
+                if (now := time.monotonic()) >= self.check_at:
+                    self.check_at = now + self.poll
+                    self._poll_successor()
             except (OSError, ProtocolError) as error:
                 self._bypass(error)  # attach() resends the chunk from the replay buffer
 
@@ -516,6 +545,7 @@ class Agent:
             header = json.loads(payload)
             if kind != HEADER or (self.config and header.get("session") != self.config["session"]):
                 raise ProtocolError("not our session")
+            set_buffer(conn, socket.SO_RCVBUF, int(header.get("socket_buffer", SOCKET_BUFFER)))
             send_frame(conn, OFFSET_REPLY, OFFSET.pack(self.have))
         except (OSError, ProtocolError, ValueError):
             conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -210,6 +211,41 @@ def test_a_command_sinks_pipe_holds_a_mebibyte(agents: AgentGroup, tmp_path: Pat
     assert result.ok, result.failed
     for node in agents.nodes[:2]:
         assert int((tmp_path / f"{node.name}.pipe").read_text()) == SINK_PIPE == 1 << 20
+
+
+def chain_socket_buffers(port: int, stop: threading.Event) -> dict[str, int]:
+    """The largest receive buffer of the connection accepted on ``port`` and send buffer of the one
+    made to it (``ss -tm``, the kernel's own figures), sampled until ``stop``."""
+    seen = {"rb": 0, "tb": 0}
+    while not stop.wait(0.05):
+        shown = subprocess.run(["ss", "-Htmn", "state", "established"], capture_output=True, text=True).stdout
+        for local, peer, memory in re.findall(r"^\S+\s+\S+\s+(\S+)\s+(\S+).*\n\s+skmem:\((.*)\)", shown, re.M):
+            side = "rb" if local.endswith(f":{port}") else "tb" if peer.endswith(f":{port}") else ""
+            if side and (match := re.search(rf"\b{side}(\d+)", memory)):
+                seen[side] = max(seen[side], int(match.group(1)))
+    return seen
+
+
+@pytest.mark.parametrize("asked", [5 << 20, 0])
+def test_each_chain_connection_gets_the_socket_buffer_asked_for(agents: AgentGroup, tmp_path: Path, asked: int) -> None:
+    """5 MiB (the kernel doubles it) is past what its autotuning may reach (net.ipv4.tcp_rmem and
+    tcp_wmem's maximum, 6 and 4 MiB): only asking gets it. 0 leaves the kernel's autotuning."""
+    image = random_image(tmp_path / "disk.img", 4)
+    options = BroadcastOptions(timeout=60.0, stall_timeout=5.0, rate_limit=2 << 20, socket_buffer=asked)
+    port = int(agents.nodes[1].address.rpartition(":")[2])
+    stop, seen = threading.Event(), {}
+    sampler = threading.Thread(target=lambda: seen.update(chain_socket_buffers(port, stop)), daemon=True)
+    sampler.start()
+    try:
+        result = broadcast(image, agents.nodes[:3], {"kind": "discard"}, options=options)
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert result.ok, result.failed
+    autotuned = {"rb": int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2]),
+                 "tb": int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])}  # fmt: skip
+    for side in ("rb", "tb"):
+        assert seen[side] == 2 * asked if asked else 0 < seen[side] <= autotuned[side], (side, seen)
 
 
 @pytest.mark.slow

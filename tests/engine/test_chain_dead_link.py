@@ -153,3 +153,38 @@ def test_a_slow_reader_is_not_taken_for_a_dead_link(wiring: Wiring, tmp_path: Pa
     finally:
         agents.stop()
     assert result.ok, {name: result[name].error for name in result}
+
+
+def test_a_dead_successor_is_bypassed_while_sends_still_fit_in_the_socket_buffer(
+    wiring: Wiring, tmp_path: Path
+) -> None:
+    """a01's socket buffer holds more than the whole image, so its sends never block: it must still
+    look at its successor while the stream flows. Its replay buffer holds 8 MiB: noticed only at the
+    end of the stream, a02's and a03's death would leave a04 (4 MiB in) beyond what a01 can resend."""
+    image = random_image(tmp_path / "disk.img", 24)
+    options = BroadcastOptions(
+        timeout=40.0, stall_timeout=120.0, ack_timeout=1.0, reconnect_timeout=20.0, lost_grace=1.0,
+        rate_limit=2 << 20, replay_bytes=8 << 20, socket_buffer=32 << 20,
+    )  # fmt: skip
+    agents = AgentGroup(5, accept_timeout=60.0, placement=wiring.placement).start()
+    victim = tmp_path / "a02.img"
+
+    def pull() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (victim.exists() and victim.stat().st_size >= 4 << 20):
+            time.sleep(0.02)
+        wiring.pull_cable(1)
+        wiring.pull_cable(2)
+
+    puller = threading.Thread(target=pull, daemon=True)
+    puller.start()
+    try:
+        with inside_netns(wiring.switch):
+            result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")},
+                               options=options)  # fmt: skip
+    finally:
+        puller.join(35)
+        agents.stop()
+    assert result.failed == ["a02", "a03"], {name: result[name].error for name in result}
+    for name in ["a01", "a04", "a05"]:
+        assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
