@@ -33,11 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from labkit import ratio_line
 
-from kasched.engine import chain_agent
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import AGENT_FLAGS
-
-AGENT_FILE = Path(chain_agent.__file__)
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
 
 
 class FramedReader:
@@ -55,9 +52,13 @@ def start_agents(count: int) -> tuple[list[subprocess.Popen[bytes]], list[ChainN
     processes, nodes = [], []
     for index in range(count):
         name = f"b{index + 1:02d}"
-        argv = ["python3", *AGENT_FLAGS.split(), str(AGENT_FILE), "--listen", f"127.0.91.{index + 1}:0",
+        argv = ["python3", *AGENT_FLAGS.split(), "-", "--listen", f"127.0.91.{index + 1}:0",
                 "--name", name, "--accept-timeout", "60"]  # fmt: skip
-        processes.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdin is not None
+        process.stdin.write(AGENT_SOURCE)  # the program shipped to nodes, as over SSH
+        process.stdin.close()
+        processes.append(process)
     try:
         for index, process in enumerate(processes):
             assert process.stdout is not None and process.stderr is not None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-from kasched.engine.chain_agent import (
+from kasched.engine.chain_wire import (
     CHUNK,
     END_PAYLOAD,
     HEADER,
@@ -114,7 +114,7 @@ class BroadcastOptions:
     # a node lets at most this long of its stream (at the rate it arrives) gather before it wakes up
     # to forward it (the agent's Pacer; 16 KiB to low_water): longer, less CPU per byte, more delay
     batch_seconds: float = 0.01
-    # kernel buffer for each chain connection, sending and receiving side (see chain_agent.set_buffer):
+    # kernel buffer for each chain connection, sending and receiving side (see chain_wire.set_buffer):
     # it absorbs a node's short delays instead of passing them up to the source; 0: kernel autotuning
     socket_buffer: int = 4 << 20
     # the address nodes report to; None: listen on all addresses and tell each node the server's

@@ -1,359 +1,67 @@
 """The node side of the chain broadcast: receive an image stream from the predecessor, write it to a
-sink (untar into a directory, or raw into a file/device), forward it to the successor, check its
-sha256 and report to the server. Standalone, standard library only: run it as
-``python3 -m kasched.engine.chain_agent --listen HOST:PORT --name NODE`` or ship this file over SSH
-(``python3 - --listen ... < chain_agent.py``). The server side is :mod:`kasched.engine.chain`, which
-also uses :class:`Forwarder` and the framing below. The protocol is described in
-``docs/engine-transports.md``.
+sink (untar into a directory, or raw into a file/device), forward it to the successor (with
+:mod:`kasched.engine.chain_wire`'s :class:`Forwarder`), check its sha256 and report to the server.
+Standard library only: run it as ``python3 -m kasched.engine.chain_agent --listen HOST:PORT --name
+NODE``, or ship it over SSH as one program, ``chain_wire``'s source followed by this one's without
+its import of ``chain_wire`` (``chain_ssh.AGENT_SOURCE``, read by ``python3 - --listen ...``). The
+protocol is described in ``docs/engine-transports.md``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import select
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+
+# bundle: begin (chain_ssh.AGENT_SOURCE leaves this import out: chain_wire's source comes first there)
+from kasched.engine.chain_wire import (
+    ABORT,
+    ACK,
+    CHUNK,
+    DATA,
+    END,
+    END_PAYLOAD,
+    FRAME,
+    HEADER,
+    KEEPALIVE,
+    OFFSET,
+    OFFSET_REPLY,
+    SOCKET_BUFFER,
+    SUPERSEDED,
+    DeadlinePassed,
+    Forwarder,
+    NewUpstream,
+    ProtocolError,
+    Superseded,
+    UpstreamLost,
+    no_delay,
+    recv_frame,
+    send_frame,
+    set_buffer,
+    split_address,
+)
+
+# bundle: end
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: every node starts this program
 if TYPE_CHECKING:
     import subprocess
     from typing import Any
 
-FRAME = struct.Struct("!BI")  # kind, payload length
-OFFSET = struct.Struct("!Q")
-END_PAYLOAD = struct.Struct("!32sQ")  # sha256 digest of the whole stream, its length in bytes
-CHUNK = 1 << 20
-MAX_CONTROL = 1 << 20
 MAX_LOW_WATER = CHUNK  # a node waits for at most this many bytes before it wakes up to forward them
 SINK_PIPE = 1 << 20  # bytes a tar or command sink's pipe holds: it absorbs the sink's jitter
 BATCH_SECONDS = 0.01  # a batch is at most this long at the rate the stream arrives (see Pacer)
 BATCH_RANGE = (16 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
 RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
-SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel for each chain connection's buffers (see set_buffer)
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/socket.h: past net.core.[rw]mem_max, with CAP_NET_ADMIN
-
-HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
-OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
 TAR_FLAGS = {"gz": ["--gzip"], "xz": ["--xz"], "zst": ["--zstd"], "none": []}
-
-
-class ProtocolError(Exception):
-    """The peer did not speak the protocol, or the stream cannot continue."""
-
-
-class Superseded(Exception):
-    """Our successor was taken over by our predecessor: we were bypassed and must stop."""
-
-
-class UpstreamLost(Exception):
-    """The connection from the predecessor closed before the end of the stream."""
-
-
-class NewUpstream(Exception):
-    """A predecessor resumed the stream on a new connection; restart the frame parser."""
-
-
-class DeadlinePassed(Exception):
-    """The broadcast's deadline passed while a send waited for a live but blocked successor."""
-
-
-# --- framing ---------------------------------------------------------------------------------------
-
-
-def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
-    header = FRAME.pack(kind, len(payload))
-    sent = sock.sendmsg([header, payload]) if payload else sock.send(header)
-    if sent < len(header) + len(payload):
-        sock.sendall((header + payload)[sent:])
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    parts, left = [], size
-    while left:
-        part = sock.recv(left)
-        if not part:
-            raise ProtocolError("connection closed")
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
-def recv_frame(sock: socket.socket) -> tuple[int, bytes]:
-    kind, size = FRAME.unpack(recv_exact(sock, FRAME.size))
-    if size > MAX_CONTROL:
-        raise ProtocolError(f"control frame of {size} bytes")
-    return kind, recv_exact(sock, size)
-
-
-def no_delay(sock: socket.socket) -> None:
-    """Small frames (the end of stream, acks, keepalives) leave at once. With Nagle's algorithm each
-    waited for the peer's delayed ack of the previous one, up to ~0.4 s per hop: on a 64-node chain
-    the acks of the end of stream took 27 s to come back from the tail."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def set_buffer(sock: socket.socket, option: int, size: int) -> None:
-    """Give a chain connection ``size`` bytes of kernel buffer (``SO_SNDBUF`` on the sending side,
-    ``SO_RCVBUF`` on the receiving side; the kernel doubles it for its bookkeeping). A node that falls
-    behind for a moment (not scheduled, its sink busy) leaves the stream in its receive buffer, and its
-    predecessor goes on at the link's rate: with the kernel's autotuning, sized for the round trip,
-    such a moment held the whole chain back, down to the source (64 lab nodes at 10 Mbit/s: the
-    first node received at E 0.89-0.91 instead of 0.94). As root, past ``net.core.[rw]mem_max``;
-    otherwise up to it. 0: the kernel's autotuning."""
-    if size <= 0:
-        return
-    force = SO_SNDBUFFORCE if option == socket.SO_SNDBUF else SO_RCVBUFFORCE
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, force, size)
-    except OSError:  # not root: what net.core.[rw]mem_max allows
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
-
-
-def probe_when_idle(sock: socket.socket, seconds: float) -> None:
-    """Let the kernel probe an idle connection every second and end it (ETIMEDOUT) after ``seconds``
-    of unanswered probes: a successor powered off or behind a pulled cable sends no reset. A live
-    one's kernel answers, however busy the node is. (Not TCP_USER_TIMEOUT: since Linux 5.11 it also
-    ends a connection whose window stays closed that long, i.e. a live successor whose sink stalls.)"""
-    if seconds <= 0 or not hasattr(socket, "TCP_KEEPIDLE"):
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, round(seconds)))
-
-
-TCP_INFO_HEAD = struct.Struct("=8B13I")  # struct tcp_info up to tcpi_last_ack_recv (linux/tcp.h)
-
-
-def unanswered_for(sock: socket.socket) -> float:
-    """Seconds the kernel has been retransmitting data the peer never acknowledged (0 when nothing
-    sent is waiting for an ack, or no retransmission timer has fired yet). A closed window is not
-    counted: the peer acknowledged everything and answers the window probes."""
-    if not hasattr(socket, "TCP_INFO"):
-        return 0.0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
-    except OSError:
-        return 0.0
-    fields = TCP_INFO_HEAD.unpack_from(info.ljust(TCP_INFO_HEAD.size, b"\0"))
-    retransmits, unacked, last_ack_recv_ms = fields[2], fields[12], fields[20]
-    return last_ack_recv_ms / 1000 if retransmits and unacked else 0.0
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-# --- downstream side: forwarding with a bounded replay buffer ---------------------------------------
-
-
-class ReplayBuffer:
-    """The last ``capacity`` bytes sent (whole chunks kept by reference, no copy)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.start = 0  # stream offset of the first byte kept
-        self.end = 0  # stream offset after the last byte kept
-        self.size = 0
-
-    def append(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.end += len(chunk)
-        self.size += len(chunk)
-        while len(self.chunks) > 1 and self.size - len(self.chunks[0]) >= self.capacity:
-            dropped = self.chunks.popleft()
-            self.start += len(dropped)
-            self.size -= len(dropped)
-
-    def since(self, offset: int) -> Iterator[memoryview]:
-        if not self.start <= offset <= self.end:
-            raise ProtocolError(f"cannot resume at byte {offset}: replay buffer holds {self.start}-{self.end}")
-        position = self.start
-        for chunk in list(self.chunks):
-            if position + len(chunk) > offset:
-                yield memoryview(chunk)[max(0, offset - position) :]
-            position += len(chunk)
-
-
-class Forwarder:
-    """Send the stream to the first live successor; when it dies, bypass it: connect to the next one,
-    learn how many bytes it has and resend from there out of the replay buffer."""
-
-    def __init__(
-        self, config: dict[str, Any], successors: list[list[str]], note_lost: Callable[[str, str], None]
-    ) -> None:
-        self.config = config
-        self.successors = successors
-        self.note_lost = note_lost
-        self.stall = float(config["stall_timeout"])
-        self.ack_timeout = min(self.stall, float(config.get("ack_timeout", 0)))
-        self.ring = ReplayBuffer(int(config["replay_bytes"]))
-        # how often a blocked send checks the successor is alive
-        self.poll = min(1.0, self.stall / 4, max(0.1, self.ack_timeout / 4) if self.ack_timeout else 1.0)
-        self.buffer = int(config.get("socket_buffer", SOCKET_BUFFER))
-        self.sock: socket.socket | None = None
-        self.index = -1
-        self.alive_at = time.monotonic()
-        self.check_at = 0.0  # when send() next looks at the successor (its buffer may hide a death)
-        self.deadline = self.alive_at + float(config["timeout"])
-
-    @property
-    def current(self) -> str:
-        return self.successors[self.index][0] if self.sock else ""
-
-    def attach(self, start: int) -> None:
-        """Connect to the first successor from ``start`` on that answers and can be resumed, and
-        resend it what it lacks from the replay buffer."""
-        for index in range(start, len(self.successors)):
-            name, address = self.successors[index]
-            try:
-                self.sock, offset = self._handshake(index, address)
-                self.index, self.alive_at = index, time.monotonic()
-                try:
-                    pieces = list(self.ring.since(offset))
-                except ProtocolError as error:
-                    self.abort(str(error))
-                    raise
-                for piece in pieces:
-                    self._send(DATA, piece)
-                return
-            except (OSError, ProtocolError) as error:
-                self.note_lost(name, f"cannot reach {name} at {address}: {error or type(error).__name__}")
-                if self.sock is not None:
-                    self.sock.close()
-                    self.sock = None
-        self.sock, self.index = None, len(self.successors)
-
-    def _handshake(self, index: int, address: str) -> tuple[socket.socket, int]:
-        # a SYN unanswered for the ack timeout: that successor is gone too (it would cost the stall)
-        sock = socket.create_connection(split_address(address), timeout=self.ack_timeout or self.stall)
-        try:
-            no_delay(sock)
-            probe_when_idle(sock, self.ack_timeout)
-            set_buffer(sock, socket.SO_SNDBUF, self.buffer)
-            sock.settimeout(self.stall)
-            header = dict(self.config, chain=self.successors[index + 1 :])
-            if header["report"].startswith(":"):  # the server's address as this node reaches it
-                header["report"] = f"{sock.getsockname()[0]}{header['report']}"
-            send_frame(sock, HEADER, json.dumps(header).encode())
-            kind, payload = recv_frame(sock)
-            if kind != OFFSET_REPLY:
-                raise ProtocolError(f"expected an offset, got frame {kind!r}")
-            sock.settimeout(self.poll)
-        except BaseException:
-            sock.close()
-            raise
-        return sock, OFFSET.unpack(payload)[0]
-
-    def _send(self, kind: int, payload: bytes | memoryview = b"") -> None:
-        """Send one frame (header and payload in one call: with TCP_NODELAY, no packet of 5 bytes);
-        while the successor does not take it, check that it is still alive."""
-        assert self.sock is not None
-        views = [memoryview(FRAME.pack(kind, len(payload))), memoryview(payload)]
-        while views := [view for view in views if view]:
-            try:
-                sent = self.sock.sendmsg(views)
-            except TimeoutError as error:
-                if error.errno == errno.ETIMEDOUT:  # the kernel's verdict (probe_when_idle), not our poll
-                    raise
-                self._poll_successor()
-                continue
-            for index, view in enumerate(views):
-                taken = min(sent, len(view))
-                views[index], sent = view[taken:], sent - taken
-
-    def _poll_successor(self) -> bool:
-        """Read what the successor sent upstream (keepalives, an ack, being superseded) without
-        blocking; True on an ack. Raises TimeoutError if it has been silent for the stall timeout."""
-        assert self.sock is not None
-        while select.select([self.sock], [], [], 0)[0]:
-            kind, _ = recv_frame(self.sock)
-            if kind == SUPERSEDED:
-                raise Superseded(f"{self.current} was taken over by our predecessor")
-            self.alive_at = time.monotonic()
-            if kind == ACK:  # the successor closes right after it: reading on would see that as a loss
-                return True
-        now = time.monotonic()
-        if now > self.deadline:  # not an OSError: no successor is bypassed for it
-            raise DeadlinePassed("the stream did not end before the deadline")
-        if now - self.alive_at > self.stall:
-            raise TimeoutError(f"no sign of life for {self.stall:g}s")
-        if self.ack_timeout and unanswered_for(self.sock) > self.ack_timeout:
-            raise TimeoutError(errno.ETIMEDOUT, "unacknowledged")  # told apart in _bypass
-        return False
-
-    def send(self, chunk: bytes) -> None:
-        """Forward a chunk. Every ``poll`` seconds, also look at the successor when the send did not
-        block: a send buffer of seconds of the stream would take that long to fill and block after
-        the successor died."""
-        self.ring.append(chunk)
-        if self.sock is not None:
-            try:
-                self._send(DATA, chunk)
-                if (now := time.monotonic()) >= self.check_at:
-                    self.check_at = now + self.poll
-                    self._poll_successor()
-            except (OSError, ProtocolError) as error:
-                self._bypass(error)  # attach() resends the chunk from the replay buffer
-
-    def _bypass(self, error: BaseException) -> None:
-        assert self.sock is not None
-        if _was_superseded(self.sock):
-            raise Superseded(f"{self.current} was taken over by our predecessor")
-        if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
-            why = f"nothing acknowledged for {self.ack_timeout:g}s (powered off, or its link is down)"
-        else:
-            why = str(error) or type(error).__name__
-        self.note_lost(self.current, f"connection to {self.current} lost: {why}")
-        self.sock.close()
-        self.sock = None
-        self.attach(self.index + 1)
-
-    def finish(self, end_payload: bytes, deadline: float) -> None:
-        """Send the end of stream and wait until the successor acknowledges that it and everything
-        after it have the whole stream; bypass successors that die meanwhile."""
-        while self.sock is not None:
-            try:
-                self._send(END, end_payload)
-                while not self._poll_successor():
-                    if time.monotonic() >= deadline:
-                        raise ProtocolError("no acknowledgement before the deadline")
-                    select.select([self.sock], [], [], self.poll)
-                self.sock.close()
-                self.sock = None
-            except (OSError, ProtocolError) as error:
-                self._bypass(error)
-
-    def abort(self, reason: str) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.settimeout(1.0)
-                send_frame(self.sock, ABORT, reason.encode()[:MAX_CONTROL])
-            self.sock.close()
-            self.sock = None
-
-
-def _was_superseded(sock: socket.socket) -> bool:
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if readable:
-            return sock.recv(FRAME.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)[:1] == bytes([SUPERSEDED])
-    except OSError:
-        pass
-    return False
 
 
 # --- sinks ------------------------------------------------------------------------------------------

@@ -20,13 +20,30 @@ from typing import Any, BinaryIO
 
 import paramiko
 
-from kasched.engine import chain_agent
+from kasched.engine import chain_agent, chain_wire
 from kasched.engine.chain import STEP, BroadcastOptions, ChainNode, broadcast
 from kasched.engine.ssh_session import SshAuth, SshSession, load_private_key
 from kasched.errors import DriverError, KaschedError
 from kasched.results import GroupResult, NodeResult
 
-AGENT_SOURCE = Path(chain_agent.__file__).read_bytes()
+BUNDLE_BEGIN, BUNDLE_END = "# bundle: begin", "# bundle: end"
+
+
+def bundled_agent_source() -> bytes:
+    """The agent as one program: :mod:`~kasched.engine.chain_wire`'s source, then
+    :mod:`~kasched.engine.chain_agent`'s without its import of chain_wire (between its ``# bundle:``
+    lines) and its ``from __future__`` line (chain_wire's, first in the program, holds for all)."""
+    wire = Path(chain_wire.__file__).read_text()
+    agent = Path(chain_agent.__file__).read_text()
+    head, begin, rest = agent.partition(BUNDLE_BEGIN)
+    _, end, tail = rest.partition(BUNDLE_END)
+    if not (begin and end):
+        raise RuntimeError(f"{chain_agent.__file__}: no {BUNDLE_BEGIN!r} ... {BUNDLE_END!r} lines")
+    agent = (head + tail.partition("\n")[2]).replace("from __future__ import annotations\n", "", 1)
+    return f"{wire}\n\n# --- {Path(chain_agent.__file__).name} ---\n\n{agent}".encode()
+
+
+AGENT_SOURCE = bundled_agent_source()
 AGENT_FLAGS = "-I -S"  # isolated, no site: the standard library only; 1.32x less CPU to start (bench/agent_start.py)
 PREPARE_FAILED = 3  # the session's exit status when the preparation failed (the agent was stopped)
 PREPARE_KILL_AFTER = 5.0  # seconds a timed-out preparation has to end on SIGTERM before SIGKILL

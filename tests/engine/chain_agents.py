@@ -1,5 +1,6 @@
-"""Chain agents for engine tests and benches: real agent processes listening on 127.0.x.y, started
-from the agent's file alone (it must need nothing but the standard library)."""
+"""Chain agents for engine tests and benches: real agent processes listening on 127.0.x.y, each running
+the program shipped to nodes (``chain_ssh.AGENT_SOURCE``) read on its stdin, as over SSH, under
+``python3 -I -S``: it must need nothing but the standard library."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kasched.engine.chain import ChainNode
-
-AGENT_FILE = Path(__file__).resolve().parents[2] / "kasched" / "engine" / "chain_agent.py"
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
 
 
 @dataclass
@@ -44,9 +43,13 @@ class AgentGroup:
     def _start_one(self, index: int) -> None:
         name = f"a{index + 1:02d}"
         prefix, host = self.placement(index) if self.placement else ([], f"127.{self.subnet}.0.{index + 1}")
-        argv = [*prefix, sys.executable, str(AGENT_FILE), "--listen", f"{host}:0"]
+        argv = [*prefix, sys.executable, *AGENT_FLAGS.split(), "-", "--listen", f"{host}:0"]
         argv += ["--name", name, "--accept-timeout", str(self.accept_timeout)]
-        self.processes[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.processes[name] = process
+        assert process.stdin is not None
+        process.stdin.write(AGENT_SOURCE)
+        process.stdin.close()
 
     def _wait_ready(self, name: str, deadline: float) -> ChainNode:
         process = self.processes[name]

@@ -19,16 +19,9 @@ from chain_agents import AgentGroup
 from sshd_nodes import SshdCluster, free_port
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
-from kasched.engine.chain_agent import (
-    DATA,
-    FRAME,
-    SINK_PIPE,
-    ProtocolError,
-    ReplayBuffer,
-    recv_exact,
-    split_address,
-)
+from kasched.engine.chain_agent import SINK_PIPE
 from kasched.engine.chain_ssh import broadcast_over_ssh
+from kasched.engine.chain_wire import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
 from kasched.engine.ssh_session import SshAuth
 from kasched.errors import InputError
 

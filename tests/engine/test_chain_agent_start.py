@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
+import pytest
+
+from kasched.engine import chain_agent
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, bundled_agent_source
 
 #: loaded only for the sinks that run a program (tar, command), or not at all
 NOT_AT_START = {"argparse", "typing", "subprocess", "site"}
@@ -51,3 +55,19 @@ def test_the_agent_listens_on_ipv6_too() -> None:
     done = start_agent("--listen", "[::1]:0", "--name", "n1", "--accept-timeout", "0.01")
     assert done.stdout.startswith("ready ::1:"), done.stderr[-500:]
     assert "nobody connected within 0.01s" in done.stderr
+
+
+def test_the_shipped_program_is_the_wire_then_the_agent_in_one_file() -> None:
+    """chain_wire's source, then chain_agent's without its import of kasched: nothing else is needed."""
+    source = AGENT_SOURCE.decode()
+    assert not re.search(r"^\s*(from|import) kasched", source, re.MULTILINE)
+    assert source.count("from __future__ import annotations") == 1
+    assert source.index("class Forwarder") < source.index("class Agent") < source.index('if __name__ == "__main__"')
+
+
+def test_an_agent_module_without_its_bundle_lines_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = tmp_path / "chain_agent.py"
+    agent.write_text(Path(chain_agent.__file__).read_text().replace("# bundle: end", "# end"))
+    monkeypatch.setattr(chain_agent, "__file__", str(agent))
+    with pytest.raises(RuntimeError, match=re.escape("no '# bundle: begin' ... '# bundle: end' lines")):
+        bundled_agent_source()
