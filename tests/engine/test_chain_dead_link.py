@@ -94,10 +94,18 @@ def broadcast_pulling_two_cables(wiring: Wiring, tmp_path: Path) -> tuple[GroupR
         timeout=40.0, stall_timeout=120.0, ack_timeout=1.0, reconnect_timeout=20.0, lost_grace=1.0,
         rate_limit=8 << 20,
     )  # fmt: skip
+    return broadcast_pulling_cables_at_4_mib(wiring, tmp_path, image, options), image
+
+
+def broadcast_pulling_cables_at_4_mib(
+    wiring: Wiring, tmp_path: Path, image: Path, options: BroadcastOptions
+) -> GroupResult:
+    """Broadcast ``image`` to 5 agents writing raw files; pull a02's and a03's cables at once (a01
+    must bypass both) once a02 has 4 MiB."""
     agents = AgentGroup(5, accept_timeout=60.0, placement=wiring.placement).start()
     victim = tmp_path / "a02.img"
 
-    def pull() -> None:  # two neighbours at once: a01 must bypass both
+    def pull() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not (victim.exists() and victim.stat().st_size >= 4 << 20):
             time.sleep(0.02)
@@ -108,13 +116,11 @@ def broadcast_pulling_two_cables(wiring: Wiring, tmp_path: Path) -> tuple[GroupR
     puller.start()
     try:
         with inside_netns(wiring.switch):
-            result = broadcast(
-                image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options
-            )
+            return broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")},
+                             options=options)  # fmt: skip
     finally:
         puller.join(35)
         agents.stop()
-    return result, image
 
 
 def test_nodes_behind_pulled_cables_are_bypassed_before_the_stall_timeout(wiring: Wiring, tmp_path: Path) -> None:
@@ -166,25 +172,7 @@ def test_a_dead_successor_is_bypassed_while_sends_still_fit_in_the_socket_buffer
         timeout=40.0, stall_timeout=120.0, ack_timeout=1.0, reconnect_timeout=20.0, lost_grace=1.0,
         rate_limit=2 << 20, replay_bytes=8 << 20, socket_buffer=32 << 20,
     )  # fmt: skip
-    agents = AgentGroup(5, accept_timeout=60.0, placement=wiring.placement).start()
-    victim = tmp_path / "a02.img"
-
-    def pull() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (victim.exists() and victim.stat().st_size >= 4 << 20):
-            time.sleep(0.02)
-        wiring.pull_cable(1)
-        wiring.pull_cable(2)
-
-    puller = threading.Thread(target=pull, daemon=True)
-    puller.start()
-    try:
-        with inside_netns(wiring.switch):
-            result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")},
-                               options=options)  # fmt: skip
-    finally:
-        puller.join(35)
-        agents.stop()
+    result = broadcast_pulling_cables_at_4_mib(wiring, tmp_path, image, options)
     assert result.failed == ["a02", "a03"], {name: result[name].error for name in result}
     for name in ["a01", "a04", "a05"]:
         assert sha256_file(tmp_path / f"{name}.img") == sha256_file(image)
