@@ -136,6 +136,9 @@ def main() -> int:
                 figures[kib].append(cost)
                 print(f"round {round_number + 1}: {kib:4d} KiB batches: {cost:6.2f} ms of CPU per MiB and node",
                       flush=True)  # fmt: skip
+    if unmeasured := [kib for kib in batches if not min(figures[kib])]:
+        raise SystemExit(f"{unmeasured} KiB batches: the agents spent less CPU than the kernel counts "
+                         f"({1000 // os.sysconf('SC_CLK_TCK')} ms ticks); give a larger --size-mib")  # fmt: skip
     smallest = min(batches)
     for kib in batches:
         print(f"{kib:4d} KiB batches: best {min(figures[kib]):6.2f} ms/MiB per node")
