@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import ProgrammingError
 
 from kasched.api import Kasched
 from kasched.config import Config
@@ -50,12 +52,26 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     try:
         yield admin_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        with admin.connect() as connection:
-            if request.param == "postgresql":
-                connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            else:
-                connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        _drop_database(admin, name, request.param)
         admin.dispose()
+
+
+def _drop_database(admin: Engine, name: str, backend: str) -> None:
+    """PostgreSQL's ``WITH (FORCE)`` ends the database's sessions, but our role (its owner, not a
+    superuser) may not end an autovacuum worker that happens to be in it (``must be a member of the
+    role whose process is being terminated or member of pg_signal_backend``; seen once in CI): such a
+    worker is done within seconds, so try again for up to 30 s."""
+    statement = f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if backend == "postgresql" else "")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(statement))
+            return
+        except ProgrammingError as error:
+            if "pg_signal_backend" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture
