@@ -50,7 +50,7 @@ from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
 
 LAB = "kbcast"
-METHODS = ("chain", "http", "taktuk-chain", "taktuk-tree", "udpcast")
+METHODS = ("chain", "chain-paced", "http", "taktuk-chain", "taktuk-tree", "udpcast")
 # the chain with a node's batches bounded to this many ms of its stream instead of the default 10
 # (BroadcastOptions.batch_seconds): less CPU per byte, more delay per hop; only when asked for
 BATCH_VARIANTS = {"chain-20ms": 0.02, "chain-40ms": 0.04}
@@ -167,6 +167,9 @@ class Bench:
     def runners(self) -> dict[str, Callable[[list[dict]], dict[str, float]]]:
         return {
             "chain": self.chain,
+            # the server's kernel paced to the nodes' link (the site's broadcast_source_rate; the lab's
+            # server has no link of its own): BBR's probing no longer queues at the first node's link
+            "chain-paced": lambda nodes: self.chain(nodes, BroadcastOptions(source_rate=self.link_mbit * 1e6 / 8)),
             "http": self.http,
             "taktuk-chain": lambda nodes: self.taktuk(nodes, "1"),
             "taktuk-tree": lambda nodes: self.taktuk(nodes, "0"),

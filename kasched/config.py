@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from kasched.errors import ConfigError
+from kasched.rates import rate_bits
 
 DEFAULT_PATH = Path("/etc/kasched/kasched.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/kasched")
@@ -43,6 +44,7 @@ class Config:
     reboot_timeout: float = 120.0
     broadcast_stall_timeout: float = 30.0  # a chain connection with no sign of life this long is dead
     broadcast_ack_timeout: float = 3.0  # sent data unacknowledged this long: node off or unplugged (0: off)
+    broadcast_source_rate: str = ""  # the nodes' link rate (e.g. 1gbit): the server sends at most that (empty: no cap)
     disabled_plugins: tuple[str, ...] = ()
     # Network boot profiles (the pxe driver): a URL prefix iPXE loads kernels and initrds from
     # (e.g. http://${next-server}/; empty: TFTP), the initrd a local partition's kernel needs
@@ -165,6 +167,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}{key}: expected a positive number")
         return float(value)
+    if key == "broadcast_source_rate":
+        try:
+            rate_bits(value if isinstance(value, str) else "")
+        except ValueError:
+            raise ConfigError(f"{where}{key}: {value!r} is not a link rate such as 100mbit, 1gbit or 2.5gbit") from None
+        return value
     if key == "revert_at_job_end":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}{key}: expected true or false")

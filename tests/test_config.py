@@ -56,12 +56,18 @@ def test_broadcast_timeouts_reach_the_chain(tmp_path: Path) -> None:
     from kasched.deploy.operations import site_broadcast_options
 
     config = config_module.load(
-        write(tmp_path / "k.yaml", "broadcast_stall_timeout: 60\nbroadcast_ack_timeout: 0\nservice_address: 10.0.0.9\n")
+        write(
+            tmp_path / "k.yaml",
+            "broadcast_stall_timeout: 60\nbroadcast_ack_timeout: 0\nservice_address: 10.0.0.9\n"
+            "broadcast_source_rate: 2.5Gbit\n",
+        )
     )
     options = site_broadcast_options(config)
     assert (options.stall_timeout, options.ack_timeout, options.report_host) == (60.0, 0.0, "10.0.0.9")
+    assert options.source_rate == 2.5e9 / 8
     default = site_broadcast_options(config_module.load(write(tmp_path / "d.yaml", "site: s\n")))
     assert (default.stall_timeout, default.ack_timeout, default.report_host) == (30.0, 3.0, None)
+    assert default.source_rate is None
 
 
 @pytest.mark.parametrize(
@@ -70,6 +76,10 @@ def test_broadcast_timeouts_reach_the_chain(tmp_path: Path) -> None:
         ("broadcast_ack_timeout: -1\n", "broadcast_ack_timeout: expected seconds (0: off)"),
         ("broadcast_ack_timeout: true\n", "broadcast_ack_timeout: expected seconds (0: off)"),
         ("broadcast_stall_timeout: 0\n", "broadcast_stall_timeout: expected a positive number"),
+        ("broadcast_source_rate: 1000\n", "broadcast_source_rate: 1000 is not a link rate such as 100mbit"),
+        ("broadcast_source_rate: 10mbps\n", "broadcast_source_rate: '10mbps' is not a link rate such as 100mbit"),
+        ("broadcast_source_rate: 0gbit\n", "broadcast_source_rate: '0gbit' is not a link rate such as 100mbit"),
+        ("broadcast_source_rate: ''\n", "broadcast_source_rate: '' is not a link rate such as 100mbit"),
     ],
 )
 def test_bad_broadcast_timeouts(tmp_path: Path, content: str, message: str) -> None:

@@ -37,6 +37,7 @@ from kasched.errors import ConfigError, InputError, PermissionDenied
 from kasched.jobs import StepEvent
 from kasched.models import NodeState, utcnow
 from kasched.nodeset import expand_many
+from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
 from kasched.views import EnvironmentView, NodeView
 
@@ -431,11 +432,12 @@ class Operations:
 
 
 def site_broadcast_options(config: Config) -> steps.BroadcastOptions:
-    """The chain's options from the site's settings: its timeouts for a dead node, and the address
-    nodes report to."""
+    """The chain's options from the site's settings: its timeouts for a dead node, the rate the server
+    sends at, at most, and the address nodes report to."""
     return steps.BroadcastOptions(
         stall_timeout=config.broadcast_stall_timeout,
         ack_timeout=config.broadcast_ack_timeout,
+        source_rate=rate_bits(config.broadcast_source_rate) / 8 if config.broadcast_source_rate else None,
         report_host=config.service_address or None,
     )
 

@@ -117,6 +117,9 @@ class BroadcastOptions:
     # kernel buffer for each chain connection, sending and receiving side (see chain_wire.set_buffer):
     # it absorbs a node's short delays instead of passing them up to the source; 0: kernel autotuning
     socket_buffer: int = 4 << 20
+    # bytes/s the server's kernel sends the stream at, at most (chain_wire.cap_pacing): the nodes' link
+    # rate, where the server's link is faster than theirs; None: as fast as its congestion control goes
+    source_rate: float | None = None
     # the address nodes report to; None: listen on all addresses and tell each node the server's
     # address on its connection to the chain (right when the nodes sit on the server's network)
     report_host: str | None = None
@@ -206,6 +209,7 @@ def broadcast(
     reported the whole stream with the right checksum and a clean sink.
     """
     options = options or BroadcastOptions()
+    _check_options(options)
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
         raise InputError(f"not a sha256: {expected_sha256!r}", field="expected_sha256")
     chain = order_chain(nodes) if ordered else list(nodes)
@@ -216,7 +220,8 @@ def broadcast(
     try:
         low_water = options.low_water or low_water_for(_size_of(source), len(chain))
         config = _session_config(session, sink, options, collector.address) | {"low_water": low_water}
-        forwarder = Forwarder(config, [[n.name, n.address] for n in chain], _server_note(collector))
+        successors = [[n.name, n.address] for n in chain]
+        forwarder = Forwarder(config, successors, _server_note(collector), pacing_rate=options.source_rate or 0.0)
         forwarder.attach(0)
         if forwarder.sock is not None:  # else no node answered: all are reported lost already
             try:
@@ -229,6 +234,15 @@ def broadcast(
     finally:
         collector.close()
     return _results(nodes, collector, time.monotonic() - started)
+
+
+def _check_options(options: BroadcastOptions) -> None:
+    """Refuse what the kernel would silently take for something else."""
+    if options.socket_buffer < 0:
+        raise InputError(f"{options.socket_buffer} bytes: expected 0 or more (0: the kernel's autotuning)",
+                         field="socket_buffer")  # fmt: skip
+    if options.source_rate is not None and not 0 < options.source_rate < float("inf"):
+        raise InputError(f"{options.source_rate} bytes/s: expected more than 0 (None: no cap)", field="source_rate")
 
 
 def _send_stream(

@@ -29,6 +29,7 @@ CHUNK = 1 << 20
 MAX_CONTROL = 1 << 20
 SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel for each chain connection's buffers (see set_buffer)
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/socket.h: past net.core.[rw]mem_max, with CAP_NET_ADMIN
+SO_MAX_PACING_RATE = 47  # linux/socket.h (not in Python's socket module)
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
 OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
@@ -107,6 +108,17 @@ def set_buffer(sock: socket.socket, option: int, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
+def cap_pacing(sock: socket.socket, rate: float) -> None:
+    """Have the kernel send on ``sock`` at most ``rate`` bytes/s (``SO_MAX_PACING_RATE``; 0: no cap).
+    The source uses it when its link is faster than the nodes': BBR, probing for more bandwidth,
+    sends a quarter above the first node's link every few round trips and queues there; capped at that
+    link's rate, the 64-node lab's stream went from E 0.91-0.93 to 0.93 (docs/engine-transports.md)."""
+    if rate <= 0:
+        return
+    value = min(int(rate), (1 << 64) - 2)  # past a C int (2 GB/s, 17 Gbit/s): as the kernel's u64
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, value if value < 1 << 31 else struct.pack("=Q", value))
+
+
 def probe_when_idle(sock: socket.socket, seconds: float) -> None:
     """Let the kernel probe an idle connection every second and end it (ETIMEDOUT) after ``seconds``
     of unanswered probes: a successor powered off or behind a pulled cable sends no reset. A live
@@ -180,9 +192,14 @@ class Forwarder:
     learn how many bytes it has and resend from there out of the replay buffer."""
 
     def __init__(
-        self, config: dict[str, Any], successors: list[list[str]], note_lost: Callable[[str, str], None]
+        self,
+        config: dict[str, Any],
+        successors: list[list[str]],
+        note_lost: Callable[[str, str], None],
+        pacing_rate: float = 0.0,
     ) -> None:
         self.config = config
+        self.pacing_rate = pacing_rate  # bytes/s the kernel sends at, at most (cap_pacing); 0: no cap
         self.successors = successors
         self.note_lost = note_lost
         self.stall = float(config["stall_timeout"])
@@ -231,6 +248,7 @@ class Forwarder:
             no_delay(sock)
             probe_when_idle(sock, self.ack_timeout)
             set_buffer(sock, socket.SO_SNDBUF, self.buffer)
+            cap_pacing(sock, self.pacing_rate)
             sock.settimeout(self.stall)
             header = dict(self.config, chain=self.successors[index + 1 :])
             if header["report"].startswith(":"):  # the server's address as this node reaches it

@@ -134,7 +134,7 @@ class Lab:
                 f" kasched lab down --name {self.name} removes what was built)"
             )
         self._write_inventory(plan)
-        self._write_config()
+        self._write_config(plan)
         elapsed = round(time.monotonic() - started, 2)
         self._write_state(plan, "up", up_seconds=elapsed)
         return self.read_state() or {}
@@ -274,7 +274,7 @@ class Lab:
         )
         self.inventory_file.write_text(header + yaml.safe_dump(inventory, sort_keys=False))
 
-    def _write_config(self) -> None:
+    def _write_config(self, plan: LabPlan) -> None:
         config = {
             "site": "lab",
             "state_dir": str(self.state_dir / "kasched"),
@@ -282,6 +282,8 @@ class Lab:
             "credentials_file": str(self.credentials_file),
             "service_key": str(self.state_dir / "ssh" / "id_ed25519"),
             "console_logs": str(self.state_dir / "nodes"),  # kasched console -m NODE: nodes/<node>/console.log
+            # the lab's server sits on a switch, with no link of its own: faster than the nodes'
+            "broadcast_source_rate": plan.link,
             **self.kind.site_settings(),
         }
         (self.state_dir / "kasched.yaml").write_text(yaml.safe_dump(config))

@@ -11,19 +11,9 @@ Links and uplinks are shaped with ``tc tbf`` in both directions.
 
 from __future__ import annotations
 
-import re
-
 from kasched.lab.system import netns_exists, run
 from kasched.lab.topology import PREFIX_LENGTH, SERVICE_ADDRESS, LabPlan, NodePlan
-
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-
-
-def rate_bits(rate: str) -> int:
-    match = re.match(r"^(\d+(?:\.\d+)?)([a-z]+)$", rate)
-    if not match or match.group(2) not in _RATE_UNITS:
-        raise ValueError(rate)
-    return int(float(match.group(1)) * _RATE_UNITS[match.group(2)])
+from kasched.rates import rate_bits
 
 
 def shaping_command(device: str, rate: str) -> str:

@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass, field
 
 from kasched.errors import InputError
+from kasched.rates import rate_bits
 
 SUBNET_PREFIX = "10.77"
 SERVICE_ADDRESS = "10.77.0.1"
 PREFIX_LENGTH = 16
 MAX_PER_SWITCH = 240
 MAX_SWITCHES = 99
-_RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit)$")
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
@@ -81,8 +81,10 @@ class LabPlan:
         if not 1 <= self.nodes <= self.switches * MAX_PER_SWITCH:
             raise InputError(f"--nodes must be between 1 and {self.switches * MAX_PER_SWITCH}")
         for option, rate in (("--link", self.link), ("--uplink", self.uplink)):
-            if not _RATE.match(rate):
-                raise InputError(f"{option} {rate!r}: expected a rate such as 100mbit or 1gbit")
+            try:
+                rate_bits(rate)
+            except ValueError:
+                raise InputError(f"{option} {rate!r}: expected a rate such as 100mbit or 1gbit") from None
         object.__setattr__(self, "nodes_list", tuple(self._place_nodes()))
 
     def _place_nodes(self) -> list[NodePlan]:

@@ -241,6 +241,53 @@ def test_each_chain_connection_gets_the_socket_buffer_asked_for(agents: AgentGro
         assert seen[side] == 2 * asked if asked else 0 < seen[side] <= autotuned[side], (side, seen)
 
 
+def chain_pacing_caps(port: int, stop: threading.Event) -> set[str]:
+    """The kernel's pacing cap (``pacing_rate NOW/CAP`` in ``ss -tin``, bits/s; "none" without a cap)
+    of each connection made to ``port``, sampled until ``stop``."""
+    seen: set[str] = set()
+    while not stop.wait(0.05):
+        shown = subprocess.run(["ss", "-Htin", "state", "established"], capture_output=True, text=True).stdout
+        for peer, info in re.findall(r"^\S+\s+\S+\s+\S+\s+(\S+).*\n(.*)", shown, re.M):
+            if peer.endswith(f":{port}") and (match := re.search(r"pacing_rate \d+bps(?:/(\d+)bps)?", info)):
+                seen.add(match.group(1) or "none")
+    return seen
+
+
+def test_the_source_alone_is_paced_to_the_rate_asked_for(agents: AgentGroup, tmp_path: Path) -> None:
+    """``source_rate`` caps the server's connection to the first node (the kernel's own figure);
+    the nodes' own connections are not capped: their links pace them."""
+    image = random_image(tmp_path / "disk.img", 4)
+    options = BroadcastOptions(timeout=60.0, stall_timeout=5.0, source_rate=3 << 20)
+    ports = [int(node.address.rpartition(":")[2]) for node in agents.nodes[:2]]
+    stop, seen = threading.Event(), [set(), set()]
+    samplers = [threading.Thread(target=lambda i=i: seen[i].update(chain_pacing_caps(ports[i], stop)), daemon=True)
+                for i in range(2)]  # fmt: skip
+    for sampler in samplers:
+        sampler.start()
+    try:
+        result = broadcast(image, agents.nodes[:2], {"kind": "discard"}, options=options)
+    finally:
+        stop.set()
+        for sampler in samplers:
+            sampler.join(10)
+    assert result.ok, result.failed
+    assert seen == [{str(8 * (3 << 20))}, {"none"}]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (BroadcastOptions(socket_buffer=-1), "socket_buffer: -1 bytes: expected 0 or more"),
+        (BroadcastOptions(source_rate=0), "source_rate: 0 bytes/s: expected more than 0"),
+        (BroadcastOptions(source_rate=float("nan")), "source_rate: nan bytes/s: expected more than 0"),
+    ],
+)
+def test_options_the_kernel_would_misread_are_refused(tmp_path: Path, options: BroadcastOptions, message: str) -> None:
+    image = random_image(tmp_path / "disk.img", 1)
+    with pytest.raises(InputError, match=message):
+        broadcast(image, [ChainNode("ghost1", "127.42.9.9:9")], {"kind": "discard"}, options=options)
+
+
 @pytest.mark.slow
 def test_backpressure_keeps_memory_bounded_and_nodes_in_the_chain(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 96)

@@ -85,6 +85,7 @@ def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
         assert "credentials: ktcli-bmc" in inventory and "02:4b:00:00:01:02" in inventory
         assert oct((state_dir / "credentials.yaml").stat().st_mode & 0o777) == "0o600"
         config = str(state_dir / "kasched.yaml")
+        assert "broadcast_source_rate: 1gbit" in (state_dir / "kasched.yaml").read_text()  # the lab's link
         imported = _cli("--config", config, "nodes", "import", str(state_dir / "inventory.yaml"))
         out, err = imported.communicate(timeout=60)
         assert imported.returncode == 0, err
