@@ -1,7 +1,7 @@
 """The chain across switches with oversubscribed uplinks: topology-aware order against name order.
 
     .venv/bin/python bench/topology_lab.py [--nodes 32] [--switches 4] [--link 100] [--uplink 100]
-                                           [--size-mib 48] [--quick]
+                                           [--size-mib 48] [--paced] [--quick]
 
 Builds a lab (``ktopo``) of ``--switches`` switches chained by uplinks shaped to ``--uplink`` Mbit/s,
 node links shaped to ``--link``, with node names **interleaved** over the switches (node-1 on sw1,
@@ -9,7 +9,9 @@ node-2 on sw2, ...: ``LabPlan(interleave=True)``), so that name order zigzags be
 server (10.77.0.1) sits on sw1. In one run: the chain in kasched's order (by switch, then name: each
 uplink crossed once), then the same nodes in name order (``ordered=False``), where every hop may cross
 one or more uplinks, each carrying the stream several times. Prints each time, E = (size / time) / link
-rate and the ratio, then ``RATIO`` lines. Removes the lab at the end, also on failure.
+rate and the ratio, then ``RATIO`` lines. With ``--paced``, the server's kernel sends at most the
+link rate in both orders (``BroadcastOptions.source_rate``, the site setting ``broadcast_source_rate``).
+Removes the lab at the end, also on failure.
 
 The nodes boot the deployment system (a 23 MB initrd by TFTP) with uplinks at 10 Gbit/s, and the
 links and uplinks are shaped to the rates asked only then: through a shaped uplink, 8 nodes' TFTP
@@ -29,7 +31,7 @@ import labkit
 from broadcast_lab import Bench, warm_up
 from labkit import ratio_line
 
-from kasched.engine.chain import natural_key
+from kasched.engine.chain import BroadcastOptions, natural_key
 from kasched.lab.network import shape_node_links, shape_uplinks
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
@@ -37,7 +39,7 @@ from kasched.lab.topology import LabPlan
 LAB = "ktopo"
 
 
-def measure(labrun: labkit.LabRun, size_mib: int, link: int, uplink: int, rounds: int) -> None:
+def measure(labrun: labkit.LabRun, size_mib: int, link: int, uplink: int, rounds: int, paced: bool) -> None:
     image = labrun.work / "image.bin"
     image.write_bytes(os.urandom(size_mib << 20))
     size, link_bytes = image.stat().st_size, link * 1e6 / 8
@@ -47,7 +49,9 @@ def measure(labrun: labkit.LabRun, size_mib: int, link: int, uplink: int, rounds
     per_switch = plan.nodes / plan.switches
     print(f"image {size_mib} MiB, {plan.nodes} nodes on {plan.switches} switches (names interleaved), "
           f"links {link} Mbit/s, uplinks {uplink} Mbit/s (oversubscription {per_switch:.0f} x {link} Mbit/s"
-          f" behind one {uplink} Mbit/s uplink)\n", flush=True)  # fmt: skip
+          f" behind one {uplink} Mbit/s uplink){', server paced to the link rate' if paced else ''}\n",
+          flush=True)  # fmt: skip
+    options = BroadcastOptions(source_rate=link_bytes if paced else None)
     by_name = sorted(labrun.nodes, key=lambda n: natural_key(n["name"]))
     print("name order: " + " ".join(f"{n['name']}@{n['switch']}" for n in by_name[:8]) + " ...")
     best: dict[str, float] = {}
@@ -56,7 +60,7 @@ def measure(labrun: labkit.LabRun, size_mib: int, link: int, uplink: int, rounds
         warm_up(bench, by_name)  # untimed: else the first order measured pays for the nodes' cold start
         for attempt in range(rounds):
             for label, ordered in (("topology-aware", True), ("name order", False)):
-                phases = bench.chain(by_name, ordered=ordered)
+                phases = bench.chain(by_name, options, ordered=ordered)
                 print(f"round {attempt + 1} {label:<15} {phases['total']:7.2f} s  "
                       f"E {size / phases['total'] / link_bytes:.2f}"
                       f"  (startup {phases['startup']:.2f} s, stream {phases['stream']:.2f} s, "
@@ -78,6 +82,7 @@ def main() -> int:
     parser.add_argument("--uplink", type=int, default=100, help="uplink rate between switches, Mbit/s")
     parser.add_argument("--size-mib", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--paced", action="store_true", help="the server sends at most the link rate (both orders)")
     parser.add_argument("--quick", action="store_true", help="4 nodes on 2 switches, 8 MiB: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -89,7 +94,7 @@ def main() -> int:
     plan = LabPlan(name, nodes=args.nodes, switches=args.switches, link=f"{args.link}mbit",
                    uplink="10gbit", interleave=True)  # fmt: skip
     with labkit.lab_up(plan) as labrun:
-        measure(labrun, args.size_mib, args.link, args.uplink, args.rounds)
+        measure(labrun, args.size_mib, args.link, args.uplink, args.rounds, args.paced)
     return 0
 
 

@@ -112,7 +112,8 @@ def cap_pacing(sock: socket.socket, rate: float) -> None:
     """Have the kernel send on ``sock`` at most ``rate`` bytes/s (``SO_MAX_PACING_RATE``; 0: no cap).
     The source uses it when its link is faster than the nodes': BBR, probing for more bandwidth,
     sends a quarter above the first node's link every few round trips and queues there; capped at that
-    link's rate, the 64-node lab's stream went from E 0.91-0.93 to 0.93 (docs/engine-transports.md)."""
+    link's rate, the stream of a 64-node lab at 10 Mbit/s took 43.27 s on average instead of 43.93
+    (docs/engine-transports.md, "Pacing the source")."""
     if rate <= 0:
         return
     value = min(int(rate), (1 << 64) - 2)  # past a C int (2 GB/s, 17 Gbit/s): as the kernel's u64

@@ -24,8 +24,8 @@ pytestmark = [
 ]
 
 
-def run_bench(script: str, *expected: str) -> dict[str, float]:
-    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick"], capture_output=True,
+def run_bench(script: str, *expected: str, options: tuple[str, ...] = ()) -> dict[str, float]:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", *options], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ratios = {label: float(value) for label, value in RATIO.findall(done.stdout)}
@@ -36,13 +36,15 @@ def run_bench(script: str, *expected: str) -> dict[str, float]:
 
 
 def test_broadcast_lab_quick() -> None:
-    labels = [f"{m} T(2)/T(1) {link}Mbit" for m in ("chain", "http", "taktuk-chain", "taktuk-tree", "udpcast")
+    labels = [f"{m} T(2)/T(1) {link}Mbit" for m in ("chain", "chain-paced", "http", "taktuk-chain", "taktuk-tree", "udpcast")
               for link in (100, 50)]  # fmt: skip
     run_bench("broadcast_lab.py", "chain E N=2 100Mbit", "chain E N=2 50Mbit", *labels)
 
 
 def test_topology_lab_quick() -> None:
-    run_bench("topology_lab.py", "topology-aware E", "name-order E", "name-order/topology-aware time")
+    """With the server paced to the link rate (``--paced``): the broadcast bench runs both ways."""
+    run_bench("topology_lab.py", "topology-aware E", "name-order E", "name-order/topology-aware time",
+              options=("--paced",))  # fmt: skip
 
 
 def test_fault_lab_quick() -> None:
