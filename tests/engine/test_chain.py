@@ -253,11 +253,16 @@ def chain_pacing_caps(port: int, stop: threading.Event) -> set[str]:
     return seen
 
 
-def test_the_source_alone_is_paced_to_the_rate_asked_for(agents: AgentGroup, tmp_path: Path) -> None:
-    """``source_rate`` caps the server's connection to the first node (the kernel's own figure);
-    the nodes' own connections are not capped: their links pace them."""
+@pytest.mark.parametrize("first_node_dead", [False, True])
+def test_the_source_alone_is_paced_to_the_rate_asked_for(
+    agents: AgentGroup, tmp_path: Path, first_node_dead: bool
+) -> None:
+    """``source_rate`` caps the server's connection to the first node (the kernel's own figure), also
+    the one it makes past a first node that does not answer; the nodes' own connections are not
+    capped: their links pace them."""
     image = random_image(tmp_path / "disk.img", 4)
-    options = BroadcastOptions(timeout=60.0, stall_timeout=5.0, source_rate=3 << 20)
+    options = BroadcastOptions(timeout=60.0, stall_timeout=5.0, source_rate=3 << 20, lost_grace=0.5)
+    ghost = [ChainNode("ghost", "127.42.9.9:9")] if first_node_dead else []
     ports = [int(node.address.rpartition(":")[2]) for node in agents.nodes[:2]]
     stop, seen = threading.Event(), [set(), set()]
     samplers = [threading.Thread(target=lambda i=i: seen[i].update(chain_pacing_caps(ports[i], stop)), daemon=True)
@@ -265,12 +270,12 @@ def test_the_source_alone_is_paced_to_the_rate_asked_for(agents: AgentGroup, tmp
     for sampler in samplers:
         sampler.start()
     try:
-        result = broadcast(image, agents.nodes[:2], {"kind": "discard"}, options=options)
+        result = broadcast(image, [*ghost, *agents.nodes[:2]], {"kind": "discard"}, options=options, ordered=False)
     finally:
         stop.set()
         for sampler in samplers:
             sampler.join(10)
-    assert result.ok, result.failed
+    assert result.failed == (["ghost"] if first_node_dead else []), {name: result[name].error for name in result}
     assert seen == [{str(8 * (3 << 20))}, {"none"}]
 
 
