@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,12 +38,12 @@ ARGS = ["-", "--listen", "127.0.0.1:0", "--name", "bench", "--accept-timeout", "
 
 def cpu_of(argv: list[str], source: bytes) -> float:
     """CPU seconds (user + system) that one run of ``argv`` took."""
-    before = os.times()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # microseconds; os.times() counts 10 ms ticks
     done = subprocess.run(argv, input=source, capture_output=True, timeout=60)
-    after = os.times()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if source and not done.stdout.startswith(b"ready "):
         raise SystemExit(f"the agent did not start: {done.stderr.decode(errors='replace')[-300:]}")
-    return (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -67,6 +68,8 @@ def main() -> None:
         print(f"  {way:<17} {value:7.1f} ms")
     print(ratio_line("agent start CPU default / isolated", per_start["default"] / per_start["isolated"]))
     floor = per_start["bare interpreter"]
+    if floor <= 0:  # the kernel accounted no CPU to so few, so short runs
+        raise SystemExit("the bare interpreter's starts took no measurable CPU: take more --starts")
     print(ratio_line("agent start CPU isolated / bare interpreter", per_start["isolated"] / floor))
 
 
