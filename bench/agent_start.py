@@ -53,6 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.starts < 1:
         parser.error("--starts must be at least 1")
+    if shutil.which(args.python) is None:
+        parser.error(f"--python {args.python!r}: no such executable")
     ways = {
         "default": ([args.python, *ARGS], AGENT_SOURCE),
         "isolated": ([args.python, *AGENT_FLAGS.split(), *ARGS], AGENT_SOURCE),
