@@ -313,7 +313,9 @@ class TransferMeter:
 
     def __init__(self, report: Callable[[int, float, bool], None] | None, every: float = 0.5) -> None:
         self.report, self.every = report, every
-        self.sent, self.started, self.last = 0, 0.0, 0.0
+        # last report: never (not 0.0: monotonic time counts from boot, and a machine up for less than
+        # ``every`` seconds would not hear of the first read)
+        self.sent, self.started, self.last = 0, 0.0, float("-inf")
         self.lock = threading.Lock()
 
     def add(self, count: int, *, final: bool = False) -> None:
