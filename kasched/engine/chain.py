@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -34,6 +34,7 @@ from kasched.engine.chain_wire import (
     ProtocolError,
     Superseded,
     recv_frame,
+    send_frame,
 )
 from kasched.errors import DriverError, DriverTimeout, InputError, IntegrityError
 from kasched.results import GroupResult, NodeResult
@@ -123,13 +124,23 @@ class BroadcastOptions:
     # the address nodes report to; None: listen on all addresses and tell each node the server's
     # address on its connection to the chain (right when the nodes sit on the server's network)
     report_host: str | None = None
+    # seconds a node (or the server) goes on connecting to a successor that refuses connections, its
+    # agent still starting, unless the server says that start failed (broadcast()'s start_state):
+    # the stream leaves while the later agents start; 0: a refused successor is bypassed at once
+    start_wait: float = 0.0
+
+
+StartState = Callable[[str], "str | None"]  # a node's name -> STARTING, "ready", why it failed, or None
 
 
 class ReportCollector:
-    """Listens for the nodes' reports: one JSON frame per connection."""
+    """Listens for the nodes' reports: one JSON frame per connection. A ``start`` message is a
+    question (is this node's agent still starting?), answered on the same connection from
+    ``start_state``."""
 
-    def __init__(self, host: str | None, session: str) -> None:
+    def __init__(self, host: str | None, session: str, start_state: StartState | None = None) -> None:
         self.session = session
+        self.start_state = start_state
         self.listener = socket.create_server((host or "", 0), backlog=128)
         self.listener.settimeout(0.2)
         port = self.listener.getsockname()[1]
@@ -154,9 +165,17 @@ class ReportCollector:
                     conn.settimeout(5.0)
                     kind, payload = recv_frame(conn)
                     if kind == HEADER:
-                        self.record(json.loads(payload))
+                        self._take(conn, json.loads(payload))
                 except (OSError, ProtocolError, ValueError):
                     continue
+
+    def _take(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        if message.get("type") != "start":
+            self.record(message)
+            return
+        known = message.get("session") == self.session and self.start_state is not None
+        state = self.start_state(str(message.get("node"))) if self.start_state and known else None
+        send_frame(conn, HEADER, json.dumps({"state": state}).encode())
 
     def record(self, message: dict[str, Any]) -> None:
         if message.get("session") != self.session:
@@ -200,6 +219,7 @@ def broadcast(
     expected_sha256: str | None = None,
     options: BroadcastOptions | None = None,
     ordered: bool = True,
+    start_state: StartState | None = None,
 ) -> GroupResult:
     """Send ``source`` (a path or a binary file object) once through the chain of ``nodes``.
 
@@ -207,21 +227,26 @@ def broadcast(
     ``expected_sha256`` (the image catalogue's) is what nodes check against; by default the sha256
     the server computes while sending. Results are in the order of ``nodes``; a node is ok when it
     reported the whole stream with the right checksum and a clean sink.
+
+    With ``options.start_wait``, agents may still be starting: ``start_state`` says how each one's
+    start goes (``chain_wire.STARTING``, ``"ready"``, or why it failed), to the server and, through the
+    report address, to the nodes waiting for a successor.
     """
     options = options or BroadcastOptions()
-    _check_options(options)
+    check_options(options)
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
         raise InputError(f"not a sha256: {expected_sha256!r}", field="expected_sha256")
     chain = order_chain(nodes) if ordered else list(nodes)
     started = time.monotonic()
     deadline = started + options.timeout
     session = uuid.uuid4().hex
-    collector = ReportCollector(options.report_host, session)
+    collector = ReportCollector(options.report_host, session, start_state)
     try:
         low_water = options.low_water or low_water_for(_size_of(source), len(chain))
         config = _session_config(session, sink, options, collector.address) | {"low_water": low_water}
         successors = [[n.name, n.address] for n in chain]
-        forwarder = Forwarder(config, successors, _server_note(collector), pacing_rate=options.source_rate or 0.0)
+        forwarder = Forwarder(config, successors, _server_note(collector), pacing_rate=options.source_rate or 0.0,
+                              start_state=start_state)  # fmt: skip
         forwarder.attach(0)
         if forwarder.sock is not None:  # else no node answered: all are reported lost already
             try:
@@ -236,13 +261,15 @@ def broadcast(
     return _results(nodes, collector, time.monotonic() - started)
 
 
-def _check_options(options: BroadcastOptions) -> None:
+def check_options(options: BroadcastOptions) -> None:
     """Refuse what the kernel would silently take for something else."""
     if options.socket_buffer < 0:
         raise InputError(f"{options.socket_buffer} bytes: expected 0 or more (0: the kernel's autotuning)",
                          field="socket_buffer")  # fmt: skip
     if options.source_rate is not None and not 0 < options.source_rate < float("inf"):
         raise InputError(f"{options.source_rate} bytes/s: expected more than 0 (None: no cap)", field="source_rate")
+    if not 0 <= options.start_wait < float("inf"):
+        raise InputError(f"{options.start_wait} s: expected 0 or more (0: no waiting)", field="start_wait")
 
 
 def _send_stream(
@@ -299,6 +326,7 @@ def _session_config(session: str, sink: dict[str, Any], options: BroadcastOption
         "replay_bytes": options.replay_bytes,
         "batch_seconds": options.batch_seconds,
         "socket_buffer": options.socket_buffer,
+        "start_wait": options.start_wait,
     }
 
 

@@ -175,6 +175,17 @@ class Reporter:
         except OSError as error:
             print(f"chain agent: cannot report to {self.address}: {error}", file=sys.stderr)
 
+    def ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Send ``message`` and read the server's one-frame answer; None if there is none."""
+        try:
+            with socket.create_connection(split_address(self.address), timeout=self.timeout) as sock:
+                send_frame(sock, HEADER, json.dumps(message).encode())
+                kind, payload = recv_frame(sock)
+                answer = json.loads(payload) if kind == HEADER else None
+        except (OSError, ProtocolError, ValueError):
+            return None
+        return answer if isinstance(answer, dict) else None
+
 
 class Pacer:
     """How many bytes a node lets arrive before it wakes up to forward them: ``seconds`` of the
@@ -361,7 +372,11 @@ def serve(agent: Agent, accept_timeout: float) -> dict[str, Any]:
         result["lost"].append(node)
         reporter.send({"type": "lost", "session": session, "node": node, "by": agent.name, "error": error})
 
-    forwarder = Forwarder(config, config["chain"], note_lost)
+    def start_state(node: str) -> str | None:  # a successor that refuses connections: still starting?
+        answer = reporter.ask({"type": "start", "session": session, "node": node})
+        return None if answer is None else answer.get("state")
+
+    forwarder = Forwarder(config, config["chain"], note_lost, start_state=start_state)
     forwarder.attach(0)
     sink = Sink(config["sink"], agent.name)
     end = b""

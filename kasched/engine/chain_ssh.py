@@ -6,22 +6,29 @@ A node may have to be prepared before it receives (its partition made and mounte
 each node a shell command that runs in the same SSH session, while its agent starts. The agent's start
 (the interpreter's, mostly) and the preparation overlap, and the node costs one SSH session instead of
 two. A node whose preparation fails has its agent stopped before the broadcast and a failed result
-with the command's exit status and last line on stderr."""
+with the command's exit status and last line on stderr.
+
+Where the agents listen on known ports (a deployment's), the stream need not wait for the last agent:
+:func:`broadcast_over_ssh` starts them in chain order and sends at once, each node waiting for a
+successor still starting (``BroadcastOptions.start_wait``), and asking the server whether that start
+failed. The chain's per-hop delays then pass while the later agents start instead of after."""
 
 from __future__ import annotations
 
 import shlex
+import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import paramiko
 
 from kasched.engine import chain_agent, chain_wire
-from kasched.engine.chain import STEP, BroadcastOptions, ChainNode, broadcast
+from kasched.engine.chain import STEP, BroadcastOptions, ChainNode, broadcast, check_options, order_chain
+from kasched.engine.chain_wire import STARTING, split_address
 from kasched.engine.ssh_session import SshAuth, SshSession, load_private_key
 from kasched.errors import DriverError, KaschedError
 from kasched.results import GroupResult, NodeResult
@@ -48,6 +55,8 @@ AGENT_FLAGS = "-I -S"  # isolated, no site: the standard library only; 1.32x les
 PREPARE_FAILED = 3  # the session's exit status when the preparation failed (the agent was stopped)
 PREPARE_KILL_AFTER = 5.0  # seconds a timed-out preparation has to end on SIGTERM before SIGKILL
 TIMED_OUT = "124"  # coreutils timeout's exit status when the command ran out of time
+CONNECT_TIMEOUT = 10.0  # seconds for a node's SSH connection, and again for its agent to say ready
+START_SLACK = 5.0  # seconds a node waiting for a successor's start allows beyond the launcher's own timeouts
 
 
 @dataclass
@@ -83,24 +92,32 @@ def start_agents(
     *,
     python: str = "python3",
     accept_timeout: float = 120.0,
-    connect_timeout: float = 10.0,
+    connect_timeout: float = CONNECT_TIMEOUT,
     window: int = 32,
     prepare: Callable[[str], str] | None = None,
     prepare_timeout: float = 600.0,
+    agent_after: bool = False,
+    on_started: Callable[[str, str], None] | None = None,
 ) -> AgentLaunch:
-    """Start one agent per node, listening on the node's ``address``; wait until each says ready (and,
-    with ``prepare``, until the command ``prepare(node name)`` has succeeded on it, run meanwhile)."""
+    """Start one agent per node, listening on the node's ``address``, in the order of ``nodes`` (at
+    most ``window`` at once); wait until each says ready (and, with ``prepare``, until the command
+    ``prepare(node name)`` has succeeded on it: run meanwhile, or first with ``agent_after``).
+    ``on_started(node, state)`` hears of each node as soon as it is done: ``"ready"``, or why not."""
     launch = AgentLaunch()
     pkey = load_private_key(auth.private_key)
 
     def start(node: ChainNode) -> tuple[ChainNode, Any]:
         preparation = prepare(node.name) if prepare else None
-        command = session_command(node, python, accept_timeout, preparation, prepare_timeout)
+        command = session_command(node, python, accept_timeout, preparation, prepare_timeout, agent_after)
+        outcome: Any
         try:
-            return node, _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command,
-                                    connect_timeout, prepare_timeout if prepare else None)  # fmt: skip
+            outcome = _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command,
+                                 connect_timeout, prepare_timeout if prepare else None)  # fmt: skip
         except KaschedError as error:
-            return node, NodeResult(node.name, False, STEP, str(error))
+            outcome = NodeResult(node.name, False, STEP, str(error))
+        if on_started is not None:
+            on_started(node.name, str(outcome.error) if isinstance(outcome, NodeResult) else "ready")
+        return node, outcome
 
     with ThreadPoolExecutor(max_workers=max(1, min(window, len(nodes)))) as pool:
         for node, outcome in pool.map(start, nodes):
@@ -113,23 +130,30 @@ def start_agents(
 
 
 def session_command(
-    node: ChainNode, python: str, accept_timeout: float, prepare: str | None = None, prepare_timeout: float = 600.0
-) -> str:
+    node: ChainNode, python: str, accept_timeout: float, prepare: str | None = None, prepare_timeout: float = 600.0,
+    agent_after: bool = False,
+) -> str:  # fmt: skip
     """The command an SSH session runs: the agent reading its source on stdin; with ``prepare``, a
     shell that starts the agent in the background (on the session's stdin, saved as fd 3: a background
     command's stdin is /dev/null otherwise), runs the preparation (ended by the node itself after
     ``prepare_timeout`` seconds) with its output on stderr, says ``prepared STATUS`` on stdout, and
-    stops the agent if the preparation failed: nothing is left listening on the node."""
+    stops the agent if the preparation failed: nothing is left listening on the node. With
+    ``agent_after``, the agent starts only once the preparation has succeeded: where the stream may
+    come as soon as the agent listens, nothing is written before the partition is ready."""
     agent = (
         f"{shlex.quote(python)} {AGENT_FLAGS} - --listen {shlex.quote(node.address)} --name {shlex.quote(node.name)}"
         f" --accept-timeout {accept_timeout:g}"
     )
     if prepare is None:
         return agent
-    return (
-        f"exec 3<&0; {agent} <&3 3<&- & agent=$!; exec 3<&-\n"
+    run_prepare = (
         f"timeout -k {PREPARE_KILL_AFTER:g} {prepare_timeout:g} sh -c {shlex.quote(prepare)} </dev/null >&2; "
         "status=$?; echo prepared $status\n"
+    )
+    if agent_after:
+        return f"{run_prepare}if [ $status -ne 0 ]; then exit {PREPARE_FAILED}; fi; exec {agent}"
+    return (
+        f"exec 3<&0; {agent} <&3 3<&- & agent=$!; exec 3<&-\n{run_prepare}"
         f"if [ $status -ne 0 ]; then kill $agent 2>/dev/null; wait $agent; exit {PREPARE_FAILED}; fi; wait $agent"
     )
 
@@ -184,6 +208,31 @@ def _last_error(channel: paramiko.Channel) -> str:
     return lines[-1][-300:] if lines else "no message"
 
 
+class StartStates:
+    """How each node's agent start goes, for a broadcast that streams while the agents start:
+    ``STARTING``, then ``"ready"`` or why it failed. Written by the launcher's threads, read by the
+    broadcast's (the server's own forwarder, and its answers to nodes waiting for a successor)."""
+
+    def __init__(self, nodes: Iterable[str]) -> None:
+        self.lock = threading.Lock()
+        self.states = dict.fromkeys(nodes, STARTING)
+
+    def set(self, node: str, state: str) -> None:
+        with self.lock:
+            self.states[node] = state
+
+    def fail_starting(self, why: str) -> None:
+        """Every start not done yet failed (the launcher itself did)."""
+        with self.lock:
+            for node, state in self.states.items():
+                if state == STARTING:
+                    self.states[node] = why
+
+    def get(self, node: str) -> str | None:
+        with self.lock:
+            return self.states.get(node, "not a node of this broadcast")
+
+
 def broadcast_over_ssh(
     source: str | Path | BinaryIO,
     nodes: Sequence[ChainNode],
@@ -196,14 +245,66 @@ def broadcast_over_ssh(
     python: str = "python3",
     prepare: Callable[[str], str] | None = None,
     prepare_timeout: float = 600.0,
+    overlap: bool = True,
+    window: int = 32,
 ) -> GroupResult:
-    """Start the agents over SSH (preparing each node meanwhile, with ``prepare``), broadcast to those
-    that started, stop them; one result per node."""
-    with start_agents(nodes, ssh_addresses, auth, python=python, prepare=prepare, prepare_timeout=prepare_timeout) \
-            as launch:  # fmt: skip
-        sent = broadcast(source, launch.ready, sink, expected_sha256=expected_sha256, options=options)
-        launch.close(failed=set(sent.failed))
+    """Start the agents over SSH (preparing each node, with ``prepare``), broadcast to those that
+    started, stop them; one result per node. With ``overlap``, where every agent listens on a known
+    port (not 0), the stream leaves while the agents still start (:func:`stream_while_starting`);
+    otherwise once every agent is ready."""
+    options = options or BroadcastOptions()
+    check_options(options)  # before anything starts on the nodes
+
+    def launcher(chain: Sequence[ChainNode], **extra: Any) -> AgentLaunch:
+        return start_agents(chain, ssh_addresses, auth, python=python, window=window, prepare=prepare,
+                            prepare_timeout=prepare_timeout, **extra)  # fmt: skip
+
+    if overlap and all(split_address(node.address)[1] for node in nodes):
+        wait = 2 * CONNECT_TIMEOUT + (prepare_timeout + PREPARE_KILL_AFTER if prepare else 0.0) + START_SLACK
+        waiting = replace(options, start_wait=max(options.start_wait, wait))
+        launch, sent = stream_while_starting(
+            source, nodes, sink, launcher, expected_sha256=expected_sha256, options=waiting
+        )
+    else:
+        with launcher(nodes) as launch:
+            sent = broadcast(source, launch.ready, sink, expected_sha256=expected_sha256, options=options)
+            launch.close(failed=set(sent.failed))
     group = GroupResult()
     for node in nodes:
         group.add(launch.failed.get(node.name) or sent[node.name])
     return group
+
+
+def stream_while_starting(
+    source: str | Path | BinaryIO,
+    nodes: Sequence[ChainNode],
+    sink: dict[str, Any],
+    launcher: Callable[..., AgentLaunch],
+    *,
+    expected_sha256: str | None,
+    options: BroadcastOptions,
+) -> tuple[AgentLaunch, GroupResult]:
+    """Start the agents in chain order (``launcher(chain, agent_after=..., on_started=...)``, in a
+    thread) and broadcast at once: each node, and the server, waits for a successor still starting
+    (``options.start_wait``) and bypasses one as soon as the server knows its start failed. A
+    preparation runs before its node's agent listens. The agents are stopped before this returns."""
+    chain = order_chain(nodes)
+    states = StartStates(node.name for node in chain)
+
+    def launch_all() -> AgentLaunch:
+        try:
+            return launcher(chain, agent_after=True, on_started=states.set)
+        except BaseException as error:  # then no start will say anything more: nobody waits for one
+            states.fail_starting(str(error) or type(error).__name__)
+            raise
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain-start") as pool:
+        starting = pool.submit(launch_all)
+        sent: GroupResult | None = None
+        try:
+            sent = broadcast(source, chain, sink, expected_sha256=expected_sha256, options=options,
+                             start_state=states.get)  # fmt: skip
+        finally:
+            launch = starting.result()
+            launch.close(failed=set(sent.failed) if sent is not None else {node.name for node in chain})
+    return launch, sent

@@ -30,6 +30,9 @@ MAX_CONTROL = 1 << 20
 SOCKET_BUFFER = 4 << 20  # bytes asked of the kernel for each chain connection's buffers (see set_buffer)
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/socket.h: past net.core.[rw]mem_max, with CAP_NET_ADMIN
 SO_MAX_PACING_RATE = 47  # linux/socket.h (not in Python's socket module)
+STARTING = "starting"  # a successor's agent is still starting (see Forwarder._connect)
+START_RETRY = 0.01  # seconds between two connections to a successor whose agent is still starting
+START_ASK_EVERY = 0.25  # seconds between two questions to the server about that successor's start
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
 OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
@@ -198,8 +201,13 @@ class Forwarder:
         successors: list[list[str]],
         note_lost: Callable[[str, str], None],
         pacing_rate: float = 0.0,
+        start_state: Callable[[str], str | None] | None = None,
     ) -> None:
         self.config = config
+        # how long a successor that refuses connections may still be starting (0: it is lost at once),
+        # and who says how its start goes: STARTING, "ready", why it failed, or None (nobody knows)
+        self.start_wait = float(config.get("start_wait", 0))
+        self.start_state = start_state
         self.pacing_rate = pacing_rate  # bytes/s the kernel sends at, at most (cap_pacing); 0: no cap
         self.successors = successors
         self.note_lost = note_lost
@@ -225,7 +233,7 @@ class Forwarder:
         for index in range(start, len(self.successors)):
             name, address = self.successors[index]
             try:
-                self.sock, offset = self._handshake(index, address)
+                self.sock, offset = self._connect(index, name, address)
                 self.index, self.alive_at = index, time.monotonic()
                 try:
                     pieces = list(self.ring.since(offset))
@@ -241,6 +249,28 @@ class Forwarder:
                     self.sock.close()
                     self.sock = None
         self.sock, self.index = None, len(self.successors)
+
+    def _connect(self, index: int, name: str, address: str) -> tuple[socket.socket, int]:
+        """The handshake with successor ``index``. Where the session lets successors still be
+        starting (``start_wait``), a refused connection (the node is up, its agent not listening
+        yet) is tried again every ``START_RETRY`` seconds, until the agent listens, the server says
+        its start failed, or ``start_wait`` seconds (or the broadcast's deadline) pass."""
+        give_up = min(time.monotonic() + self.start_wait, self.deadline)
+        asked_at = float("-inf")  # not 0.0: monotonic time counts from boot
+        while True:
+            try:
+                return self._handshake(index, address)
+            except ConnectionRefusedError:
+                if (now := time.monotonic()) >= give_up:
+                    raise
+                if now - asked_at >= START_ASK_EVERY:
+                    asked_at = now
+                    state = self.start_state(name) if self.start_state else None
+                    if state == "ready":
+                        raise ProtocolError("its agent started, then stopped listening") from None
+                    if state not in (None, STARTING):
+                        raise ProtocolError(f"its agent did not start: {state}") from None
+                time.sleep(START_RETRY)
 
     def _handshake(self, index: int, address: str) -> tuple[socket.socket, int]:
         # a SYN unanswered for the ack timeout: that successor is gone too (it would cost the stall)

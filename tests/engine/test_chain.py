@@ -285,6 +285,7 @@ def test_the_source_alone_is_paced_to_the_rate_asked_for(
         (BroadcastOptions(socket_buffer=-1), "socket_buffer: -1 bytes: expected 0 or more"),
         (BroadcastOptions(source_rate=0), "source_rate: 0 bytes/s: expected more than 0"),
         (BroadcastOptions(source_rate=float("nan")), "source_rate: nan bytes/s: expected more than 0"),
+        (BroadcastOptions(start_wait=-1), "start_wait: -1 s: expected 0 or more"),
     ],
 )
 def test_options_the_kernel_would_misread_are_refused(tmp_path: Path, options: BroadcastOptions, message: str) -> None:

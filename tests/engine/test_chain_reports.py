@@ -1,10 +1,13 @@
-"""The server's report collector: how long it waits for a node said lost (no timing asserted)."""
+"""The server's report collector: how long it waits for a node said lost (no timing asserted), and
+its answers to nodes asking how a successor's start goes, over a real loopback connection."""
 
 from __future__ import annotations
 
 import time
 
 from kasched.engine.chain import ReportCollector
+from kasched.engine.chain_agent import Reporter
+from kasched.engine.chain_wire import STARTING
 
 
 def test_lost_node_not_waited_for_once_the_others_reported() -> None:
@@ -28,5 +31,28 @@ def test_lost_node_waited_for_while_others_stream() -> None:
         deadline = time.monotonic() + 0.5
         collector.wait(["a", "b"], deadline, grace=3600, settle=0.0)  # a has not reported: wait
         assert time.monotonic() >= deadline
+    finally:
+        collector.close()
+
+
+def test_a_node_asking_how_a_start_goes_gets_the_servers_answer() -> None:
+    states = {"n2": STARTING, "n3": "ssh: connection refused"}
+    collector = ReportCollector("127.0.0.1", "s3", states.get)
+    try:
+        reporter = Reporter(collector.address, 5.0)
+        assert reporter.ask({"type": "start", "session": "s3", "node": "n2"}) == {"state": STARTING}
+        assert reporter.ask({"type": "start", "session": "s3", "node": "n3"}) == {"state": "ssh: connection refused"}
+        assert reporter.ask({"type": "start", "session": "s3", "node": "n9"}) == {"state": None}
+        assert reporter.ask({"type": "start", "session": "other", "node": "n2"}) == {"state": None}
+        assert collector.results == {} and collector.lost == {}  # a question is not a report
+    finally:
+        collector.close()
+    assert Reporter(collector.address, 1.0).ask({"type": "start", "session": "s3", "node": "n2"}) is None  # gone
+
+
+def test_a_collector_without_start_states_does_not_know() -> None:
+    collector = ReportCollector("127.0.0.1", "s4")
+    try:
+        assert Reporter(collector.address, 5.0).ask({"type": "start", "session": "s4", "node": "n1"}) == {"state": None}
     finally:
         collector.close()
