@@ -5,6 +5,7 @@ udpcast (multicast), measured side by side in one run.
     .venv/bin/python bench/broadcast_lab.py [--nodes 1,8] [--size-mib 48] [--link 100[,20]] [--quick]
     .venv/bin/python bench/broadcast_lab.py --nodes 1,8,32,64 --size-mib 48 --link 100,20   # the full run
     .venv/bin/python bench/broadcast_lab.py --nodes 1,64 --link 10 --methods chain,chain-20ms,chain-40ms
+    .venv/bin/python bench/broadcast_lab.py --nodes 1,64 --link 10 --methods chain-paced,chain-overlap --rounds 3
 
 Builds a lab (``kbcast``) whose node links are shaped to ``--link`` Mbit/s, boots the nodes into the
 deployment system and puts TakTuk (with Perl and an SSH client) and udpcast into it (``labkit``).
@@ -16,7 +17,10 @@ including starting the remote programs over SSH, on warm nodes (each node first 
 SSH session with python3 and sha256sum, so that no method pays for another's cold start). Prints per
 method the time, E = (size / time) / link rate, T(N)/T(1), the time against the chain's, and for the
 chain its startup (agents over SSH) and stream phases and how busy the host's CPUs were during the
-stream; then ``RATIO`` lines. With several
+stream; then ``RATIO`` lines. ``chain-overlap`` is the chain as a deployment runs it: the agents
+started in chain order while the stream already leaves (``broadcast_over_ssh``), paced like
+``chain-paced``; its time has no phases. ``--rounds R`` measures every method R times at each N,
+in turn, the order reversed every other round, and takes the median time. With several
 ``--link`` rates, the same lab and image are measured at each in turn (the links reshaped in place).
 All the lab's nodes share the host's CPUs: where they are busy near 100 %, the lab, not the method,
 sets the pace; a slower link asks the same work of them over a longer time, as nodes with their own
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -43,14 +48,14 @@ from labkit import LabRun, ratio_line
 
 from kasched.deploy.nodes import NodeShell
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import start_agents
+from kasched.engine.chain_ssh import broadcast_over_ssh, start_agents
 from kasched.engine.ssh_session import SshAuth
 from kasched.lab.network import shape_node_links
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
 
 LAB = "kbcast"
-METHODS = ("chain", "chain-paced", "http", "taktuk-chain", "taktuk-tree", "udpcast")
+METHODS = ("chain", "chain-paced", "chain-overlap", "http", "taktuk-chain", "taktuk-tree", "udpcast")
 # the chain with a node's batches bounded to this many ms of its stream instead of the default 10
 # (BroadcastOptions.batch_seconds): less CPU per byte, more delay per hop; only when asked for
 BATCH_VARIANTS = {"chain-20ms": 0.02, "chain-40ms": 0.04}
@@ -124,6 +129,18 @@ class Bench:
         return {"startup": agents_up - started, "stream": streamed - agents_up, "total": time.monotonic() - started,
                 "failed": float(len(failed)), "cpu": busy}  # fmt: skip
 
+    def chain_overlap(self, nodes: list[dict], options: BroadcastOptions) -> dict[str, float]:
+        """The chain as a deployment runs it: agents on a known port, started in chain order while the
+        stream leaves, each node waiting for a successor still starting."""
+        chain = [ChainNode(n["name"], f"{n['ip']}:7373", n["switch"], n["rack"]) for n in nodes]
+        started, cpu = time.monotonic(), labkit.CpuMeter()
+        sent = broadcast_over_ssh(self.image, chain, {"kind": "discard"}, {n["name"]: n["ip"] for n in nodes},
+                                  self.auth, options=options, window=64)  # fmt: skip
+        took = time.monotonic() - started
+        if failed := [f"{r.node}: {r.error}" for r in sent.values() if not r.ok]:
+            raise SystemExit(f"chain-overlap failed: {failed[:4]}")
+        return {"total": took, "cpu": cpu.busy()}
+
     def http(self, nodes: list[dict]) -> dict[str, float]:
         url = f"http://10.77.0.1:{self.server.server_address[1]}/{self.image.name}"
         started = time.monotonic()
@@ -164,12 +181,18 @@ class Bench:
         if wrong:
             raise SystemExit(f"{what}: wrong or no checksum on {sorted(wrong)[:4]}: {list(wrong.values())[:2]}")
 
+    def paced(self) -> BroadcastOptions:
+        """The server's kernel paced to the nodes' link rate (the lab's kasched.yaml does the same)."""
+        return BroadcastOptions(source_rate=self.link_mbit * 1e6 / 8)
+
     def runners(self) -> dict[str, Callable[[list[dict]], dict[str, float]]]:
         return {
             "chain": self.chain,
             # the server's kernel paced to the nodes' link (the site's broadcast_source_rate; the lab's
             # server has no link of its own): BBR's probing no longer queues at the first node's link
-            "chain-paced": lambda nodes: self.chain(nodes, BroadcastOptions(source_rate=self.link_mbit * 1e6 / 8)),
+            "chain-paced": lambda nodes: self.chain(nodes, self.paced()),
+            # the same, the stream leaving while the agents start, as a deployment runs it
+            "chain-overlap": lambda nodes: self.chain_overlap(nodes, self.paced()),
             "http": self.http,
             "taktuk-chain": lambda nodes: self.taktuk(nodes, "1"),
             "taktuk-tree": lambda nodes: self.taktuk(nodes, "0"),
@@ -201,43 +224,63 @@ def warm_up(bench: Bench, nodes: list[dict]) -> None:
         small.unlink()
 
 
-def measure(labrun: LabRun, counts: list[int], methods: list[str], image: Path, link: int, http_max: float) -> None:
-    """Every method at every N, the nodes' links shaped to ``link`` Mbit/s; HTTP only where it can
-    take at most ``http_max`` seconds (N images through the server's one link)."""
+def measure(
+    labrun: LabRun, counts: list[int], methods: list[str], image: Path, link: int, http_max: float, rounds: int = 1
+) -> None:
+    """Every method at every N, ``rounds`` times in turn, the nodes' links shaped to ``link`` Mbit/s;
+    HTTP only where it can take at most ``http_max`` seconds (N images through the server's one link)."""
     shape_node_links(labrun.plan, list(labrun.plan.nodes_list), f"{link}mbit")
-    link_bytes = link * 1e6 / 8
-    print(f"\nimage {image.stat().st_size >> 20} MiB, node links {link} Mbit/s, lab of {len(labrun.nodes)} nodes; "
+    size, link_bytes = image.stat().st_size, link * 1e6 / 8
+    print(f"\nimage {size >> 20} MiB, node links {link} Mbit/s, lab of {len(labrun.nodes)} nodes; "
           "E = (size / time) / link rate", flush=True)  # fmt: skip
-    print(f"{'N':>3} {'method':<13} {'time s':>7} {'E':>5} {'T(N)/T(1)':>9} {'vs chain':>8}  phases")
+    print(f"{'N':>3} {'method':<13} {'time s':>7} {'E':>5}  phases")
     first: dict[str, float] = {}
     with inside_netns(labrun.netns):
         bench = Bench(labrun, image, link)
         warm_up(bench, labrun.nodes[: counts[-1]])
         runners = bench.runners()
         for count in counts:
-            chain_time = None
-            for method in methods:
-                if method == "http" and (floor := count * image.stat().st_size / link_bytes) > http_max:
-                    print(f"{count:>3} {method:<13} skipped: at least {floor:.0f} s, over --http-max-seconds")
-                    continue
-                phases = runners[method](labrun.nodes[:count])
-                took = phases["total"]
-                first.setdefault(method, took)
-                chain_time = took if method == "chain" else chain_time
-                versus = f"{took / chain_time:8.2f}" if chain_time else f"{'':8}"
-                detail = (f"startup {phases['startup']:.2f} s, stream {phases['stream']:.2f} s "
-                          f"(E stream {image.stat().st_size / phases['stream'] / link_bytes:.2f}, "
-                          f"host CPUs {phases['cpu']:.0%} busy)"
-                          if "startup" in phases else "")  # fmt: skip
-                print(f"{count:>3} {method:<13} {took:>7.2f} {image.stat().st_size / took / link_bytes:>5.2f} "
-                      f"{took / first[method]:>9.2f} {versus}  {detail}", flush=True)  # fmt: skip
-                if count == counts[-1]:
-                    at = f"N={count} {link}Mbit"
-                    print(ratio_line(f"{method} E {at}", image.stat().st_size / took / link_bytes))
-                    print(
-                        ratio_line(f"{method} T({count})/T({counts[0]}) {link}Mbit", took / first[method]), flush=True
-                    )
+            runnable = [m for m in methods if m != "http" or count * size / link_bytes <= http_max]
+            for method in sorted(set(methods) - set(runnable)):
+                floor = count * size / link_bytes
+                print(f"{count:>3} {method:<13} skipped: at least {floor:.0f} s, over --http-max-seconds")
+            times: dict[str, list[float]] = {}
+            for turn in range(rounds):
+                for method in runnable if turn % 2 == 0 else runnable[::-1]:
+                    phases = runners[method](labrun.nodes[:count])
+                    took = phases["total"]
+                    times.setdefault(method, []).append(took)
+                    print(f"{count:>3} {method:<13} {took:>7.2f} {size / took / link_bytes:>5.2f}  "
+                          f"{_phases(phases, size, link_bytes)}", flush=True)  # fmt: skip
+            _summarize(count, {m: statistics.median(t) for m, t in times.items()}, first, size / link_bytes,
+                       f"{link}Mbit", first_count=counts[0], last=count == counts[-1], rounds=rounds)  # fmt: skip
         bench.server.shutdown()
+
+
+def _phases(phases: dict[str, float], size: int, link_bytes: float) -> str:
+    if "startup" not in phases:
+        return f"host CPUs {phases['cpu']:.0%} busy" if "cpu" in phases else ""
+    return (f"startup {phases['startup']:.2f} s, stream {phases['stream']:.2f} s "
+            f"(E stream {size / phases['stream'] / link_bytes:.2f}, host CPUs {phases['cpu']:.0%} busy)")  # fmt: skip
+
+
+def _summarize(count: int, took: dict[str, float], first: dict[str, float], ideal: float, at: str, *,
+               first_count: int, last: bool, rounds: int) -> None:  # fmt: skip
+    """One line per method at this N (the median of the rounds), then, at the last N, the RATIO lines.
+    ``ideal``: the seconds the image takes at the link's rate; ``first``: each method's time at the
+    first N (filled here)."""
+    print(f"{count:>3} {'median of ' + str(rounds):<13} {'time s':>7} {'E':>5} {'T(N)/T(1)':>9} {'vs chain':>8} "
+          f"{'vs paced':>8}")  # fmt: skip
+    for method, seconds in took.items():
+        first.setdefault(method, seconds)
+        versus = [f"{seconds / took[base]:8.2f}" if base in took else f"{'':8}" for base in ("chain", "chain-paced")]
+        print(f"{count:>3} {method:<13} {seconds:>7.2f} {ideal / seconds:>5.2f} {seconds / first[method]:>9.2f} "
+              f"{' '.join(versus)}", flush=True)  # fmt: skip
+        if last:
+            print(ratio_line(f"{method} E N={count} {at}", ideal / seconds))
+            print(ratio_line(f"{method} T({count})/T({first_count}) {at}", seconds / first[method]), flush=True)
+    if last and "chain-overlap" in took and "chain-paced" in took:
+        print(ratio_line(f"chain-overlap/chain-paced time N={count} {at}", took["chain-overlap"] / took["chain-paced"]))
 
 
 def main() -> int:
@@ -249,6 +292,8 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--http-max-seconds", type=float, default=600.0,
                         help="skip HTTP where N images through one link would take longer")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="measure every method this many times at each N, "
+                        "in turn, the order reversed every other round; the median counts")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="2 nodes, 8 MiB, links 100 then 50: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -259,6 +304,8 @@ def main() -> int:
         links = [int(rate) for rate in args.link.split(",") if rate]
     except ValueError:
         parser.error(f"--link {args.link!r}: comma-separated whole Mbit/s, e.g. 100,20")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     if not links or min(links) <= 0:
         parser.error(f"--link {args.link!r}: each rate must be a positive number of Mbit/s")
     methods = [m for m in args.methods.split(",") if m]
@@ -271,7 +318,7 @@ def main() -> int:
         image = labrun.work / "image.bin"
         image.write_bytes(os.urandom(args.size_mib << 20))
         for link in links:
-            measure(labrun, counts, methods, image, link, args.http_max_seconds)
+            measure(labrun, counts, methods, image, link, args.http_max_seconds, args.rounds)
     return 0
 
 

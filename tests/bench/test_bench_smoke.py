@@ -36,9 +36,10 @@ def run_bench(script: str, *expected: str, options: tuple[str, ...] = ()) -> dic
 
 
 def test_broadcast_lab_quick() -> None:
-    labels = [f"{m} T(2)/T(1) {link}Mbit" for m in ("chain", "chain-paced", "http", "taktuk-chain", "taktuk-tree", "udpcast")
+    labels = [f"{m} T(2)/T(1) {link}Mbit" for m in ("chain", "chain-paced", "chain-overlap", "http", "taktuk-chain", "taktuk-tree", "udpcast")
               for link in (100, 50)]  # fmt: skip
-    run_bench("broadcast_lab.py", "chain E N=2 100Mbit", "chain E N=2 50Mbit", *labels)
+    run_bench("broadcast_lab.py", "chain E N=2 100Mbit", "chain E N=2 50Mbit",
+              "chain-overlap/chain-paced time N=2 100Mbit", *labels)  # fmt: skip
 
 
 def test_topology_lab_quick() -> None:
