@@ -257,19 +257,22 @@ class Forwarder:
         its start failed, or ``start_wait`` seconds (or the broadcast's deadline) pass."""
         give_up = min(time.monotonic() + self.start_wait, self.deadline)
         asked_at = float("-inf")  # not 0.0: monotonic time counts from boot
+        said_ready = False
         while True:
             try:
                 return self._handshake(index, address)
             except ConnectionRefusedError:
                 if (now := time.monotonic()) >= give_up:
                     raise
+                if said_ready:  # refused after the server said it listens, not before
+                    raise ProtocolError("its agent started, then stopped listening") from None
                 if now - asked_at >= START_ASK_EVERY:
                     asked_at = now
                     state = self.start_state(name) if self.start_state else None
-                    if state == "ready":
-                        raise ProtocolError("its agent started, then stopped listening") from None
-                    if state not in (None, STARTING):
+                    if state not in (None, STARTING, "ready"):
                         raise ProtocolError(f"its agent did not start: {state}") from None
+                    if said_ready := state == "ready":  # it may have started since it refused: again
+                        continue
                 time.sleep(START_RETRY)
 
     def _handshake(self, index: int, address: str) -> tuple[socket.socket, int]:

@@ -5,6 +5,7 @@ another node's disk, shows where the stream was while that node's agent had not 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from sshd_nodes import SshdCluster, free_port
 from test_chain import FAST, random_image, sha256_file
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import broadcast_over_ssh, session_command
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, broadcast_over_ssh, session_command
 from kasched.engine.chain_wire import STARTING
 from kasched.engine.ssh_session import SshAuth
 from kasched.results import GroupResult
@@ -112,6 +113,35 @@ def test_the_server_bypasses_a_first_node_whose_start_failed(tmp_path: Path) -> 
     )
     # still starting when start_wait ran out: refused like any node that does not listen
     assert "cannot reach ghost2 at 127.42.9.8:9: [Errno 111] Connection refused" in (result["ghost2"].error or "")
+
+
+def test_an_agent_that_started_after_it_refused_is_connected_to(tmp_path: Path) -> None:
+    """The race the lab's 8-node deployment hit: the sender's connection is refused, then, by the
+    time it asks, the agent has started and the server says ready. That is no reason to bypass it."""
+    image = random_image(tmp_path / "disk.img", 1)
+    host = "127.42.7.1"
+    node = ChainNode("late", f"{host}:{free_port(host)}")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start_state(name: str) -> str:  # the agent starts as the server is asked: it refused before
+        if not started:
+            argv = [sys.executable, *AGENT_FLAGS.split(), "-", "--listen", node.address, "--name", name]
+            started.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            started[0].stdin.write(AGENT_SOURCE)  # type: ignore[union-attr]
+            started[0].stdin.close()  # type: ignore[union-attr]
+            assert started[0].stdout.readline().startswith(b"ready ")  # type: ignore[union-attr]
+        return "ready"
+
+    try:
+        options = BroadcastOptions(start_wait=30, lost_grace=0.1, timeout=30)
+        result = broadcast(image, [node], {"kind": "discard"}, options=options, start_state=start_state)
+        assert result.succeeded == ["late"], result["late"].error
+        assert started[0].wait(10) == 0
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+            process.stdout.close()  # type: ignore[union-attr]
 
 
 def test_an_agent_that_started_then_stopped_listening_is_not_waited_for(tmp_path: Path) -> None:
