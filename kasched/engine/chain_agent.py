@@ -10,6 +10,7 @@ protocol is described in ``docs/engine-transports.md``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -62,6 +63,8 @@ BATCH_SECONDS = 0.01  # a batch is at most this long at the rate the stream arri
 BATCH_RANGE = (16 << 10, MAX_LOW_WATER)  # bytes; the session's low_water caps it too
 RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
 TAR_FLAGS = {"gz": ["--gzip"], "xz": ["--xz"], "zst": ["--zstd"], "none": []}
+BIND_RETRY = 3.0  # seconds an agent tries again to listen on an address in use (an earlier one ending)
+SESSION_GONE = 4  # the exit status of an agent whose session went away (nobody reads it then)
 
 
 # --- sinks ------------------------------------------------------------------------------------------
@@ -443,6 +446,34 @@ def _seconds(text: str) -> float:
         raise ValueError(f"--accept-timeout {text!r} is not a number of seconds\n{USAGE}") from None
 
 
+def _listen(address: tuple[str, int], give_up: float) -> socket.socket:
+    """A listening socket on ``address``; while it is in use, tried again until ``give_up``: an agent
+    of an earlier try on this node may still be ending (see end_with_session)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    while True:
+        try:
+            return socket.create_server(address, family=family, backlog=16)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() >= give_up:
+                raise
+            time.sleep(0.05)
+
+
+def end_with_session(fd: int) -> None:
+    """Exit once whoever reads our stdout (the SSH session that started us) is gone: an agent left
+    behind keeps its port, so a later try on the node could not listen there, and would take that
+    try's stream into a partition being formatted again. When sshd closes the session, the pipe to
+    our stdout loses its reader (poll says POLLERR; a socket pair, POLLHUP). Not on a file or a
+    terminal that stays open: nothing is said there, and the agent ends with its broadcast."""
+    poller = select.poll()
+    poller.register(fd, 0)  # no event asked for: only the ones poll always reports
+    while events := [mask for _, mask in poller.poll()]:
+        if any(mask & (select.POLLERR | select.POLLHUP) for mask in events):
+            os._exit(SESSION_GONE)
+        if any(mask & select.POLLNVAL for mask in events):  # no stdout at all: nothing to watch
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         options = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -452,13 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chain agent: {error}", file=sys.stderr)
         return 2
     try:
-        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-        listener = socket.create_server(listen, family=family, backlog=16)
+        listener = _listen(listen, time.monotonic() + BIND_RETRY)
     except OSError as error:
         print(f"chain agent {name}: cannot listen on {options['--listen']}: {error.strerror or error}", file=sys.stderr)
         return 2
     host, port = listener.getsockname()[:2]
     print(f"ready {host}:{port}", flush=True)
+    threading.Thread(target=end_with_session, args=(sys.stdout.fileno(),), name="session", daemon=True).start()
     try:
         result = serve(Agent(listener, name), accept_timeout)
     except ProtocolError as error:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from sshd_nodes import SshdCluster, free_port
 from test_chain import FAST, random_image, sha256_file
+from test_chain_prepare import assert_no_agent_left
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, broadcast_over_ssh, session_command
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, broadcast_over_ssh, session_command, start_agents
 from kasched.engine.chain_wire import STARTING
 from kasched.engine.ssh_session import SshAuth
 from kasched.results import GroupResult
@@ -99,6 +100,26 @@ def test_a_node_whose_start_fails_is_bypassed_as_soon_as_the_server_knows(
     for name in names:
         if name != bad:
             assert sha256_file(tmp_path / name / "disk.img") == digest
+
+
+@pytest.mark.slow
+def test_an_agent_ends_with_its_session_so_a_retry_can_listen_there(sshd_cluster: SshdCluster) -> None:
+    """A node bypassed while its agent was ready: its session is closed, not waited for. The agent
+    left behind kept the port (the retry: 'Address already in use') and, with the stream leaving
+    early, took the retry's stream while its preparation formatted the partition again (the lab's
+    8-node deployment: 'mkfs.ext4: /dev/sda3 is mounted')."""
+    name = sshd_cluster.nodes[12]
+    nodes = fixed_chain(sshd_cluster, [name])
+    auth = SshAuth.from_key_file("root", str(sshd_cluster.key_file))
+    first = start_agents(nodes, sshd_cluster.addresses, auth)
+    assert [node.name for node in first.ready] == [name], first.failed
+    first.close(failed={name})
+    again = start_agents(nodes, sshd_cluster.addresses, auth)
+    try:
+        assert [node.name for node in again.ready] == [name], again.failed
+    finally:
+        again.close(failed={name})
+    assert_no_agent_left(name)
 
 
 def test_the_server_bypasses_a_first_node_whose_start_failed(tmp_path: Path) -> None:
