@@ -135,7 +135,7 @@ class Bench:
         chain = [ChainNode(n["name"], f"{n['ip']}:7373", n["switch"], n["rack"]) for n in nodes]
         started, cpu = time.monotonic(), labkit.CpuMeter()
         sent = broadcast_over_ssh(self.image, chain, {"kind": "discard"}, {n["name"]: n["ip"] for n in nodes},
-                                  self.auth, options=options, window=64)  # fmt: skip
+                                  self.auth, options=options, window=64, overlap=True)  # fmt: skip
         took = time.monotonic() - started
         if failed := [f"{r.node}: {r.error}" for r in sent.values() if not r.ok]:
             raise SystemExit(f"chain-overlap failed: {failed[:4]}")

@@ -3,9 +3,9 @@ and returns one result per node (see :mod:`kasched.deploy.workflow`).
 
 * set up the deployment system: the running reference system as is ("nomini"), or boot profile
   ``deploy`` then a reboot (escalating), checked from the node (kexec: :mod:`kasched.deploy.kexec`);
-* broadcast: prepare the target partition, then start a chain agent, on every node (one SSH session
-  per node), stream the image once through the chain from the moment the first agent listens (or to
-  each node alone, the unicast fallback), checked by sha256 on every node;
+* broadcast: prepare the target partition while a chain agent starts on every node (one SSH session
+  per node), stream the image once
+  through the chain (or to each node alone, the unicast fallback), checked by sha256 on every node;
 * configure: hostname, the user's SSH key, the environment's postinstall scripts;
 * boot: boot profile ``local partition N``, then a reboot through the firmware (or kexec, in
   :mod:`kasched.deploy.kexec`); check from the node that partition N booted.
@@ -280,8 +280,8 @@ def sink_for(ctx: StepContext, device: str) -> dict[str, Any]:
 def broadcast_chain(
     ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event, *, alone: bool = False
 ) -> GroupResult:
-    """Prepare each node, then start its agent (one SSH session per node), and send the image once
-    through the chain (or to each node alone) while the later agents still start."""
+    """Prepare each node while its agent starts (one SSH session per node), send the image once
+    through the chain (or to each node alone)."""
 
     def send(alive: list[str]) -> GroupResult:
         # One chain per target partition device (the sink is the same along a chain); alone: one per node.

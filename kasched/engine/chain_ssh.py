@@ -8,10 +8,11 @@ each node a shell command that runs in the same SSH session, while its agent sta
 two. A node whose preparation fails has its agent stopped before the broadcast and a failed result
 with the command's exit status and last line on stderr.
 
-Where the agents listen on known ports (a deployment's), the stream need not wait for the last agent:
-:func:`broadcast_over_ssh` starts them in chain order and sends at once, each node waiting for a
-successor still starting (``BroadcastOptions.start_wait``), and asking the server whether that start
-failed. The chain's per-hop delays then pass while the later agents start instead of after."""
+Where the agents listen on known ports, the stream need not wait for the last agent (``overlap``):
+:func:`broadcast_over_ssh` then starts them in chain order and sends at once, each node waiting for
+a successor still starting (``BroadcastOptions.start_wait``) and asking the server whether that
+start failed. Off by default: on the lab, where every node shares the host's CPUs, the nodes already
+streaming slowed the later starts by more than the overlap hid (docs/benchmarks.md, session 12)."""
 
 from __future__ import annotations
 
@@ -245,13 +246,13 @@ def broadcast_over_ssh(
     python: str = "python3",
     prepare: Callable[[str], str] | None = None,
     prepare_timeout: float = 600.0,
-    overlap: bool = True,
+    overlap: bool = False,
     window: int = 32,
 ) -> GroupResult:
     """Start the agents over SSH (preparing each node, with ``prepare``), broadcast to those that
-    started, stop them; one result per node. With ``overlap``, where every agent listens on a known
-    port (not 0), the stream leaves while the agents still start (:func:`stream_while_starting`);
-    otherwise once every agent is ready."""
+    started, stop them; one result per node. The stream leaves once every agent is ready; with
+    ``overlap``, where every agent listens on a known port (not 0), while they still start
+    (:func:`stream_while_starting`; measured slower on the lab, see the module's docstring)."""
     options = options or BroadcastOptions()
     check_options(options)  # before anything starts on the nodes
 

@@ -1,4 +1,4 @@
-"""Streaming while the agents still start (``broadcast_over_ssh`` with agents on known ports): over
+"""Streaming while the agents still start (``broadcast_over_ssh(overlap=True)``, agents on known ports): over
 real sshds on loopback, real agents, a real image. A node's preparation that waits, then looks at
 another node's disk, shows where the stream was while that node's agent had not started yet."""
 
@@ -41,6 +41,7 @@ def overlapped(
     def preparation(node: str) -> str:
         return f"{prepare.get(node, 'true')} && mkdir {tmp_path / node}"
 
+    kwargs.setdefault("overlap", True)
     result = broadcast_over_ssh(image, nodes, sink, addresses, auth, options=FAST, prepare=preparation,
                                 prepare_timeout=30, **kwargs)  # type: ignore[arg-type]  # fmt: skip
     return result, sha256_file(image)
@@ -64,8 +65,8 @@ def test_the_stream_reaches_the_first_nodes_while_a_later_agent_still_starts(
 
 @pytest.mark.slow
 def test_without_overlap_the_stream_waits_for_every_agent(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
-    """The same late node, the overlap turned off: the first node has nothing yet (the witness
-    shows the test above would fail if the stream did not leave early)."""
+    """The same late node without the overlap (the default): the first node has nothing yet (the
+    witness shows the test above would fail if the stream did not leave early)."""
     names = sshd_cluster.nodes[4:7]
     witness = tmp_path / "first-node-had"
     prepare = {names[2]: f"sleep 1 && (stat -c %s {tmp_path / names[0] / 'disk.img'} || echo none) > {witness}"}
