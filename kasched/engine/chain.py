@@ -173,8 +173,9 @@ class ReportCollector:
         if message.get("type") != "start":
             self.record(message)
             return
-        known = message.get("session") == self.session and self.start_state is not None
-        state = self.start_state(str(message.get("node"))) if self.start_state and known else None
+        state = None  # another session's node, or no start under way: not known here
+        if self.start_state is not None and message.get("session") == self.session:
+            state = self.start_state(str(message.get("node")))
         send_frame(conn, HEADER, json.dumps({"state": state}).encode())
 
     def record(self, message: dict[str, Any]) -> None:

@@ -14,9 +14,17 @@ from test_chain import FAST, random_image, sha256_file
 from test_chain_prepare import assert_no_agent_left
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, broadcast_over_ssh, session_command, start_agents
+from kasched.engine.chain_ssh import (
+    AGENT_FLAGS,
+    AGENT_SOURCE,
+    StartStates,
+    broadcast_over_ssh,
+    session_command,
+    start_agents,
+)
 from kasched.engine.chain_wire import STARTING
 from kasched.engine.ssh_session import SshAuth
+from kasched.errors import DriverError
 from kasched.results import GroupResult
 
 IMAGE_MIB = 2
@@ -172,6 +180,26 @@ def test_an_agent_that_started_then_stopped_listening_is_not_waited_for(tmp_path
     result = broadcast(image, [ChainNode("gone", "127.42.9.9:9")], {"kind": "discard"}, options=options,
                        start_state=lambda node: "ready")  # fmt: skip
     assert result["gone"].error == "gone: lost: cannot reach gone at 127.42.9.9:9: its agent started, then stopped listening"
+
+
+def test_a_launcher_that_fails_ends_the_wait_for_every_start_not_done() -> None:
+    states = StartStates(["n1", "n2", "n3"])
+    states.set("n1", "ready")
+    states.set("n2", "SSH connection failed: refused")
+    states.fail_starting("unusable SSH private key")
+    assert [states.get(name) for name in ("n1", "n2", "n3")] == [
+        "ready", "SSH connection failed: refused", "unusable SSH private key"
+    ]  # fmt: skip
+    assert states.get("n9") == "not a node of this broadcast"
+
+
+def test_an_unusable_key_is_one_error_before_any_node_is_touched(tmp_path: Path) -> None:
+    image = random_image(tmp_path / "disk.img", 1)
+    nodes = [ChainNode("n1", "127.42.9.9:7373"), ChainNode("n2", "127.42.9.8:7373")]
+    auth = SshAuth("root", "not a key")
+    for overlap in (True, False):
+        with pytest.raises(DriverError, match="unusable SSH private key"):
+            broadcast_over_ssh(image, nodes, {"kind": "discard"}, {}, auth, options=FAST, overlap=overlap)
 
 
 def test_the_agent_listens_only_after_its_preparation_when_the_stream_may_come_early() -> None:
