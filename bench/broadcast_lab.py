@@ -17,10 +17,11 @@ including starting the remote programs over SSH, on warm nodes (each node first 
 SSH session with python3 and sha256sum, so that no method pays for another's cold start). Prints per
 method the time, E = (size / time) / link rate, T(N)/T(1), the time against the chain's, and for the
 chain its startup (agents over SSH) and stream phases and how busy the host's CPUs were during the
-stream; then ``RATIO`` lines. ``chain-overlap`` is the chain as a deployment runs it: the agents
-started in chain order while the stream already leaves (``broadcast_over_ssh``), paced like
-``chain-paced``; its time has no phases. ``--rounds R`` measures every method R times at each N,
-in turn, the order reversed every other round, and takes the median time. With several
+stream; then ``RATIO`` lines. ``chain-overlap`` is ``broadcast_over_ssh(overlap=True)``: the agents
+started in chain order while the stream already leaves (an option, off in deployments: measured
+slower on the lab), paced like ``chain-paced``; its time has no phases. ``--rounds R`` measures
+every method R times at each N, in turn, the order reversed every other round, and takes the median
+time. With several
 ``--link`` rates, the same lab and image are measured at each in turn (the links reshaped in place).
 All the lab's nodes share the host's CPUs: where they are busy near 100 %, the lab, not the method,
 sets the pace; a slower link asks the same work of them over a longer time, as nodes with their own
@@ -130,7 +131,7 @@ class Bench:
                 "failed": float(len(failed)), "cpu": busy}  # fmt: skip
 
     def chain_overlap(self, nodes: list[dict], options: BroadcastOptions) -> dict[str, float]:
-        """The chain as a deployment runs it: agents on a known port, started in chain order while the
+        """The chain with ``overlap=True``: agents on a known port, started in chain order while the
         stream leaves, each node waiting for a successor still starting."""
         chain = [ChainNode(n["name"], f"{n['ip']}:7373", n["switch"], n["rack"]) for n in nodes]
         started, cpu = time.monotonic(), labkit.CpuMeter()
@@ -191,7 +192,7 @@ class Bench:
             # the server's kernel paced to the nodes' link (the site's broadcast_source_rate; the lab's
             # server has no link of its own): BBR's probing no longer queues at the first node's link
             "chain-paced": lambda nodes: self.chain(nodes, self.paced()),
-            # the same, the stream leaving while the agents start, as a deployment runs it
+            # the same, the stream leaving while the agents start (an option, off in deployments)
             "chain-overlap": lambda nodes: self.chain_overlap(nodes, self.paced()),
             "http": self.http,
             "taktuk-chain": lambda nodes: self.taktuk(nodes, "1"),
