@@ -4,12 +4,15 @@ of a chain starts one when the broadcast starts, so what it imports is CPU time 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from kasched.engine import chain_agent
+from kasched.engine.chain_agent import SESSION_GONE
 from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, bundled_agent_source
 
 #: loaded only for the sinks that run a program (tar, command), or not at all
@@ -71,3 +74,45 @@ def test_an_agent_module_without_its_bundle_lines_is_refused(tmp_path: Path, mon
     monkeypatch.setattr(chain_agent, "__file__", str(agent))
     with pytest.raises(RuntimeError, match=re.escape("no '# bundle: begin' ... '# bundle: end' lines")):
         bundled_agent_source()
+
+
+def spawn_agent(*args: str) -> subprocess.Popen[bytes]:
+    """An agent as over SSH, its stdout a pipe this test reads (as sshd's session does)."""
+    argv = ["python3", *AGENT_FLAGS.split(), "-", *args]
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdin is not None
+    process.stdin.write(AGENT_SOURCE)
+    process.stdin.close()
+    return process
+
+
+def test_an_agent_ends_when_nobody_reads_its_stdout_any_more() -> None:
+    """What sshd does to a session it closes: the pipe to the agent's stdout loses its reader."""
+    process = spawn_agent("--listen", "127.0.0.1:0", "--name", "n1", "--accept-timeout", "60")
+    try:
+        assert process.stdout is not None and process.stdout.readline().startswith(b"ready 127.0.0.1:")
+        process.stdout.close()
+        assert process.wait(10) == SESSION_GONE  # not after its 60 s accept timeout
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()  # type: ignore[union-attr]
+
+
+def test_an_agent_waits_a_moment_for_its_address_to_be_freed() -> None:
+    """An agent of an earlier try still ending holds the port for a moment."""
+    held = socket.create_server(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    threading.Timer(0.5, held.close).start()
+    done = start_agent("--listen", f"127.0.0.1:{port}", "--name", "n1", "--accept-timeout", "0.01")
+    assert done.stdout.startswith(f"ready 127.0.0.1:{port}"), done.stderr[-300:]
+    assert done.returncode == 2 and "nobody connected within 0.01s" in done.stderr
+
+
+def test_an_address_that_stays_taken_gets_one_line() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        done = start_agent("--listen", f"127.0.0.1:{port}", "--name", "n1")
+    assert done.returncode == 2 and not done.stdout and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # after -X importtime's lines
+    assert last.startswith(f"chain agent n1: cannot listen on 127.0.0.1:{port}: Address already in use"), last
