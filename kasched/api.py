@@ -4,28 +4,32 @@ same calls. Each call checks the caller's rights, runs in a short transaction an
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from kasched import environments as env_catalog
-from kasched import grants, inventory, stats
+from kasched import grants, imagestore, inventory, stats, urlfetch
 from kasched.builtin.drivers import BuiltinDrivers
 from kasched.builtin.grant_keeper import GrantKeeper
 from kasched.builtin.history import History
 from kasched.builtin.journal import Journal
 from kasched.builtin.reclaimer import Reclaimer
+from kasched.builtin.stateless import StatelessImages
 from kasched.bus import Bus
 from kasched.config import Config
 from kasched.db import Database
 from kasched.environments import EnvironmentReference
 from kasched.errors import ConflictError, InputError, NotFoundError, PermissionDenied
-from kasched.identity import Caller, can_read
+from kasched.identity import Caller
+from kasched.imagestore import ImageStore
 from kasched.jobs import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import expand_many, fold
@@ -58,6 +62,7 @@ class Kasched:
         bus.register(Journal(), "journal")
         bus.register(Reclaimer(database, config, bus), "reclaimer")
         bus.register(BuiltinDrivers(), "drivers")
+        bus.register(StatelessImages(database, config), "stateless")
         return cls(config, database, bus, caller or Caller.current(config.admin_group))
 
     def close(self) -> None:
@@ -140,13 +145,35 @@ class Kasched:
         self, path: str | Path, owner: str | None = None, *, text: str | None = None, checked_reads: bool = False
     ) -> EnvironmentView:
         """Add the environment a description file gives (or ``text``, with files relative to ``path``'s
-        folder). ``checked_reads``: the caller must be able to read the image and scripts themselves
-        (the service reads them with its own rights)."""
+        folder). Its image and scripts are read once, as the caller (who must be able to read them),
+        never through a symlink, into kaschedd's store (:mod:`kasched.imagestore`); everything later
+        uses those copies. (``checked_reads``: kept for the service; files are always read as the caller.)"""
         if text is None:
             spec = env_catalog.load(path)
         else:
-            may_read = (lambda p: can_read(self.caller.user, p)) if checked_reads else None
-            spec = env_catalog.loads(text, source=str(path), base=Path(path).parent, may_read=may_read)
+            spec = env_catalog.loads(text, source=str(path), base=Path(path).parent)
+        owner = self._may_add(spec, owner)
+        store = ImageStore(self.config)
+        created: list[str] = []
+        forbidden = self._node_addresses() if urlparse(spec.image_location).scheme else set()
+        try:
+            files = store.ingest(
+                spec.image_location, spec.postinstall, self.caller.user, self.caller.is_admin, forbidden, created
+            )
+            spec.image_location, spec.image_size, spec.sha256 = files.image.path, files.image.size, files.image.sha256
+            spec.postinstall = [script.path for script in files.scripts]
+            with imagestore.lock:
+                if not all(os.path.exists(p) for p in [spec.image_location, *spec.postinstall]):
+                    raise ConflictError(f"{spec.name}: a copy was removed meanwhile (another environment's removal): "
+                                        "add it again")  # fmt: skip
+                return self._insert_environment(spec, owner)
+        except BaseException:
+            with imagestore.lock:
+                store.discard(created, self._store_references())
+            raise
+
+    def _may_add(self, spec: env_catalog.EnvironmentSpec, owner: str | None) -> str:
+        """The owner of the environment to add, once the caller may add it (before any file is read)."""
         if owner and owner != self.caller.user:
             self._require_admin("add an environment for another user")
         owner = owner or self.caller.user
@@ -154,6 +181,14 @@ class Kasched:
             self._require_admin("make an environment public")
         if spec.reference:
             self._require_admin("set the site's reference environment")
+        if spec.version is not None:
+            with self.database.session() as session:
+                if session.scalar(select(Environment.id).where(Environment.name == spec.name,
+                                  Environment.owner == owner, Environment.version == spec.version)):  # fmt: skip
+                    raise ConflictError(f"environment {spec.name}@{owner}:{spec.version} exists already")
+        return owner
+
+    def _insert_environment(self, spec: env_catalog.EnvironmentSpec, owner: str) -> EnvironmentView:
         with self.database.session() as session:
             versions = session.scalars(
                 select(Environment.version).where(Environment.name == spec.name, Environment.owner == owner)
@@ -186,6 +221,18 @@ class Kasched:
             session.flush()
             return EnvironmentView.of(env)
 
+    def _node_addresses(self) -> set[str]:
+        """The inventory's node and BMC addresses: never a source of URL images."""
+        with self.database.session() as session:
+            rows = session.execute(select(Node.ip, Node.bmc_address)).all()
+        return urlfetch.management_addresses(a for row in rows for a in row if a)
+
+    def _store_references(self) -> set[str]:
+        """Every store file an environment uses."""
+        with self.database.session() as session:
+            rows = session.execute(select(Environment.image_location, Environment.postinstall)).all()
+        return {location for location, _ in rows} | {script for _, scripts in rows for script in scripts or []}
+
     def list_environments(
         self, *, include_shared: bool = False, owner: str | None = None, name: str | None = None
     ) -> list[EnvironmentView]:
@@ -208,23 +255,26 @@ class Kasched:
             return EnvironmentView.of(self._resolve(session, EnvironmentReference.parse(reference)))
 
     def check_environment(self, reference: str) -> EnvironmentView:
-        """Re-read the image and compare its sha256 with the one recorded at add time."""
+        """Re-read kaschedd's copies (image, scripts) and compare them with what was read at add time."""
         env = self.show_environment(reference)
-        env_catalog.verify(env.image_location, env.sha256, env.label)
+        ImageStore(self.config).verify(env.image_location, env.sha256, env.postinstall, env.label)
         return env
 
     def remove_environment(self, reference: str) -> EnvironmentView:
-        with self.database.session() as session:
-            env = self._resolve(session, EnvironmentReference.parse(reference))
-            if env.owner != self.caller.user:
-                self._require_admin(f"remove {env.name}@{env.owner}:{env.version}, owned by {env.owner}")
-            if env.reference:
-                raise ConflictError(
-                    f"{env.name}@{env.owner}:{env.version} is the site's reference environment; "
-                    "add another one with 'reference: true' first"
-                )
-            view = EnvironmentView.of(env)
-            session.delete(env)
+        """Remove an environment, and the store copies no other environment uses."""
+        with imagestore.lock:
+            with self.database.session() as session:
+                env = self._resolve(session, EnvironmentReference.parse(reference))
+                if env.owner != self.caller.user:
+                    self._require_admin(f"remove {env.name}@{env.owner}:{env.version}, owned by {env.owner}")
+                if env.reference:
+                    raise ConflictError(
+                        f"{env.name}@{env.owner}:{env.version} is the site's reference environment; "
+                        "add another one with 'reference: true' first"
+                    )
+                view = EnvironmentView.of(env)
+                session.delete(env)
+            ImageStore(self.config).discard([view.image_location, *view.postinstall], self._store_references())
         return view
 
     def reference_environment(self) -> EnvironmentView | None:

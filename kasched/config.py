@@ -54,6 +54,9 @@ class Config:
     pxe_kernel_args: str = ""
     revert_at_job_end: bool = True
     reconcile_interval: float = 300.0  # kaschedd runs 'kasched reconcile' this often (seconds; 0: never)
+    image_max_size: int = 16 << 30  # bytes (or 16G): the largest image or URL env add copies into image_dir
+    image_url_allow: tuple[str, ...] = ()  # URL prefixes images may come from (none: no URL images)
+    stateless_quota: int = 8 << 30  # bytes (or 8G) of stateless images published under boot_dir/stateless
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -177,6 +180,17 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}{key}: expected true or false")
         return value
+    if key in ("image_max_size", "stateless_quota"):
+        return _size(value, f"{where}{key}")
+    if key == "image_url_allow":
+        from kasched.urlfetch import check_prefix
+
+        try:
+            return tuple(check_prefix(v) for v in _strings(value))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"{where}{key}: expected a list of URL prefixes such as https://images.example.org/: {error}"
+            ) from None
     if key == "disabled_plugins":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}{key}: expected a list of plugin names")
@@ -194,6 +208,24 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{key}: expected a path relative to boot_dir")
     except ConfigError as error:
         raise ConfigError(f"{where}{error}") from None
+    return value
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: Any, where: str) -> int:
+    """A size in bytes: a positive whole number, or one with a unit (``512M``, ``16G``, ``1T``)."""
+    text = str(value).strip().upper().removesuffix("B") if not isinstance(value, bool) else ""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+    if not (number.isascii() and number.isdigit()) or int(number) <= 0:
+        raise ConfigError(f"{where}: expected a size such as 16G, 512M or a number of bytes")
+    return int(number) * _UNITS[unit]
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("not a list of strings")
     return value
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
+import os
 import re
-from collections.abc import Callable
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import requests
-
-from kasched.errors import InputError, IntegrityError, NotFoundError, PermissionDenied
+from kasched import safeopen
+from kasched.errors import InputError, NotFoundError, PermissionDenied
 from kasched.models import Compression, ImageKind, Visibility
-from kasched.yamlfile import parse_text, read_text
+from kasched.yamlfile import parse_text
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,63}$", re.IGNORECASE)
@@ -30,8 +29,8 @@ SUFFIXES = {
     ".zst": Compression.ZST,
     ".tzst": Compression.ZST,
 }
-CHUNK = 1 << 20
-HTTP_TIMEOUT = 30
+DESCRIPTION_MAX = 1 << 20
+CONTROL = {"Cc", "Zl", "Zp"}  # control characters and line/paragraph separators (a new line to a boot loader)
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,8 @@ class EnvironmentReference:
 
 @dataclass
 class EnvironmentSpec:
-    """An environment description read from YAML, validated, with its image's size and checksum."""
+    """An environment description read from YAML and validated; ``image_location`` and ``postinstall``
+    are the user's paths (or URL) until ``env add`` copies them into the store."""
 
     name: str
     version: int | None
@@ -84,7 +84,7 @@ class EnvironmentSpec:
 
 def check_name(name: str) -> str:
     """Environment names are plain words: no '/', no '..', nothing a path could be built from."""
-    if not ENV_NAME_RE.match(name) or ".." in name:
+    if not ENV_NAME_RE.fullmatch(name) or ".." in name:
         raise InputError(
             f"{name!r} is not a valid environment name (letters, digits, '.', '_', '+', '-')", field="name"
         )
@@ -92,25 +92,23 @@ def check_name(name: str) -> str:
 
 
 def load(path: str | Path) -> EnvironmentSpec:
-    """Read an environment description, check every field, and measure its image (size, sha256)."""
-    path = Path(path)
-    return loads(read_text(path), source=str(path), base=path.parent.resolve())
+    """Read an environment description (direct mode: as this process, opened like every file a user
+    names, see :mod:`kasched.safeopen`) and check every field. Its files are read by ``env add``."""
+    where = safeopen.normal(os.path.abspath(path))
+    try:
+        text = safeopen.read_small(where, None, DESCRIPTION_MAX).decode()
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: not UTF-8 text") from None
+    return loads(text, source=where, base=Path(where).parent)
 
 
-def loads(text: str, *, source: str, base: Path, may_read: Callable[[Path], bool] | None = None) -> EnvironmentSpec:
-    """The same from text; files it names are relative to ``base``. ``may_read`` (the service's check
-    of the caller's own right to read a file) refuses images and scripts the caller could not read."""
+def loads(text: str, *, source: str, base: Path) -> EnvironmentSpec:
+    """The same from text; files it names are relative to ``base`` (no file is read here)."""
     data = parse_text(text, source)
     try:
-        spec = parse(data, base=base)
-        if may_read is not None:
-            for path in [spec.image_location, *spec.postinstall]:
-                if not urlparse(path).scheme and not may_read(Path(path)):
-                    raise PermissionDenied(f"you may not read {path}")
-        spec.image_size, spec.sha256 = measure(spec.image_location)
+        return parse(data, base=base)
     except (InputError, NotFoundError, PermissionDenied) as error:
         raise type(error)(f"{source}: {error}") from None
-    return spec
 
 
 def parse(data: Any, *, base: Path) -> EnvironmentSpec:
@@ -144,51 +142,6 @@ def parse(data: Any, *, base: Path) -> EnvironmentSpec:
     )
 
 
-def measure(location: str) -> tuple[int, str]:
-    """Size and sha256 of an image, read from its file or its http(s) URL."""
-    digest = hashlib.sha256()
-    size = 0
-    for chunk in _read_image(location):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def verify(location: str, expected_sha256: str, label: str) -> None:
-    """Re-read an image and refuse it if its checksum changed since it was added."""
-    _, actual = measure(location)
-    if actual != expected_sha256:
-        raise IntegrityError(
-            f"environment {label}: image {location} has sha256 {actual}, recorded {expected_sha256} when it was added"
-        )
-
-
-def _read_image(location: str) -> Any:
-    if urlparse(location).scheme in ("http", "https"):
-        yield from _read_http(location)
-        return
-    try:
-        with open(location, "rb") as image:
-            while chunk := image.read(CHUNK):
-                yield chunk
-    except FileNotFoundError:
-        raise NotFoundError(f"image {location} does not exist") from None
-    except OSError as error:
-        raise InputError(f"image {location}: {error.strerror}") from None
-
-
-def _read_http(url: str) -> Any:
-    try:
-        with requests.get(url, stream=True, timeout=HTTP_TIMEOUT) as response:
-            if response.status_code == 404:
-                raise NotFoundError(f"image {url} does not exist (HTTP 404)")
-            if response.status_code != 200:
-                raise InputError(f"image {url}: HTTP {response.status_code}")
-            yield from response.iter_content(CHUNK)
-    except requests.RequestException as error:
-        raise InputError(f"image {url}: {type(error).__name__}: cannot fetch") from None
-
-
 def _location(value: Any, base: Path) -> str:
     text = _string(value, "image.file", required=True)
     scheme = urlparse(text).scheme
@@ -196,7 +149,15 @@ def _location(value: Any, base: Path) -> str:
         return text
     if scheme and len(scheme) > 1:
         raise InputError(f"{text!r}: only files and http(s) URLs are supported", field="image.file")
-    return str((base / text).resolve())
+    return _file(base, text, "image.file")
+
+
+def _file(base: Path, text: str, where: str) -> str:
+    """``text`` relative to ``base``, absolute and normalised; never resolved (no link is followed)."""
+    try:
+        return safeopen.normal(os.path.join(os.path.abspath(base), text))
+    except InputError as error:
+        raise InputError(str(error), field=where) from None
 
 
 def _guess_compression(location: str) -> str:
@@ -209,17 +170,13 @@ def _guess_compression(location: str) -> str:
 def _scripts(value: Any, base: Path) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise InputError("expected a list of script paths", field="postinstall")
-    scripts = []
-    for entry in value:
-        script = (base / entry).resolve()
-        if not script.is_file():
-            raise NotFoundError(f"script {script} does not exist", field="postinstall")
-        scripts.append(str(script))
-    return scripts
+    return [_file(base, entry, "postinstall") for entry in value]
 
 
 def _inside_path(value: Any, where: str) -> str:
     text = _string(value, where)
+    if any(c.isspace() for c in text):
+        raise InputError(f"{text!r}: no spaces in a boot path", field=where)
     if text and (not text.startswith("/") or ".." in Path(text).parts):
         raise InputError(f"{text!r} must be an absolute path inside the image, without '..'", field=where)
     return text
@@ -237,6 +194,8 @@ def _string(value: Any, where: str, *, required: bool = False) -> str:
         return ""
     if not isinstance(value, str) or (required and not value):
         raise InputError("expected a string" + (" (required)" if required else ""), field=where)
+    if any(unicodedata.category(c) in CONTROL for c in value):
+        raise InputError(f"{value!r}: control characters (newlines, tabs, escapes) are not allowed", field=where)
     return value
 
 

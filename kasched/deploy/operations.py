@@ -8,15 +8,13 @@ is cancelled.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import requests
-
-from kasched import environments as env_catalog
+from kasched import grants
 from kasched.api import Kasched
+from kasched.builtin.stateless import StatelessImages
 from kasched.config import Config
 from kasched.deploy import kexec, records, steps
 from kasched.deploy.nodes import NodeShell
@@ -34,6 +32,7 @@ from kasched.deploy.workflow import (
 from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
 from kasched.errors import ConfigError, InputError, PermissionDenied
+from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
 from kasched.models import NodeState, utcnow
 from kasched.nodeset import expand_many
@@ -120,7 +119,8 @@ class Operations:
             raise InputError("this is not an OpenSSH public key", field="key")
         names = self._allowed(nodes)
         env = self.api.show_environment(environment)
-        env_catalog.verify(env.image_location, env.sha256, env.label)  # before any reboot
+        # kaschedd's copies (image, scripts), never the owner's files: before any reboot
+        ImageStore(self.api.config).verify(env.image_location, env.sha256, env.postinstall, env.label)
         if stateless:
             return self._stateless(names, env)
         return self._run("deploy", names, env, self._deploy_partition, user_key, self._deploy_steps())
@@ -149,25 +149,16 @@ class Operations:
                 "(kind raw, compression gz)",
                 field="stateless",
             )
-        self._stateless_files = self._publish_stateless(env)
+        self._stateless_files = self._publish_stateless(env, names)
         step = Variant("pxe", self._action(steps.boot_stateless), Timeout(self.reboot_timeout * 3 + 60, 0.5))
         return self._run("deploy", names, env, self._deploy_partition, None, [MacroStep("boot", (step,))])
 
-    def _publish_stateless(self, env: EnvironmentView) -> tuple[str, str]:
-        """Copy the image where the nodes' network boot finds it: ``boot_dir/stateless/<sha256>.img``."""
-        relative = f"stateless/{env.sha256}.img"
-        target = self.api.config.boot_dir / relative
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(".partial")
-            if env.image_location.startswith(("http://", "https://")):
-                with requests.get(env.image_location, stream=True, timeout=30) as response, partial.open("wb") as out:
-                    response.raise_for_status()
-                    shutil.copyfileobj(response.raw, out)
-            else:
-                shutil.copyfile(env.image_location, partial)
-            env_catalog.verify(str(partial), env.sha256, env.label)
-            partial.rename(target)
+    def _publish_stateless(self, env: EnvironmentView, names: list[str]) -> tuple[str, str]:
+        """Publish the image (kaschedd's copy) where the nodes' network boot finds it, for the caller's
+        grants on ``names`` (it is removed when they end: :mod:`kasched.builtin.stateless`)."""
+        with self.api.database.session() as session:
+            grant_ids = [g.id for g in grants.list_grants(session, user=self.api.caller.user, nodes=names)]
+        relative = StatelessImages(self.api.database, self.api.config).publish(env, grant_ids)
         return env.kernel.lstrip("/") or "deploy/vmlinuz", relative
 
     def prepare_revert(self, nodes: str | Sequence[str]) -> PendingOperation:

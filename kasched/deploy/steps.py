@@ -14,17 +14,16 @@ and returns one result per node (see :mod:`kasched.deploy.workflow`).
 from __future__ import annotations
 
 import base64
+import os
 import shlex
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import requests
-
+from kasched import imagestore
 from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
@@ -360,14 +359,10 @@ def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMet
             prepare=lambda name: prepare_command(ctx, ctx.targets[name]), prepare_timeout=ctx.command_timeout,
         )  # fmt: skip
 
-    try:
-        if location.startswith(("http://", "https://")):
-            with requests.get(location, stream=True, timeout=30) as response:
-                response.raise_for_status()
-                return send(response.raw)
-        with open(location, "rb") as image:
+    try:  # kaschedd's copy, opened without following a link (the pre-deploy check verified it)
+        with os.fdopen(imagestore.open_image(location), "rb") as image:
             return send(image)
-    except (KaschedError, requests.RequestException, OSError) as error:
+    except (KaschedError, OSError) as error:
         failed = GroupResult()
         for node in nodes:
             failed.add(NodeResult(node.name, False, "broadcast", f"broadcast: {error}"))
@@ -392,8 +387,8 @@ def configure_command(ctx: StepContext, node: str) -> str:
         f"mkdir -p root/.ssh && cat {shlex.quote('/root/.ssh/authorized_keys')} >> root/.ssh/authorized_keys "
         "2>/dev/null || true"
     )  # the service keeps access (to revert)
-    for script in ctx.env.postinstall:
-        encoded = base64.b64encode(Path(script).read_bytes()).decode()
+    for script in ctx.env.postinstall:  # kaschedd's copies, read at env add, checked against their sha256
+        encoded = base64.b64encode(imagestore.read_script(script, ctx.env.label)).decode()
         lines.append(
             f"echo {encoded} | base64 -d > /tmp/kasched-postinstall && chmod +x /tmp/kasched-postinstall "
             f"&& KASCHED_ROOT={MOUNT} KASCHED_NODE={shlex.quote(node)} /tmp/kasched-postinstall"
