@@ -16,7 +16,7 @@ import pytest
 
 from kasched.cli import main
 from tests.conftest import EXAMPLES, ROOT, write
-from tests.test_environments import make_image
+from tests.test_environments import make_image, tamper
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -108,9 +108,11 @@ def test_env_commands_and_refusals(run: Run, tmp_path: Path) -> None:
     code, out, _ = run("env", "list")
     assert code == 0 and out.splitlines()[1].split()[:5] == ["tiny", "1", "root", "public", "tar.gz"]
     code, out, _ = run("env", "show", "tiny@root:1", "--json")
-    assert json.loads(out)["image_location"] == str(image)
+    stored = json.loads(out)["image_location"]
+    assert stored.endswith(f"/images/store/{json.loads(out)['sha256']}") and stored != str(image)
+    image.write_bytes(b"changed")  # the user's file is not read after env add
     assert run("env", "check", "tiny")[0] == 0
-    image.write_bytes(b"changed")
+    tamper(stored)
     code, _, err = run("env", "check", "tiny")
     assert code == 6
     one_line_error(err, "recorded")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
+import shutil
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +44,23 @@ boot: {{kernel: /vmlinuz, initrd: /initrd.img, cmdline: "console=ttyS0"}}
 
 
 @pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A scratch directory every user may read: the test users read their files as themselves."""
+    path = Path(tempfile.mkdtemp(prefix="kasched-envs-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def users() -> None:
+    from tests.test_cli import unix_user  # (test_cli imports this module)
+
+    for name in ("kasched-alice", "kasched-bob", "kasched-carol"):
+        unix_user(name)
+
+
+@pytest.fixture
 def image(tmp_path: Path) -> Path:
     return make_image(tmp_path)
 
@@ -48,21 +68,21 @@ def image(tmp_path: Path) -> Path:
 def test_add_records_size_checksum_and_versions(
     admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path
 ) -> None:
-    alice = as_user("alice")
+    alice = as_user("kasched-alice")
     first = alice.add_environment(env_yaml(tmp_path))
-    assert (first.name, first.version, first.owner, first.compression) == ("tiny", 1, "alice", "gz")
+    assert (first.name, first.version, first.owner, first.compression) == ("tiny", 1, "kasched-alice", "gz")
     assert first.sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
     assert first.image_size == image.stat().st_size
     second = alice.add_environment(env_yaml(tmp_path))
     assert second.version == 2
     assert alice.show_environment("tiny").version == 2
     assert alice.show_environment("tiny:1").version == 1
-    with pytest.raises(ConflictError, match="tiny@alice:1 exists already"):
+    with pytest.raises(ConflictError, match="tiny@kasched-alice:1 exists already"):
         alice.add_environment(env_yaml(tmp_path, extra="version: 1"))
 
 
 def test_visibility_rules(admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path) -> None:
-    alice, bob = as_user("alice"), as_user("bob")
+    alice, bob = as_user("kasched-alice"), as_user("kasched-bob")
     alice.add_environment(env_yaml(tmp_path, "secret", "private"))
     alice.add_environment(env_yaml(tmp_path, "team", "shared"))
     admin.add_environment(env_yaml(tmp_path, "site", "public"))
@@ -70,36 +90,36 @@ def test_visibility_rules(admin: Kasched, as_user: Callable[[str], Kasched], tmp
     assert {e.name for e in bob.list_environments(include_shared=True)} == {"site", "team"}
     assert {e.name for e in alice.list_environments()} == {"secret", "team", "site"}
     assert {e.name for e in admin.list_environments(include_shared=True)} == {"secret", "team", "site"}
-    assert bob.show_environment("team@alice").owner == "alice"
-    with pytest.raises(NotFoundError, match="no environment secret@alice that you \\(bob\\) may use"):
-        bob.show_environment("secret@alice")
+    assert bob.show_environment("team@kasched-alice").owner == "kasched-alice"
+    with pytest.raises(NotFoundError, match="no environment secret@kasched-alice that you \\(kasched-bob\\) may use"):
+        bob.show_environment("secret@kasched-alice")
     with pytest.raises(PermissionDenied, match="only admins may make an environment public"):
         bob.add_environment(env_yaml(tmp_path, "mine", "public"))
     with pytest.raises(PermissionDenied, match="reference environment"):
         bob.add_environment(env_yaml(tmp_path, "ref", "shared", extra="reference: true"))
     with pytest.raises(PermissionDenied, match="another user"):
-        bob.add_environment(env_yaml(tmp_path, "x", "private"), owner="alice")
+        bob.add_environment(env_yaml(tmp_path, "x", "private"), owner="kasched-alice")
 
 
 def test_ambiguous_name_needs_an_owner(
     admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path
 ) -> None:
-    as_user("alice").add_environment(env_yaml(tmp_path, "dup", "shared"))
-    as_user("bob").add_environment(env_yaml(tmp_path, "dup", "shared"))
-    carol = as_user("carol")
-    with pytest.raises(InputError, match="dup is ambiguous: name one of dup@alice, dup@bob"):
+    as_user("kasched-alice").add_environment(env_yaml(tmp_path, "dup", "shared"))
+    as_user("kasched-bob").add_environment(env_yaml(tmp_path, "dup", "shared"))
+    carol = as_user("kasched-carol")
+    with pytest.raises(InputError, match="dup is ambiguous: name one of dup@kasched-alice, dup@kasched-bob"):
         carol.show_environment("dup")
-    assert carol.show_environment("dup@bob").owner == "bob"
-    assert as_user("alice").show_environment("dup").owner == "alice"  # one's own comes first
+    assert carol.show_environment("dup@kasched-bob").owner == "kasched-bob"
+    assert as_user("kasched-alice").show_environment("dup").owner == "kasched-alice"  # one's own comes first
 
 
 def test_remove_only_by_owner_or_admin_and_never_the_reference(
     admin: Kasched, as_user: Callable[[str], Kasched], tmp_path: Path, image: Path
 ) -> None:
-    as_user("alice").add_environment(env_yaml(tmp_path, "team", "shared"))
-    with pytest.raises(PermissionDenied, match="owned by alice"):
-        as_user("bob").remove_environment("team@alice")
-    assert admin.remove_environment("team@alice").name == "team"
+    as_user("kasched-alice").add_environment(env_yaml(tmp_path, "team", "shared"))
+    with pytest.raises(PermissionDenied, match="owned by kasched-alice"):
+        as_user("kasched-bob").remove_environment("team@kasched-alice")
+    assert admin.remove_environment("team@kasched-alice").name == "team"
     admin.add_environment(env_yaml(tmp_path, "ref1", "public", extra="reference: true"))
     with pytest.raises(ConflictError, match="reference environment"):
         admin.remove_environment("ref1")
@@ -108,14 +128,25 @@ def test_remove_only_by_owner_or_admin_and_never_the_reference(
     admin.remove_environment("ref1")
 
 
+def tamper(location: str, data: bytes = b"tampered") -> None:
+    """Change kaschedd's own copy (as a broken disk or a careless admin would)."""
+    Path(location).chmod(0o600)
+    with open(location, "ab") as handle:
+        handle.write(data)
+
+
 def test_checksum_is_checked_again_before_use(admin: Kasched, tmp_path: Path, image: Path) -> None:
-    admin.add_environment(env_yaml(tmp_path))
+    added = admin.add_environment(env_yaml(tmp_path))
+    assert added.image_location == str(admin.config.image_dir / "store" / added.sha256)
     assert admin.check_environment("tiny").name == "tiny"
-    with image.open("ab") as handle:
+    with image.open("ab") as handle:  # the user's file is not read again after env add
         handle.write(b"tampered")
-    with pytest.raises(IntegrityError, match=r"has sha256 .* recorded .* when it was added"):
-        admin.check_environment("tiny")
     image.unlink()
+    assert admin.check_environment("tiny").sha256 == added.sha256
+    tamper(added.image_location)
+    with pytest.raises(IntegrityError, match=r"has sha256 .* recorded"):
+        admin.check_environment("tiny")
+    Path(added.image_location).unlink()
     with pytest.raises(NotFoundError, match="does not exist"):
         admin.check_environment("tiny")
 
@@ -129,14 +160,21 @@ def test_checksum_is_checked_again_before_use(admin: Kasched, tmp_path: Path, im
         ("visibility2: x", "x", "unknown field(s) visibility2"),
         ("destructive: maybe", "x", "destructive: expected true or false"),
         ("version: 0", "x", "version: 0 is not a positive whole number"),
-        ("postinstall: [missing.sh]", "x", "script"),
+        ("postinstall: [missing.sh]", "x", "missing.sh does not exist"),
+        # control characters: newlines must never reach an iPXE, PXELINUX or GRUB file (one line each)
+        ('description: "two\\nlines"', "x", "description: 'two\\nlines': control characters"),
+        ('boot: {cmdline: "quiet\\ninitrd http://evil/x"}', "x", "boot.cmdline: 'quiet\\ninitrd"),
+        ('boot: {kernel: "/vmlinuz\\nboot"}', "x", "boot.kernel: '/vmlinuz\\nboot': control characters"),
+        ('boot: {initrd: "/initrd.img\\x1b[2J"}', "x", "boot.initrd: '/initrd.img\\x1b[2J': control characters"),
+        ('boot: {kernel: "/vmlinuz initrd=/x"}', "x", "boot.kernel: '/vmlinuz initrd=/x': no spaces"),
+        ("", '"tiny\\n"', "name: 'tiny\\n': control characters"),
     ],
 )
 def test_bad_descriptions(admin: Kasched, tmp_path: Path, image: Path, extra: str, name: str, message: str) -> None:
     path = write(tmp_path / "bad.yaml", f"name: {name}\nimage: {{file: root.tar.gz}}\n{extra}\n")
     with pytest.raises((InputError, NotFoundError)) as error:
         admin.add_environment(path)
-    assert message in str(error.value)
+    assert message in str(error.value) and "\n" not in str(error.value)
     assert admin.list_environments(include_shared=True) == []
 
 
@@ -147,7 +185,7 @@ def test_bad_kind_boot_path_and_missing_image(admin: Kasched, tmp_path: Path, im
         admin.add_environment(
             write(tmp_path / "b.yaml", "name: b\nimage: {file: root.tar.gz}\nboot: {kernel: ../../vmlinuz}\n")
         )
-    with pytest.raises(NotFoundError, match=r"image .*nothere.tar.gz does not exist"):
+    with pytest.raises(NotFoundError, match=r"nothere.tar.gz does not exist"):
         admin.add_environment(write(tmp_path / "c.yaml", "name: c\nimage: {file: nothere.tar.gz}\n"))
     with pytest.raises(InputError, match="only files and http"):
         admin.add_environment(write(tmp_path / "d.yaml", "name: d\nimage: {file: 'ftp://x/y'}\n"))
@@ -167,9 +205,16 @@ def http_server(tmp_path: Path) -> Iterator[str]:
         server.server_close()
 
 
-def test_image_over_http(admin: Kasched, tmp_path: Path, image: Path, http_server: str) -> None:
-    env = admin.add_environment(env_yaml(tmp_path, image=f"{http_server}/root.tar.gz"))
-    assert env.sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
-    assert admin.check_environment("tiny").image_location.startswith("http://127.0.0.1")
-    with pytest.raises(NotFoundError, match="HTTP 404"):
-        admin.add_environment(env_yaml(tmp_path, "other", image=f"{http_server}/nothere.tar.gz"))
+def test_url_images_need_an_allowed_prefix_and_never_loopback(
+    admin: Kasched, tmp_path: Path, image: Path, http_server: str
+) -> None:
+    """Not under image_url_allow: refused before any connection. Under it, but the host is loopback:
+    refused by the address check (the allowed case is served from a network namespace in
+    tests/test_urlfetch.py)."""
+    with pytest.raises(InputError, match="is not under a URL prefix the site allows"):
+        admin.add_environment(env_yaml(tmp_path, image=f"{http_server}/root.tar.gz"))
+    allowing = admin.as_caller(admin.caller)
+    allowing.config = dataclasses.replace(admin.config, image_url_allow=(f"{http_server}/",))
+    with pytest.raises(InputError, match="its host's address is refused"):
+        allowing.add_environment(env_yaml(tmp_path, image=f"{http_server}/root.tar.gz"))
+    assert admin.list_environments(include_shared=True) == []
