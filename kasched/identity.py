@@ -41,7 +41,9 @@ def _in_group(entry: pwd.struct_passwd, group_name: str) -> bool:
 
 def can_read(user: str, path: Path) -> bool:
     """Whether Unix user ``user`` could read ``path``: every directory on the way searchable, the file
-    readable, by the owner, group or other bits that apply to them (as the kernel would decide)."""
+    readable, by the owner, group or other bits that apply to them. Advisory only: a check by path
+    says nothing of what a later open finds (the path may change in between). Files a user names are
+    opened as that user instead (:func:`kasched.safeopen.open_regular`); kasched no longer calls this."""
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
