@@ -1,5 +1,6 @@
 """Stateless images under boot_dir/stateless (audit F8, F13): published from kaschedd's copy for the
-grants that boot them, mode 0640 with boot_dir's group, removed when no active grant uses them any
+grants that boot them, in a directory of mode 0750 with boot_dir's group (files 0644: dnsmasq as root
+serves world-readable files only), removed when no active grant uses them any
 more, and all of them under stateless_quota."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import grp
 import gzip
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,8 +53,15 @@ def test_published_for_its_grant_and_removed_when_the_grant_ends(
     Operations(as_user("alice")).prepare_deploy("st1", "node-[1-2]", stateless=True)
     [published] = stateless_files(site)
     info = published.stat()
-    assert stat.S_IMODE(info.st_mode) == 0o640 and (info.st_uid, info.st_gid) == (0, group)
-    assert stat.S_IMODE(published.parent.stat().st_mode) == 0o750
+    assert stat.S_IMODE(info.st_mode) == 0o644 and (info.st_uid, info.st_gid) == (0, group)
+    directory = published.parent.stat()
+    assert stat.S_IMODE(directory.st_mode) == 0o750 and (directory.st_uid, directory.st_gid) == (0, group)
+    from tests.test_cli import unix_user
+
+    entry = unix_user("kasched-alice")  # a local user outside boot_dir's group cannot read it
+    read = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+                           "head", "-c1", str(published)], capture_output=True, text=True)  # fmt: skip
+    assert read.returncode != 0 and "Permission denied" in read.stderr
     assert published.read_bytes() == Path(site.show_environment("st1").image_location).read_bytes()
     other = site.grant("bob", "node-3", hours=1)
     Operations(as_user("bob")).prepare_deploy("st1", "node-3", stateless=True)  # the same image, two grants

@@ -4,10 +4,11 @@
 An image is published for the active grants whose nodes boot it (recorded in
 ``state_dir/stateless.json``), and removed when its last grant is revoked. All of them together stay
 under ``stateless_quota``: publishing evicts images no active grant uses, and is refused when that
-is not enough. A published file is mode 0640, group of ``boot_dir``: root (kasched's own dnsmasq
-runs as root) and the group a site gives its TFTP or HTTP boot server read it; other local users do
-not. (TFTP itself has no authentication: anything on the boot network that knows a file's name can
-fetch it.)
+is not enough. The directory is mode 0750, group of ``boot_dir``: root and the group a site gives an
+unprivileged TFTP or HTTP boot server may enter it, other local users may not. The files in it are
+mode 0644, because dnsmasq running as root (kasched's own ``dnsmasq_config`` runs it so) serves
+only world-readable files. (TFTP itself has no authentication: anything on the boot network that
+knows a file's name can fetch it.)
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class StatelessImages:
         return size
 
     def _copy(self, env: EnvironmentView, target: Path) -> None:
-        """Copy kaschedd's copy to ``target`` (hashed on the way), mode 0640, group of boot_dir."""
+        """Copy kaschedd's copy to ``target`` (hashed on the way), mode 0644 in a 0750 directory."""
         self.directory.mkdir(parents=True, exist_ok=True)
         group = self.config.boot_dir.stat().st_gid
         os.chmod(self.directory, 0o750)
@@ -119,7 +120,7 @@ class StatelessImages:
                     out.write(chunk)
             if digest.hexdigest() != env.sha256:
                 raise IntegrityError(f"environment {env.label}: its image copy changed since it was added")
-            os.chmod(partial, 0o640)
+            os.chmod(partial, 0o644)  # dnsmasq as root serves world-readable files only; the directory guards
             if os.geteuid() == 0:
                 os.chown(partial, 0, group)
                 os.chown(self.directory, 0, group)
