@@ -216,8 +216,9 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def _size(value: Any, where: str) -> int:
     """A size in bytes: a positive whole number, or one with a unit (``512M``, ``16G``, ``1T``)."""
-    text = str(value).strip().upper().removesuffix("B") if not isinstance(value, bool) else ""
-    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+    text = "" if isinstance(value, bool) or not isinstance(value, int | str) else str(value).strip().upper()
+    text = text.removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "")
     if not (number.isascii() and number.isdigit()) or int(number) <= 0:
         raise ConfigError(f"{where}: expected a size such as 16G, 512M or a number of bytes")
     return int(number) * _UNITS[unit]

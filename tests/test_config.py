@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from kasched import config as config_module
+from kasched.config import Config
 from kasched.errors import ConfigError
 from tests.conftest import write
 
@@ -120,3 +122,30 @@ def test_network_boot_settings_reach_the_pxe_driver(tmp_path: Path) -> None:
 def test_bad_network_boot_settings(tmp_path: Path, content: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_module.load(write(tmp_path / "k.yaml", content))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("image_max_size: 0\n", "image_max_size: expected a size such as 16G"),
+        ("image_max_size: lots\n", "image_max_size: expected a size such as 16G"),
+        ("image_max_size: true\n", "image_max_size: expected a size such as 16G"),
+        ("stateless_quota: -1G\n", "stateless_quota: expected a size such as 16G"),
+        ("image_url_allow: https://images.example.org/\n", "image_url_allow: expected a list of URL prefixes"),
+        ("image_url_allow: [https://images.example.org]\n", "must end with '/'"),
+        ("image_url_allow: ['ftp://images.example.org/']\n", "is not an http(s)://HOST[:PORT]/PATH/ prefix"),
+        ("image_url_allow: ['https://u:p@images.example.org/']\n", "is not an http(s)://HOST[:PORT]/PATH/ prefix"),
+    ],
+)
+def test_bad_image_settings(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_module.load(write(tmp_path / "k.yaml", content))
+
+
+def test_image_settings() -> None:
+    config = config_module.from_mapping(
+        {"image_max_size": "512M", "stateless_quota": 4096, "image_url_allow": ["https://img.example.org/envs/"]}
+    )
+    assert (config.image_max_size, config.stateless_quota) == (512 << 20, 4096)
+    assert config.image_url_allow == ("https://img.example.org/envs/",)
+    assert (Config().image_max_size, Config().stateless_quota, Config().image_url_allow) == (16 << 30, 8 << 30, ())

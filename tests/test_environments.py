@@ -218,3 +218,21 @@ def test_url_images_need_an_allowed_prefix_and_never_loopback(
     with pytest.raises(InputError, match="its host's address is refused"):
         allowing.add_environment(env_yaml(tmp_path, image=f"{http_server}/root.tar.gz"))
     assert admin.list_environments(include_shared=True) == []
+
+
+def test_direct_mode_follows_no_link_and_reads_regular_files_only(admin: Kasched, tmp_path: Path, image: Path) -> None:
+    """The CLI on the database (``env_catalog.load``) reads the description and its files the same way
+    as kaschedd: no symlink in any component, regular files only."""
+    (tmp_path / "link.tar.gz").symlink_to(image)
+    (tmp_path / "dir").symlink_to(tmp_path)
+    for extra, where in (("image: {file: link.tar.gz}", "link.tar.gz"), ("image: {file: dir/root.tar.gz}", "dir")):
+        with pytest.raises(InputError, match=f"{where}.*: a symbolic link"):
+            admin.add_environment(write(tmp_path / "l.yaml", f"name: l\n{extra}\n"))
+    (tmp_path / "desc.yaml").symlink_to(env_yaml(tmp_path))
+    with pytest.raises(InputError, match=r"desc\.yaml: a symbolic link"):
+        admin.add_environment(tmp_path / "desc.yaml")
+    with pytest.raises(InputError, match="is not a regular file"):
+        admin.add_environment(write(tmp_path / "z.yaml", "name: z\nimage: {file: /dev/zero, kind: raw}\n"))
+    with pytest.raises(InputError, match="a symbolic link"):
+        admin.add_environment(write(tmp_path / "p.yaml", "name: p\nimage: {file: root.tar.gz}\npostinstall: [link.tar.gz]\n"))
+    assert admin.list_environments(include_shared=True) == []
