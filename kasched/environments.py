@@ -96,7 +96,7 @@ def load(path: str | Path) -> EnvironmentSpec:
     names, see :mod:`kasched.safeopen`) and check every field. Its files are read by ``env add``."""
     where = safeopen.normal(os.path.abspath(path))
     try:
-        text = safeopen.read_small(where, None, DESCRIPTION_MAX).decode()
+        text = safeopen.read_small(where, None, DESCRIPTION_MAX, "descriptions").decode()
     except UnicodeDecodeError:
         raise InputError(f"{where}: not UTF-8 text") from None
     return loads(text, source=where, base=Path(where).parent)

@@ -52,7 +52,8 @@ class ImageStore:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.root = Path(safeopen.normal(str(config.image_dir.absolute())))
+        # The site's own directory: a link in its path (set by the admin) is resolved once, here.
+        self.root = Path(os.path.realpath(config.image_dir))
         self.store = self.root / "store"
 
     def ingest(
@@ -70,7 +71,7 @@ class ImageStore:
             stored = self._measure_in_place(image)
         else:
             stored = self._copy_file(image, user, limit, created)
-        copies = [self._copy_file(script, user, SCRIPTS_MAX, created) for script in scripts]
+        copies = [self._copy_file(script, user, SCRIPTS_MAX, created, "postinstall scripts") for script in scripts]
         if sum(s.size for s in copies) > SCRIPTS_MAX:
             raise InputError(f"postinstall scripts are larger than {SCRIPTS_MAX} bytes in all", field="postinstall")
         return Ingested(stored, copies, created)
@@ -116,10 +117,12 @@ class ImageStore:
         finally:
             os.close(fd)
 
-    def _copy_file(self, path: str, user: str, limit: int, created: list[str]) -> Stored:
+    def _copy_file(
+        self, path: str, user: str, limit: int, created: list[str], cap: str = "image_max_size"
+    ) -> Stored:
         fd = safeopen.open_regular(path, user)
         try:
-            return self._copy_in(safeopen.chunks(fd, limit, path), created)
+            return self._copy_in(safeopen.chunks(fd, limit, path, cap), created)
         finally:
             os.close(fd)
 
@@ -173,7 +176,7 @@ def read_script(path: str, label: str) -> bytes:
             "kasched kept its own copies): add the environment again"
         )
     try:
-        content = safeopen.read_small(path, None, SCRIPTS_MAX)
+        content = safeopen.read_small(path, None, SCRIPTS_MAX, "postinstall scripts")
     except KaschedError as error:
         raise IntegrityError(f"environment {label}: postinstall copy: {error}") from None
     if hashlib.sha256(content).hexdigest() != os.path.basename(path):

@@ -53,23 +53,24 @@ def open_regular(path: str, user: str | None = None) -> int:
     return fd
 
 
-def chunks(fd: int, limit: int | None, what: str) -> Iterator[bytes]:
-    """The content of ``fd`` in chunks, refused past ``limit`` bytes (the file may grow while read)."""
+def chunks(fd: int, limit: int | None, what: str, cap: str = "image_max_size") -> Iterator[bytes]:
+    """The content of ``fd`` in chunks, refused past ``limit`` bytes (the file may grow while read);
+    ``cap`` names the limit in the error."""
     if limit is not None and os.fstat(fd).st_size > limit:
-        raise InputError(f"{what} is larger than {limit} bytes (image_max_size)")
+        raise InputError(f"{what} is larger than {limit} bytes ({cap})")
     size = 0
     while chunk := os.read(fd, CHUNK):
         size += len(chunk)
         if limit is not None and size > limit:
-            raise InputError(f"{what} is larger than {limit} bytes (image_max_size)")
+            raise InputError(f"{what} is larger than {limit} bytes ({cap})")
         yield chunk
 
 
-def read_small(path: str, user: str | None, limit: int) -> bytes:
+def read_small(path: str, user: str | None, limit: int, cap: str) -> bytes:
     """The whole content of a small regular file (a description, a script), opened safely."""
     fd = open_regular(path, user)
     try:
-        return b"".join(chunks(fd, limit, path))
+        return b"".join(chunks(fd, limit, path, cap))
     finally:
         os.close(fd)
 

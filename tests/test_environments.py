@@ -236,3 +236,15 @@ def test_direct_mode_follows_no_link_and_reads_regular_files_only(admin: Kasched
     with pytest.raises(InputError, match="a symbolic link"):
         admin.add_environment(write(tmp_path / "p.yaml", "name: p\nimage: {file: root.tar.gz}\npostinstall: [link.tar.gz]\n"))
     assert admin.list_environments(include_shared=True) == []
+
+
+def test_an_image_dir_reached_through_a_link_of_the_site(admin: Kasched, tmp_path: Path, image: Path) -> None:
+    """image_dir is the site's: a link in its own path (set by the admin) is resolved once, and the
+    store's copies are named by their real path (they are then opened without following links)."""
+    (tmp_path / "real-images").mkdir()
+    (tmp_path / "images").symlink_to(tmp_path / "real-images")
+    site = admin.as_caller(admin.caller)
+    site.config = dataclasses.replace(admin.config, image_dir=tmp_path / "images")
+    added = site.add_environment(env_yaml(tmp_path))
+    assert added.image_location == str(tmp_path / "real-images" / "store" / added.sha256)
+    assert site.check_environment("tiny").sha256 == added.sha256
