@@ -6,7 +6,9 @@ user's path again."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -42,6 +44,7 @@ class Site:
     config: Config
     config_file: Path
     base: Path
+    web: str  # the loopback HTTP server's URL, under image_url_allow
 
     def kasched(self, user: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """The CLI as ``user`` (a real Unix user), through kaschedd's socket."""
@@ -75,7 +78,11 @@ def site() -> Iterator[Site]:
         unix_user(user)
     base = Path(tempfile.mkdtemp(prefix="kaschedd-files-"))
     base.chmod(0o755)
-    settings = f"site: t\nstate_dir: {base / 'state'}\nadmin_group: kasched-test-admins\nimage_max_size: {CAP}\n"
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(base))
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a real HTTP server on loopback
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    settings = (f"site: t\nstate_dir: {base / 'state'}\nadmin_group: kasched-test-admins\nimage_max_size: {CAP}\n"
+                f"image_url_allow: ['http://127.0.0.1:{web.server_address[1]}/']\n")  # fmt: skip
     config_file = base / "kasched.yaml"
     config_file.write_text(settings + f"credentials_file: {base / 'credentials.yaml'}\n")
     config_file.chmod(0o644)
@@ -95,10 +102,12 @@ def site() -> Iterator[Site]:
     thread.start()
     assert ready.wait(30), "kaschedd did not start"
     try:
-        yield Site(config, config_file, base)
+        yield Site(config, config_file, base, f"http://127.0.0.1:{web.server_address[1]}")
     finally:
         stop.set()
         thread.join(10)
+        web.shutdown()
+        web.server_close()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -306,3 +315,20 @@ def test_removing_an_environment_drops_copies_nothing_else_uses(site: Site) -> N
     assert len(list(store.iterdir())) == 2
     assert site.kasched(ALICE, "env", "remove", "two").returncode == 0
     assert list(store.iterdir()) == []
+
+
+def test_url_images_through_kaschedd_never_from_loopback(site: Site) -> None:
+    """F7: an http URL outside image_url_allow is refused before any connection; one under it whose
+    host is loopback (kaschedd's own host) is refused by the address check, though the server answers."""
+    home = give(site.home(ALICE), ALICE)
+    make_image(site.base)
+    (site.base / "root.tar.gz").chmod(0o644)
+    port = int(site.web.rsplit(":", 1)[1])
+    for url, text in (
+        (f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/root.tar.gz", "is not under a URL prefix"),
+        (f"{site.web}/root.tar.gz", "its host's address is refused"),
+        (f"http://127.0.0.1:{port}/../root.tar.gz", "is not under a URL prefix"),
+    ):
+        description = give(environment(home, "web", image=url), ALICE)
+        one_line(site.kasched(ALICE, "env", "add", str(description)), 2, text)
+    assert not (site.config.image_dir / "store").exists() or not list((site.config.image_dir / "store").iterdir())
