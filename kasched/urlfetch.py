@@ -112,7 +112,7 @@ def _body(url: str, address: IpAddress, forbidden: set[str], limit: int) -> Iter
             if int(response.headers.get("Content-Length") or 0) > limit:
                 raise OSError(f"Content-Length over {limit}")
             size = 0
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):  # what arrived: the deadline is checked often
                 size += len(chunk)
                 if size > limit or time.monotonic() > deadline:
                     raise OSError(f"over {limit} bytes or {DEADLINE} s")
