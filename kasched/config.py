@@ -54,6 +54,9 @@ class Config:
     pxe_kernel_args: str = ""
     revert_at_job_end: bool = True
     reconcile_interval: float = 300.0  # kaschedd runs 'kasched reconcile' this often (seconds; 0: never)
+    # A grant past its end (the job's walltime) is left to the job's epilog this long before reconcile
+    # revokes it: longer than the scheduler's kill (Slurm's KillWait) and its epilog take.
+    reconcile_walltime_grace: float = 300.0
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,7 +154,7 @@ def from_mapping(data: dict[str, Any], *, source: Path | None = None) -> Config:
     return Config(**values, path=source)
 
 
-_ZERO_MEANS = {"reconcile_interval": "never", "broadcast_ack_timeout": "off"}
+_ZERO_MEANS = {"reconcile_interval": "never", "broadcast_ack_timeout": "off", "reconcile_walltime_grace": "none"}
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

@@ -82,7 +82,7 @@ def test_job_end_cancels_operations_and_reverts_in_background(run: Run, site: Pa
     started = time.monotonic()
     ended = hook("epilog/kasched-epilog", env)
     returned_in = time.monotonic() - started
-    assert f"cancelling alice's running operations {deployment}" in ended.stdout
+    assert f"cancelling its running operations {deployment}" in ended.stdout
     found = re.search(r"reverting (\S+) in the background \(pid (\d+), log (\S+)\)", ended.stdout)
     assert found, ended.stdout
     assert found.group(1) == "node-[2-3]", "node-1 never left the reference environment"

@@ -39,9 +39,9 @@ def test_reconcile_revokes_grants_past_their_end(run: Run, site: Path) -> None:
     env = {**hook_env("32", "node-[1-2]"), "KASCHED_SLURM_TIME_LIMIT": "1"}
     hook("prolog/kasched-prolog", env)
     time.sleep(1.5)  # the job's 1 s walltime passes; no epilog comes
-    code, out, _ = run("reconcile", "--dry-run")
+    code, out, _ = run("reconcile", "--dry-run", "--walltime-grace", "0")
     assert code == 0 and "would revoke grant 1 of slurm:demo:32" in out
-    code, out, _ = run("reconcile")
+    code, out, _ = run("reconcile", "--walltime-grace", "0")
     assert "revoked grant 1 of slurm:demo:32 (alice on node-[1-2]): reconcile: past its end" in out
     grant = json.loads(run("rights", "--all", "--json")[1])[0]
     assert grant["revoke_reason"].startswith("reconcile: past its end")

@@ -15,13 +15,15 @@ from kasched.models import Deployment, NodeState
 
 def test_busy_nodes_are_refused_until_released(cluster: Kasched) -> None:
     with cluster.database.session() as session:
-        first = records.start(session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING)
+        first = records.start(
+            session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
+        )
     assert cluster.show_node("node-1").state == "deploying"
     with (
         pytest.raises(ConflictError, match=rf"node-2: busy \(deploying\) in {first} of alice"),
         cluster.database.session() as session,
     ):
-        records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING)
+        records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING, is_admin=True)
     assert cluster.show_node("node-3").state == "reference"  # nothing half-taken
     with cluster.database.session() as session:
         records.record_node(session, first, "node-1", "boot", True, None, 12.5)
@@ -31,13 +33,13 @@ def test_busy_nodes_are_refused_until_released(cluster: Kasched) -> None:
     assert [cluster.show_node(n).state for n in ("node-1", "node-2")] == ["deployed", "deploy_failed"]
     with cluster.database.session() as session:
         shown = records.view(session, first)
-        records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING)
+        records.start(session, "deploy", "bob", None, ["node-2", "node-3"], NodeState.DEPLOYING, is_admin=True)
     assert shown.nodes["node-2"] == {"step": "broadcast", "ok": False, "error": "checksum mismatch", "duration": 7.0}
 
 
 def test_cancel_requests(cluster: Kasched) -> None:
     with cluster.database.session() as session:
-        deployment = records.start(session, "deploy", "alice", None, ["node-1"], NodeState.DEPLOYING)
+        deployment = records.start(session, "deploy", "alice", None, ["node-1"], NodeState.DEPLOYING, is_admin=True)
     with pytest.raises(PermissionDenied, match="belongs to alice"), cluster.database.session() as session:
         records.request_cancel(session, deployment, "bob", is_admin=False)
     with cluster.database.session() as session:
@@ -56,10 +58,12 @@ def test_a_dead_process_s_operation_is_recovered(cluster: Kasched) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     with cluster.database.session() as session:
-        crashed = records.start(session, "deploy", "alice", None, ["node-1", "node-2"], NodeState.DEPLOYING)
+        crashed = records.start(
+            session, "deploy", "alice", None, ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
+        )
         session.execute(update(Deployment).where(Deployment.id == crashed).values(pid=dead.pid))
     with cluster.database.session() as session:
-        records.start(session, "deploy", "bob", None, ["node-2"], NodeState.DEPLOYING)  # recovers first
+        records.start(session, "deploy", "bob", None, ["node-2"], NodeState.DEPLOYING, is_admin=True)  # recovers
     with cluster.database.session() as session:
         view = records.view(session, crashed)
     assert view.state == "interrupted"
