@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -61,7 +62,11 @@ def test_a_dead_process_s_operation_is_recovered(cluster: Kasched) -> None:
         crashed = records.start(
             session, "deploy", "alice", None, ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
         )
-        session.execute(update(Deployment).where(Deployment.id == crashed).values(pid=dead.pid))
+        session.execute(
+            update(Deployment)
+            .where(Deployment.id == crashed)
+            .values(pid=dead.pid, instance=f"{'0' * 16}/{records.process_stamp(dead.pid)}")
+        )
     with cluster.database.session() as session:
         records.start(session, "deploy", "bob", None, ["node-2"], NodeState.DEPLOYING, is_admin=True)  # recovers
     with cluster.database.session() as session:
@@ -69,3 +74,31 @@ def test_a_dead_process_s_operation_is_recovered(cluster: Kasched) -> None:
     assert view.state == "interrupted"
     assert view.nodes["node-1"]["error"] == "interrupted: the process running it died"
     assert cluster.show_node("node-1").state == "deploy_failed"  # known state: to be reverted
+
+
+@pytest.mark.parametrize("pid", [1, os.getpid()], ids=["pid-1", "own-pid"])
+def test_a_dead_instance_is_recovered_though_its_pid_lives(cluster: Kasched, pid: int) -> None:
+    """The PID of a dead kaschedd now belongs to a live process (kaschedd as PID 1 in a restarted
+    container, a reused PID, this very process): its operation is still found interrupted. A live
+    process of another instance keeps its operation."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        alive_stamp = records.process_stamp(sleeper.pid)
+        with cluster.database.session() as session:
+            dead = records.start(session, "deploy", "alice", None, ["node-1"], NodeState.DEPLOYING, is_admin=True)
+            live = records.start(session, "deploy", "bob", None, ["node-3"], NodeState.DEPLOYING, is_admin=True)
+            stamps = {dead: (pid, f"{'1' * 16}/0.0"), live: (sleeper.pid, f"{'2' * 16}/{alive_stamp}")}
+            for deployment_id, (recorded_pid, instance) in stamps.items():
+                session.execute(
+                    update(Deployment).where(Deployment.id == deployment_id).values(pid=recorded_pid, instance=instance)
+                )
+        with cluster.database.session() as session:
+            assert records.recover_interrupted(session) == [dead]
+        with cluster.database.session() as session:
+            assert records.view(session, dead).state == "interrupted"
+            assert records.view(session, live).state == "running"
+        assert cluster.show_node("node-1").state == "deploy_failed"
+        assert cluster.show_node("node-3").state == "deploying"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
