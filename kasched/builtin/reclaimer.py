@@ -48,8 +48,8 @@ class Reclaimer:
         if todo.others:
             log.info("job %s ended: %s held by another grant already, left alone", grant.job, fold(todo.others))
         if not todo.to_revert:
-            settled = [n for n in grant.nodes if n not in todo.others]
-            log.info("job %s ended: %s never left the reference environment", grant.job, fold(settled) or "none")
+            if todo.settled:
+                log.info("job %s ended: %s never left the reference environment", grant.job, fold(todo.settled))
             return
         pid = reclaim.spawn(self.config, grant.id)
         self._tell(
