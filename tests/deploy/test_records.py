@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
+from typing import Any
 
 import pytest
 from sqlalchemy import update
 
+from kasched import grants
 from kasched.api import Kasched
 from kasched.deploy import records
 from kasched.errors import ConflictError, NotFoundError, PermissionDenied
+from kasched.jobs import JobEnd, JobInfo
 from kasched.models import Deployment, NodeState
 
 
@@ -102,3 +107,48 @@ def test_a_dead_instance_is_recovered_though_its_pid_lives(cluster: Kasched, pid
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_revoke_waits_for_an_operation_taking_its_nodes_then_cancels_it(
+    cluster: Kasched, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """records.start checks the grant, then records the operation: the grant stays locked in between
+    (FOR UPDATE; SQLite's write lock). A revoke arriving there waits, then cancels the operation; an
+    operation starting after the revoke is refused."""
+    cluster.job_started(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2"), walltime=3600))
+    checked, release, started = threading.Event(), threading.Event(), []
+    check = records.granted
+
+    def granted_then_pause(session: Any, user: str, ids: dict[str, int]) -> int:
+        grant_id = check(session, user, ids)
+        checked.set()
+        release.wait(10)  # between the check and the record: the window of audit F5
+        return grant_id
+
+    monkeypatch.setattr(records, "granted", granted_then_pause)
+
+    def take() -> None:
+        with cluster.database.session() as session:
+            started.append(records.start(session, "deploy", "alice", None, ["node-1"], NodeState.DEPLOYING))
+
+    def revoke() -> None:
+        with cluster.database.session() as session:
+            grants.revoke(session, JobEnd("slurm", "c", "7", "job ended"))
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    assert checked.wait(10)
+    revoker = threading.Thread(target=revoke)
+    revoker.start()
+    time.sleep(0.5)
+    waited = revoker.is_alive()
+    release.set()
+    taker.join(30)
+    revoker.join(30)
+    monkeypatch.setattr(records, "granted", check)
+    with cluster.database.session() as session:
+        assert records.cancel_requested(session, started[0]), "the revoke missed the operation"
+        assert records.stop_reason(session, started[0]) == "the grant of job slurm:c:7 ended"
+    assert waited, "the revoke did not wait for the operation taking the grant's nodes"
+    with pytest.raises(PermissionDenied, match="node-2: no active grant for alice"), cluster.database.session() as s:
+        records.start(s, "deploy", "alice", None, ["node-2"], NodeState.DEPLOYING)
