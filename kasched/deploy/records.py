@@ -155,18 +155,25 @@ def _cover(session: Session, user: str, node_ids: list[int], *, lock: bool = Fal
 
 def releasable(session: Session, nodes: Sequence[str]) -> list[str]:
     """Those of ``nodes`` an admin may give back now: no active grant (of anyone) holds them and no
-    operation has them. The grants and nodes are locked until the caller commits, so call it in the
-    transaction that takes them (:func:`start`): a node granted to a new job is never taken."""
+    operation has them. The grants, then the nodes, are locked (in :func:`start`'s order) until the
+    caller commits, so call it in the transaction that takes them: a node granted to a new job, or
+    taken by its deployment, is never taken for the revert."""
     ids = node_ids_by_name(session, nodes, missing_ok=True)
     if not ids:
         return []
-    now = utcnow()
+    holding = session.scalars(
+        select(Grant.id)
+        .where(
+            Grant.revoked_at.is_(None),
+            Grant.expires_at > utcnow(),
+            Grant.id.in_(select(GrantNode.grant_id).where(GrantNode.node_id.in_(ids.values()))),
+        )
+        .order_by(Grant.id)
+        .with_for_update()
+    ).all()
     held = set(
         session.scalars(
-            select(GrantNode.node_id)
-            .join(Grant, Grant.id == GrantNode.grant_id)
-            .where(GrantNode.node_id.in_(ids.values()), Grant.revoked_at.is_(None), Grant.expires_at > now)
-            .with_for_update()
+            select(GrantNode.node_id).where(GrantNode.grant_id.in_(holding), GrantNode.node_id.in_(ids.values()))
         )
     )
     free = session.execute(

@@ -152,3 +152,11 @@ def test_a_revoke_waits_for_an_operation_taking_its_nodes_then_cancels_it(
     assert waited, "the revoke did not wait for the operation taking the grant's nodes"
     with pytest.raises(PermissionDenied, match="node-2: no active grant for alice"), cluster.database.session() as s:
         records.start(s, "deploy", "alice", None, ["node-2"], NodeState.DEPLOYING)
+
+
+def test_only_nodes_no_grant_and_no_operation_hold_are_releasable(cluster: Kasched) -> None:
+    """What a revert at a job's end (or of orphans) may take, asked in the transaction that takes them."""
+    cluster.job_started(JobInfo("slurm", "c", "8", "bob", ("node-1",), walltime=3600))  # bob's next job
+    with cluster.database.session() as session:
+        records.start(session, "revert", "root", None, ["node-4"], NodeState.REVERTING, is_admin=True)
+        assert records.releasable(session, ["node-1", "node-2", "node-4", "nope"]) == ["node-2"]
