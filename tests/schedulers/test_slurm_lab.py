@@ -140,6 +140,8 @@ def lab() -> Iterator[SlurmLab]:
         kaschedd = _start_kaschedd(config, work)
         user_dir = work / "user"
         user_dir.mkdir()
+        if subprocess.run(["id", USER], capture_output=True).returncode != 0:  # as start-slurm.sh makes it
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
         shutil.chown(user_dir, USER)
         subprocess.run(["runuser", "-u", USER, "--", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(user_dir / "key")], check=True, capture_output=True)  # fmt: skip
