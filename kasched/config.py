@@ -57,6 +57,9 @@ class Config:
     image_max_size: int = 16 << 30  # bytes (or 16G): the largest image or URL env add copies into image_dir
     image_url_allow: tuple[str, ...] = ()  # URL prefixes images may come from (none: no URL images)
     stateless_quota: int = 8 << 30  # bytes (or 8G) of stateless images published under boot_dir/stateless
+    # A grant past its end (the job's walltime) is left to the job's epilog this long before reconcile
+    # revokes it: longer than the scheduler's kill (Slurm's KillWait) and its epilog take.
+    reconcile_walltime_grace: float = 300.0
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -154,7 +157,7 @@ def from_mapping(data: dict[str, Any], *, source: Path | None = None) -> Config:
     return Config(**values, path=source)
 
 
-_ZERO_MEANS = {"reconcile_interval": "never", "broadcast_ack_timeout": "off"}
+_ZERO_MEANS = {"reconcile_interval": "never", "broadcast_ack_timeout": "off", "reconcile_walltime_grace": "none"}
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

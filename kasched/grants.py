@@ -2,7 +2,8 @@
 
 A grant is bound to (scheduler, cluster, job id) and stores its node list, so revoking never depends
 on the node list a scheduler gives at the end of a job (Slurm removes failed nodes from a job).
-Creating and revoking are idempotent: a prolog or epilog run twice does no harm.
+Creating and revoking are idempotent: a prolog or epilog run twice does no harm. Revoking a grant
+cancels the operations started under it, in the same transaction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from kasched.errors import ConflictError, InputError, NotFoundError
 from kasched.jobs import JobEnd, JobInfo
-from kasched.models import Grant, GrantNode, Node, utcnow
+from kasched.models import Deployment, DeploymentState, Grant, GrantNode, Node, utcnow
 from kasched.nodeset import fold
 from kasched.views import Decision, GrantView
 
@@ -82,25 +83,42 @@ def _same_job_again(session: Session, grant: Grant, job: JobInfo) -> GrantView:
 
 def revoke(session: Session, end: JobEnd) -> tuple[GrantView, bool]:
     """Revoke the grant of a job; return it and whether this call revoked it (False: it was already)."""
-    grant = _find(session, end.scheduler, end.cluster, end.job_id)
+    grant = _find(session, end.scheduler, end.cluster, end.job_id, lock=True)
     if grant is None:
         raise NotFoundError(f"no grant for job {end.scheduler}:{end.cluster}:{end.job_id}")
     return _revoke(session, grant, end.reason)
 
 
 def revoke_by_id(session: Session, grant_id: int, reason: str) -> tuple[GrantView, bool]:
-    grant = session.get(Grant, grant_id)
+    grant = session.get(Grant, grant_id, with_for_update=True)
     if grant is None:
         raise NotFoundError(f"no grant with id {grant_id}")
     return _revoke(session, grant, reason)
 
 
 def _revoke(session: Session, grant: Grant, reason: str) -> tuple[GrantView, bool]:
+    """Revoke a locked grant and, in the same transaction, ask its running operations to stop. An
+    operation starting under it waits for the lock and is then refused (kasched.deploy.records.start)."""
     if grant.revoked_at is not None:
         return view_of(session, grant), False
     grant.revoked_at = utcnow()
     grant.revoke_reason = reason[:255]
+    cancel_operations(session, grant.id)
     return view_of(session, grant), True
+
+
+def cancel_operations(session: Session, grant_id: int) -> list[str]:
+    """Ask every running operation started under grant ``grant_id`` to stop; their ids. Operations of
+    the same user on the same nodes under another grant (the user's next job) are left alone."""
+    running = session.scalars(
+        select(Deployment)
+        .where(Deployment.grant_id == grant_id, Deployment.state == DeploymentState.RUNNING)
+        .order_by(Deployment.id)
+        .with_for_update()
+    ).all()
+    for deployment in running:
+        deployment.cancel_requested = True
+    return [d.id for d in running]
 
 
 def check(session: Session, user: str, nodes: Sequence[str], *, is_admin: bool = False) -> Decision:
@@ -109,7 +127,7 @@ def check(session: Session, user: str, nodes: Sequence[str], *, is_admin: bool =
     refused = {name: "no such node" for name in nodes if name not in ids}
     if is_admin:
         return Decision(user, not refused, refused, {n: "admin" for n in nodes if n in ids})
-    holders = _active_holders(session, ids.values())
+    holders = active_holders(session, ids.values())
     names = {node_id: name for name, node_id in ids.items()}
     allowed_by: dict[str, str] = {}
     for node_id, name in names.items():
@@ -124,7 +142,7 @@ def check(session: Session, user: str, nodes: Sequence[str], *, is_admin: bool =
     return Decision(user, not refused, refused, allowed_by)
 
 
-def _active_holders(session: Session, node_ids: Iterable[int]) -> dict[int, list[tuple[str, str]]]:
+def active_holders(session: Session, node_ids: Iterable[int]) -> dict[int, list[tuple[str, str]]]:
     now = utcnow()
     holders: dict[int, list[tuple[str, str]]] = {}
     for chunk in _chunks(list(node_ids)):
@@ -191,10 +209,9 @@ def _view(grant: Grant, nodes: tuple[str, ...]) -> GrantView:
     )
 
 
-def _find(session: Session, scheduler: str, cluster: str, job_id: str) -> Grant | None:
-    return session.scalars(
-        select(Grant).where(Grant.scheduler == scheduler, Grant.cluster == cluster, Grant.job_id == job_id)
-    ).first()
+def _find(session: Session, scheduler: str, cluster: str, job_id: str, *, lock: bool = False) -> Grant | None:
+    query = select(Grant).where(Grant.scheduler == scheduler, Grant.cluster == cluster, Grant.job_id == job_id)
+    return session.scalars(query.with_for_update() if lock else query).first()
 
 
 def _check_job(job: JobInfo) -> None:

@@ -210,6 +210,14 @@ class Deployment(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     host: Mapped[str] = mapped_column(String(255), default="")
     pid: Mapped[int] = mapped_column(Integer, default=0)
+    # The process that runs it: random per process start, with that process's start time, so that a
+    # dead process is told from a live one that got its PID (kasched.deploy.records.recover_interrupted).
+    instance: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # The grant it runs under (None: an admin's operation, e.g. a revert at a job's end). Revoking the
+    # grant cancels it; each step checks that its nodes are still granted.
+    grant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("grants.id", ondelete="SET NULL", name="fk_deployments_grant_id"), index=True
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     nodes: Mapped[list[DeploymentNode]] = relationship(cascade="all, delete-orphan", passive_deletes=True)

@@ -5,7 +5,15 @@ when it ran). Reconciliation finds the grants left behind and revokes them as th
 which gives their nodes back (:mod:`kasched.builtin.reclaimer`):
 
 - a grant of a job its scheduler no longer runs;
-- a grant past its end (the job's walltime) that no epilog revoked.
+- a grant past its end (the job's walltime) that no epilog revoked within ``walltime_grace`` seconds
+  (the site's ``reconcile_walltime_grace``, 300 by default): until then it is the epilog's, which runs
+  after the scheduler's kill and says how the job ended.
+
+It also gives back *orphans*: nodes out of the reference environment (and not down) that no active
+grant and no operation holds, unchanged for ``grace`` seconds (a revert that failed or was lost, a
+deploy that outlived its grant), with ``kasched job reclaim --orphans`` in the background. A node an
+admin deployed outside any grant is one too: hold it with a grant (``kasched rights grant``) or set it
+down.
 
 A scheduler that cannot tell (not installed here, unreachable) is left alone: reconciliation never
 guesses. A grant younger than ``grace`` seconds is left alone too: its prolog may still be running,
@@ -16,8 +24,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from kasched.api import Kasched
+from kasched.deploy import reclaim
 from kasched.errors import KaschedError, PermissionDenied
 from kasched.jobs import JobEnd
 from kasched.models import utcnow
@@ -31,21 +41,33 @@ GRACE_SECONDS = 60.0
 class ReconcileReport:
     running: list[GrantView] = field(default_factory=list)  # job still running: kept
     young: list[GrantView] = field(default_factory=list)  # too recent to judge: kept
+    ending: list[GrantView] = field(default_factory=list)  # past its end, within the walltime grace: the epilog's
+    orphans: list[str] = field(default_factory=list)  # nodes given back (reverted in the background)
     revoked: list[tuple[GrantView, str]] = field(default_factory=list)  # (grant, why)
     unknown: dict[str, str] = field(default_factory=dict)  # "scheduler:cluster" -> why it was left alone
 
 
-def reconcile(api: Kasched, *, grace: float = GRACE_SECONDS, dry_run: bool = False) -> ReconcileReport:
-    """Compare every unrevoked job grant with its scheduler; revoke the stale ones (unless ``dry_run``)."""
+def reconcile(
+    api: Kasched, *, grace: float = GRACE_SECONDS, dry_run: bool = False, walltime_grace: float | None = None
+) -> ReconcileReport:
+    """Compare every unrevoked job grant with its scheduler; revoke the stale ones and give back the
+    orphan nodes (unless ``dry_run``)."""
     if not api.caller.is_admin:
         raise PermissionDenied("only admins may reconcile grants with the schedulers")
     report = ReconcileReport()
     now = utcnow()
+    ending = timedelta(seconds=api.config.reconcile_walltime_grace if walltime_grace is None else walltime_grace)
+    with api.database.session() as session:  # before this round's revokes: their nodes are their reclaim's
+        report.orphans = reclaim.orphans(session, min_age=grace)
+    if report.orphans and not dry_run:
+        reclaim.spawn(api.config, None)
     pending = [g for g in api.rights(include_ended=True) if g.revoked_at is None and g.scheduler != HAND_MADE]
     by_job_source: dict[tuple[str, str], list[GrantView]] = defaultdict(list)
     for grant in pending:
-        if grant.expires_at <= now:
+        if grant.expires_at + ending <= now:
             _revoke(api, report, grant, "reconcile: past its end, no epilog revoked it", dry_run)
+        elif grant.expires_at <= now:
+            report.ending.append(grant)
         elif (now - grant.created_at).total_seconds() < grace:
             report.young.append(grant)
         else:

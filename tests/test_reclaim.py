@@ -4,6 +4,7 @@ environment. Real prolog/epilog processes; the revert itself runs on the lab in 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -82,7 +83,7 @@ def test_job_end_cancels_operations_and_reverts_in_background(run: Run, site: Pa
     started = time.monotonic()
     ended = hook("epilog/kasched-epilog", env)
     returned_in = time.monotonic() - started
-    assert f"cancelling alice's running operations {deployment}" in ended.stdout
+    assert f"cancelling its running operations {deployment}" in ended.stdout
     found = re.search(r"reverting (\S+) in the background \(pid (\d+), log (\S+)\)", ended.stdout)
     assert found, ended.stdout
     assert found.group(1) == "node-[2-3]", "node-1 never left the reference environment"
@@ -132,3 +133,36 @@ def test_revert_at_job_end_can_be_turned_off(run: Run, site: Path, monkeypatch: 
     code, _, err = run("--config", str(bad), "config", "check")
     assert code == 2
     one_line_error(err, "revert_at_job_end: expected true or false")
+
+
+def test_a_job_s_end_touches_only_its_own_job(run: Run, site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job 41 and job 42 of alice hold node-[1-2] at once (the scheduler gave the nodes to 42 before 41's
+    epilog ran). 41's end cancels its own operation, not 42's on the same nodes, and its revert leaves
+    alone the nodes 42 holds: its own operation's node too, once that one stopped."""
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    first, second = hook_env("41", "node-[1-2]"), hook_env("42", "node-[1-2]")
+    hook("prolog/kasched-prolog", first)
+    api = Kasched.open(load())
+    try:
+        with api.database.session() as session:
+            mine = records.start(session, "deploy", "alice", "a", ["node-1"], NodeState.DEPLOYING)
+        hook("prolog/kasched-prolog", second)
+        with api.database.session() as session:
+            next_job = records.start(session, "deploy", "alice", "b", ["node-2"], NodeState.DEPLOYING)
+        ended = hook("epilog/kasched-epilog", first)
+        assert f"cancelling its running operations {mine}" in ended.stdout, ended.stdout
+        assert next_job not in ended.stdout
+        assert "reverting" not in ended.stdout, "both nodes are job 42's now"
+        with api.database.session() as session:
+            assert records.cancel_requested(session, mine)
+            assert not records.cancel_requested(session, next_job)
+            assert records.stop_reason(session, next_job) is None
+            assert records.stop_reason(session, mine) == "the grant of job slurm:demo:41 ended"
+            records.finish(session, mine, {"node-1": NodeState.DEPLOY_FAILED}, None, cancelled=True)
+    finally:
+        api.close()
+    monkeypatch.setenv("KASCHED_DIRECT", "1")
+    code, out, _ = run("job", "reclaim", "1", "--wait", "5")
+    assert "grant 1: node-[1-2] granted to another job already: left alone" in out, out
+    assert "grant 1: nothing to revert" in out and code == 0, out
+    assert json.loads(run("nodes", "show", "node-1", "--json")[1])["state"] == "deploy_failed"

@@ -1,7 +1,8 @@
 """Built-in plugin: gives a job's nodes back when its grant is revoked at the job's end.
 
-The user's running operations on the nodes are cancelled at once; the nodes that left the reference
-environment are reverted by ``kasched job reclaim GRANT``, started in the background, so that the
+The operations started under the grant were cancelled by the revoke itself; the nodes that left the
+reference environment, and that no other active grant holds (the user's next job may have them
+already), are reverted by ``kasched job reclaim GRANT``, started in the background, so that the
 scheduler's epilog returns quickly (see :mod:`kasched.deploy.reclaim`). Grants made by hand by an
 admin (``kasched rights grant``) are left alone: no job ended. ``revert_at_job_end: false`` turns it off.
 """
@@ -41,11 +42,14 @@ class Reclaimer:
 
     def _reclaim(self, grant: GrantView) -> None:
         with self.database.session() as session:
-            todo = reclaim.plan(session, grant.id, grant.user, grant.nodes)
+            todo = reclaim.plan(session, grant.id, grant.nodes)
         if todo.cancelled:
-            self._tell(grant, f"cancelling {grant.user}'s running operations {', '.join(todo.cancelled)}")
+            self._tell(grant, f"cancelling its running operations {', '.join(todo.cancelled)}")
+        if todo.others:
+            log.info("job %s ended: %s held by another grant already, left alone", grant.job, fold(todo.others))
         if not todo.to_revert:
-            log.info("job %s ended: %s never left the reference environment", grant.job, fold(grant.nodes) or "none")
+            if todo.settled:
+                log.info("job %s ended: %s never left the reference environment", grant.job, fold(todo.settled))
             return
         pid = reclaim.spawn(self.config, grant.id)
         self._tell(

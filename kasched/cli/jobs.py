@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from kasched.cli.common import Context
-from kasched.errors import InputError, PermissionDenied
+from kasched.errors import ConflictError, InputError, PermissionDenied
 from kasched.nodeset import fold
 from kasched.schedulers import SchedulerAdapter
 
@@ -27,7 +27,12 @@ def register(subparsers: Any) -> None:
         sub.add_argument("hook_args", nargs="*", metavar="ARG", help="the arguments the scheduler gave the hook")
         sub.set_defaults(handler=handler)
     reclaim = commands.add_parser("reclaim", help="revert the nodes of an ended job (the epilog starts it)")
-    reclaim.add_argument("grant", type=_grant_id, help="the id of the job's revoked grant")
+    reclaim.add_argument("grant", nargs="?", type=_grant_id, help="the id of the job's revoked grant")
+    reclaim.add_argument(
+        "--orphans",
+        action="store_true",
+        help="instead, revert every node out of the reference environment that no grant or operation holds",
+    )
     reclaim.add_argument("--wait", type=float, default=600.0, help="seconds to wait for cancelled operations")
     reclaim.set_defaults(handler=job_reclaim)
 
@@ -73,35 +78,56 @@ def job_end(args: argparse.Namespace, context: Context) -> int:
 
 
 def job_reclaim(args: argparse.Namespace, context: Context) -> int:
-    """Wait for the cancelled operations to stop, then revert the grant's nodes that are not back."""
+    """Wait for the cancelled operations to stop, then revert the grant's nodes that are not back and
+    that no other active grant holds (asked again in the transaction that takes them)."""
     from kasched.api import Kasched
     from kasched.deploy import reclaim
-    from kasched.deploy.operations import Operations
 
     if not 0 <= args.wait < float("inf"):
         raise InputError("expected seconds (0 or more)", field="wait")
+    if args.orphans == (args.grant is not None):
+        raise InputError("give either a grant id or --orphans", field="grant")
     api = context.api
     if not isinstance(api, Kasched):
         raise InputError("'kasched job reclaim' runs beside the database: set KASCHED_DIRECT=1", field="service")
     if not api.caller.is_admin:
         raise PermissionDenied("only an admin (or the epilog) gives a job's nodes back")
+    what = "orphans" if args.orphans else f"grant {args.grant}"
+    busy: list[str] = []
     with api.database.session() as session:
-        user, nodes = reclaim.revoked_grant_nodes(session, args.grant)
-    busy = reclaim.wait_not_busy(api.database.session, nodes, args.wait)
+        if args.orphans:
+            user, nodes = "nobody", reclaim.orphans(session)
+        else:
+            user, nodes = reclaim.revoked_grant_nodes(session, args.grant)
+    if not args.orphans:
+        busy = reclaim.wait_not_busy(api.database.session, nodes, args.wait)
     if busy:
-        print(f"grant {args.grant}: {fold(busy)} still busy after {args.wait:g} s: left as they are")
+        print(f"{what}: {fold(busy)} still busy after {args.wait:g} s: left as they are")
     with api.database.session() as session:
-        states = reclaim.node_states(session, nodes)
-    todo = [n for n in nodes if n in states and states[n] not in reclaim.SETTLED and n not in busy]
+        states, others = reclaim.node_states(session, nodes), reclaim.held(session, nodes)
+    if others:
+        print(f"{what}: {fold(sorted(others))} granted to another job already: left alone")
+    todo = [n for n in nodes if n in states and states[n] not in reclaim.SETTLED and n not in {*busy, *others}]
+    return _revert(api, what, user, todo) or (1 if busy else 0)
+
+
+def _revert(api: Any, what: str, user: str, todo: list[str]) -> int:
+    """Revert ``todo`` but for the nodes granted or taken meanwhile; 0 if every node reverted is back."""
+    from kasched.deploy.operations import Operations
+
     if not todo:
-        print(f"grant {args.grant}: nothing to revert")
-        return 1 if busy else 0
-    print(f"grant {args.grant}: reverting {fold(todo)} (job of {user})", flush=True)
-    result = Operations(api).revert(todo)
+        print(f"{what}: nothing to revert")
+        return 0
+    print(f"{what}: reverting {fold(todo)} (job of {user})", flush=True)
+    try:
+        result = Operations(api, releasing=True).revert(todo)
+    except ConflictError as error:  # granted to a new job, or taken, since the look above
+        print(f"{what}: {error}")
+        return 0
     for node, outcome in result.outcomes.items():
         print(f"{node}: {'ok' if outcome.ok else 'failed'} in {outcome.duration:.1f} s {outcome.error or ''}".rstrip())
     print(f"revert {result.deployment_id}: {result.state}")
-    return 0 if not result.failed and not busy else 1
+    return 1 if result.failed else 0
 
 
 def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:

@@ -16,6 +16,11 @@ def register(subparsers: Any) -> None:
     )
     reconcile.add_argument("--dry-run", action="store_true", help="say what would be revoked, change nothing")
     reconcile.add_argument("--grace", type=float, default=60.0, help="seconds a new grant is left alone (60)")
+    reconcile.add_argument(
+        "--walltime-grace",
+        type=float,
+        help="seconds a grant past its end is left to the epilog (default: reconcile_walltime_grace)",
+    )
     reconcile.add_argument("--json", action="store_true")
     reconcile.set_defaults(handler=reconcile_command)
     doctor = subparsers.add_parser("doctor", help="check the site: configuration, database, service, schedulers")
@@ -36,7 +41,9 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
 
     if not args.grace >= 0:
         raise InputError("expected seconds (0 or more)", field="grace")
-    report = reconcile(_local_api(context), grace=args.grace, dry_run=args.dry_run)
+    if args.walltime_grace is not None and not 0 <= args.walltime_grace < float("inf"):
+        raise InputError("expected seconds (0 or more)", field="walltime-grace")
+    report = reconcile(_local_api(context), grace=args.grace, dry_run=args.dry_run, walltime_grace=args.walltime_grace)
     if args.json:
         print_json(
             {
@@ -44,6 +51,8 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
                 "young": [g.job for g in report.young],
                 "revoked": [{"grant": g.id, "job": g.job, "why": why} for g, why in report.revoked],
                 "unknown": report.unknown,
+                "ending": [g.job for g in report.ending],
+                "orphans": report.orphans,
                 "dry_run": args.dry_run,
             }
         )
@@ -53,6 +62,11 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
         print(f"{verb} grant {grant.id} of {grant.job} ({grant.user} on {fold(grant.nodes)}): {why}")
     for source, why in sorted(report.unknown.items()):
         print(f"left alone: grants of {source}: {why}")
+    for grant in report.ending:
+        print(f"left to the epilog: grant {grant.id} of {grant.job}, past its end since {grant.expires_at:%H:%M:%S}Z")
+    if report.orphans:
+        verb_back = "would give back" if args.dry_run else "giving back"
+        print(f"{verb_back} {fold(report.orphans)}: out of the reference environment, held by no grant")
     print(
         f"{len(report.running)} grant(s) of running jobs kept, {len(report.young)} too recent to judge, "
         f"{len(report.revoked)} {verb}"

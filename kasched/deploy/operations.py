@@ -31,7 +31,7 @@ from kasched.deploy.workflow import (
 )
 from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
-from kasched.errors import ConfigError, InputError, PermissionDenied
+from kasched.errors import ConfigError, ConflictError, InputError, PermissionDenied
 from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
 from kasched.models import NodeState, utcnow
@@ -91,8 +91,12 @@ class Operations:
         fanout: int = 0,
         reboot_timeout: float | None = None,
         broadcast: steps.BroadcastOptions | None = None,
+        releasing: bool = False,
     ) -> None:
         self.api = api
+        # An admin giving nodes back (a job's end, reconcile): nodes an active grant or another operation
+        # holds when the operation starts are left out, not refused (records.releasable).
+        self.releasing = releasing
         self.progress = progress or (lambda report: None)
         self.cancel = cancel or threading.Event()
         self.fanout = fanout
@@ -298,8 +302,15 @@ class Operations:
         views = [self.api.show_node(name) for name in names]
         context = self._make_context(views, env, partition, user_key)
         busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
-        with self.api.database.session() as session:
-            deployment_id = records.start(session, kind, self.api.caller.user, env.label if env else None, names, busy)
+        caller = self.api.caller
+        with self.api.database.session() as session:  # the grant is checked again where the nodes are taken
+            if self.releasing:
+                free = set(records.releasable(session, names))
+                names = [name for name in names if name in free]
+                if not names:
+                    raise ConflictError("nothing to give back: every node is granted, busy or gone")
+            label = env.label if env else None
+            deployment_id = records.start(session, kind, caller.user, label, names, busy, is_admin=caller.is_admin)
         env_id = self._environment_id(env) if record_environment else None
         return PendingOperation(self, deployment_id, kind, names, env, context, macro_steps, final, env_id)
 
@@ -313,6 +324,7 @@ class Operations:
                 pending.steps,
                 cancel=self.cancel,
                 listener=lambda r: self._on_step(pending.kind, pending.deployment_id, pending.env, r),
+                guard=lambda: self._stop_reason(pending.deployment_id),
             )
             outcomes = workflow.run(pending.names)
         finally:
@@ -330,6 +342,11 @@ class Operations:
                 session, pending.deployment_id, states, pending.environment_id, cancelled=self.cancel.is_set()
             )
         return OperationResult(pending.deployment_id, pending.kind, state.value, outcomes)
+
+    def _stop_reason(self, deployment_id: str) -> str | None:
+        """Asked before each attempt of each step: why the operation must stop (its grant ended)."""
+        with self.api.database.session() as session:
+            return records.stop_reason(session, deployment_id)
 
     def _environment_id(self, env: EnvironmentView | None) -> int | None:
         if env is None:

@@ -1,9 +1,16 @@
 """Giving a job's nodes back at its end (Kadeploy's "back to the reference environment").
 
-When a job's grant is revoked, its user's running operations on those nodes are cancelled at once,
-and the nodes that left the reference environment are reverted by a separate process, ``kasched job
-reclaim GRANT``, started in the background: a scheduler's epilog returns in a fraction of a second
-(OAR stops all its queues when an epilogue runs past 60 s), while a revert takes a reboot or more.
+When a job's grant is revoked, the operations started under that grant are cancelled in the same
+transaction (:func:`kasched.grants.revoke`), and the nodes that left the reference environment are
+reverted by a separate process, ``kasched job reclaim GRANT``, started in the background: a scheduler's
+epilog returns in a fraction of a second (OAR stops all its queues when an epilogue runs past 60 s),
+while a revert takes a reboot or more.
+
+Everything is scoped to the ending grant: the same user's next job may hold the same nodes a second
+later. Its operations are not cancelled (they run under its own grant), and a node another active grant
+holds is never reverted: the revert asks so in the transaction that takes the nodes
+(:func:`kasched.deploy.records.releasable`). ``kasched job reclaim --orphans`` (reconcile starts it)
+gives back every node left out of the reference environment that no grant and no operation holds.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,7 +31,7 @@ from kasched import grants
 from kasched.config import Config
 from kasched.deploy.records import BUSY
 from kasched.errors import ConflictError, NotFoundError
-from kasched.models import Deployment, DeploymentNode, DeploymentState, Grant, Node, NodeState
+from kasched.models import Grant, Node, NodeState, utcnow
 
 SETTLED = (NodeState.REFERENCE, NodeState.DOWN)  # nothing to give back: already there, or out of service
 
@@ -36,23 +44,12 @@ class ReclaimPlan:
     cancelled: tuple[str, ...]  # deployment ids whose cancellation was requested
     to_revert: tuple[str, ...]
     settled: tuple[str, ...]
+    others: tuple[str, ...] = ()  # held by another active grant now: not this job's to give back
 
 
-def cancel_operations(session: Session, user: str, nodes: Sequence[str]) -> list[str]:
-    """Ask every running operation of ``user`` on any of ``nodes`` to stop; their ids."""
-    running = session.scalars(
-        select(Deployment)
-        .join(DeploymentNode, DeploymentNode.deployment_id == Deployment.id)
-        .where(
-            Deployment.user == user,
-            Deployment.state == DeploymentState.RUNNING,
-            DeploymentNode.node.in_(list(nodes)),
-        )
-        .distinct()
-    ).all()
-    for deployment in running:
-        deployment.cancel_requested = True
-    return [d.id for d in running]
+def cancel_operations(session: Session, grant_id: int) -> list[str]:
+    """Ask every running operation started under grant ``grant_id`` to stop; their ids."""
+    return grants.cancel_operations(session, grant_id)
 
 
 def node_states(session: Session, nodes: Sequence[str]) -> dict[str, NodeState]:
@@ -61,15 +58,37 @@ def node_states(session: Session, nodes: Sequence[str]) -> dict[str, NodeState]:
     return {name: state for name, state in rows}
 
 
-def plan(session: Session, grant_id: int, user: str, nodes: Sequence[str]) -> ReclaimPlan:
-    cancelled = cancel_operations(session, user, nodes)
+def held(session: Session, nodes: Sequence[str]) -> set[str]:
+    """Those of ``nodes`` that an active grant (of anyone) holds now."""
+    ids = grants.node_ids_by_name(session, nodes, missing_ok=True)
+    holders = grants.active_holders(session, ids.values())
+    return {name for name, node_id in ids.items() if holders.get(node_id)}
+
+
+def plan(session: Session, grant_id: int, nodes: Sequence[str]) -> ReclaimPlan:
+    """What the end of grant ``grant_id`` leaves to do (its operations were cancelled by the revoke)."""
+    cancelled = cancel_operations(session, grant_id)
     states = node_states(session, nodes)
+    others = held(session, nodes)
     return ReclaimPlan(
         grant_id=grant_id,
         cancelled=tuple(cancelled),
-        to_revert=tuple(n for n in nodes if n in states and states[n] not in SETTLED),
+        to_revert=tuple(n for n in nodes if n in states and states[n] not in SETTLED and n not in others),
         settled=tuple(n for n in nodes if states.get(n) in SETTLED),
+        others=tuple(n for n in nodes if n in others),
     )
+
+
+def orphans(session: Session, min_age: float = 0.0) -> list[str]:
+    """Nodes out of the reference environment (not down) that no active grant and no operation holds,
+    unchanged for ``min_age`` seconds: left behind by a lost epilog, a failed revert, a deploy that
+    outlived its grant. Nobody gives them back but reconcile."""
+    since = utcnow() - timedelta(seconds=min_age)
+    candidates = session.scalars(
+        select(Node.name).where(Node.state.not_in([*SETTLED, *BUSY]), Node.state_changed_at <= since)
+    ).all()
+    others = held(session, candidates)
+    return [name for name in candidates if name not in others]
 
 
 def revoked_grant_nodes(session: Session, grant_id: int) -> tuple[str, list[str]]:
@@ -84,30 +103,33 @@ def revoked_grant_nodes(session: Session, grant_id: int) -> tuple[str, list[str]
 
 
 def wait_not_busy(session_factory: object, nodes: Sequence[str], timeout: float, step: float = 1.0) -> list[str]:
-    """Wait until none of ``nodes`` is busy (cancelled operations take a moment to stop); those still
-    busy after ``timeout`` seconds."""
+    """Wait until none of ``nodes`` is busy (cancelled operations take a moment to stop), but for nodes
+    another active grant holds (its own operations: not ours to wait for); those still busy after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         with session_factory() as session:  # type: ignore[operator]
-            busy = [name for name, state in node_states(session, nodes).items() if state in BUSY]
+            others = held(session, nodes)
+            busy = [n for n, state in node_states(session, nodes).items() if state in BUSY and n not in others]
         if not busy or time.monotonic() >= deadline:
             return busy
         time.sleep(step)
 
 
-def log_path(config: Config, grant_id: int) -> Path:
-    return config.state_dir / "reclaim" / f"grant-{grant_id}.log"
+def log_path(config: Config, grant_id: int | None) -> Path:
+    return config.state_dir / "reclaim" / (f"grant-{grant_id}.log" if grant_id is not None else "orphans.log")
 
 
-def spawn(config: Config, grant_id: int) -> int:
-    """Start ``kasched job reclaim GRANT`` detached from the caller (own session, no stdin, output to
-    its log file); return its pid. It talks to the database directly, whoever started it."""
+def spawn(config: Config, grant_id: int | None) -> int:
+    """Start ``kasched job reclaim GRANT`` (None: ``--orphans``) detached from the caller (own session,
+    no stdin, output to its log file); return its pid. It talks to the database directly, whoever
+    started it."""
     log = log_path(config, grant_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "kasched"]
     if config.path is not None:
         command += ["--config", str(config.path)]
-    command += ["job", "reclaim", str(grant_id)]
+    command += ["job", "reclaim", str(grant_id) if grant_id is not None else "--orphans"]
     env = {**os.environ, "KASCHED_DIRECT": "1"}
     with open(log, "ab") as output:
         child = subprocess.Popen(

@@ -1,8 +1,16 @@
 """Deployment records: which operation holds which nodes, its outcome per node, and its cancellation.
 
 Nodes are taken atomically: an operation starts only if none of its nodes is busy (deploying or
-reverting) in another one. An operation whose process died (kill -9, a crash) is found by the next
-one, marked interrupted, and its nodes are released in a known state (``deploy_failed``: to revert).
+reverting) in another one, and a user's operation only if every node is in an active grant of the user,
+checked in the same transaction (the grant rows locked) and recorded on the operation: a grant revoked
+a moment earlier refuses it, one revoked a moment later cancels it (:func:`kasched.grants.revoke`).
+
+An operation whose process died (kill -9, a crash) is found by the next one, marked interrupted, and
+its nodes are released in a known state (``deploy_failed``: to revert). Each process is an *instance*
+(:data:`INSTANCE`: random per process start, with that process's start time): kaschedd is one, and so
+is each ``kasched`` command run beside the database (KASCHED_DIRECT=1, the background revert of a job's
+end). An operation of another instance is dead when no process with its PID runs, or the one that does
+started at another time (a reused PID, kaschedd as PID 1 in a restarted container).
 """
 
 from __future__ import annotations
@@ -12,17 +20,42 @@ import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from kasched.errors import ConflictError, NotFoundError, PermissionDenied
 from kasched.grants import node_ids_by_name
-from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, Operation, utcnow
+from kasched.models import (
+    Deployment,
+    DeploymentNode,
+    DeploymentState,
+    Grant,
+    GrantNode,
+    Node,
+    NodeState,
+    Operation,
+    utcnow,
+)
 from kasched.nodeset import fold
 from kasched.processes import pid_alive
 
 BUSY = (NodeState.DEPLOYING, NodeState.REVERTING)
+
+
+def process_stamp(pid: int) -> str:
+    """When process ``pid`` started: this boot's id and its start time in clock ticks ("" if unknown)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+        ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+    return f"{boot}.{ticks}"
+
+
+# This process's instance id: random per process start, then where the start is recorded.
+INSTANCE = f"{secrets.token_hex(8)}/{process_stamp(os.getpid())}"
 
 
 @dataclass(frozen=True)
@@ -41,12 +74,24 @@ class DeploymentView:
 
 
 def start(
-    session: Session, kind: str, user: str, environment: str | None, nodes: Sequence[str], busy_state: NodeState
+    session: Session,
+    kind: str,
+    user: str,
+    environment: str | None,
+    nodes: Sequence[str],
+    busy_state: NodeState,
+    *,
+    is_admin: bool = False,
 ) -> str:
-    """Record a new operation and move its nodes to ``busy_state``; refuse if any node is busy."""
+    """Record a new operation and move its nodes to ``busy_state``; refuse if any node is busy, or
+    (unless ``is_admin``) not in an active grant of ``user`` now."""
     recover_interrupted(session)
     ids = node_ids_by_name(session, nodes)
-    busy = session.execute(select(Node.name, Node.state).where(Node.id.in_(ids.values()), Node.state.in_(BUSY))).all()
+    grant_id = None if is_admin else granted(session, user, ids)
+    locked = session.execute(
+        select(Node.name, Node.state).where(Node.id.in_(ids.values())).order_by(Node.id).with_for_update()
+    ).all()
+    busy = [(name, state) for name, state in locked if state in BUSY]
     if busy:
         names = [name for name, _ in busy]
         holders = _holders(session, names)
@@ -60,11 +105,97 @@ def start(
             environment=environment,
             host=socket.gethostname(),
             pid=os.getpid(),
+            instance=INSTANCE,
+            grant_id=grant_id,
             nodes=[DeploymentNode(node=name) for name in nodes],
         )
     )
     session.execute(update(Node).where(Node.id.in_(ids.values())).values(state=busy_state, state_changed_at=utcnow()))
     return deployment_id
+
+
+def granted(session: Session, user: str, ids: dict[str, int]) -> int:
+    """The grant an operation of ``user`` on these nodes runs under; refuse a node in no active grant
+    of the user. The grants are locked (SELECT ... FOR UPDATE; on SQLite the transaction holds the
+    write lock already) until the caller commits: a revoke waits, then cancels what was recorded.
+
+    Several grants may cover the nodes (an admin's grant by hand beside a job's, or nodes of two jobs
+    in one operation): the one that covers the most of them, then ends last, then is newest."""
+    cover = _cover(session, user, list(ids.values()), lock=True)
+    missing = [name for name, node_id in ids.items() if not any(node_id in nodes for _, nodes in cover)]
+    if missing:
+        raise PermissionDenied(f"{user} may not deploy these nodes: {fold(missing)}: no active grant for {user}")
+    best = max(cover, key=lambda item: (len(item[1]), item[0].expires_at, item[0].id))
+    return best[0].id
+
+
+def _cover(session: Session, user: str, node_ids: list[int], *, lock: bool = False) -> list[tuple[Grant, set[int]]]:
+    """The active grants of ``user`` on any of ``node_ids``, each with those of the nodes it holds."""
+    query = (
+        select(Grant)
+        .where(
+            Grant.user == user,
+            Grant.revoked_at.is_(None),
+            Grant.expires_at > utcnow(),
+            Grant.id.in_(select(GrantNode.grant_id).where(GrantNode.node_id.in_(node_ids))),
+        )
+        .order_by(Grant.id)
+    )
+    found = session.scalars(query.with_for_update() if lock else query).all()
+    held: dict[int, set[int]] = {grant.id: set() for grant in found}
+    rows = session.execute(
+        select(GrantNode.grant_id, GrantNode.node_id).where(
+            GrantNode.grant_id.in_(list(held)), GrantNode.node_id.in_(node_ids)
+        )
+    )
+    for grant_id, node_id in rows:
+        held[grant_id].add(node_id)
+    return [(grant, held[grant.id]) for grant in found]
+
+
+def releasable(session: Session, nodes: Sequence[str]) -> list[str]:
+    """Those of ``nodes`` an admin may give back now: no active grant (of anyone) holds them and no
+    operation has them. The grants, then the nodes, are locked (in :func:`start`'s order) until the
+    caller commits, so call it in the transaction that takes them: a node granted to a new job, or
+    taken by its deployment, is never taken for the revert."""
+    ids = node_ids_by_name(session, nodes, missing_ok=True)
+    if not ids:
+        return []
+    holding = session.scalars(
+        select(Grant.id)
+        .where(
+            Grant.revoked_at.is_(None),
+            Grant.expires_at > utcnow(),
+            Grant.id.in_(select(GrantNode.grant_id).where(GrantNode.node_id.in_(ids.values()))),
+        )
+        .order_by(Grant.id)
+        .with_for_update()
+    ).all()
+    held = set(
+        session.scalars(
+            select(GrantNode.node_id).where(GrantNode.grant_id.in_(holding), GrantNode.node_id.in_(ids.values()))
+        )
+    )
+    free = session.execute(
+        select(Node.name, Node.state).where(Node.id.in_(ids.values())).order_by(Node.id).with_for_update()
+    ).all()
+    return [name for name, state in free if state not in BUSY and ids[name] not in held]
+
+
+def stop_reason(session: Session, deployment_id: str) -> str | None:
+    """Why a running operation must stop now, if it must: a user's operation whose grant ended (revoked,
+    or past its end), or one of whose nodes no active grant of the user holds any more. None: go on."""
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None or deployment.grant_id is None:
+        return None
+    grant = session.get(Grant, deployment.grant_id)
+    if grant is None or grant.revoked_at is not None or grant.expires_at <= utcnow():
+        job = f"{grant.scheduler}:{grant.cluster}:{grant.job_id}" if grant else f"{deployment.grant_id}"
+        return f"the grant of job {job} ended"
+    ids = node_ids_by_name(session, [row.node for row in deployment.nodes], missing_ok=True)
+    cover = _cover(session, deployment.user, list(ids.values()))
+    lost = [name for name, node_id in ids.items() if not any(node_id in nodes for _, nodes in cover)]
+    return f"{fold(lost)} no longer granted to {deployment.user}" if lost else None
 
 
 def _holders(session: Session, names: Sequence[str]) -> str:
@@ -101,7 +232,7 @@ def finish(
         if node.state in (NodeState.DEPLOYED, NodeState.REFERENCE):
             node.environment_id = environment_id
     results = [row.ok for row in deployment.nodes]
-    if cancelled:
+    if cancelled or stop_reason(session, deployment_id) is not None:
         deployment.state = DeploymentState.CANCELLED
     elif all(results):
         deployment.state = DeploymentState.DONE
@@ -159,13 +290,14 @@ def view(session: Session, deployment_id: str) -> DeploymentView:
 
 
 def recover_interrupted(session: Session) -> list[str]:
-    """Mark running operations of dead processes (on this host) interrupted; their nodes go to revert."""
+    """Mark interrupted the running operations of this host whose instance is gone (another instance
+    whose process died, or whose PID another process now has); their nodes go to revert."""
     host = socket.gethostname()
     recovered = []
     for deployment in session.scalars(
         select(Deployment).where(Deployment.state == DeploymentState.RUNNING, Deployment.host == host)
     ):
-        if pid_alive(deployment.pid):
+        if instance_alive(deployment.instance, deployment.pid):
             continue
         deployment.state, deployment.ended_at = DeploymentState.INTERRUPTED, utcnow()
         names = [row.node for row in deployment.nodes]
@@ -179,3 +311,15 @@ def recover_interrupted(session: Session) -> list[str]:
         )
         recovered.append(deployment.id)
     return recovered
+
+
+def instance_alive(instance: str, pid: int) -> bool:
+    """Whether the instance that recorded (``instance``, ``pid``) on this host still runs: this process,
+    or a live process with that PID that started when the instance's did. Records older than instance
+    ids (empty) go by the PID alone, never this process's own."""
+    if instance == INSTANCE:
+        return True
+    if pid == os.getpid() or not pid_alive(pid):
+        return False
+    stamp = instance.partition("/")[2]
+    return not stamp or process_stamp(pid) == stamp  # no start time recorded: the PID is all there is

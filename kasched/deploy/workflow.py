@@ -6,6 +6,9 @@ each with a timeout that may grow with the node count, and a number of retries. 
 steps together; a node that fails a variant is retried, then falls to the next variant; a node that
 fails every variant of a step leaves the workflow as failed, with the step and the reason. The others
 go on. Every node ends with an :class:`NodeOutcome`: data, never an exception that loses the others.
+
+Before each attempt (each variant, each retry, each macro-step) the workflow asks its *guard* whether
+it may go on (an operation's guard: is its grant still active?); a reason to stop cancels the rest.
 """
 
 from __future__ import annotations
@@ -103,19 +106,27 @@ class TransferReport:
 
 Listener = Callable[[StepReport], None]
 ProgressListener = Callable[[StepReport | TransferReport], None]
+Guard = Callable[[], str | None]  # why the workflow must stop now, or None
 
 
 class Workflow:
     """Runs macro-steps over nodes; see the module docstring."""
 
     def __init__(
-        self, steps: Sequence[MacroStep], *, listener: Listener | None = None, cancel: threading.Event | None = None
+        self,
+        steps: Sequence[MacroStep],
+        *,
+        listener: Listener | None = None,
+        cancel: threading.Event | None = None,
+        guard: Guard | None = None,
     ) -> None:
         if not steps or any(not step.variants for step in steps):
             raise ValueError("a workflow needs steps, each with at least one variant")
         self.steps = list(steps)
         self.listener = listener or (lambda report: None)
         self.cancel = cancel or threading.Event()
+        self.guard = guard or (lambda: None)
+        self.stopped: str = CANCELLED  # the error of the nodes a cancel stopped
 
     def run(self, nodes: Sequence[str]) -> dict[str, NodeOutcome]:
         outcomes = {node: NodeOutcome(node) for node in nodes}
@@ -137,8 +148,8 @@ class Workflow:
             for attempt in range(1, variant.retries + 2):
                 if not pending:
                     break
-                if self.cancel.is_set():
-                    self._fail(pending, outcomes, CANCELLED)
+                if self._must_stop():
+                    self._fail(pending, outcomes, self.stopped)
                     pending = []
                     break
                 last = variant is step.variants[-1] and attempt == variant.retries + 1
@@ -188,6 +199,20 @@ class Workflow:
                 )
             )
         return succeeded
+
+    def _must_stop(self) -> bool:
+        """Cancelled, or the guard gives a reason to stop (which cancels the rest of the workflow)."""
+        if self.cancel.is_set():
+            return True
+        try:
+            reason = self.guard()
+        except KaschedError:  # the database is away for a moment: the next attempt asks again
+            return False
+        if reason is None:
+            return False
+        self.stopped = f"{CANCELLED}: {reason}"
+        self.cancel.set()
+        return True
 
     @staticmethod
     def _fail(nodes: list[str], outcomes: dict[str, NodeOutcome], reason: str) -> None:

@@ -4,8 +4,10 @@ prolog: only for jobs that ask for the ``deploy`` feature. Reads the job's time 
 not give it to its hooks) from ``squeue --json``, runs ``kasched job start`` (the grant, through the
 plugin bus) with it in KASCHED_SLURM_TIME_LIMIT, then starts the job's stand-in slurmds (standin.py).
 A failure revokes what was done and exits non-zero: slurmctld then cancels the job (deploy jobs are
-not requeued, see job_submit.lua). epilog: stops the stand-ins, gives the nodes back to Slurm, and
-runs ``kasched job end``. Both print one line per action on stdout (the wrapper keeps it in a log).
+not requeued, see job_submit.lua). epilog: runs ``kasched job end`` (the grant revoked, its operations
+cancelled), then stops the stand-ins and gives the nodes back to Slurm, in that order: once Slurm has
+the nodes it may hand them to the user's next job, which the old job's end must not touch. Both print
+one line per action on stdout (the wrapper keeps it in a log).
 """
 
 from __future__ import annotations
@@ -87,10 +89,18 @@ def prolog(environ: Mapping[str, str]) -> int:
 
 
 def epilog(environ: Mapping[str, str]) -> int:
+    """Revoke the grant first (its operations cancelled, its nodes' revert started), then give the nodes
+    back to Slurm: the next job on them never meets this job's end (docs/slurm.md)."""
     job_id = environ.get("SLURM_JOB_ID", "")
     if not is_deploy(environ):
         print(f"job {job_id}: not a deploy job, nothing to do")
         return 0
+    state = job_state(job_id)
+    print(f"job {job_id}: ended {state or 'in an unknown state'}")
+    ended = kasched("end", {**environ, "KASCHED_SLURM_JOB_STATE": state})
+    if ended == NOT_FOUND:  # the prolog failed before granting (Slurm runs the epilog anyway)
+        print(f"job {job_id}: had no grant")
+        ended = 0
     code = 0
     settings = standin.StandinSettings.from_environ(environ)
     if settings is not None:
@@ -103,12 +113,6 @@ def epilog(environ: Mapping[str, str]) -> int:
         else:
             names = ",".join(s.node for s in released) or "none"
             print(f"job {job_id}: stand-ins stopped, nodes {names} given back in {time.monotonic() - started:.2f} s")
-    state = job_state(job_id)
-    print(f"job {job_id}: ended {state or 'in an unknown state'}")
-    ended = kasched("end", {**environ, "KASCHED_SLURM_JOB_STATE": state})
-    if ended == NOT_FOUND:  # the prolog failed before granting (Slurm runs the epilog anyway)
-        print(f"job {job_id}: had no grant")
-        ended = 0
     return code or ended
 
 

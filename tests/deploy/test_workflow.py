@@ -121,3 +121,27 @@ def test_cancel_stops_before_the_next_step() -> None:
     outcomes = Workflow(steps, cancel=cancel).run(["a", "b"])
     assert boot_calls == []
     assert all(not o.ok and o.step == "boot" and o.error == "cancelled" for o in outcomes.values())
+
+
+def test_the_guard_is_asked_before_each_attempt_and_stops_the_rest() -> None:
+    """An operation's guard (is its grant still active?) says stop after the first step: the next
+    attempt (a retry, a variant or a macro-step) never runs; the nodes say why."""
+    ran: list[tuple[str, ...]] = []
+    asked: list[int] = []
+
+    def guard() -> str | None:
+        asked.append(len(ran))
+        return "the grant of job slurm:c:1 ended" if ran else None
+
+    workflow = Workflow(
+        [
+            MacroStep("setup", (Variant("a", action(record=ran), Timeout(5)),)),
+            MacroStep("boot", (Variant("b", action(record=ran), Timeout(5)),)),
+        ],
+        guard=guard,
+    )
+    outcomes = workflow.run(["n1", "n2"])
+    assert ran == [("n1", "n2")], "the boot step did not run"
+    assert asked == [0, 1]
+    assert {o.error for o in outcomes.values()} == {"cancelled: the grant of job slurm:c:1 ended"}
+    assert not any(o.ok for o in outcomes.values()) and workflow.cancel.is_set()

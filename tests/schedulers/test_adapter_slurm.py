@@ -72,3 +72,17 @@ def test_hooks_ignore_ordinary_jobs(capsys: pytest.CaptureFixture[str], monkeypa
     assert hooks_main(["epilog"]) == 0
     assert capsys.readouterr().out.count("job 12: not a deploy job") == 2
     assert hooks_main(["bogus"]) == 2
+
+
+def test_the_epilog_revokes_the_grant_before_slurm_gets_the_nodes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the stand-ins stop and the nodes are resumed, Slurm may start the user's next job on them:
+    the grant (and its operations) must be gone first (docs/slurm.md)."""
+    from kasched_slurm import hooks, standin
+
+    calls: list[str] = []
+    monkeypatch.setattr(hooks, "job_state", lambda job_id: "COMPLETED")
+    monkeypatch.setattr(hooks, "kasched", lambda action, environ: calls.append(f"kasched job {action}") or 0)
+    monkeypatch.setattr(standin, "detach", lambda settings, job_id: calls.append("give the nodes back") or [])
+    environ = {**PROLOG, "SLURM_SCRIPT_CONTEXT": "epilog_slurmctld", "KASCHED_SLURM_STANDIN_ADDR": "127.0.0.2"}
+    assert hooks.epilog(environ) == 0
+    assert calls == ["kasched job end", "give the nodes back"]

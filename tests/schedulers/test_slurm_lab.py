@@ -140,6 +140,8 @@ def lab() -> Iterator[SlurmLab]:
         kaschedd = _start_kaschedd(config, work)
         user_dir = work / "user"
         user_dir.mkdir()
+        if subprocess.run(["id", USER], capture_output=True).returncode != 0:  # as start-slurm.sh makes it
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", USER], check=True)
         shutil.chown(user_dir, USER)
         subprocess.run(["runuser", "-u", USER, "--", "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         str(user_dir / "key")], check=True, capture_output=True)  # fmt: skip
@@ -246,3 +248,36 @@ def _job_of(lab: SlurmLab, exclude: set[str]) -> str:
 
     wait_for(found, 60, "the salloc job to start")
     return jobs[0]
+
+
+# The later job's deploy: Slurm may hand it the nodes while the earlier job's revert still runs (on the lab
+# the nodes' own slurmds keep answering, docs/slurm.md); kasched then says "busy (reverting)", and the
+# job tries again, as docs/oar.md tells users to.
+DEPLOY_WHEN_FREE = (
+    'for i in $(seq 40); do kasched deploy -e userenv -k "$KEY.pub" > "$OUT/deploy-$SLURM_JOB_ID.log" 2>&1; '
+    'code=$?; grep -q "busy (reverting)" "$OUT/deploy-$SLURM_JOB_ID.log" || break; sleep 3; done; '
+    'echo $code > "$OUT/deployed-$SLURM_JOB_ID"'
+)
+
+
+def test_back_to_back_jobs_on_the_same_nodes_keep_their_deployments(lab: SlurmLab) -> None:
+    """One user's two deploy jobs on node-[1-2], the second queued behind the first: the first job's end
+    (its grant revoked, its nodes reverted) never cancels or reverts the second job's deployment."""
+    nodes = ["node-1", "node-2"]
+    first = lab.sbatch("-C", "deploy", "-w", ",".join(nodes), "-t", "5", body=f"{DEPLOY}\nsleep 2")
+    second = lab.sbatch("-C", "deploy", "-w", ",".join(nodes), "-t", "5", body=f"{DEPLOY_WHEN_FREE}\nsleep 600")
+    lab.deployed(first)
+    lab.deployed(second)
+    log = (lab.user_dir / f"deploy-{second}.log").read_text()
+    deployment = next(line.split()[1] for line in log.splitlines() if "started in kaschedd" in line)
+    watched = time.monotonic()
+    while time.monotonic() - watched < 45:  # the first job's background revert has long finished by then
+        for node in nodes:
+            assert lab.runs(node, lab.user_dir / "key") == [node, "userenv"], f"{node} was taken from job {second}"
+        time.sleep(5)
+    status = lab.slurm.run("kasched", "deploy", "--status", deployment, "--json", user=USER)
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "done", status.stdout + status.stderr
+    epilogs = lab.slurm.log("epilog.log")
+    assert deployment not in epilogs, f"job {first}'s end named job {second}'s deployment:\n{epilogs}"
+    assert lab.slurm.run("scancel", second, user=USER).returncode == 0
+    lab.wait_back(second, nodes, ("cancelled", "killed by signal 15"))

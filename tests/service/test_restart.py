@@ -52,9 +52,10 @@ def test_kill_9_then_restart_leaves_a_known_state() -> None:
         # An operation running inside this kaschedd (its threads carry the service's pid).
         with api.database.session() as session:
             running = records.start(
-                session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING
+                session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
             )
-            session.execute(update(Deployment).where(Deployment.id == running).values(pid=first.pid))
+            instance = f"{'0' * 16}/{records.process_stamp(first.pid)}"  # as the service records its own
+            session.execute(update(Deployment).where(Deployment.id == running).values(pid=first.pid, instance=instance))
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         second = start_service(config_file, config.service_socket)

@@ -118,7 +118,8 @@ def test_openapi_schema_lists_every_route(service: tuple[Config, ServiceClient])
 
 
 def test_kaschedd_reconciles_on_its_own(tmp_path: Path) -> None:
-    """With reconcile_interval set, kaschedd revokes a grant past its end that no epilog revoked."""
+    """With reconcile_interval set, kaschedd revokes a grant past its end (and the walltime grace) that no
+    epilog revoked."""
     import threading
 
     from kasched.api import Kasched
@@ -126,7 +127,7 @@ def test_kaschedd_reconciles_on_its_own(tmp_path: Path) -> None:
     from kasched.jobs import JobInfo
     from kasched.service.main import serve
 
-    config = Config(site="t", state_dir=tmp_path / "state", reconcile_interval=0.5)
+    config = Config(site="t", state_dir=tmp_path / "state", reconcile_interval=0.5, reconcile_walltime_grace=0)
     admin = Kasched.open(config, Caller("root", is_admin=True))
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     job = JobInfo(scheduler="slurm", cluster="c", job_id="5", user="alice", nodes=("node-1",), walltime=1)
