@@ -36,6 +36,9 @@ class Config:
     service_tls_key: Path = Path()
     service_tls_ca: Path = Path()  # client side: the CA that signed kaschedd's certificate
     service_url: str = ""  # client side: http(s)://HOST:PORT of kaschedd (else the Unix socket)
+    service_request_timeout: float = 30.0  # seconds a client has to send a whole request (and read the answer)
+    service_max_connections: int = 256  # connections kaschedd serves at once; more get 503
+    service_max_connections_per_user: int = 16  # per uid (Unix socket) or address (TCP), admins exempt; 429
     munge_socket: Path = Path()  # munged's socket (default: MUNGE's own default)
     token_secret: Path = Path()  # HMAC key of signed tokens (default <state_dir>/token.key)
     console_logs: Path = Path()  # nodes whose console is a file: <console_logs>/<node>/console.log
@@ -163,7 +166,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
             raise ConfigError(f"{where}{key}: expected seconds (0: {_ZERO_MEANS[key]})")
         return float(value)
-    if key in ("max_grant_hours", "reboot_timeout", "broadcast_stall_timeout"):
+    if key in ("service_max_connections", "service_max_connections_per_user"):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}{key}: expected a positive whole number")
+        return value
+    if key in ("max_grant_hours", "reboot_timeout", "broadcast_stall_timeout", "service_request_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}{key}: expected a positive number")
         return float(value)
