@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kasched import __version__
+from kasched import __version__, deadline
 from kasched.cli.common import Context
 from kasched.errors import KaschedError
 
@@ -65,8 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     context = Context(config_path=args.config)
+    left = deadline.from_environ()  # a hook's: the direct mode's database waits end before it too
     try:
-        return int(handler(args, context) or 0)
+        with deadline.within(None if left is None else left - deadline.CLIENT_MARGIN):
+            return int(handler(args, context) or 0)
     except KaschedError as error:
         print(f"kasched: error: {error}", file=sys.stderr)
         return error.exit_code

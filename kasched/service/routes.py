@@ -236,6 +236,7 @@ def _deployment_start(api: Kasched, params: dict[str, str], query: dict[str, str
         {"kind": str, "nodes": str},
         {"environment": str, "key": str, "stateless": bool, "level": str, "to": str, "fanout": int},
     )
+    api.node_names(fields["nodes"])  # a range naming more nodes than the inventory: refused unexpanded
     live = LiveProgress()
     operations = Operations(api, progress=live, fanout=fields["fanout"] or 0)
     kind = fields["kind"]
@@ -262,6 +263,7 @@ def _power(api: Kasched, params: dict[str, str], query: dict[str, str], body: An
     from kasched.deploy.operations import Operations
 
     fields = _fields(body, {"action": str, "nodes": str})
+    api.node_names(fields["nodes"])
     results = Operations(api).power(fields["nodes"], fields["action"])
     return [result.as_dict() for result in results.values()]
 
