@@ -221,12 +221,25 @@ def check(config: Config) -> tuple[list[str], list[str]]:
             load_credentials(config)
         except ConfigError as error:
             problems.append(str(error))
+    problems.extend(_open_database_files(config))
     warnings = _check_tcp(config, problems)
     try:
         grp.getgrnam(config.admin_group)
     except KeyError:
         warnings.append(f"admin_group: Unix group {config.admin_group!r} does not exist (only root is admin)")
     return problems, warnings
+
+
+def _open_database_files(config: Config) -> list[str]:
+    """An SQLite database (or its -wal, -shm) others may read: every private environment is in it."""
+    if not config.database.startswith("sqlite:///"):
+        return []
+    database = config.database.removeprefix("sqlite:///").split("?")[0]
+    found = []
+    for path in (Path(database), Path(f"{database}-wal"), Path(f"{database}-shm")):
+        if path.is_file() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            found.append(f"database: {path} is readable by others (chmod 600 it; kaschedd does at its start)")
+    return found
 
 
 def _check_tcp(config: Config, problems: list[str]) -> list[str]:

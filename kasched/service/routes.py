@@ -97,7 +97,7 @@ def _rights_grant(api: Kasched, params: dict[str, str], query: dict[str, str], b
 
 
 def _rights_revoke(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    if not (params["id"].isascii() and params["id"].isdigit()):
+    if not (params["id"].isascii() and params["id"].isdigit() and len(params["id"]) <= 18):
         raise InputError(f"{params['id']!r} is not a grant id", field="id")
     return api.revoke(int(params["id"]))
 
