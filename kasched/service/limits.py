@@ -18,6 +18,7 @@ REFUSALS = {
     503: b"503 Service Unavailable",
     429: b"429 Too Many Requests",
 }
+TIME_UP = "time is up (service_request_timeout): connection cut off"
 LOG_EVERY = 10.0  # seconds between two log lines about refusals of one key
 
 
@@ -34,16 +35,22 @@ class DeadlineSocket:
     def _arm(self) -> None:
         left = self.until - time.monotonic()
         if left <= 0:
-            raise TimeoutError("the request's time is up (service_request_timeout)")
+            raise TimeoutError(TIME_UP)
         self._sock.settimeout(left)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         self._arm()
-        return self._sock.recv_into(buffer, nbytes, flags)
+        try:
+            return self._sock.recv_into(buffer, nbytes, flags)
+        except TimeoutError:
+            raise TimeoutError(TIME_UP) from None
 
     def sendall(self, data: Any, flags: int = 0) -> None:
         self._arm()  # sendall's timeout bounds the whole send
-        self._sock.sendall(data, flags)
+        try:
+            self._sock.sendall(data, flags)
+        except TimeoutError:
+            raise TimeoutError(TIME_UP) from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)

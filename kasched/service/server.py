@@ -139,6 +139,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.clock.restart(self.server.request_timeout)
         try:
             super().handle_one_request()
+        except TimeoutError as error:  # while answering: the client reads too slowly
+            self.log_message("%s: %s", self._what(), error)
+            self.close_connection = True
         except OSError as error:  # the client hung up (reset, broken pipe...): one line, no traceback
             self.log_message("connection ended during %s: %s", self._what(), error.strerror or error)
             self.close_connection = True
@@ -217,6 +220,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(data)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        if args and isinstance(args[-1], TimeoutError):  # the standard library's "Request timed out: %r"
+            self.log_message("%s", args[-1])
+            return
+        self.log_message(format, *args)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), printable(format % args))
