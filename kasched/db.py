@@ -56,6 +56,9 @@ class Database:
         except SqlIntegrityError:
             raise  # callers that race on a unique key catch it (e.g. two prologs of one job)
         except SqlDatabaseError as error:  # unreachable, locked, corrupt ("file is not a database")...
+            left = deadline.remaining()
+            if left is not None and left < 0.25:  # a wait the deadline ended (busy, lock or statement timeout)
+                raise DatabaseError(f"{deadline.passed_message()} ({_first_line(error)})") from None
             raise DatabaseError(f"database {_safe(self.url)}: {_first_line(error)}") from None
 
     def upgrade(self) -> None:
@@ -94,7 +97,8 @@ class Database:
             yield
             return
         try:
-            lock = open(f"{path}.migrate-lock", "a")  # noqa: SIM115 (held for the whole block)
+            descriptor = os.open(f"{path}.migrate-lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            lock = os.fdopen(descriptor, "a")  # held for the whole block
         except OSError as error:
             raise DatabaseError(f"database {path}: cannot migrate the schema: {error.strerror}") from None
         with lock:
@@ -131,12 +135,13 @@ def _bound_lock_waits(connection: Any) -> None:
             connection.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
         return
     if connection.dialect.name in ("mysql", "mariadb"):
+        names = ("innodb_lock_wait_timeout", "lock_wait_timeout", "max_statement_time")
         if ms:  # session settings: undone at the next transaction without a deadline
-            connection.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(ms / 1000))}")
-            connection.exec_driver_sql(f"SET SESSION max_statement_time = {ms / 1000:.3f}")
+            seconds = (max(1, math.ceil(ms / 1000)), max(1, math.ceil(ms / 1000)), f"{ms / 1000:.3f}")
+            values = ", ".join(f"{name} = {value}" for name, value in zip(names, seconds, strict=True))
         else:
-            connection.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
-            connection.exec_driver_sql("SET SESSION max_statement_time = DEFAULT")
+            values = ", ".join(f"{name} = DEFAULT" for name in names)
+        connection.exec_driver_sql(f"SET SESSION {values}")
         info["kasched_bounded"] = bool(ms)
 
 
