@@ -36,6 +36,7 @@ from kasched.text import printable
 
 log = logging.getLogger("kaschedd")
 MAX_BODY = 1 << 20
+LINGER = 2.0  # seconds a refused request's unread body is waited for (and dropped) before closing
 STATUS = {
     InputError: 400,
     AuthenticationError: 401,
@@ -155,6 +156,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if not digits or int(length) > MAX_BODY:
             self.close_connection = True  # the body, if any, is not read
             self._send(Reply(413 if digits else 400, {"error": "bad or too large Content-Length"}))
+            self._linger(min(int(length), MAX_BODY) if digits else 0)
             return
         try:
             pending = self.identify()
@@ -162,6 +164,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         except KaschedError as error:
             self.close_connection = True
             self._refuse(error)
+            self._linger(int(length))
             return
         body = self.rfile.read(int(length))
         if len(body) < int(length):
@@ -176,6 +179,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         with deadline.within(seconds):
             reply = self.server.app.handle(self.command, self.path, body, caller)
         self._send(reply)
+
+    def _linger(self, length: int) -> None:
+        """After answering without reading the body: drop what the client still sends, for LINGER
+        seconds at most, so that closing with unread data (a TCP reset) does not destroy the answer on
+        its way. Dropped a chunk at a time: nothing of it is kept."""
+        self.clock.restart(LINGER)
+        try:
+            while length > 0:
+                chunk = self.rfile.read1(min(length, 1 << 16))
+                if not chunk:
+                    return
+                length -= len(chunk)
+        except OSError:
+            return
 
     def _deadline(self) -> float | None:
         """Seconds the request may run: those the client waits (X-Kasched-Deadline) but ANSWER_MARGIN."""

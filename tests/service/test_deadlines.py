@@ -64,6 +64,7 @@ def lock_database(database: Path, seconds: float) -> subprocess.Popen[str]:
     return locker
 
 
+@pytest.mark.slow
 def test_the_pbs_hook_gives_up_and_no_grant_is_ever_stored(pbs_site: Site) -> None:
     pbs_site.configure(timeout=6)
     locker = lock_database(pbs_site.directory / "state" / "kasched.db", 12)
@@ -83,6 +84,7 @@ def test_the_pbs_hook_gives_up_and_no_grant_is_ever_stored(pbs_site: Site) -> No
     assert [g["job_id"] for g in pbs_site.grants()] == ["41.pbs-server"]
 
 
+@pytest.mark.slow
 def test_the_slurm_hook_sends_its_deadline_and_no_grant_is_stored(
     pbs_site: Site, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
