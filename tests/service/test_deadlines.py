@@ -59,7 +59,9 @@ def pbs_site() -> Iterator[Site]:
 
 def lock_database(database: Path, seconds: float) -> subprocess.Popen[str]:
     """Another process holding an exclusive lock on the SQLite file for ``seconds``."""
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(database), str(seconds)], stdout=subprocess.PIPE, text=True)
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(database), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
     return locker
 

@@ -150,7 +150,9 @@ def test_an_over_long_env_in_a_slurm_comment_is_one_line_and_the_job_keeps_its_g
 ) -> None:
     job = SlurmAdapter().job_started(slurm_environ("7", f"kasched:env={'a' * 300}"), [])
     assert job.environment is None
-    assert capsys.readouterr().err == "kasched: warning: job 7: env= of the comment ignored (longer than 200 characters)\n"
+    assert (
+        capsys.readouterr().err == "kasched: warning: job 7: env= of the comment ignored (longer than 200 characters)\n"
+    )
     assert SlurmAdapter().job_started(slurm_environ("8", "env=\x1b[31mred"), []).environment is None
     assert SlurmAdapter().job_started(slurm_environ("9", "env=debian12@alice"), []).environment == "debian12@alice"
     environ = {**os.environ, **slurm_environ("70", f"env={'b' * 5000}"), "KASCHED_CONFIG": str(site.client_config)}
@@ -164,5 +166,3 @@ def test_an_over_long_env_in_a_slurm_comment_is_one_line_and_the_job_keeps_its_g
     finally:
         admin.close()
     assert grant.job_id == "70" and grant.environment_request is None and grant.expires_at > utcnow()
-
-
