@@ -444,7 +444,7 @@ ROUTES = (
     Route(
         "GET",
         "/v1/stats",
-        "History of operations",
+        "History of operations (an ordinary user's own; admins anyone's)",
         _stats,
         query=("user", "nodes", "environment", "kind", "failed", "since", "until", "by", "limit"),
         response=ARRAY,
@@ -460,7 +460,8 @@ ROUTES = (
     Route(
         "GET",
         "/v1/nodes/{name}/console",
-        "A node's console: its last lines, or what follows a byte offset (your granted nodes; admins any)",
+        "A node's console: its last lines, or what follows a byte offset (your granted nodes, from where the "
+        "console stood when your grant began; admins any, all of it)",
         route_console,
         query=("lines", "offset"),
     ),
