@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,14 +35,14 @@ def as_user(user: str, *args: str, timeout: float = 60) -> subprocess.CompletedP
     return subprocess.run([*command, str(RAWCLIENT), *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def tight() -> Iterator[Site]:
-    """kaschedd with 2 s per request, 8 connections per user, 40 in all, on its socket and on TCP."""
+@contextmanager
+def tight_site(total: int = 40) -> Iterator[Site]:
+    """kaschedd with 2 s per request, 8 connections per user, ``total`` in all, on its socket and on TCP."""
     base = scratch()
     settings = {
         "service_request_timeout": 2.0,
         "service_max_connections_per_user": 8,
-        "service_max_connections": 40,
+        "service_max_connections": total,
         "service_tcp": f"127.0.0.1:{free_port()}",
     }
     try:
@@ -49,6 +50,12 @@ def tight() -> Iterator[Site]:
             yield site
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def tight() -> Iterator[Site]:
+    with tight_site() as site:
+        yield site
 
 
 def test_half_sent_requests_are_cut_off_and_capped_per_user(tight: Site, caplog: pytest.LogCaptureFixture) -> None:
@@ -91,6 +98,26 @@ def test_half_sent_requests_are_cut_off_and_capped_per_user(tight: Site, caplog:
     assert refusal_lines[0].startswith(f"unix uid {unix_user('kasched-alice').pw_uid}: "), refusal_lines
     timed_out = [r for r in caplog.records if "time is up" in r.getMessage()]
     assert len(timed_out) == 8 and all(r.exc_info is None for r in timed_out)
+
+
+def halfsent_as(user: str, site: Site, count: int) -> subprocess.Popen[str]:
+    entry = unix_user(user)
+    command = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", SYSTEM_PYTHON]
+    halfsent = [str(RAWCLIENT), "halfsent", str(site.config.service_socket), str(count), "6"]
+    return subprocess.Popen([*command, *halfsent], stdout=subprocess.PIPE, text=True)
+
+
+def test_past_the_total_cap_connections_get_503(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kaschedd")
+    with tight_site(total=12) as site:
+        alice = halfsent_as("kasched-alice", site, 8)
+        time.sleep(1.0)  # alice holds 8 of the 12
+        bob = halfsent_as("kasched-bob", site, 8)
+        alice_results, bob_results = (json.loads(p.communicate(timeout=30)[0]) for p in (alice, bob))
+    assert [r["status"] for r in alice_results] == [None] * 8, alice_results
+    assert sorted(r["status"] or 0 for r in bob_results) == [0] * 4 + [503] * 4, bob_results
+    lines = [r.getMessage() for r in caplog.records if "connection refused with 503" in r.getMessage()]
+    assert len(lines) == 1 and "12 connections open in all (service_max_connections)" in lines[0], lines
 
 
 @pytest.mark.parametrize("where", ["unix", "tcp"])
