@@ -71,8 +71,14 @@ class ConnectionLimits:
         with self._lock:
             if sum(self.open.values()) >= self.total:
                 return 503
-            if self.open[key] >= self.per_key and not exempt():
-                return 429
+            if self.open[key] < self.per_key:
+                self.open[key] += 1
+                return None
+        if not exempt():  # outside the lock: it may ask the system's user database
+            return 429
+        with self._lock:
+            if sum(self.open.values()) >= self.total:
+                return 503
             self.open[key] += 1
             return None
 

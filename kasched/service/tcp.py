@@ -84,7 +84,7 @@ class TcpHttpServer(LimitedThreadingMixIn, http.server.HTTPServer):
         if self.tls is None:
             super().finish_request(request, client_address)
             return
-        request.settimeout(HANDSHAKE_TIMEOUT)
+        request.settimeout(min(HANDSHAKE_TIMEOUT, self.request_timeout))  # the whole handshake, not per read
         try:
             secure = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as error:
