@@ -4,8 +4,9 @@ side by side with the one of an older commit (by default the one before issue 18
 Run: .venv/bin/python bench/api.py [--clients 100] [--seconds 10] [--old REV] [--rounds 2]
 Starts each kaschedd (a separate process, its code from this tree or from ``git archive REV``) on a
 scratch SQLite site of its own with 64 nodes, then runs the clients in 4 processes; prints requests
-per second and latency percentiles for each query and each kaschedd, in turn (the order reversed every
-other round), and the ratio new/old: what the new checks of every request cost (the total time per
+per second, latency percentiles and kaschedd's CPU time per request (/proc, less sensitive than the
+rates to what else runs on the machine) for each query and each kaschedd, in turn (the order reversed
+every other round), and the ratios new/old: what the new checks of every request cost (the total time per
 request, the connection caps, the deadline sent by the client and bounding each database wait, node
 ranges counted before they are expanded).
 """
@@ -118,6 +119,12 @@ class Server:
         self.process.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def old_tree(revision: str, directory: Path) -> Path:
     """kasched and its plugins as they were at ``revision`` (git archive)."""
     tree = directory / "old-tree"
@@ -142,22 +149,34 @@ def main() -> int:
         servers[1].config.write_text(servers[1].config.read_text() + "service_max_connections_per_user: 1000\n")
         print(f"{args.clients} clients, {args.seconds:.0f} s per query and kaschedd, old = {args.old}, "
               f"{args.rounds} rounds\n")  # fmt: skip
-        print(f"{'query':<14} {'kaschedd':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        header = f"{'query':<14} {'kaschedd':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        print(f"{header} {'CPU us/req':>10}")
         rates: dict[tuple[str, str], list[float]] = {}
+        cpus: dict[tuple[str, str], list[float]] = {}
         for round_number in range(args.rounds):
             for server in servers if round_number % 2 == 0 else servers[::-1]:
                 with server:
+                    assert server.process is not None
                     for name, url in QUERIES.items():
+                        cpu = cpu_seconds(server.process.pid)
                         rate, latencies, errors = measure(server.socket, url, args.clients, args.seconds)
+                        per_request = (cpu_seconds(server.process.pid) - cpu) / len(latencies) * 1e6
                         ordered = sorted(latencies)
                         p50, p99 = statistics.median(ordered) * 1000, ordered[int(0.99 * (len(ordered) - 1))] * 1000
-                        print(f"{name:<14} {server.name:<9} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {errors:>7}")
+                        print(
+                            f"{name:<14} {server.name:<9} {rate:>8.0f} {p50:>8.1f} {p99:>8.1f} {errors:>7} "
+                            f"{per_request:>10.0f}"
+                        )
                         rates.setdefault((name, server.name), []).append(rate)
+                        cpus.setdefault((name, server.name), []).append(per_request)
         print()
         for name in QUERIES:
             old, new = statistics.median(rates[(name, "old")]), statistics.median(rates[(name, "new")])
-            cost = (1 - new / old) * 100
-            print(f"{name:<14} new/old req/s (medians of {args.rounds}): {new / old:.3f} (cost {cost:+.1f} %)")
+            old_cpu, new_cpu = statistics.median(cpus[(name, "old")]), statistics.median(cpus[(name, "new")])
+            print(
+                f"{name:<14} medians of {args.rounds}: req/s new/old {new / old:.3f}, kaschedd CPU per request "
+                f"new/old {new_cpu / old_cpu:.3f} ({old_cpu:.0f} -> {new_cpu:.0f} us)"
+            )
     return 0
 
 

@@ -53,14 +53,17 @@ def within(seconds: float | None) -> Iterator[None]:
 
 
 def wait_ms(default_ms: int) -> int:
-    """How long a database wait may last now, in milliseconds: ``default_ms``, or less before a deadline.
-    A deadline already passed is a DatabaseError: the request must not begin a transaction."""
+    """How long a database wait may last now, in milliseconds: ``default_ms``, or less before a deadline
+    (rounded down, so that it changes seldom). A deadline already passed is a DatabaseError: the request
+    must not begin a transaction."""
     left = remaining()
     if left is None:
         return default_ms
     if left <= 0:
         raise DatabaseError(passed_message())
-    return max(1, min(default_ms, math.floor(left * 1000)))
+    ms = math.floor(left * 1000)
+    step = 1000 if ms >= 5000 else 100  # whole seconds (tenths near the end): SQLite's setting changes seldom
+    return max(1, min(default_ms, ms - ms % step))
 
 
 def check() -> None:
