@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -18,38 +20,57 @@ REFUSALS = {
     503: b"503 Service Unavailable",
     429: b"429 Too Many Requests",
 }
+REARM = 0.25  # seconds: how often a plain socket's kernel limits may be set again to the time left
 TIME_UP = "time is up (service_request_timeout): connection cut off"
 LOG_EVERY = 10.0  # seconds between two log lines about refusals of one key
 
 
 class DeadlineSocket:
-    """A connection whose reads and writes all end by one moment (:meth:`restart` sets it)."""
+    """A connection whose reads and writes all end by one moment (:meth:`restart` sets it), give or
+    take :data:`REARM` seconds.
+
+    A plain socket stays blocking, with the time left as the kernel's own per-call limits
+    (``SO_RCVTIMEO``, ``SO_SNDTIMEO``), set again only when the last setting is REARM seconds old: a
+    quick request sets each once, and every read is one ``recv``, as without a limit (Python's own
+    timeouts poll before each call; they, or a setting per call, cost kaschedd some 10 % of its CPU per
+    request under load). A TLS socket uses Python's timeout."""
 
     def __init__(self, sock: socket.socket, seconds: float) -> None:
         self._sock = sock
+        self._kernel = not isinstance(sock, ssl.SSLSocket) and sock.gettimeout() is None
+        self._armed: dict[int, float] = {}
         self.until = time.monotonic() + seconds
 
     def restart(self, seconds: float) -> None:
         self.until = time.monotonic() + seconds
 
-    def _arm(self) -> None:
-        left = self.until - time.monotonic()
+    def _arm(self, option: int) -> None:
+        now = time.monotonic()
+        left = self.until - now
         if left <= 0:
             raise TimeoutError(TIME_UP)
-        self._sock.settimeout(left)
+        if not self._kernel:
+            self._sock.settimeout(left)
+        elif now - self._armed.get(option, -REARM) >= REARM:
+            self._armed[option] = now
+            seconds = int(left)
+            self._sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", seconds, int((left - seconds) * 1e6)))
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self._arm()
-        try:
-            return self._sock.recv_into(buffer, nbytes, flags)
-        except TimeoutError:
-            raise TimeoutError(TIME_UP) from None
+        while True:
+            self._arm(socket.SO_RCVTIMEO)
+            try:
+                return self._sock.recv_into(buffer, nbytes, flags)
+            except TimeoutError:
+                raise TimeoutError(TIME_UP) from None
+            except BlockingIOError:  # the kernel's limit (EAGAIN): set for an earlier deadline, or this one's
+                self._armed.clear()
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        self._arm()  # sendall's timeout bounds the whole send
+        self._arm(socket.SO_SNDTIMEO)  # sendall's timeout bounds the whole send
         try:
             self._sock.sendall(data, flags)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise TimeoutError(TIME_UP) from None
 
     def __getattr__(self, name: str) -> Any:
