@@ -29,7 +29,7 @@ from kasched.errors import ConflictError, InputError, NotFoundError, PermissionD
 from kasched.identity import Caller, can_read
 from kasched.jobs import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
-from kasched.nodeset import SMALL, check_size, count, expand_many, fold
+from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
 
 
@@ -335,11 +335,12 @@ class Kasched:
     def node_names(self, pattern: str) -> list[str]:
         """The names of a node range, refused before it is expanded when it names more nodes than the
         inventory holds (a few bytes must not cost kaschedd its memory)."""
-        if count(pattern) > SMALL:
+        names = count(pattern)
+        if names > SMALL:
             with self.database.session() as session:
                 held = session.scalar(select(func.count(Node.id))) or 0
-            check_size(pattern, held, what="the inventory holds")
-        return expand_many([pattern])
+            check_size(pattern, min(held, MAX_NODES), what="the inventory holds")
+        return expand_many([pattern], limit=None if names <= SMALL else MAX_NODES)
 
     def _require_admin(self, action: str) -> None:
         if not self.caller.is_admin:

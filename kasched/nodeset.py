@@ -69,13 +69,14 @@ def check_size(pattern: str, limit: int, *, field: str = "nodes", what: str = ""
     return names
 
 
-def expand(pattern: str, *, field: str = "nodes", limit: int = MAX_NODES) -> list[str]:
+def expand(pattern: str, *, field: str = "nodes", limit: int | None = MAX_NODES) -> list[str]:
     """Expand a node range (``node-[1-3,7]``, or several separated by commas) to sorted names; a range
-    naming more than ``limit`` nodes is refused first, without expanding it."""
+    naming more than ``limit`` nodes is refused first, without expanding it (None: counted already)."""
     pattern = pattern.strip()
     if not pattern:
         raise InputError("empty node list", field=field)
-    check_size(pattern, limit, field=field)
+    if limit is not None:
+        check_size(pattern, limit, field=field)
     try:
         names = list(NodeSet(pattern))
     except (NodeSetParseError, RangeSetParseError, ValueError) as error:
@@ -85,7 +86,7 @@ def expand(pattern: str, *, field: str = "nodes", limit: int = MAX_NODES) -> lis
     return names
 
 
-def expand_many(patterns: Iterable[str], *, field: str = "nodes", limit: int = MAX_NODES) -> list[str]:
+def expand_many(patterns: Iterable[str], *, field: str = "nodes", limit: int | None = MAX_NODES) -> list[str]:
     """Expand several ranges; keep each name once, in the order first given."""
     seen: dict[str, None] = {}
     for pattern in patterns:
