@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from kasched import environments as env_catalog
 from kasched import grants, imagestore, inventory, stats, urlfetch
+from kasched.builtin.console_marks import ConsoleMarks
 from kasched.builtin.drivers import BuiltinDrivers
 from kasched.builtin.grant_keeper import GrantKeeper
 from kasched.builtin.history import History
@@ -32,7 +33,7 @@ from kasched.identity import Caller
 from kasched.imagestore import ImageStore
 from kasched.jobs import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
-from kasched.nodeset import expand_many, fold
+from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
 
 
@@ -63,6 +64,7 @@ class Kasched:
         bus.register(Reclaimer(database, config, bus), "reclaimer")
         bus.register(BuiltinDrivers(), "drivers")
         bus.register(StatelessImages(database, config), "stateless")
+        bus.register(ConsoleMarks(config), "console-marks")
         return cls(config, database, bus, caller or Caller.current(config.admin_group))
 
     def close(self) -> None:
@@ -104,7 +106,7 @@ class Kasched:
             query = query.where(Node.state == _node_state(state))
         with self.database.session() as session:
             if pattern:
-                names = expand_many([pattern])
+                names = self.node_names(pattern)
                 grants.node_ids_by_name(session, names)
                 query = query.where(Node.name.in_(names))
             return sorted((NodeView.of(n) for n in session.scalars(query)), key=lambda v: _natural(v.name))
@@ -119,7 +121,7 @@ class Kasched:
     def remove_nodes(self, pattern: str) -> list[str]:
         """Remove nodes from the inventory; refused while any of them is in an active grant."""
         self._require_admin("remove nodes")
-        names = expand_many([pattern])
+        names = self.node_names(pattern)
         with self.database.session() as session:
             ids = grants.node_ids_by_name(session, names)
             busy = [g for g in grants.list_grants(session, nodes=names)]
@@ -131,7 +133,7 @@ class Kasched:
 
     def set_node_state(self, pattern: str, state: str) -> list[str]:
         self._require_admin("change node states")
-        names = expand_many([pattern])
+        names = self.node_names(pattern)
         new_state = _node_state(state)
         with self.database.session() as session:
             ids = grants.node_ids_by_name(session, names)
@@ -319,7 +321,7 @@ class Kasched:
             cluster=self.config.site,
             job_id=job_id or f"manual-{secrets.token_hex(4)}",
             user=user,
-            nodes=tuple(expand_many([nodes])),
+            nodes=tuple(self.node_names(nodes)),
             walltime=hours * 3600,
         )
         return self.job_started(job)
@@ -336,13 +338,13 @@ class Kasched:
         self, *, user: str | None = None, nodes: str | None = None, include_ended: bool = False
     ) -> list[GrantView]:
         """Who may deploy which nodes, why (scheduler, job) and until when."""
-        names = expand_many([nodes]) if nodes else None
+        names = self.node_names(nodes) if nodes else None
         with self.database.session() as session:
             return grants.list_grants(session, user=user, nodes=names, include_ended=include_ended)
 
     def check(self, nodes: Sequence[str] | str, user: str | None = None) -> Decision:
         """May ``user`` (default: the caller) deploy ``nodes`` now? Admins may always, on known nodes."""
-        names = expand_many([nodes]) if isinstance(nodes, str) else list(nodes)
+        names = self.node_names(nodes) if isinstance(nodes, str) else list(nodes)
         if user and user != self.caller.user:
             self._require_admin("check another user's rights")
         who = user or self.caller.user
@@ -372,12 +374,23 @@ class Kasched:
         self.bus.deploy_step(event)
 
     def stats(self, selection: stats.StatsFilter) -> list[OperationView]:
+        """Operations of the history: an ordinary user's own only, an admin's anyone's."""
         with self.database.session() as session:
-            return stats.select_operations(session, selection)
+            return stats.select_operations(session, stats.own(selection, self.caller))
 
     def stats_summary(self, selection: stats.StatsFilter, by: str) -> list[stats.StatsGroup]:
         with self.database.session() as session:
-            return stats.summarise(session, selection, by)
+            return stats.summarise(session, stats.own(selection, self.caller), by)
+
+    def node_names(self, pattern: str) -> list[str]:
+        """The names of a node range, refused before it is expanded when it names more nodes than the
+        inventory holds (a few bytes must not cost kaschedd its memory)."""
+        names = count(pattern)
+        if names > SMALL:
+            with self.database.session() as session:
+                held = session.scalar(select(func.count(Node.id))) or 0
+            check_size(pattern, min(held, MAX_NODES), what="the inventory holds")
+        return expand_many([pattern], limit=None if names <= SMALL else MAX_NODES)
 
     def _require_admin(self, action: str) -> None:
         if not self.caller.is_admin:

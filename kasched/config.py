@@ -36,6 +36,9 @@ class Config:
     service_tls_key: Path = Path()
     service_tls_ca: Path = Path()  # client side: the CA that signed kaschedd's certificate
     service_url: str = ""  # client side: http(s)://HOST:PORT of kaschedd (else the Unix socket)
+    service_request_timeout: float = 30.0  # seconds a client has to send a whole request (and read the answer)
+    service_max_connections: int = 256  # connections kaschedd serves at once; more get 503
+    service_max_connections_per_user: int = 16  # per uid (Unix socket) or address (TCP), admins exempt; 429
     munge_socket: Path = Path()  # munged's socket (default: MUNGE's own default)
     token_secret: Path = Path()  # HMAC key of signed tokens (default <state_dir>/token.key)
     console_logs: Path = Path()  # nodes whose console is a file: <console_logs>/<node>/console.log
@@ -169,7 +172,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
             raise ConfigError(f"{where}{key}: expected seconds (0: {_ZERO_MEANS[key]})")
         return float(value)
-    if key in ("max_grant_hours", "reboot_timeout", "broadcast_stall_timeout"):
+    if key in ("service_max_connections", "service_max_connections_per_user"):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}{key}: expected a positive whole number")
+        return value
+    if key in ("max_grant_hours", "reboot_timeout", "broadcast_stall_timeout", "service_request_timeout"):
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{where}{key}: expected a positive number")
         return float(value)
@@ -250,12 +257,25 @@ def check(config: Config) -> tuple[list[str], list[str]]:
             load_credentials(config)
         except ConfigError as error:
             problems.append(str(error))
+    problems.extend(_open_database_files(config))
     warnings = _check_tcp(config, problems)
     try:
         grp.getgrnam(config.admin_group)
     except KeyError:
         warnings.append(f"admin_group: Unix group {config.admin_group!r} does not exist (only root is admin)")
     return problems, warnings
+
+
+def _open_database_files(config: Config) -> list[str]:
+    """An SQLite database (or its -wal, -shm) others may read: every private environment is in it."""
+    if not config.database.startswith("sqlite:///"):
+        return []
+    database = config.database.removeprefix("sqlite:///").split("?")[0]
+    found = []
+    for path in (Path(database), Path(f"{database}-wal"), Path(f"{database}-shm")):
+        if path.is_file() and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            found.append(f"database: {path} is readable by others (chmod 600 it; kaschedd does at its start)")
+    return found
 
 
 def _check_tcp(config: Config, problems: list[str]) -> list[str]:

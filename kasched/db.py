@@ -9,6 +9,9 @@ PostgreSQL (``postgresql+psycopg://``) and MariaDB (``mysql+pymysql://``) are us
 from __future__ import annotations
 
 import fcntl
+import math
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +23,7 @@ from sqlalchemy.exc import DatabaseError as SqlDatabaseError
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kasched import deadline
 from kasched.errors import DatabaseError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -43,13 +47,18 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed when the block ends, rolled back on any error."""
+        """A transaction: committed when the block ends, rolled back on any error, and rolled back too
+        when the request's deadline (:mod:`kasched.deadline`) passed before the commit."""
         try:
             with self._sessions.begin() as session:
                 yield session
+                deadline.check()
         except SqlIntegrityError:
             raise  # callers that race on a unique key catch it (e.g. two prologs of one job)
         except SqlDatabaseError as error:  # unreachable, locked, corrupt ("file is not a database")...
+            left = deadline.remaining()
+            if left is not None and left < 0.25:  # a wait the deadline ended (busy, lock or statement timeout)
+                raise DatabaseError(f"{deadline.passed_message()} ({_first_line(error)})") from None
             raise DatabaseError(f"database {_safe(self.url)}: {_first_line(error)}") from None
 
     def upgrade(self) -> None:
@@ -88,7 +97,8 @@ class Database:
             yield
             return
         try:
-            lock = open(f"{path}.migrate-lock", "a")  # noqa: SIM115 (held for the whole block)
+            descriptor = os.open(f"{path}.migrate-lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            lock = os.fdopen(descriptor, "a")  # held for the whole block
         except OSError as error:
             raise DatabaseError(f"database {path}: cannot migrate the schema: {error.strerror}") from None
         with lock:
@@ -102,23 +112,49 @@ class Database:
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        _bound_lock_waits(connection)
+
+    return engine
+
+
+def _bound_lock_waits(connection: Any) -> None:
+    """PostgreSQL and MariaDB: a transaction of a request with a deadline waits for locks (and runs
+    each statement) no longer than the deadline allows."""
+    left = deadline.remaining()
+    info = connection.info
+    if left is None and not info.get("kasched_bounded"):
+        return
+    ms = 0 if left is None else deadline.wait_ms(SQLITE_BUSY_MS)
+    if connection.dialect.name == "postgresql":
+        if ms:  # SET LOCAL ends with the transaction: nothing to undo
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+            connection.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+        return
+    if connection.dialect.name in ("mysql", "mariadb"):
+        names = ("innodb_lock_wait_timeout", "lock_wait_timeout", "max_statement_time")
+        if ms:  # session settings: undone at the next transaction without a deadline
+            seconds = (max(1, math.ceil(ms / 1000)), max(1, math.ceil(ms / 1000)), f"{ms / 1000:.3f}")
+            values = ", ".join(f"{name} = {value}" for name, value in zip(names, seconds, strict=True))
+        else:
+            values = ", ".join(f"{name} = DEFAULT" for name in names)
+        connection.exec_driver_sql(f"SET SESSION {values}")
+        info["kasched_bounded"] = bool(ms)
 
 
 def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
     database = engine.url.database
     if database and database != ":memory:":
-        try:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise DatabaseError(f"database {database}: cannot create its directory: {error.strerror}") from None
+        _private_file(Path(database))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -126,9 +162,39 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        busy_ms = deadline.wait_ms(SQLITE_BUSY_MS)  # the write lock is waited for no longer than the deadline
+        if connection.info.get("kasched_busy_ms") != busy_ms:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+            connection.info["kasched_busy_ms"] = busy_ms
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _private_file(database: Path) -> None:
+    """Create the SQLite file mode 600 whatever the umask (SQLite gives its -wal and -shm files the
+    database's mode), and make an existing one of ours private: it holds every private environment."""
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DatabaseError(f"database {database}: cannot create its directory: {error.strerror}") from None
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # not ours to create (read-only place...): SQLite says what is wrong when it opens it
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # absent (no -wal yet), or a symlink: not ours to change
+        try:
+            status = os.fstat(descriptor)
+            if status.st_uid == os.geteuid() and stat.S_ISREG(status.st_mode) and status.st_mode & 0o077:
+                os.fchmod(descriptor, 0o600)
+        finally:
+            os.close(descriptor)
 
 
 def _alembic_config() -> Any:

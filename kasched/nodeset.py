@@ -15,13 +15,68 @@ from ClusterShell.RangeSet import RangeSetParseError
 from kasched.errors import InputError
 
 _BRACKET = re.compile(r"\[([^\]]*)\]")
+_RANGE = re.compile(r"^\s*(\d{1,18})\s*(?:-\s*(\d{1,18})\s*(?:/\s*(\d{1,18})\s*)?)?$")
+_SEPARATORS = ",!&^ \t\n"
+MAX_NODES = 100_000  # more than any site's inventory: a range naming more is refused before it is expanded
+SMALL = 4096  # ranges up to this many names are expanded without asking how big the inventory is
 
 
-def expand(pattern: str, *, field: str = "nodes") -> list[str]:
-    """Expand a node range (``node-[1-3,7]``, or several separated by commas) to sorted names."""
+def count(pattern: str) -> int:
+    """How many names a node range names at most, read from its text without expanding it: each
+    element (``node-[1-4]``, elements separated by ``,`` and ClusterShell's operators) gives the product
+    of the sizes of its brackets. ``x[1-100000000]`` is 100000000, counted at once."""
+    total = 0
+    for element in _elements(pattern):
+        product = 1
+        for match in _BRACKET.finditer(element):
+            product *= sum(_part_count(part) for part in match.group(1).split(","))
+        total += product
+    return total
+
+
+def _elements(pattern: str) -> list[str]:
+    """The elements of a range: split at separators outside brackets."""
+    elements, current, depth = [], [], 0
+    for char in pattern:
+        depth += (char == "[") - (char == "]")
+        if depth <= 0 and char in _SEPARATORS:
+            elements.append("".join(current))
+            current, depth = [], 0
+        else:
+            current.append(char)
+    elements.append("".join(current))
+    return [e for e in elements if e.strip()]
+
+
+def _part_count(part: str) -> int:
+    match = _RANGE.match(part)
+    if not match:
+        return 1  # not a range we can count: ClusterShell says what is wrong with it
+    first, last, step = match.group(1), match.group(2), match.group(3)
+    if last is None:
+        return 1
+    return max(0, (int(last) - int(first)) // max(1, int(step or 1)) + 1)
+
+
+def check_size(pattern: str, limit: int, *, field: str = "nodes", what: str = "") -> int:
+    """The count of ``pattern``; InputError if it names more than ``limit`` nodes."""
+    names = count(pattern)
+    if names > limit:
+        shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+        raise InputError(
+            f"node range {shown!r} names {names} nodes, more than {what or 'kasched accepts'} ({limit})", field=field
+        )
+    return names
+
+
+def expand(pattern: str, *, field: str = "nodes", limit: int | None = MAX_NODES) -> list[str]:
+    """Expand a node range (``node-[1-3,7]``, or several separated by commas) to sorted names; a range
+    naming more than ``limit`` nodes is refused first, without expanding it (None: counted already)."""
     pattern = pattern.strip()
     if not pattern:
         raise InputError("empty node list", field=field)
+    if limit is not None:
+        check_size(pattern, limit, field=field)
     try:
         names = list(NodeSet(pattern))
     except (NodeSetParseError, RangeSetParseError, ValueError) as error:
@@ -31,11 +86,11 @@ def expand(pattern: str, *, field: str = "nodes") -> list[str]:
     return names
 
 
-def expand_many(patterns: Iterable[str], *, field: str = "nodes") -> list[str]:
+def expand_many(patterns: Iterable[str], *, field: str = "nodes", limit: int | None = MAX_NODES) -> list[str]:
     """Expand several ranges; keep each name once, in the order first given."""
     seen: dict[str, None] = {}
     for pattern in patterns:
-        for name in expand(pattern, field=field):
+        for name in expand(pattern, field=field, limit=limit):
             seen.setdefault(name, None)
     return list(seen)
 

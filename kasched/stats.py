@@ -4,14 +4,15 @@ and power step on every node, with its duration and error."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Case, Select, case, func, select
 from sqlalchemy.orm import Session
 
-from kasched.errors import InputError
+from kasched.errors import InputError, PermissionDenied
+from kasched.identity import Caller
 from kasched.jobs import StepEvent
 from kasched.models import Operation, utcnow
 from kasched.views import OperationView
@@ -51,6 +52,16 @@ class StatsGroup:
     failures: int
     mean_duration: float
     max_duration: float
+
+
+def own(selection: StatsFilter, caller: Caller) -> StatsFilter:
+    """What ``caller`` may select: anything for an admin; an ordinary user, only their own operations
+    (others' name private environments, nodes and error messages)."""
+    if caller.is_admin:
+        return selection
+    if selection.user not in (None, caller.user):
+        raise PermissionDenied(f"only admins may see another user's operations (you are {caller.user})")
+    return replace(selection, user=caller.user)
 
 
 def record(session: Session, event: StepEvent) -> None:

@@ -14,9 +14,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kasched import __version__
+from kasched import __version__, deadline
 from kasched.cli.common import Context
 from kasched.errors import KaschedError
+from kasched.text import PrintableStream, printable
 
 # Command groups, in the order ``kasched --help`` lists them.
 COMMAND_MODULES = [
@@ -65,10 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     context = Context(config_path=args.config)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(stdout), PrintableStream(stderr)  # names, comments... are users'
+    left = deadline.from_environ()  # a hook's: the direct mode's database waits end before it too
     try:
-        return int(handler(args, context) or 0)
+        with deadline.within(None if left is None else left - deadline.CLIENT_MARGIN):
+            return int(handler(args, context) or 0)
     except KaschedError as error:
-        print(f"kasched: error: {error}", file=sys.stderr)
+        print(f"kasched: error: {printable(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("kasched: interrupted", file=sys.stderr)
@@ -85,4 +90,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 70
     finally:
+        sys.stdout, sys.stderr = stdout, stderr
         context.close()

@@ -4,8 +4,11 @@ kaschedd, by the CLI directly."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+from kasched.builtin.console_marks import read_mark
 from kasched.config import is_set
 from kasched.drivers.console import LogFileConsole
 from kasched.errors import InputError, NotFoundError, PermissionDenied
@@ -22,7 +25,8 @@ def _whole(value: str | None, name: str, default: int | None) -> int | None:
 
 def console_read(api: Any, name: str, offset: str | None = None, lines: str | None = None) -> dict[str, Any]:
     """The console of node ``name`` as ``{"node", "text", "offset"}``: its last ``lines`` lines, or
-    what follows byte ``offset``. Only for a caller whose grant covers the node, or an admin."""
+    what follows byte ``offset``. Only for a caller whose grant covers the node, or an admin; and a
+    caller with a grant sees only what was written since the grant began (ConsoleMarks)."""
     start, count = _whole(offset, "offset", None), _whole(lines, "lines", 40)
     node = api.show_node(name)  # NotFoundError for an unknown node
     decision = api.check([node.name])
@@ -36,8 +40,39 @@ def console_read(api: Any, name: str, offset: str | None = None, lines: str | No
             f"{node.name}: no console kaschedd can serve ({where}; serial-over-LAN is `ipmitool sol activate` "
             "on the BMC, not through kaschedd yet)"
         )
-    text, next_offset = console.read(node.name, start, min(count or 0, 10_000))
+    job = decision.grants.get(node.name, "admin")
+    if job == "admin":
+        text, next_offset = console.read(node.name, start, min(count or 0, 10_000))
+    else:
+        text, next_offset = _read_since(console.path(node.name), _floor(api, node.name, job), start, count or 0)
     return {"node": node.name, "text": text, "offset": next_offset}
+
+
+def _floor(api: Any, node: str, job: str) -> int | None:
+    """Where the console stood when the grant of ``job`` began; None when unknown (then only what is
+    written from now on is served: never what the node printed for someone else)."""
+    mark = read_mark(api.config, node)
+    if mark is None or mark.get("job") != job or not isinstance(mark.get("offset"), int):
+        return None
+    return int(mark["offset"])
+
+
+def _read_since(path: Path, floor: int | None, offset: int | None, lines: int) -> tuple[str, int]:
+    """Like LogFileConsole.read, never before ``floor``. A file now shorter than the floor was started
+    anew since the grant began: all of it is the grant's."""
+    try:
+        with open(path, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            low = size if floor is None else (floor if floor <= size else 0)
+            if offset is not None:
+                log.seek(max(low, offset if offset <= size else 0))
+                data = log.read(LogFileConsole.CHUNK)
+                return data.decode(errors="replace"), log.tell()
+            log.seek(max(low, size - 4 * LogFileConsole.CHUNK))
+            tail = log.read().decode(errors="replace").splitlines()[-min(lines, 10_000) :] if lines else []
+            return "".join(f"{line}\n" for line in tail), size
+    except OSError as error:
+        raise NotFoundError(f"console log {path}: {error.strerror}") from None
 
 
 def _require_admin(api: Any, action: str) -> None:

@@ -19,7 +19,14 @@ def markdown(document: dict[str, Any]) -> str:
         'Every answer is JSON. An error is `{"error": "one line saying why", "kind": "..."}` with '
         "status 400 (bad input), 401 (over TCP: no valid MUNGE credential or token), 403 (refused: the "
         "message says why), 404 (not found), 409 (conflict), "
-        "422 (checksum mismatch) or 503 (database unavailable).",
+        "422 (checksum mismatch), 429 (too many connections of yours open at once), or 503 (database "
+        "unavailable or busy past the request's deadline, or too many connections in all).",
+        "",
+        "A client may send `X-Kasched-Deadline: SECONDS`, the seconds it will wait for the answer: "
+        "kaschedd answers within them (it keeps one to send the answer back), its database waits end "
+        "before, and nothing is stored once they are over (then 503). The `kasched` command always sends "
+        "it. A whole request (headers and body) must arrive within `service_request_timeout`; over TCP, "
+        "the `Authorization` header is checked before any body is read.",
         "",
     ]
     for path, operations in document["paths"].items():

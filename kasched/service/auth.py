@@ -23,6 +23,7 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,20 +167,33 @@ class TcpAuthenticator:
         self.config = config
 
     def caller(self, authorization: str | None, method: str, target: str, body: bytes) -> Caller:
+        caller, check = self.identify(authorization, method, target)
+        if check is not None:
+            check(body)
+        return caller
+
+    def identify(
+        self, authorization: str | None, method: str, target: str
+    ) -> tuple[Caller, Callable[[bytes], None] | None]:
+        """The caller from the header alone, and for MUNGE the check of the body it was made for
+        (None for a token): the server reads no body before this succeeds."""
         scheme, _, value = (authorization or "").strip().partition(" ")
         if scheme == "MUNGE":
-            return self._munge(value.strip(), method, target, body)
+            return self._munge(value.strip(), method, target)
         if scheme == "Bearer":
-            return self._token(value.strip())
+            return self._token(value.strip()), None
         if not authorization:
             raise AuthenticationError("authentication required over TCP: Authorization: MUNGE or Bearer")
         raise AuthenticationError(f"unknown authorization scheme {scheme[:20]!r} (MUNGE or Bearer)")
 
-    def _munge(self, credential: str, method: str, target: str, body: bytes) -> Caller:
+    def _munge(self, credential: str, method: str, target: str) -> tuple[Caller, Callable[[bytes], None]]:
         identity = munge_decode(credential, self.config.munge_socket)
-        if identity.payload != request_binding(self.config.site, method, target, body):
-            raise AuthenticationError("MUNGE credential was made for another request")
-        return Caller.from_uid(identity.uid, self.config.admin_group)
+
+        def check(body: bytes) -> None:
+            if identity.payload != request_binding(self.config.site, method, target, body):
+                raise AuthenticationError("MUNGE credential was made for another request")
+
+        return Caller.from_uid(identity.uid, self.config.admin_group), check
 
     def _token(self, token: str) -> Caller:
         if not self.config.token_secret.exists():

@@ -5,14 +5,17 @@ MUNGE credential or a signed token (``$KASCHED_TOKEN``, or the file ``~/.config/
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import socket
 import ssl
+import stat
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
+from kasched import deadline
 from kasched.config import Config, is_set, parse_url
 from kasched.errors import AuthenticationError, DatabaseError, KaschedError
 from kasched.service import auth
@@ -69,16 +72,32 @@ class ServiceClient:
         self.timeout = timeout
         self.url, self.auth, self.ca_file = url, auth, ca_file
         self.where = url or str(path)
+        if url and isinstance(auth, TokenAuth):
+            scheme, host, _ = parse_url(url)
+            if scheme == "http" and not is_loopback(host):
+                raise AuthenticationError(
+                    f"refusing to send a token over plain http to {host}: anyone on the way could reuse it "
+                    "(use https, see service_tls_cert; plain http is for loopback only)"
+                )
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _wait(self) -> float:
+        """Seconds this request may take: until ``$KASCHED_DEADLINE`` (a hook's), else ``timeout``."""
+        left = deadline.from_environ()
+        if left is None:
+            return self.timeout
+        if left <= deadline.CLIENT_MARGIN:
+            raise DatabaseError(f"kaschedd at {self.where}: no time left before the caller's deadline ({deadline.ENV})")
+        return left
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if not self.url:
             assert self.path is not None
-            return _UnixConnection(self.path, self.timeout)
+            return _UnixConnection(self.path, timeout)
         scheme, host, port = parse_url(self.url)
         if scheme == "http":
-            return http.client.HTTPConnection(host, port, timeout=self.timeout)
+            return http.client.HTTPConnection(host, port, timeout=timeout)
         context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context)
+        return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
 
     def request(self, method: str, url: str, query: dict[str, Any] | None = None, body: Any = None) -> tuple[int, Any]:
         """The status and the decoded JSON answer; no exception for a 4xx (the caller decides)."""
@@ -88,7 +107,9 @@ class ServiceClient:
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         if self.auth is not None:
             headers.update(self.auth.headers(method, url, payload or b""))
-        connection = self._connection()
+        wait = self._wait()  # kaschedd answers within what we send, so before we give up
+        headers[deadline.HEADER] = f"{wait - deadline.CLIENT_MARGIN:.3f}"
+        connection = self._connection(wait)
         try:
             connection.request(method, url, body=payload, headers=headers)
             response = connection.getresponse()
@@ -117,16 +138,39 @@ def service_url(config: Config) -> str:
     return os.environ.get("KASCHED_URL") or config.service_url
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (127.0.0.0/8, ::1, localhost): traffic never leaves it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def client_auth(config: Config) -> ClientAuth:
     """A signed token if the user has one (``$KASCHED_TOKEN``, ``~/.config/kasched/token``), else MUNGE."""
     token = os.environ.get("KASCHED_TOKEN", "").strip()
     token_file = Path(os.environ.get("HOME", "/nonexistent")) / ".config" / "kasched" / "token"
     if not token and token_file.is_file():
-        try:
-            token = token_file.read_text().strip()
-        except OSError as error:
-            raise AuthenticationError(f"{token_file}: {error.strerror}") from None
+        token = read_token_file(token_file)
     return TokenAuth(token) if token else MungeAuth(config.site, config.munge_socket)
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path``, a file of this user that nobody else may read (else refused: it was
+    seen, and is as good as anyone's)."""
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as source:
+            status = os.fstat(source.fileno())
+            if status.st_uid != os.getuid() or status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise AuthenticationError(
+                    f"{path}: readable by others or not yours (mode {stat.S_IMODE(status.st_mode):o}): the token "
+                    "may have been copied; ask for a new one, and keep it mode 600"
+                )
+            return source.read(64 * 1024).decode(errors="replace").strip()
+    except OSError as error:
+        raise AuthenticationError(f"{path}: {error.strerror}") from None
 
 
 def client_for(config: Config) -> ServiceClient:

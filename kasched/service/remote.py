@@ -77,7 +77,7 @@ class RemoteKasched:
         return [view(NodeView, n) for n in self.call("GET", "/v1/nodes", {"nodes": pattern, "state": state})]
 
     def show_node(self, name: str) -> NodeView:
-        return view(NodeView, self.call("GET", f"/v1/nodes/{name}"))
+        return view(NodeView, self.call("GET", f"/v1/nodes/{_quote(name)}"))
 
     def remove_nodes(self, pattern: str) -> list[str]:
         return self.call("POST", "/v1/nodes/remove", body={"nodes": pattern})["removed"]

@@ -97,7 +97,7 @@ def _rights_grant(api: Kasched, params: dict[str, str], query: dict[str, str], b
 
 
 def _rights_revoke(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    if not (params["id"].isascii() and params["id"].isdigit()):
+    if not (params["id"].isascii() and params["id"].isdigit() and len(params["id"]) <= 18):
         raise InputError(f"{params['id']!r} is not a grant id", field="id")
     return api.revoke(int(params["id"]))
 
@@ -236,6 +236,7 @@ def _deployment_start(api: Kasched, params: dict[str, str], query: dict[str, str
         {"kind": str, "nodes": str},
         {"environment": str, "key": str, "stateless": bool, "level": str, "to": str, "fanout": int},
     )
+    api.node_names(fields["nodes"])  # a range naming more nodes than the inventory: refused unexpanded
     live = LiveProgress()
     operations = Operations(api, progress=live, fanout=fields["fanout"] or 0)
     kind = fields["kind"]
@@ -262,6 +263,7 @@ def _power(api: Kasched, params: dict[str, str], query: dict[str, str], body: An
     from kasched.deploy.operations import Operations
 
     fields = _fields(body, {"action": str, "nodes": str})
+    api.node_names(fields["nodes"])
     results = Operations(api).power(fields["nodes"], fields["action"])
     return [result.as_dict() for result in results.values()]
 
@@ -442,7 +444,7 @@ ROUTES = (
     Route(
         "GET",
         "/v1/stats",
-        "History of operations",
+        "History of operations (an ordinary user's own; admins anyone's)",
         _stats,
         query=("user", "nodes", "environment", "kind", "failed", "since", "until", "by", "limit"),
         response=ARRAY,
@@ -458,7 +460,8 @@ ROUTES = (
     Route(
         "GET",
         "/v1/nodes/{name}/console",
-        "A node's console: its last lines, or what follows a byte offset (your granted nodes; admins any)",
+        "A node's console: its last lines, or what follows a byte offset (your granted nodes, from where the "
+        "console stood when your grant began; admins any, all of it)",
         route_console,
         query=("lines", "offset"),
     ),

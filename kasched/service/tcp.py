@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.server
 import logging
 import socket
-import socketserver
 import ssl
 from typing import Any
 
@@ -16,7 +15,8 @@ from kasched.config import Config, is_set, parse_hostport
 from kasched.errors import ConfigError
 from kasched.identity import Caller
 from kasched.service.auth import TcpAuthenticator
-from kasched.service.server import RequestHandler, ServiceApp
+from kasched.service.limits import ConnectionLimits, LimitedThreadingMixIn
+from kasched.service.server import Pending, RequestHandler, ServiceApp, log_connection_error
 
 log = logging.getLogger("kaschedd")
 HANDSHAKE_TIMEOUT = 30.0
@@ -36,22 +36,34 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+class BoundPending(Pending):
+    """A MUNGE caller: the credential was valid, and its payload must name this very body."""
+
+    def __init__(self, caller: Caller, check: Any) -> None:
+        super().__init__(caller)
+        self.check = check
+
+    def confirm(self, body: bytes) -> Caller:
+        self.check(body)
+        return self.caller
+
+
 class TcpRequestHandler(RequestHandler):
-    timeout = 120  # an idle or stalled connection does not hold a thread for ever
-
-    def caller_for(self, body: bytes) -> Caller:
+    def identify(self) -> Pending:
+        """The Authorization header, checked before the body is read (an unauthenticated client
+        never gets to send one); a MUNGE credential's binding to the body is checked after."""
         authorization = self.headers.get("Authorization")
-        return self.server.authenticator.caller(authorization, self.command, self.path, body)
+        caller, check = self.server.authenticator.identify(authorization, self.command, self.path)
+        return Pending(caller) if check is None else BoundPending(caller, check)
 
-    def caller(self) -> Caller:  # never the connection's: see caller_for
+    def caller(self) -> Caller:  # never the connection's: see identify
         raise AssertionError("over TCP the caller comes from the Authorization header")
 
     def address_string(self) -> str:
         return str(self.client_address[0])
 
 
-class TcpHttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
+class TcpHttpServer(LimitedThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 1024
     allow_reuse_address = True
 
@@ -59,6 +71,9 @@ class TcpHttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.app = app
         self.authenticator = TcpAuthenticator(config)
         self.tls = server_tls(config)
+        self.plain_refusals = self.tls is None
+        self.request_timeout = config.service_request_timeout
+        self.limits = ConnectionLimits(config.service_max_connections, config.service_max_connections_per_user)
         host, port = parse_hostport(config.service_tcp)
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -69,7 +84,7 @@ class TcpHttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         if self.tls is None:
             super().finish_request(request, client_address)
             return
-        request.settimeout(HANDSHAKE_TIMEOUT)
+        request.settimeout(min(HANDSHAKE_TIMEOUT, self.request_timeout))  # the whole handshake, not per read
         try:
             secure = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as error:
@@ -79,6 +94,12 @@ class TcpHttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             super().finish_request(secure, client_address)
         finally:
             secure.close()
+
+    def key_of(self, request: Any, client_address: Any) -> str:
+        return str(client_address[0])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log_connection_error(str(client_address[0]))
 
     @property
     def url(self) -> str:

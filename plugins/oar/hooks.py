@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from kasched_oar.oarjobs import OarError, OarJob, OarSettings, read_job, run
 from kasched_oar.plugin import JOB_JSON
 
-DEFAULT_TIMEOUT = 40.0
+from kasched import deadline
+
+DEFAULT_TIMEOUT = 40.0  # kasched gets a deadline a few seconds before: kaschedd stores nothing after it
 NOT_FOUND = 3  # kasched's exit code for a missing grant
 
 
@@ -38,8 +40,8 @@ def hook_timeout(environ: Mapping[str, str]) -> float:
 def kasched(action: str, job: OarJob, environ: Mapping[str, str]) -> tuple[int, str]:
     """Run ``kasched job start|end --scheduler oar -- ID`` with the job passed along; exit code, output."""
     command = [*environ.get("KASCHED", "kasched").split(), "job", action, "--scheduler", "oar", "--", job.job_id]
-    env = {**environ, JOB_JSON: json.dumps(job.as_dict())}
     timeout = hook_timeout(environ)
+    env = {**environ, JOB_JSON: json.dumps(job.as_dict()), **deadline.hook_environ(timeout)}
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd="/")
     except OSError as error:

@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from kasched_slurm import slurmcli, standin
 from kasched_slurm.plugin import SlurmAdapter
 
+from kasched import deadline
 from kasched.errors import KaschedError
 from kasched.nodeset import expand
 
-KASCHED_TIMEOUT = 60.0
+KASCHED_TIMEOUT = 60.0  # kasched gets a deadline a few seconds before: kaschedd stores nothing after it
 NOT_FOUND = 3  # kasched's exit code for a missing grant
 
 
@@ -35,9 +36,10 @@ def is_deploy(environ: Mapping[str, str]) -> bool:
 def kasched(action: str, environ: Mapping[str, str]) -> int:
     """Run ``kasched job start|end --scheduler slurm``; print its output; its exit code."""
     command = [environ.get("KASCHED", "kasched"), "job", action, "--scheduler", "slurm"]
+    env = {**environ, **deadline.hook_environ(KASCHED_TIMEOUT)}
     try:
         done = subprocess.run(
-            command, env=dict(environ), capture_output=True, text=True, timeout=KASCHED_TIMEOUT, check=False
+            command, env=env, capture_output=True, text=True, timeout=KASCHED_TIMEOUT, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         print(f"kasched job {action}: {error}")

@@ -10,6 +10,7 @@ time limit: kasched_slurm.hooks reads it from ``squeue --json`` and passes it in
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 
 from kasched.errors import InputError, KaschedError
@@ -21,6 +22,17 @@ from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 # How a job ended, as squeue shows it to the epilog (kasched_slurm.hooks passes it in KASCHED_SLURM_JOB_STATE).
 END_REASONS = {"TIMEOUT": "walltime", "CANCELLED": "cancelled", "NODE_FAIL": "node failure", "FAILED": "failed"}
 COMMENT_ENV_RE = re.compile(r"(?:^|[\s,;])(?:kasched:)?env=(?P<env>[^\s,;]+)")
+MAX_ENV_REQUEST = 200  # the grant's environment_request column
+
+
+def environment_request(value: str, job_id: str) -> str | None:
+    """The comment's ``env=``, or None (one line on stderr) for one too long to store or not printable:
+    the job keeps its grant, without the request (it is only recorded, never acted on)."""
+    if len(value) <= MAX_ENV_REQUEST and value.isprintable():
+        return value
+    why = f"longer than {MAX_ENV_REQUEST} characters" if len(value) > MAX_ENV_REQUEST else "not printable"
+    print(f"kasched: warning: job {job_id}: env= of the comment ignored ({why})", file=sys.stderr)
+    return None
 
 
 class SlurmAdapter(SchedulerAdapter):
@@ -41,7 +53,7 @@ class SlurmAdapter(SchedulerAdapter):
             job_id=environ["SLURM_JOB_ID"],
             user=environ["SLURM_JOB_USER"],
             nodes=tuple(expand(environ["SLURM_JOB_NODELIST"], field="SLURM_JOB_NODELIST")),
-            environment=match.group("env") if match else None,
+            environment=environment_request(match.group("env"), environ["SLURM_JOB_ID"]) if match else None,
             walltime=positive_seconds(environ.get("KASCHED_SLURM_TIME_LIMIT", "")),
             extra={
                 "constraints": environ.get("SLURM_JOB_CONSTRAINTS", ""),

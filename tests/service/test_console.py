@@ -1,5 +1,6 @@
 """``kasched console -m NODE`` through kaschedd: the holder of a grant on the node (or an admin) reads
-its console log; anyone else is refused with the reason. Users run the CLI as ordinary Unix users."""
+its console log, from where it stood when the grant began (never the previous job's output); anyone
+else is refused with the reason. Users run the CLI as ordinary Unix users."""
 
 from __future__ import annotations
 
@@ -14,25 +15,31 @@ from collections.abc import Iterator
 
 import pytest
 
+from kasched.api import Kasched
+from kasched.identity import Caller
+from kasched.service.access import console_read
 from kasched.service.client import ServiceClient
 from tests.service.tcpsite import ROOT, Site, kasched_as, kaschedd, scratch
 from tests.test_cli import unix_user
 
 pytestmark = pytest.mark.slow
 LINES = [f"node-1 boot line {i}" for i in range(1, 11)]
+PREVIOUS = "node-1 console line of the previous job: root password is s3cr3t"
 
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     base = scratch()
     consoles = base / "consoles"
-    for node, lines in (("node-1", LINES), ("node-2", ["node-2 up"])):
+    for node, lines in (("node-1", [PREVIOUS]), ("node-2", ["node-2 up"])):
         (consoles / node).mkdir(parents=True)
         (consoles / node / "console.log").write_text("".join(f"{line}\n" for line in lines))
     try:
         with kaschedd(base, {}, console_logs=consoles) as running:
             granted = kasched_as("root", running.client_config, "rights", "grant", "-u", "kasched-alice", "-m", "node-1")
             assert granted.returncode == 0, granted.stderr
+            with open(consoles / "node-1" / "console.log", "a") as log:  # what alice's job printed
+                log.write("".join(f"{line}\n" for line in LINES))
             yield running
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -42,6 +49,22 @@ def test_the_holder_of_a_grant_reads_the_console(site: Site) -> None:
     shown = kasched_as("kasched-alice", site.client_config, "console", "-m", "node-1", "-n", "3")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == LINES[-3:]
+
+
+def test_a_new_grant_shows_nothing_of_the_previous_job(site: Site) -> None:
+    shown = kasched_as("kasched-alice", site.client_config, "console", "-m", "node-1", "-n", "1000")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == LINES  # and not the line written before the grant
+    client = ServiceClient(site.config.service_socket)
+    status, data = client.request("GET", "/v1/nodes/node-1/console", {"offset": "0"})
+    assert status == 200, data  # as root: an admin reads it all
+    assert PREVIOUS in data["text"]
+    alice = Kasched.open(site.config, Caller("kasched-alice"), load_entry_points=False)
+    try:
+        from_start = console_read(alice, "node-1", offset="0")
+    finally:
+        alice.close()
+    assert from_start["text"] == "".join(f"{line}\n" for line in LINES)  # offset 0 starts at the grant's
 
 
 def test_others_are_refused_with_a_reason(site: Site) -> None:

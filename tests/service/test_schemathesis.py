@@ -33,6 +33,7 @@ class FixedIdentityTcpServer(socketserver.ThreadingMixIn, http.server.HTTPServer
     """Test stand-in: ServiceApp over TCP on loopback, every request made by ``caller``."""
 
     daemon_threads = True
+    request_timeout = 30.0
 
     def __init__(self, app: ServiceApp, caller: Caller) -> None:
         self.app, self.fixed_caller = app, caller

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pbs
 
@@ -30,9 +31,12 @@ DEFAULTS = {
     "kasched_config": None,  # KASCHED_CONFIG for the command
     "cluster": None,  # the cluster name kasched records; default: the PBS server's name
     "timeout": 20,  # seconds; keep it below the hook's alarm (qmgr: set hook kasched alarm = 30)
+    # kasched gets a deadline DEADLINE_MARGIN seconds before the timeout (KASCHED_DEADLINE, a Unix time):
+    # kaschedd answers and stores the grant before it, or stores nothing.
     "path": "/usr/local/bin:/usr/bin:/bin",
 }
 NOT_FOUND = 3  # kasched's exit code when a job has no grant
+DEADLINE_MARGIN = 3.0  # as kasched.deadline.HOOK_MARGIN
 
 
 class HookFailure(Exception):
@@ -107,8 +111,10 @@ def run_kasched(action, job, variables, config):
     if config["kasched_config"]:
         env["KASCHED_CONFIG"] = config["kasched_config"]
     env.update(variables)
+    timeout = float(config["timeout"])
+    env["KASCHED_DEADLINE"] = "%.3f" % (time.time() + max(1.0, timeout - DEADLINE_MARGIN))
     command = [config["kasched"], "job", action, "--scheduler", "pbs"]
-    out, err, code = run_bounded(command, env, float(config["timeout"]))
+    out, err, code = run_bounded(command, env, timeout)
     if code is None:
         raise HookFailure("kasched job {} did not answer within {} s".format(action, config["timeout"]))
     lines = [line for line in (out + err).splitlines() if line.strip()]
