@@ -8,16 +8,12 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.service.test_lab_service import ALICE, KASCHED, LAB, PATH_ENV, ServiceLab, _prepare, _root, slurm_job
+from tests.service.test_lab_service import ALICE, ServiceLab, service_lab, slurm_job
 from tests.test_cli import unix_user
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -26,21 +22,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def lab() -> Iterator[ServiceLab]:
     """A 2-node lab with kaschedd (the site of tests/service/test_lab_service.py, smaller)."""
-    if os.geteuid() != 0:
-        pytest.fail("the lab needs root (run scripts/test.sh as root)")
-    unix_user(ALICE)
-    work = Path(tempfile.mkdtemp(prefix="kasched-post-"))
-    work.chmod(0o755)
-    lab_dir = work / "lab"
-    _root(*KASCHED, "lab", "down", "--name", LAB)
-    try:
-        _root(*KASCHED, "lab", "up", "--name", LAB, "--state-dir", str(lab_dir), "--nodes", "2", "--switches", "1",
-              "--link", "200mbit")  # fmt: skip
-        yield from _prepare(work, lab_dir)
-    finally:
-        subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": PATH_ENV})  # fmt: skip
-        shutil.rmtree(work, ignore_errors=True)
+    yield from service_lab(2, (ALICE,), "kasched-post-")
 
 
 def test_a_script_swapped_for_a_symlink_after_env_add_sends_nothing_secret(lab: ServiceLab) -> None:

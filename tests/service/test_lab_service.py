@@ -123,24 +123,29 @@ def _root(*args: str, timeout: float = 600) -> str:
     return done.stdout
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[ServiceLab]:
+def service_lab(nodes: int, users: tuple[str, ...], prefix: str) -> Iterator[ServiceLab]:
+    """A lab of ``nodes`` nodes on one switch with kaschedd, ``users`` made as Unix users; always torn down."""
     if os.geteuid() != 0:
         pytest.fail("the lab needs root (run scripts/test.sh as root)")
-    for user in (ALICE, BOB):
+    for user in users:
         unix_user(user)
-    work = Path(tempfile.mkdtemp(prefix="kasched-svc-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     work.chmod(0o755)
     lab_dir = work / "lab"
     _root(*KASCHED, "lab", "down", "--name", LAB)
     try:
-        _root(*KASCHED, "lab", "up", "--name", LAB, "--state-dir", str(lab_dir), "--nodes", "3", "--switches", "1",
-              "--link", "200mbit")  # fmt: skip
+        _root(*KASCHED, "lab", "up", "--name", LAB, "--state-dir", str(lab_dir), "--nodes", str(nodes),
+              "--switches", "1", "--link", "200mbit")  # fmt: skip
         yield from _prepare(work, lab_dir)
     finally:
         subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": PATH_ENV})  # fmt: skip
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[ServiceLab]:
+    yield from service_lab(3, (ALICE, BOB), "kasched-svc-")
 
 
 def _prepare(work: Path, lab_dir: Path) -> Iterator[ServiceLab]:
