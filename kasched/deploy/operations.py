@@ -35,7 +35,6 @@ from kasched.errors import ConfigError, ConflictError, InputError, PermissionDen
 from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
 from kasched.models import NodeState, utcnow
-from kasched.nodeset import expand_many
 from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
 from kasched.views import EnvironmentView, NodeView
@@ -278,7 +277,7 @@ class Operations:
     # --- the common frame of every operation -----------------------------------------------------------
 
     def _allowed(self, nodes: str | Sequence[str]) -> list[str]:
-        names = expand_many([nodes]) if isinstance(nodes, str) else list(dict.fromkeys(nodes))
+        names = self.api.node_names(nodes) if isinstance(nodes, str) else list(dict.fromkeys(nodes))
         decision = self.api.check(names)
         if not decision.allowed:
             raise PermissionDenied(f"{self.api.caller.user} may not deploy these nodes: {decision.reason()}")
