@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,7 +83,10 @@ def test_deploy_eight_nodes_then_revert(site: Site) -> None:
 
 
 def test_changed_image_is_refused_before_any_reboot(site: Site) -> None:
-    image = site.work / "userenv.tar.zst"
+    # kaschedd deploys its own copy of the image (made at env add): a change to that copy is refused.
+    shown = json.loads(site.kasched("env", "show", "userenv", "--json").stdout)
+    image = Path(shown["image_location"])
+    assert image.is_relative_to(site.work / "state" / "images")
     before = {node: boots(site, node) for node in ("node-1", "node-2")}
     saved = image.read_bytes()
     try:
