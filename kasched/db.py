@@ -184,17 +184,17 @@ def _private_file(database: Path) -> None:
         pass
     except OSError:
         return  # not ours to create (read-only place...): SQLite says what is wrong when it opens it
+    # By path, never through a descriptor of our own: closing any descriptor of a file drops every
+    # POSIX lock this process holds on it, and SQLite's connections in this process (kaschedd's, while
+    # another Database opens the same file) hold theirs on these very files. The directory is the
+    # site's state directory, not a user's, so nobody swaps a file between the lstat and the chmod.
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue  # absent (no -wal yet), or a symlink: not ours to change
-        try:
-            status = os.fstat(descriptor)
+            status = os.lstat(path)
             if status.st_uid == os.geteuid() and stat.S_ISREG(status.st_mode) and status.st_mode & 0o077:
-                os.fchmod(descriptor, 0o600)
-        finally:
-            os.close(descriptor)
+                os.chmod(path, 0o600)
+        except OSError:
+            continue  # absent (no -wal yet): nothing to change
 
 
 def _alembic_config() -> Any:
