@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+def write_atomic(path: Path, text: str | bytes, mode: int = 0o644) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename. The temporary name is new
     on every call: writers in several threads of one process never share one (a pid-named one was
     renamed away under another thread: "No such file or directory")."""
@@ -16,8 +16,8 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(text.encode() if isinstance(text, str) else text)
         tmp.chmod(mode)
         os.replace(tmp, path)
     except BaseException:

@@ -9,7 +9,21 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, true
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    true,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -100,6 +114,13 @@ class Node(Base):
     )
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     environment_id: Mapped[int | None] = mapped_column(ForeignKey("environments.id", ondelete="SET NULL"))
+    # The SSH host key (``ssh-ed25519 AAAA...``) kaschedd gave the system the node runs now, in that
+    # system's boot files (kasched.bootkeys); None: the node runs a system kasched does not vouch for.
+    host_key: Mapped[str | None] = mapped_column(Text, default=None)
+    # The node runs the reference environment, its partition verified by kaschedd, and no user has
+    # held it since (a deploy, a reboot or a power action of a user clears it): the only state in
+    # which kasched believes what the running system says (nomini, the revert's no-reboot check).
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     cluster: Mapped[Cluster] = relationship(back_populates="nodes")
     environment: Mapped[Environment | None] = relationship()
 

@@ -28,6 +28,8 @@ class NodeView:
     state: str
     state_changed_at: datetime
     environment: str | None
+    trusted: bool = False  # the verified reference, no user since (models.Node.trusted)
+    host_key: str | None = None  # the key kaschedd gave its running system at boot (kasched.bootkeys)
 
     @classmethod
     def of(cls, node: models.Node) -> NodeView:
@@ -50,6 +52,8 @@ class NodeView:
             state=node.state.value,
             state_changed_at=node.state_changed_at,
             environment=f"{env.name}@{env.owner}:{env.version}" if env else None,
+            trusted=node.trusted,
+            host_key=node.host_key,
         )
 
     def as_dict(self) -> dict[str, Any]:

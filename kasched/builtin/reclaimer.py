@@ -49,7 +49,7 @@ class Reclaimer:
             log.info("job %s ended: %s held by another grant already, left alone", grant.job, fold(todo.others))
         if not todo.to_revert:
             if todo.settled:
-                log.info("job %s ended: %s never left the reference environment", grant.job, fold(todo.settled))
+                log.info("job %s ended: %s out of service (down): not given back", grant.job, fold(todo.settled))
             return
         pid = reclaim.spawn(self.config, grant.id)
         self._tell(

@@ -19,11 +19,14 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from kasched.bootkeys import BootKey
 from kasched.deploy.nodes import checked
 from kasched.deploy.steps import (
+    UNTRUSTED,
     StepContext,
     chain_phases,
     check_system,
+    forget,
     leave_token,
     ordered,
     partition_device,
@@ -117,11 +120,21 @@ def boot_environment_kexec(
                 lambda alive: set_profiles(ctx, alive, BootTarget.LOCAL, partition=partition, cmdline=ctx.env.cmdline),
                 lambda alive: leave_token(ctx, alive),
                 lambda alive: kexec_into(ctx, alive, lambda n: kexec_command(ctx, ctx.targets[n], partition)),
+                lambda alive: forget_then(ctx, alive),
                 lambda alive: check_system(ctx, alive, booted, f"partition {partition}"),
             ],
         )
 
     return per_partition(ctx, names, boot)
+
+
+def forget_then(ctx: StepContext, names: Sequence[str]) -> GroupResult:
+    """The nodes jumped to the user's environment: nothing pinned is left for them."""
+    forget(ctx, names)
+    results = GroupResult()
+    for name in names:
+        results.add(NodeResult(name, True, "kexec"))
+    return results
 
 
 def setup_deploy_system_kexec(
@@ -131,6 +144,7 @@ def setup_deploy_system_kexec(
     deployment system's files are sent to each node, the boot profile set to it, and each node kexecs
     it; checked from the node as after a network boot."""
     files: dict[str, BootFiles] = {}
+    keys: dict[str, BootKey] = {}
 
     def send(alive: list[str]) -> GroupResult:
         results = GroupResult()
@@ -145,17 +159,62 @@ def setup_deploy_system_kexec(
             results.add(result)
         return ordered(results, alive)
 
-    return chain_phases(
-        names,
+    def send_keys(alive: list[str]) -> GroupResult:
+        assert ctx.keys is not None
+        for node in ctx.nodes(alive):
+            keys[node.name] = ctx.keys.issue(node.name, node.mac)
+        return send_boot_keys(ctx, alive, keys)
+
+    def check(alive: list[str]) -> GroupResult:
+        ctx.shell.pins.update({name: keys[name].public for name in alive})
+        return check_system(ctx, alive, "kasched.system=deploy", "deployment system", pinned=True)
+
+    untrusted = GroupResult()
+    for name in names:  # the deployment system and its key go only to a system kasched vouches for
+        if name not in ctx.trusted or ctx.keys is None:
+            untrusted.add(NodeResult(name, False, "kexec", f"kexec: {UNTRUSTED}"))
+    results = chain_phases(
+        [name for name in names if name not in untrusted],
         [
             lambda alive: checked(ctx.shell.run(alive, INSTALLED, 30), "kexec"),
             send,
+            send_keys,
             lambda alive: set_profiles(ctx, alive, BootTarget.DEPLOY),
-            lambda alive: leave_token(ctx, alive),
             lambda alive: kexec_into(ctx, alive, lambda n: kexec_setup_command(files[n])),
-            lambda alive: check_system(ctx, alive, "kasched.system=deploy", "deployment system"),
+            check,
         ],
     )
+    for node in ctx.nodes(names):
+        if ctx.keys is not None:
+            ctx.keys.withdraw(node.mac)
+        if node.name in results and not results[node.name].ok:
+            forget(ctx, [node.name])
+    for result in untrusted.values():
+        results.add(result)
+    return ordered(results, names)
+
+
+def send_boot_keys(ctx: StepContext, names: Sequence[str], keys: dict[str, BootKey]) -> GroupResult:
+    """Each node's per-boot key archive, appended on the node to the deployment system's initrd
+    (concatenated gzip'd cpio archives are one initramfs to the kernel)."""
+    results = GroupResult()
+
+    def push(name: str) -> NodeResult:
+        assert ctx.keys is not None
+        archive = (ctx.keys.boot_dir / keys[name].initrd).read_bytes()
+        return ctx.shell.push([name], {"bootkey": archive}, KEXEC_FILES, ctx.command_timeout)[name]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(names)))) as pool:
+        for result in pool.map(push, names):
+            results.add(result)
+    appended = ctx.shell.run(
+        [name for name in names if results[name].ok],
+        f"cat {KEXEC_FILES}/bootkey >> {KEXEC_FILES}/initrd && rm -f {KEXEC_FILES}/bootkey",
+        ctx.command_timeout,
+    )
+    for result in checked(appended, "kexec: sending the boot key").values():
+        results.add(result)
+    return ordered(results, names)
 
 
 def send_boot_files(

@@ -10,11 +10,19 @@ import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kasched.engine import tree
-from kasched.engine.ssh_session import CommandOutput, SshAuth, SshSession, load_private_key
+from kasched.engine.ssh_session import (
+    CommandOutput,
+    HostKeyPolicy,
+    SshAuth,
+    SshSession,
+    known_host_name,
+    load_private_key,
+    split_address,
+)
 from kasched.errors import KaschedError
 from kasched.results import GroupResult, NodeResult
 
@@ -23,20 +31,41 @@ from kasched.results import GroupResult, NodeResult
 SYSTEM_PROBE = "cat /run/kasched/cmdline 2>/dev/null || cat /proc/cmdline"
 
 
+NO_PIN = "no host key: kasched gave this node's running system none (it does not vouch for it)"
+
+
 @dataclass
 class NodeShell:
-    """Runs shell commands as root on nodes, authenticated with the service's key."""
+    """Runs shell commands as root on nodes, authenticated with the service's key, each node's host
+    key pinned: the key kaschedd gave the system the node booted (:mod:`kasched.bootkeys`). A node
+    without a pinned key is not contacted, unless the caller says ``trust_any`` (a system kasched
+    does not vouch for, to which it sends nothing that matters: a reboot token, a probe)."""
 
     key_file: Path
     addresses: Mapping[str, str]  # node name -> IP address
     fanout: int = 0
     window: int = 32
     connect_timeout: float = 10.0
+    pins: dict[str, str] = field(default_factory=dict)  # node name -> "ssh-ed25519 AAAA..."
 
-    def run(self, nodes: Sequence[str], command: str, timeout: float) -> GroupResult:
+    def known_hosts(self, nodes: Sequence[str]) -> str:
+        """The pinned keys of ``nodes`` as ``known_hosts`` lines (by address)."""
+        lines = []
+        for node in nodes:
+            if node in self.pins:
+                host, port = split_address(self.addresses.get(node, node))
+                lines.append(f"{known_host_name(host, port)} {self.pins[node]}")
+        return "\n".join(lines)
+
+    def auth(self, nodes: Sequence[str]) -> SshAuth:
+        """How to log in to ``nodes``, their pinned keys required."""
+        return SshAuth.from_key_file("root", str(self.key_file), HostKeyPolicy.STRICT, self.known_hosts(nodes))
+
+    def run(self, nodes: Sequence[str], command: str, timeout: float, *, trust_any: bool = False) -> GroupResult:
         """The same command on every node."""
-        return tree.run(
-            list(nodes),
+        pinned = list(nodes) if trust_any else [node for node in nodes if node in self.pins]
+        group = tree.run(
+            pinned,
             command,
             key_file=str(self.key_file),
             addresses=self.addresses,
@@ -44,15 +73,25 @@ class NodeShell:
             window=self.window,
             connect_timeout=self.connect_timeout,
             command_timeout=timeout,
+            host_key_policy=HostKeyPolicy.ACCEPT if trust_any else HostKeyPolicy.STRICT,
+            known_hosts="" if trust_any else self.known_hosts(pinned),
         )
+        results = GroupResult()
+        for node in nodes:
+            results.add(group[node] if node in group else NodeResult(node, False, tree.STEP, NO_PIN))
+        return results
 
-    def run_each(self, nodes: Sequence[str], command_for: Callable[[str], str], timeout: float) -> GroupResult:
+    def run_each(
+        self, nodes: Sequence[str], command_for: Callable[[str], str], timeout: float, *, trust_any: bool = False
+    ) -> GroupResult:
         """A command of its own on each node (hostname, agent name...), at most ``window`` at once."""
         group = GroupResult()
         if not nodes:
             return group
         with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
-            futures = {node: pool.submit(self.run, [node], command_for(node), timeout) for node in nodes}
+            futures = {
+                node: pool.submit(self.run, [node], command_for(node), timeout, trust_any=trust_any) for node in nodes
+            }
         for node, future in futures.items():
             group.add(future.result()[node])
         return group
@@ -61,11 +100,13 @@ class NodeShell:
         """Write ``files`` (name -> content) into ``directory`` on each node over SSH (``mkdir -p``,
         then one ``cat >`` per file on one connection), at most ``window`` nodes at once. A node's
         result is its last command's, as for :meth:`run`."""
-        auth = SshAuth.from_key_file("root", str(self.key_file))
+        auth = self.auth(nodes)
         pkey = load_private_key(auth.private_key)
 
         def push_one(node: str) -> NodeResult:
             started = time.monotonic()
+            if node not in self.pins:
+                return NodeResult(node, False, tree.STEP, NO_PIN)
             try:
                 with SshSession(node, self.addresses[node], auth, pkey, self.connect_timeout) as session:
                     output = CommandOutput("", "", 0)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 from kasched import grants
 from kasched.api import Kasched
+from kasched.bootkeys import BootKeys
 from kasched.builtin.stateless import StatelessImages
 from kasched.config import Config
-from kasched.deploy import kexec, records, steps
+from kasched.deploy import kexec, records, revert, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
 from kasched.deploy.workflow import (
+    Action,
     MacroStep,
     NodeOutcome,
     ProgressListener,
@@ -165,40 +167,14 @@ class Operations:
         return env.kernel.lstrip("/") or "deploy/vmlinuz", relative
 
     def prepare_revert(self, nodes: str | Sequence[str]) -> PendingOperation:
-        """Back to the reference environment: boot the reference partition and check it (fast path);
-        nodes where that fails get the reference image written again (full path)."""
+        """Back to the verified reference environment, by a revert the node cannot refuse
+        (:mod:`kasched.deploy.revert`)."""
         names = self._allowed(nodes)
         reference = self.api.reference_environment()
         if reference is None:
             raise ConfigError("the site has no reference environment (add one with 'reference: true')")
-        fast = Variant(
-            "reference-partition",
-            self._action(steps.boot_environment(ALL_LEVELS)),
-            Timeout(self.reboot_timeout * 3 + 60, 0.5),
-        )
-        full = Variant("redeploy", self._action(self._full_revert), Timeout(1800, 5))
-        return self._run(
-            "revert",
-            names,
-            reference,
-            lambda node: node.reference_partition,
-            None,
-            [MacroStep("revert", (fast, full))],
-            final=NodeState.REFERENCE,
-        )
-
-    def _full_revert(
-        self, ctx: steps.StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
-    ) -> GroupResult:
-        return steps.chain_phases(
-            names,
-            [
-                lambda alive: steps.setup_deploy_system(HARD_LEVELS)(ctx, alive, deadline, cancel),
-                lambda alive: steps.broadcast_chain(ctx, alive, deadline, cancel),
-                lambda alive: steps.configure(ctx, alive, deadline, cancel),
-                lambda alive: steps.boot_environment(ALL_LEVELS)(ctx, alive, deadline, cancel),
-            ],
-        )
+        plan = revert.revert_steps(self._action, self.reboot_timeout)
+        return self._run("revert", names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE)
 
     def prepare_reboot(
         self, nodes: str | Sequence[str], level: RebootLevel = RebootLevel.SOFT, to: str = "reference"
@@ -241,6 +217,9 @@ class Operations:
         views = [self.api.show_node(name) for name in names]
         node_targets = {t.name: t for t in targets(self.api.config, views)}
         drivers = self._power_drivers(views, node_targets)
+        if action != "status":  # whatever boots now, kasched did not boot it: the next revert cycles it
+            with self.api.database.session() as session:
+                records.distrust(session, names)
         results = GroupResult()
         for name in names:
             driver, target = drivers[name], node_targets[name]
@@ -283,7 +262,7 @@ class Operations:
             raise PermissionDenied(f"{self.api.caller.user} may not deploy these nodes: {decision.reason()}")
         return names
 
-    def _action(self, step: Callable[..., object]) -> Callable[..., object]:
+    def _action(self, step: Callable[..., GroupResult]) -> Action:
         return lambda names, deadline, cancel: step(self._context, names, deadline, cancel)
 
     def _run(
@@ -310,6 +289,9 @@ class Operations:
                     raise ConflictError("nothing to give back: every node is granted, busy or gone")
             label = env.label if env else None
             deployment_id = records.start(session, kind, caller.user, label, names, busy, is_admin=caller.is_admin)
+            trust = records.take_trust(session, names)  # what kasched vouched for, read with the nodes taken
+        context.shell.pins.update(trust.pins)
+        context.trusted = set(trust.trusted)
         env_id = self._environment_id(env) if record_environment else None
         return PendingOperation(self, deployment_id, kind, names, env, context, macro_steps, final, env_id)
 
@@ -337,8 +319,15 @@ class Operations:
                     session, pending.deployment_id, node, outcome.step, outcome.ok, outcome.error, outcome.duration
                 )
             states = {n: pending.final if o.ok else NodeState.DEPLOY_FAILED for n, o in outcomes.items()}
+            ctx = pending.context
+            trust = records.Trust(dict(ctx.shell.pins), frozenset(ctx.trusted))
             state = records.finish(
-                session, pending.deployment_id, states, pending.environment_id, cancelled=self.cancel.is_set()
+                session,
+                pending.deployment_id,
+                states,
+                pending.environment_id,
+                cancelled=self.cancel.is_set(),
+                trust=trust,
             )
         return OperationResult(pending.deployment_id, pending.kind, state.value, outcomes)
 
@@ -419,6 +408,7 @@ class Operations:
             stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
             stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
             on_transfer=lambda sent, elapsed, done: self.progress(TransferReport("broadcast", sent, elapsed, done)),
+            keys=BootKeys(config.boot_dir),
         )
 
     def _power_drivers(self, views: list[NodeView], node_targets: dict[str, NodeTarget]) -> dict[str, PowerDriver]:

@@ -24,16 +24,18 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kasched import grants
 from kasched.config import Config
 from kasched.deploy.records import BUSY
 from kasched.errors import ConflictError, NotFoundError
-from kasched.models import Grant, Node, NodeState, utcnow
+from kasched.models import Grant, GrantNode, Node, NodeState, utcnow
 
-SETTLED = (NodeState.REFERENCE, NodeState.DOWN)  # nothing to give back: already there, or out of service
+SETTLED = (NodeState.DOWN,)  # out of service: not given back. Every other node of an ending job is,
+# whatever its recorded state: its user may have changed the reference partition, powered it off, or
+# left it running a system that says it is the reference (kasched.deploy.revert checks what it can).
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,26 @@ def plan(session: Session, grant_id: int, nodes: Sequence[str]) -> ReclaimPlan:
 
 
 def orphans(session: Session, min_age: float = 0.0) -> list[str]:
-    """Nodes out of the reference environment (not down) that no active grant and no operation holds,
-    unchanged for ``min_age`` seconds: left behind by a lost epilog, a failed revert, a deploy that
-    outlived its grant. Nobody gives them back but reconcile."""
+    """Nodes that no active grant and no operation holds, unchanged for ``min_age`` seconds, and left
+    by a user: out of the reference environment (not down), or recorded ``reference`` but not trusted
+    since a grant that held them ended (a lost epilog, a failed revert, a deploy that outlived its
+    grant). Nobody gives them back but reconcile."""
     since = utcnow() - timedelta(seconds=min_age)
-    candidates = session.scalars(
-        select(Node.name).where(Node.state.not_in([*SETTLED, *BUSY]), Node.state_changed_at <= since)
+    out = session.scalars(
+        select(Node.name).where(
+            Node.state.not_in([NodeState.REFERENCE, *SETTLED, *BUSY]), Node.state_changed_at <= since
+        )
     ).all()
+    ended = func.coalesce(Grant.revoked_at, Grant.expires_at)
+    left = session.scalars(
+        select(Node.name)
+        .join(GrantNode, GrantNode.node_id == Node.id)
+        .join(Grant, Grant.id == GrantNode.grant_id)
+        .where(Node.state == NodeState.REFERENCE, Node.trusted.is_(False), Node.state_changed_at <= since)
+        .where(ended <= utcnow(), ended >= Node.state_changed_at)
+        .distinct()
+    ).all()
+    candidates = sorted({*out, *left})
     others = held(session, candidates)
     return [name for name in candidates if name not in others]
 

@@ -114,6 +114,32 @@ def start(
     return deployment_id
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What kaschedd vouched for on an operation's nodes when it took them: each node's pinned host key
+    (the key kaschedd gave its running system at boot) and the nodes that run the verified reference
+    no user held since."""
+
+    pins: dict[str, str]
+    trusted: frozenset[str]
+
+
+def take_trust(session: Session, nodes: Sequence[str]) -> Trust:
+    """In the transaction that took the nodes (their rows locked by :func:`start`): what they were
+    trusted for, and no longer trusted from now on (the operation may boot anything; its end says
+    what the nodes run: :func:`finish`)."""
+    rows = session.execute(select(Node.name, Node.host_key, Node.trusted).where(Node.name.in_(list(nodes)))).all()
+    pins = {name: key for name, key, _ in rows if key}
+    trusted = frozenset(name for name, key, trusted in rows if trusted and key)
+    session.execute(update(Node).where(Node.name.in_(list(nodes))).values(trusted=False))
+    return Trust(pins, trusted)
+
+
+def distrust(session: Session, nodes: Sequence[str]) -> None:
+    """A user acted on the nodes outside an operation (power): kasched vouches for nothing they run."""
+    session.execute(update(Node).where(Node.name.in_(list(nodes))).values(trusted=False, host_key=None))
+
+
 def granted(session: Session, user: str, ids: dict[str, int]) -> int:
     """The grant an operation of ``user`` on these nodes runs under; refuse a node in no active grant
     of the user. The grants are locked (SELECT ... FOR UPDATE; on SQLite the transaction holds the
@@ -222,13 +248,18 @@ def finish(
     environment_id: int | None = None,
     *,
     cancelled: bool = False,
+    trust: Trust | None = None,
 ) -> DeploymentState:
-    """Release the nodes in their final states and close the record."""
+    """Release the nodes in their final states and close the record; ``trust``: each node's pinned
+    key now, and those that end trusted (a verified revert)."""
     deployment = session.get(Deployment, deployment_id)
     if deployment is None:
         raise NotFoundError(f"no deployment {deployment_id}")
     for node in session.scalars(select(Node).where(Node.name.in_(list(node_states)))):
         node.state, node.state_changed_at = node_states[node.name], utcnow()
+        if trust is not None:
+            node.host_key = trust.pins.get(node.name)
+            node.trusted = node.name in trust.trusted and node.state is NodeState.REFERENCE
         if node.state in (NodeState.DEPLOYED, NodeState.REFERENCE):
             node.environment_id = environment_id
     results = [row.ok for row in deployment.nodes]

@@ -20,10 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kasched import imagestore
+from kasched.bootkeys import BootKeys
 from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
@@ -58,6 +59,10 @@ class StepContext:
     stateless_kernel: str = ""  # boot paths (relative to the boot directory) of a stateless boot
     stateless_initrd: str = ""
     on_transfer: Callable[[int, float, bool], None] | None = None  # (bytes sent, seconds, a stream ended)
+    keys: BootKeys | None = None  # per-boot host keys (None: no boot of a trusted system)
+    # Nodes whose running system kasched vouches for: the verified reference no user held since, or a
+    # system booted in this operation with its per-boot key checked. Only they get a soft reboot.
+    trusted: set[str] = field(default_factory=set)
 
     @property
     def env(self) -> EnvironmentView:
@@ -83,14 +88,17 @@ def set_profiles(ctx: StepContext, names: Sequence[str], target: BootTarget, **p
 
 
 def reboot(ctx: StepContext, names: Sequence[str], levels: Sequence[RebootLevel], deadline: float) -> GroupResult:
-    """Reboot nodes, grouped by BMC driver, escalating through ``levels`` (no soft level for a node
-    whose system is broken: its own ``reboot`` cannot be trusted)."""
+    """Reboot nodes, grouped by BMC driver, escalating through ``levels``. No soft level for a node
+    whose running system kasched does not vouch for (a user's system can ignore its own ``reboot``
+    or fake one), nor for a broken one: the BMC's reset and power cycle cannot be refused."""
     groups: dict[tuple[int, bool], list[NodeTarget]] = {}
     for node in ctx.nodes(names):
-        groups.setdefault((id(ctx.power[node.name]), node.name in ctx.broken), []).append(node)
+        no_soft = node.name in ctx.broken or node.name not in ctx.trusted
+        node = replace(node, host_key=ctx.shell.pins.get(node.name))  # a soft reboot goes to the pinned system
+        groups.setdefault((id(ctx.power[node.name]), no_soft), []).append(node)
     results = GroupResult()
-    for (_, broken), group in groups.items():
-        usable = [level for level in levels if not (broken and level is RebootLevel.SOFT)] or [RebootLevel.HARD]
+    for (_, no_soft), group in groups.items():
+        usable = [level for level in levels if not (no_soft and level is RebootLevel.SOFT)] or [RebootLevel.HARD]
         rebooter = Rebooter(
             power=ctx.power[group[0].name],
             soft=ctx.soft,
@@ -107,10 +115,12 @@ REBOOT_TOKEN = "/run/kasched-reboot-token"
 
 
 def leave_token(ctx: StepContext, names: Sequence[str]) -> GroupResult:
-    """Before a reboot: a file in /run (a tmpfs, empty after any boot), so the check can tell the node
-    really rebooted. A node that cannot be reached is down already (and will have no token either). A
-    node that answers but cannot write the token runs a broken system: it gets no soft reboot."""
-    written = ctx.shell.run(names, f"touch {REBOOT_TOKEN}", 15)
+    """Before a reboot into a system kasched does not vouch for: a file in /run (a tmpfs, empty after
+    any boot), so the check can tell the node rebooted (only a hint: a user's system can delete it; a
+    system kasched boots proves its boot with its per-boot key instead). A node that cannot be reached
+    is down already (and will have no token either). A node that answers but cannot write the token
+    runs a broken system: it gets no soft reboot."""
+    written = ctx.shell.run(names, f"touch {REBOOT_TOKEN}", 15, trust_any=True)
     results = GroupResult()
     for name in names:
         result = written.get(name)
@@ -120,10 +130,14 @@ def leave_token(ctx: StepContext, names: Sequence[str]) -> GroupResult:
     return results
 
 
-def check_system(ctx: StepContext, names: Sequence[str], expected: str, what: str) -> GroupResult:
-    """From the node side: it rebooted (no token left in /run) and its command line contains ``expected``."""
+def check_system(
+    ctx: StepContext, names: Sequence[str], expected: str, what: str, *, pinned: bool = False
+) -> GroupResult:
+    """From the node side: it rebooted (no token left in /run) and its command line contains
+    ``expected``. ``pinned``: the node must answer with the host key kaschedd gave this boot (what
+    proves the boot; the token and the command line are then only the system's own words)."""
     probe = f"{SYSTEM_PROBE}; test ! -e {REBOOT_TOKEN} || echo kasched-not-rebooted"
-    probed = checked(ctx.shell.run(names, probe, ctx.command_timeout), what)
+    probed = checked(ctx.shell.run(names, probe, ctx.command_timeout, trust_any=not pinned), what)
     results = GroupResult()
     for name, result in probed.items():
         output = stdout_of(result)
@@ -145,10 +159,17 @@ def boot_into(
     what: str,
     levels: Sequence[RebootLevel],
     deadline: float,
+    *,
+    trusted: bool = False,
     **profile: Any,
 ) -> GroupResult:
-    """Profile, token, reboot, check: the phases of every boot, chained per node."""
-    return chain_phases(
+    """Profile, token, reboot, check: the phases of every boot, chained per node. ``trusted``: the
+    system booted is kasched's (the deployment system, the verified reference): each node gets a new
+    host key in its boot files and must answer with it (:mod:`kasched.bootkeys`); else the booted
+    system is the user's, and nothing pinned is left for it."""
+    if trusted:
+        return boot_trusted(ctx, names, target, expected, what, levels, deadline, **profile)
+    results = chain_phases(
         names,
         [
             lambda alive: set_profiles(ctx, alive, target, **profile),
@@ -157,16 +178,71 @@ def boot_into(
             lambda alive: check_system(ctx, alive, expected, what),
         ],
     )
+    forget(ctx, names)
+    return results
+
+
+def boot_trusted(
+    ctx: StepContext,
+    names: Sequence[str],
+    target: BootTarget,
+    expected: str,
+    what: str,
+    levels: Sequence[RebootLevel],
+    deadline: float,
+    **profile: Any,
+) -> GroupResult:
+    """A boot of a system kasched vouches for, proven by a per-boot host key."""
+    if ctx.keys is None:
+        raise KaschedError("no boot directory for per-boot host keys")
+    keys = {node.name: ctx.keys.issue(node.name, node.mac) for node in ctx.nodes(names)}
+
+    def with_keys(alive: list[str]) -> GroupResult:
+        results = GroupResult()
+        for node in ctx.nodes(alive):
+            extra = [keys[node.name].initrd]
+            set_one = lambda node=node, extra=extra: ctx.boot.set_profile(node, target, extra_initrds=extra, **profile)  # noqa: E731
+            results.add(run_on_node(node.name, "boot profile", set_one))
+        return results
+
+    def check(alive: list[str]) -> GroupResult:
+        ctx.shell.pins.update({name: keys[name].public for name in alive})
+        return check_system(ctx, alive, expected, what, pinned=True)
+
+    results = chain_phases(
+        names,
+        [with_keys, lambda alive: reboot(ctx, alive, levels, deadline), check],
+    )
+    for node in ctx.nodes(names):  # the key served once: later boots of this profile get none
+        ctx.keys.withdraw(node.mac)
+        if node.name in results and results[node.name].ok:
+            ctx.trusted.add(node.name)
+            run_on_node(node.name, "boot profile", lambda node=node: ctx.boot.set_profile(node, target, **profile))
+        else:
+            forget(ctx, [node.name])
+    return results
+
+
+def forget(ctx: StepContext, names: Sequence[str]) -> None:
+    """The nodes now run a system kasched does not vouch for: no pinned key, no soft reboot."""
+    for name in names:
+        ctx.shell.pins.pop(name, None)
+        ctx.trusted.discard(name)
 
 
 def setup_deploy_system(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
+    """Boot the deployment system (kasched's: proven by its per-boot key)."""
+
     def action(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
-        return boot_into(ctx, names, BootTarget.DEPLOY, "kasched.system=deploy", "deployment system", levels, deadline)
+        return boot_into(
+            ctx, names, BootTarget.DEPLOY, "kasched.system=deploy", "deployment system", levels, deadline, trusted=True
+        )
 
     return action
 
 
 NOMINI_TOOLS = "python3 mkfs.ext4 tar base64 mount"
+UNTRUSTED = "the running system is not the verified reference environment (a user held the node since)"
 
 
 def use_running_reference(
@@ -184,12 +260,16 @@ def use_running_reference(
         '{ echo "missing $tool" >&2; exit 3; }; done'
     )
     results = GroupResult()
-    for name, result in checked(ctx.shell.run(names, probe, 30), "running system").items():
+    untrusted = [name for name in names if name not in ctx.trusted]
+    for name in untrusted:  # only the verified reference, no user since, and its pinned key answering
+        results.add(NodeResult(name, False, "setup", UNTRUSTED))
+    trusted = [name for name in names if name in ctx.trusted]
+    for name, result in checked(ctx.shell.run(trusted, probe, 30), "running system").items():
         node = ctx.targets[name]
         if result.ok and f"root={node.partition_device(node.reference_partition)}" not in stdout_of(result):
             result = NodeResult(name, False, "setup", "the node does not run the reference environment")
         results.add(result)
-    return results
+    return ordered(results, names)
 
 
 def boot_stateless(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
@@ -214,9 +294,7 @@ def partition_device(ctx: StepContext, name: str) -> str:
     return node.partition_device(ctx.partition(node))
 
 
-def per_partition(
-    ctx: StepContext, names: Sequence[str], run: Callable[[int, list[str]], GroupResult]
-) -> GroupResult:
+def per_partition(ctx: StepContext, names: Sequence[str], run: Callable[[int, list[str]], GroupResult]) -> GroupResult:
     """``run(partition, nodes)`` once per target partition (its number, and the disk it is on: nodes
     of a job may differ); all the nodes of one call have the same partition device."""
     groups: dict[tuple[int, str], list[str]] = {}
@@ -230,7 +308,10 @@ def per_partition(
     return ordered(results, names)
 
 
-def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult]:
+def boot_environment(levels: Sequence[RebootLevel], *, trusted: bool = False) -> Callable[..., GroupResult]:
+    """Boot the operation's environment from its partition; ``trusted``: it is the reference, just
+    verified (its boot proven by a per-boot key), else a system kasched does not vouch for."""
+
     def action(ctx: StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
         def boot(partition: int, group: list[str]) -> GroupResult:
             return boot_into(
@@ -241,6 +322,7 @@ def boot_environment(levels: Sequence[RebootLevel]) -> Callable[..., GroupResult
                 f"partition {partition}",
                 levels,
                 deadline,
+                trusted=trusted,
                 partition=partition,
                 cmdline=ctx.env.cmdline,
             )

@@ -24,6 +24,7 @@ from kasched.models import utcnow
 from kasched.results import GroupResult, NodeResult
 
 CANCELLED = "cancelled"
+FINISHED = "finished"  # a NodeResult value: the node is done, ok, and skips the steps after this one
 GRACE = 5.0  # seconds an action may overrun its deadline before its nodes are declared timed out
 
 
@@ -127,15 +128,17 @@ class Workflow:
         self.cancel = cancel or threading.Event()
         self.guard = guard or (lambda: None)
         self.stopped: str = CANCELLED  # the error of the nodes a cancel stopped
+        self.finished: set[str] = set()  # nodes done before the last step (an action said FINISHED)
 
     def run(self, nodes: Sequence[str]) -> dict[str, NodeOutcome]:
         outcomes = {node: NodeOutcome(node) for node in nodes}
         alive = list(nodes)
+        self.finished = set()
         for step in self.steps:
             if not alive:
                 break
-            alive = self._run_step(step, alive, outcomes)
-        for node in alive:
+            alive = [node for node in self._run_step(step, alive, outcomes) if node not in self.finished]
+        for node in [*alive, *self.finished]:
             outcomes[node].ok = True
         return outcomes
 
@@ -185,6 +188,8 @@ class Workflow:
                 outcome.fallbacks.append(f"{step.name}/{variant.name}: {result.error}")
             if result.ok:
                 succeeded.append(node)
+                if result.value == FINISHED:
+                    self.finished.add(node)
             self.listener(
                 StepReport(
                     node,

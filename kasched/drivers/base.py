@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class NodeTarget:
     disk_device: str = "/dev/sda"
     reference_partition: int = 2
     deploy_partition: int = 3
+    host_key: str | None = None  # the running system's pinned SSH host key (kasched.bootkeys), if any
 
     def partition_device(self, number: int) -> str:
         """Partition ``number`` of the node's disk as Linux names it: /dev/sda3, /dev/vda3, but
@@ -114,8 +116,11 @@ class BootDriver(ABC):
         kernel: str = "",
         initrd: str = "",
         cmdline: str = "",
+        extra_initrds: Sequence[str] = (),
     ) -> None:
-        """Write, atomically, the profile that makes ``node`` boot ``target`` at its next network boot."""
+        """Write, atomically, the profile that makes ``node`` boot ``target`` at its next network boot;
+        ``extra_initrds`` (paths under the boot directory) are loaded after the target's own initrd
+        (a per-boot host key: :mod:`kasched.bootkeys`)."""
 
     def boot_files(self, node: NodeTarget, target: BootTarget) -> BootFiles | None:
         """The files ``target``'s profile would boot ``node`` with (kernel, initrd, command line), so

@@ -17,8 +17,8 @@ profile or the new one, never half of one.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kasched import files
@@ -44,17 +44,21 @@ class Profile:
     kernel: str
     initrd: str
     cmdline: str
+    extra_initrds: tuple[str, ...] = ()  # loaded after ``initrd`` (a per-boot host key)
+
+    @property
+    def initrds(self) -> list[str]:
+        return [path for path in (self.initrd, *self.extra_initrds) if path]
 
     def ipxe(self, base_url: str = "") -> str:
         kernel = f"{base_url}{self.kernel}"
         lines = ["#!ipxe", f"# kasched: {self.label}", f"kernel {kernel} {self.cmdline}".rstrip()]
-        if self.initrd:
-            lines.append(f"initrd {base_url}{self.initrd}")
+        lines += [f"initrd {base_url}{path}" for path in self.initrds]
         return "\n".join([*lines, "boot", ""])
 
     def pxelinux(self) -> str:
         lines = ["DEFAULT kasched", f"# kasched: {self.label}", "LABEL kasched", f"  KERNEL {self.kernel}"]
-        append = f"initrd={self.initrd} {self.cmdline}" if self.initrd else self.cmdline
+        append = f"initrd={','.join(self.initrds)} {self.cmdline}" if self.initrds else self.cmdline
         lines.append(f"  APPEND {append}".rstrip())
         return "\n".join([*lines, ""])
 
@@ -65,8 +69,8 @@ class Profile:
             'menuentry "kasched" {',
             f"  linux /{self.kernel} {self.cmdline}".rstrip(),
         ]
-        if self.initrd:
-            lines.append(f"  initrd /{self.initrd}")
+        if self.initrds:
+            lines.append("  initrd " + " ".join(f"/{path}" for path in self.initrds))
         return "\n".join([*lines, "}", ""])
 
 
@@ -138,9 +142,11 @@ class PxeBootDriver(BootDriver):
         kernel: str = "",
         initrd: str = "",
         cmdline: str = "",
+        extra_initrds: Sequence[str] = (),
     ) -> None:
         self.validate(node)
         profile = self.profile(node, target, partition=partition, kernel=kernel, initrd=initrd, cmdline=cmdline)
+        profile = replace(profile, extra_initrds=tuple(extra_initrds))
         mac = mac_hexhyp(node.mac)
         try:
             write_atomic(self.boot_dir / BOOT_SCRIPT, _BOOT_IPXE)

@@ -6,6 +6,7 @@ paramiko's and the socket layer's errors become :class:`~kasched.errors.DriverEr
 
 from __future__ import annotations
 
+import base64
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,12 @@ class SshClient:
 
     def connect(self, node: NodeTarget) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        if self.known_hosts is not None:
+        if node.host_key:  # the key kaschedd gave the node's running system at its boot: pinned
+            kind, _, data = node.host_key.partition(" ")
+            pinned = paramiko.PKey.from_type_string(kind, base64.b64decode(data.split()[0]))
+            client.get_host_keys().add(node.ip, kind, pinned)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        elif self.known_hosts is not None:
             client.load_host_keys(str(self.known_hosts))
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         else:  # the deployment system's host key is new at every deployment

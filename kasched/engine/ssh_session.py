@@ -113,6 +113,14 @@ class SshSession:
         except TimeoutError as error:
             self.client.close()
             raise DriverTimeout(f"SSH connection timed out after {timeout:g}s", node=self.node) from error
+        except paramiko.BadHostKeyException as error:
+            self.client.close()
+            raise DriverError(
+                f"host key mismatch: {self.host} answered with a key ({error.key.get_name()} "
+                f"{error.key.get_fingerprint().hex()[:16]}...) that is not the one kasched gave this boot "
+                "(the node did not boot what it was told, or another machine holds its address)",
+                node=self.node,
+            ) from error
         except (paramiko.SSHException, OSError, EOFError) as error:
             self.client.close()
             raise DriverError(f"SSH connection failed: {error or type(error).__name__}", node=self.node) from error

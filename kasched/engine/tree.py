@@ -79,6 +79,7 @@ def run(
     host_key_policy: HostKeyPolicy = HostKeyPolicy.ACCEPT,
     known_hosts_file: str | None = None,
     relay_command: str = DEFAULT_RELAY_COMMAND,
+    known_hosts: str = "",
 ) -> GroupResult:
     """Run ``command`` on every node; never raises for a node's failure.
 
@@ -86,9 +87,9 @@ def run(
     ``connect_timeout + command_timeout`` from the moment its turn comes (plus a margin per tree level
     below it); ``timeout``, if given, also bounds the whole run. With the
     ``accept`` policy, host keys seen are appended to ``known_hosts_file`` if given; with ``strict``,
-    they must be in it.
+    they must be in it (or in ``known_hosts``, the same lines as text: pinned keys).
     """
-    known_hosts = _read_known_hosts(known_hosts_file)
+    known_hosts = "\n".join(filter(None, [_read_known_hosts(known_hosts_file), known_hosts]))
     auth = SshAuth.from_key_file(user, key_file, host_key_policy, known_hosts)
     request = ExecRequest(
         command, auth, dict(addresses or {}), fanout, window, connect_timeout, command_timeout, relay_command

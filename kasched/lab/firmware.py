@@ -37,6 +37,7 @@ from pathlib import Path
 from kasched.lab.disk import DEPLOY_PARTITION
 from kasched.lab.nodedir import BOOT_NETWORK, NodeDir
 
+BOOT_FILES = "kasched-boot"  # a per-boot initrd's directory (kasched.bootkeys.ARCHIVE_ROOT)
 IPXE_USER_CLASS = "69505845"  # "iPXE", DHCP option 77
 TFTP_BLOCK_SIZE = "16384"
 _UDHCPC_SCRIPT = """#!/bin/sh
@@ -63,7 +64,7 @@ class BootSpec:
     """What the boot profile asked for."""
 
     kernel: str = ""
-    initrd: str = ""
+    initrds: list[str] = field(default_factory=list)  # in order; the kernel unpacks them all
     cmdline: str = ""
     local_disk: bool = False  # ``exit``/``sanboot``: go on to the disk
 
@@ -111,7 +112,7 @@ class SimulatedFirmware:
             if spec is None or spec.local_disk:
                 self.boot_partition(self.bootable_partition(), "")
             elif spec.root_partition is not None:
-                self.boot_partition(spec.root_partition, spec.cmdline)
+                self.boot_partition(spec.root_partition, spec.cmdline, spec.initrds)
             else:
                 self.boot_ram(spec)
         except BootFailure as error:
@@ -223,7 +224,7 @@ class SimulatedFirmware:
             spec.kernel = str(self.fetch(args[0]))
             spec.cmdline = " ".join(args[1:])
         elif verb == "initrd" and args:
-            spec.initrd = str(self.fetch(args[0]))
+            spec.initrds.append(str(self.fetch(args[0])))
         elif verb == "boot":
             if not spec.kernel:
                 raise BootFailure("boot without a kernel")
@@ -245,25 +246,37 @@ class SimulatedFirmware:
                 return int(match.group(1))
         raise BootFailure(f"no partition marked bootable on {self.facts.disk_device}")
 
-    def boot_partition(self, number: int, cmdline: str) -> None:
+    def boot_partition(self, number: int, cmdline: str, initrds: list[str] | None = None) -> None:
+        """Boot partition ``number``. The initrds a profile loads with it stand for the site's
+        initramfs; what they carry in ``kasched-boot/`` (a per-boot host key) is moved to
+        ``/run/kasched/boot`` of the booted system, as the site's initramfs hook does on a machine."""
         device = f"{self.facts.disk_device}p{number}"
         self.log(f"booting partition {number} of the local disk ({device})")
+        boot_files = self.scratch / "initramfs"
+        boot_files.mkdir(exist_ok=True)
+        for initrd in initrds or []:
+            self._unpack(initrd, boot_files)
         self._mount(device, self.newroot, "", "rw")  # any file system the host kernel reads
-        self.start_init(cmdline or f"root=/dev/sda{number}")
+        self.start_init(cmdline or f"root=/dev/sda{number}", boot_files / BOOT_FILES)
 
     def boot_ram(self, spec: BootSpec) -> None:
-        if not spec.initrd:
+        if not spec.initrds:
             raise BootFailure("a network boot without root= needs an initrd")
         self.log("booting the initramfs in RAM")
         self._mount("tmpfs", self.newroot, "tmpfs", "mode=755,size=512m")
-        unpack = f"gzip -dc '{spec.initrd}' | busybox cpio -i -d -m 2>/dev/null"
-        subprocess.run(["sh", "-c", unpack], cwd=self.newroot, check=True, timeout=120)
+        for initrd in spec.initrds:  # in order, as a kernel unpacks concatenated archives
+            self._unpack(initrd, self.newroot)
         for name in os.listdir(self.downloads):
             os.unlink(self.downloads / name)
-        self.start_init(spec.cmdline)
+        self.start_init(spec.cmdline, self.newroot / BOOT_FILES)
+
+    @staticmethod
+    def _unpack(initrd: str, directory: Path) -> None:
+        unpack = f"gzip -dc '{initrd}' | busybox cpio -i -d -m 2>/dev/null"
+        subprocess.run(["sh", "-c", unpack], cwd=directory, check=True, timeout=120)
 
     # -- handing over -----------------------------------------------------------------------------
-    def start_init(self, cmdline: str) -> None:
+    def start_init(self, cmdline: str, boot_files: Path | None = None) -> None:
         root = self.newroot
         self._mount("proc", root / "proc", "proc", "nosuid,nodev,noexec")
         self._populate_dev(root / "dev")
@@ -271,6 +284,8 @@ class SimulatedFirmware:
         self._mount("tmpfs", root / "tmp", "tmpfs", "mode=1777,size=64m")
         (root / "run" / "kasched").mkdir()
         (root / "run" / "kasched" / "cmdline").write_text(cmdline + "\n")
+        if boot_files is not None and boot_files.is_dir():  # this boot's files (its host key), in RAM only
+            shutil.move(boot_files, root / "run" / "kasched" / "boot")
         socket.sethostname(self.lease["hostname"] or self.facts.name)
         init = next((p for p in ("/init", "/sbin/init") if os.path.lexists(root / p.lstrip("/"))), None)
         if init is None:

@@ -71,6 +71,12 @@ for i in $(seq 50); do [ -b "$root" ] && break; sleep 0.1; done
 mkdir -p /newroot
 if ! mount -t ext4 "$root" /newroot; then echo "kasched-lab: cannot mount root=$root"; sleep 5; poweroff -f; fi
 mount --move /dev /newroot/dev || umount /dev
+# This boot's host key (an initrd kaschedd served for it, kasched.bootkeys), kept in RAM: the site's
+# initramfs hook moves it to the booted system's /run (whose rcS keeps a /run already mounted).
+if [ -d /kasched-boot ]; then
+  mount -t tmpfs -o mode=755 run /newroot/run && mkdir -p /newroot/run/kasched &&
+    mv /kasched-boot /newroot/run/kasched/boot
+fi
 umount /proc
 exec switch_root /newroot /sbin/init
 """

@@ -39,6 +39,8 @@ done
 # A VM's network card and disk drivers (kernel modules), where the system lists them.
 [ -f /etc/kasched-modules ] && while read -r module; do insmod "$module" 2>/dev/null; done < /etc/kasched-modules
 mkdir -p /run/sshd && chmod 755 /run/sshd
+# This boot's own host key, from the initrd kaschedd served for it (kasched.bootkeys): kept in RAM.
+if [ -d /kasched-boot ]; then mkdir -p /run/kasched && mv /kasched-boot /run/kasched/boot; fi
 ip link set lo up
 ip link set eth0 up  # a namespace node's firmware left it up, a VM's kernel did not
 udhcpc -i eth0 -n -q -t 5 -T 1 -A 1 -s /etc/udhcpc.sh -O hostname >/dev/null 2>&1 ||
@@ -60,6 +62,8 @@ exit 0
 """
 _SSHD_CONFIG = """# kasched lab node
 Port 22
+# The key kaschedd gave this boot first (kasched.bootkeys); the system's own when it has none.
+HostKey /run/kasched/boot/ssh_host_ed25519_key
 HostKey /etc/ssh/ssh_host_ed25519_key
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes

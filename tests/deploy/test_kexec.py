@@ -22,7 +22,8 @@ from kasched.deploy.kexec import (
     setup_deploy_system_kexec,
 )
 from kasched.deploy.nodes import NodeShell
-from kasched.deploy.steps import StepContext
+from kasched.bootkeys import BootKeys
+from kasched.deploy.steps import UNTRUSTED, StepContext
 from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
 from kasched.drivers.base import BootDriver, BootFiles, BootTarget, NodeTarget
 from kasched.drivers.pxe import PxeBootDriver
@@ -121,14 +122,29 @@ def test_the_pxe_driver_names_the_deployment_systems_files(tmp_path: Path) -> No
     assert driver.boot_files(NODE, BootTarget.LOCAL) is None  # its kernel is on the node's disk
 
 
-def test_a_driver_that_names_no_files_fails_the_kexec_setup_with_its_reason() -> None:
+def test_a_driver_that_names_no_files_fails_the_kexec_setup_with_its_reason(tmp_path: Path) -> None:
     ctx = context(ENV)
     ctx.boot = FilelessBootDriver()
+    ctx.trusted, ctx.keys = {NODE.name}, BootKeys(tmp_path)
     shell_stand_in = RecordingShell()
     ctx.shell = shell_stand_in  # type: ignore[assignment]
     result = setup_deploy_system_kexec(ctx, [NODE.name], 0.0, threading.Event())
     assert result[NODE.name].error == "kexec: the boot driver names no deployment system files"
     assert shell_stand_in.commands == [INSTALLED]  # checked for kexec, then nothing sent, no profile, no jump
+
+
+def test_the_kexec_setup_sends_nothing_to_a_system_kasched_does_not_vouch_for(tmp_path: Path) -> None:
+    """The deployment system and its per-boot key go only to the verified reference no user held
+    since: any other running system (a user's) could keep the key and answer in its place."""
+    ctx = context(ENV)
+    ctx.boot = FilelessBootDriver()
+    ctx.keys = BootKeys(tmp_path)  # ctx.trusted is empty: the node's last system was a user's
+    shell_stand_in = RecordingShell()
+    ctx.shell = shell_stand_in  # type: ignore[assignment]
+    result = setup_deploy_system_kexec(ctx, [NODE.name], 0.0, threading.Event())
+    assert result[NODE.name].error == f"kexec: {UNTRUSTED}"
+    assert shell_stand_in.commands == []
+    assert not (tmp_path / "bootkeys").exists()  # no key made
 
 
 class FilelessBootDriver(BootDriver):
@@ -146,8 +162,9 @@ class RecordingShell:
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+        self.pins: dict[str, str] = {}
 
-    def run(self, nodes: Sequence[str], command: str, timeout: float) -> GroupResult:
+    def run(self, nodes: Sequence[str], command: str, timeout: float, *, trust_any: bool = False) -> GroupResult:
         self.commands.append(command)
         group = GroupResult()
         for node in nodes:

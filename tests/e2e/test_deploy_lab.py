@@ -53,15 +53,16 @@ def test_deploy_eight_nodes_then_revert(site: Site) -> None:
     code, result, stderr = deploy(site, ALL)
     assert code == 0, stderr
     assert result["state"] == "done"
-    # Each node fell back three times, and its outcome says so: the lab's reference system has no
-    # python3 (no "nomini" setup), and the lab's nodes cannot kexec (no kexec-tools: a namespace node
-    # must not replace the kernel it shares with the host), for the setup nor for the boot: PXE
-    # reboots did both.
+    # Each node fell back three times, and its outcome says so: the nodes run a reference kasched has
+    # not verified (the lab booted it: no "nomini", no kexec from it), and the lab's nodes cannot kexec
+    # (no kexec-tools: a namespace node must not replace the kernel it shares with the host) for the
+    # boot: PXE reboots did both.
+    untrusted = "the running system is not the verified reference environment (a user held the node since)"
     for outcome in result["nodes"].values():  # type: ignore[attr-defined]
         assert outcome["variant"] == "pxe" and outcome["error"] is None, outcome
         assert outcome["fallbacks"] == [
-            "setup/nomini: running system: exit 3: missing python3",
-            "setup/kexec: kexec: exit 3: kexec-tools is not installed on the node",
+            f"setup/nomini: {untrusted}",
+            f"setup/kexec: kexec: {untrusted}",
             "boot/kexec: kexec: exit 3: kexec-tools is not installed on the node",
         ]
     size = (site.work / "userenv.tar.zst").stat().st_size
@@ -78,8 +79,12 @@ def test_deploy_eight_nodes_then_revert(site: Site) -> None:
     for node in site.nodes():
         assert_runs_reference(site, node)
     assert {n["state"] for n in json.loads(site.kasched("nodes", "list", "--json").stdout)} == {"reference"}
+    listed = json.loads(site.kasched("nodes", "list", "--json").stdout)
+    assert all(n["trusted"] and n["host_key"].startswith("ssh-ed25519 ") for n in listed)  # the revert's keys
+    assert len({n["host_key"] for n in listed}) == 8  # one per node and boot
     stats = json.loads(site.kasched("stats", "--by", "step", "--json").stdout)
     assert {"setup/pxe", "broadcast/chain", "configure/postinstall", "boot/pxe"} <= {g["key"] for g in stats}
+    assert {"check/trusted", "setup/power-cycle", "boot/pxe"} <= {g["key"] for g in stats}
 
 
 def test_changed_image_is_refused_before_any_reboot(site: Site) -> None:

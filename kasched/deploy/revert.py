@@ -1,0 +1,107 @@
+"""The revert the node cannot refuse: every node back to the verified reference environment, whatever
+its last user did with it (they were root on it, could read and write every byte of its disk, answer
+any command as they liked, ignore a soft reboot, take other addresses).
+
+The plan, one table (``R`` is the site's ``reboot_timeout``):
+
+=========  ==============  ===================  ====================================================
+step       variant         timeout              what it does, and what it trusts
+=========  ==============  ===================  ====================================================
+check      ``trusted``     60 s + 0.1 s/node    a node kasched still vouches for (the verified
+                                                reference, no user since, its per-boot key pinned)
+                                                that answers with that key and runs the reference
+                                                partition is done: nothing to give back. Every
+                                                other node goes on (no reboot is asked of it).
+setup      ``power-cycle`` 2R + 60 s + 0.5 s/n  boot profile "deployment system" with a new per-boot
+                                                host key; the BMC forces the boot device to the
+                                                network and cycles the power (off, on: no system
+                                                can refuse it, a node the user turned off comes
+                                                back on); the node must answer with that key.
+verify     ``digest``      300 s + 1 s/node     from that deployment system, hash the reference
+                                                partition (block by block) and compare on kaschedd
+                                                with the digest recorded from the site's image.
+           ``rewrite``     600 s + 2 s/node     a node that differs gets the reference image again
+                                                through the chain broadcast, then is hashed again.
+boot       ``pxe``         3R + 60 s + 0.5 s/n  boot profile "local partition" with a new per-boot
+                                                key; reboot (soft from the deployment system, which
+                                                kasched trusts; then the BMC); the node must answer
+                                                with that key and run the reference partition.
+=========  ==============  ===================  ====================================================
+
+A node that ends the plan is ``reference`` and trusted again (``nodes.trusted``, its key recorded in
+``nodes.host_key``); a node that fails a step is ``deploy_failed`` with the step and the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from kasched.deploy import steps
+from kasched.deploy.nodes import SYSTEM_PROBE, stdout_of
+from kasched.deploy.workflow import FINISHED, Action, MacroStep, Timeout, Variant
+from kasched.drivers.reboot import RebootLevel
+from kasched.results import GroupResult, NodeResult
+
+POWER_CYCLE = (RebootLevel.VERY_HARD,)  # the BMC: off, then on, boot device the network
+FROM_TRUSTED = (RebootLevel.SOFT, RebootLevel.HARD, RebootLevel.VERY_HARD)
+Wrap = Callable[[Callable[..., GroupResult]], Action]
+
+
+def check_trusted(
+    ctx: steps.StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+) -> GroupResult:
+    """Nodes kasched still vouches for, answering with their pinned key from the reference partition,
+    are done (FINISHED); every other node goes on to the power cycle (ok, nothing done)."""
+    results = GroupResult()
+    trusted = [name for name in names if name in ctx.trusted]
+    probed = ctx.shell.run(trusted, SYSTEM_PROBE, 30) if trusted else GroupResult()
+    for name in names:
+        node = ctx.targets[name]
+        result = probed.get(name)
+        reference = f"root={node.partition_device(node.reference_partition)}"
+        if result is not None and result.ok and reference in stdout_of(result):
+            results.add(NodeResult(name, True, "check", None, result.duration, FINISHED))
+        else:
+            steps.forget(ctx, [name])
+            results.add(NodeResult(name, True, "check"))
+    return results
+
+
+def power_cycle(ctx: steps.StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+    """Into the deployment system by a BMC power cycle, proven by its per-boot key."""
+    return steps.setup_deploy_system(POWER_CYCLE)(ctx, names, deadline, cancel)
+
+
+def rewrite(ctx: steps.StepContext, names: Sequence[str], deadline: float, cancel: threading.Event) -> GroupResult:
+    """The reference image written again through the chain broadcast (then configured, for a tar
+    image: hostname and the service's key)."""
+    return steps.chain_phases(
+        names,
+        [
+            lambda alive: steps.broadcast_chain(ctx, alive, deadline, cancel),
+            lambda alive: steps.configure(ctx, alive, deadline, cancel),
+        ],
+    )
+
+
+def boot_reference(
+    ctx: steps.StepContext, names: Sequence[str], deadline: float, cancel: threading.Event
+) -> GroupResult:
+    """The verified reference partition booted, proven by its per-boot key."""
+    return steps.boot_environment(FROM_TRUSTED, trusted=True)(ctx, names, deadline, cancel)
+
+
+def revert_steps(wrap: Wrap, reboot_timeout: float, verify: Sequence[Variant] = ()) -> list[MacroStep]:
+    """The plan above; ``wrap`` makes a step function a workflow action (``Operations._action``)."""
+    r = reboot_timeout
+    check = Variant("trusted", wrap(check_trusted), Timeout(60, 0.1))
+    setup = Variant("power-cycle", wrap(power_cycle), Timeout(r * 2 + 60, 0.5))
+    again = Variant("rewrite", wrap(rewrite), Timeout(600, 2))
+    boot = Variant("pxe", wrap(boot_reference), Timeout(r * 3 + 60, 0.5))
+    return [
+        MacroStep("check", (check,)),
+        MacroStep("setup", (setup,)),
+        MacroStep("verify", (*verify, again)),
+        MacroStep("boot", (boot,)),
+    ]
