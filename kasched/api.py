@@ -281,7 +281,9 @@ class Kasched:
 
     def reference_environment(self) -> EnvironmentView | None:
         with self.database.session() as session:
-            env = session.scalars(select(Environment).where(Environment.reference.is_(True))).first()
+            # the newest one flagged: a site installs a new reference as a new version
+            newest = select(Environment).where(Environment.reference.is_(True)).order_by(Environment.id.desc())
+            env = session.scalars(newest).first()
             return EnvironmentView.of(env) if env else None
 
     def _resolve(self, session: Session, ref: EnvironmentReference) -> Environment:
