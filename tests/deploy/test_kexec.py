@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kasched.bootkeys import BootKeys
 from kasched.deploy.kexec import (
     INSTALLED,
     JUMP,
@@ -22,7 +23,6 @@ from kasched.deploy.kexec import (
     setup_deploy_system_kexec,
 )
 from kasched.deploy.nodes import NodeShell
-from kasched.bootkeys import BootKeys
 from kasched.deploy.steps import UNTRUSTED, StepContext
 from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
 from kasched.drivers.base import BootDriver, BootFiles, BootTarget, NodeTarget
@@ -95,7 +95,10 @@ def test_the_result_table_names_the_variants_that_failed_first() -> None:
     from kasched.cli.deploy import _variant
 
     outcomes = Workflow(
-        [MacroStep("setup", (step(False, "no python3"), step(True))), MacroStep("boot", (step(False, "no"), step(True)))]
+        [
+            MacroStep("setup", (step(False, "no python3"), step(True))),
+            MacroStep("boot", (step(False, "no"), step(True))),
+        ]
     ).run(["n1", "n2"])
     assert (_variant(outcomes["n1"]), _variant(outcomes["n2"])) == ("pxe (after kexec)", "kexec")
 

@@ -75,7 +75,9 @@ def hostile(site: Site) -> str:
     from kasched.lab.rootfs import build_rootfs
     from kasched.lab.systems import SystemKeys, make_tree
 
-    keys = SystemKeys(site.lab_dir / "ssh" / "ssh_host_ed25519_key", (site.lab_dir / "ssh" / "id_ed25519.pub").read_text())
+    keys = SystemKeys(
+        site.lab_dir / "ssh" / "ssh_host_ed25519_key", (site.lab_dir / "ssh" / "id_ed25519.pub").read_text()
+    )
     tree = make_tree(build_rootfs(), site.work / "hostile", "reference", keys)  # it says it is the reference
     with open(tree / "etc" / "init.d" / "rcS", "a") as rcs:
         rcs.write(HOSTILE_RCS)
@@ -152,7 +154,9 @@ def history(site: Site, node: str) -> list[str]:
     return [group["key"] for group in shown]
 
 
-def test_a_system_that_fakes_its_reboot_is_reverted_to_the_real_reference(site: Site, hostile: str, marked: str) -> None:
+def test_a_system_that_fakes_its_reboot_is_reverted_to_the_real_reference(
+    site: Site, hostile: str, marked: str
+) -> None:
     nodes = ["node-5", "node-6"]
     job(site, "start", "9101", "node-[5-6]")
     deployed = site.kasched("deploy", "-e", hostile, "-m", "node-[5-6]", "-k", f"{site.user_key}.pub", "--json")
