@@ -30,10 +30,6 @@ from tests.e2e.conftest import KASCHED, LAB, Site, _run
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-HOSTILE_RCS = """
-# hostile: say this is the reference, and keep saying it
-echo 'root=/dev/sda2 ro' > /run/kasched/cmdline
-"""
 HOSTILE_REBOOT = """#!/bin/sh
 # hostile: a reboot that is not one. The token goes, the command line says the reference partition,
 # and sshd closes for 3 s, as if the node went down and came back.
@@ -79,8 +75,6 @@ def hostile(site: Site) -> str:
         site.lab_dir / "ssh" / "ssh_host_ed25519_key", (site.lab_dir / "ssh" / "id_ed25519.pub").read_text()
     )
     tree = make_tree(build_rootfs(), site.work / "hostile", "reference", keys)  # it says it is the reference
-    with open(tree / "etc" / "init.d" / "rcS", "a") as rcs:
-        rcs.write(HOSTILE_RCS)
     (tree / "etc" / "inittab").write_text("::sysinit:/etc/init.d/rcS\n::respawn:/etc/hostile-sshd\n")
     for path, text in {"etc/hostile-sshd": HOSTILE_SSHD, "usr/local/sbin/reboot": HOSTILE_REBOOT}.items():
         target = tree / path
@@ -161,7 +155,8 @@ def test_a_system_that_fakes_its_reboot_is_reverted_to_the_real_reference(
     job(site, "start", "9101", "node-[5-6]")
     deployed = site.kasched("deploy", "-e", hostile, "-m", "node-[5-6]", "-k", f"{site.user_key}.pub", "--json")
     assert deployed.returncode == 0, deployed.stderr
-    for node in nodes:  # the user's system, saying it is the reference
+    for node in nodes:  # the user's system says it is the reference, and plays a reboot when told to
+        inside(site, node, "reboot; sleep 4", key=site.user_key)
         said = inside(site, node, "cat /etc/kasched-system /run/kasched/cmdline /etc/hostile")
         assert said.splitlines()[:3] == ["reference", "root=/dev/sda2 ro", "the user's system"]
     job(site, "end", "9101", "node-[5-6]")

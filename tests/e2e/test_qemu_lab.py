@@ -2,11 +2,13 @@
 for real (QEMU's iPXE ROM, the lab's dnsmasq and HTTP server) into Debian's kernel, powered through
 their ``ipmi_sim`` BMCs, on 2 switches.
 
-* a whole ``kasched deploy`` picks kexec for the setup and for the boot (the lab's reference and
-  deployment systems have kexec-tools; the reference has no python3, so "nomini" falls through):
-  no power cycle at all, two kernels started per node, checked from inside each node;
-* ``kasched revert`` boots the reference partition (reboot, network boot, the site's kernel and
-  local initramfs), checked from inside;
+* ``kasched revert``, the revert the node cannot refuse: a BMC power cycle into the deployment system
+  (network boot, its per-boot host key as one more initrd), the reference partition checked, the
+  reference booted (the site's kernel and local initramfs, which moves its own per-boot key into
+  ``/run``), checked from inside and by the pinned key;
+* then a whole ``kasched deploy`` picks kexec for the setup and for the boot (the verified reference
+  and the deployment system have kexec-tools; the reference has no python3, so "nomini" falls
+  through): no power cycle at all, two kernels started per node, checked from inside each node;
 * the BMC powers a VM off (QEMU ends) and on (it boots from the network again).
 
 KASCHED_E2E_QEMU_LAB names the lab (default ``ktq``)."""
@@ -91,7 +93,29 @@ def operation(site: Site, *args: str) -> object:
     return json.loads(done.stdout)
 
 
-def test_deploy_by_kexec_on_vms_then_revert(vm_site: Site) -> None:
+def assert_trusted_revert(site: Site, reverted: object, before: dict[str, tuple[int, int]]) -> None:
+    """Each VM went through the revert the node cannot refuse (a BMC power cycle into the deployment
+    system, its per-boot key, the reference partition checked, the reference booted with its own key):
+    it runs the reference (from inside), recorded trusted with the key it answered with."""
+    assert isinstance(reverted, dict) and reverted["state"] == "done", reverted
+    listed = {n["name"]: n for n in json.loads(site.kasched("nodes", "list", "--json").stdout)}
+    for name, outcome in reverted["nodes"].items():
+        assert outcome["ok"] and outcome["step"] == "boot" and outcome["variant"] == "pxe", outcome
+        hostname, system, cmdline, _ = inside(site, name)[:4]
+        assert (hostname, system) == (name, "reference")
+        assert cmdline == "root=/dev/vda2 ro console=ttyS0"  # the site's kernel, from the network
+        power_ons, kernels = starts(site, name)
+        assert power_ons == before[name][0] + 1 and kernels == before[name][1] + 2  # power cycle, then a reboot
+        assert listed[name]["trusted"] and listed[name]["host_key"].startswith("ssh-ed25519 ")
+        served = site.ssh(site.ip(name), "cut -d' ' -f1,2 /run/kasched/boot/ssh_host_ed25519_key.pub").stdout
+        assert served.strip() == listed[name]["host_key"]  # the key kaschedd pinned is the one this boot got
+        assert site.ssh(site.ip(name), "true", key=site.user_key).returncode != 0  # no user key
+
+
+def test_trusted_revert_then_deploy_by_kexec_on_vms_then_revert(vm_site: Site) -> None:
+    before = {node: starts(vm_site, node) for node in vm_site.nodes()}
+    assert_trusted_revert(vm_site, operation(vm_site, "revert", "-m", ALL), before)
+
     before = {node: starts(vm_site, node) for node in vm_site.nodes()}
     result = operation(vm_site, "deploy", "-e", "vmenv", "-m", ALL, "-k", f"{vm_site.user_key}.pub")
     assert isinstance(result, dict) and result["state"] == "done", result
@@ -99,23 +123,17 @@ def test_deploy_by_kexec_on_vms_then_revert(vm_site: Site) -> None:
         assert outcome["ok"] and outcome["variant"] == "kexec" and outcome["error"] is None, outcome
         assert outcome["fallbacks"] == ["setup/nomini: running system: exit 3: missing python3"], outcome
         power_ons, kernels = starts(vm_site, name)
-        # no power cycle and no firmware: the deployment system and the environment were kexec'd
+        # no power cycle and no firmware: from the verified reference (its pinned key), the deployment
+        # system (and its own per-boot key, appended to its initrd) and the environment were kexec'd
         assert (power_ons, kernels) == (before[name][0], before[name][1] + 2), console(vm_site, name)[-1500:]
         hostname, system, cmdline, release = inside(vm_site, name, key=vm_site.user_key)[:4]
         assert (hostname, system) == (name, "userenv")
         assert cmdline == "root=/dev/vda3 ro console=ttyS0" and release.endswith("-cloud-amd64")
     listed = json.loads(vm_site.kasched("nodes", "list", "--json").stdout)
-    assert {n["state"] for n in listed} == {"deployed"}
+    assert {n["state"] for n in listed} == {"deployed"} and not any(n["trusted"] or n["host_key"] for n in listed)
 
-    reverted = operation(vm_site, "revert", "-m", ALL)
-    assert isinstance(reverted, dict) and reverted["state"] == "done", reverted
-    for name, outcome in reverted["nodes"].items():
-        assert outcome["ok"] and outcome["variant"] == "reference-partition", outcome
-        hostname, system, cmdline, _ = inside(vm_site, name)[:4]
-        assert (hostname, system) == (name, "reference")
-        assert cmdline == "root=/dev/vda2 ro console=ttyS0"  # the site's kernel, from the network
-        assert starts(vm_site, name)[1] == before[name][1] + 3
-        assert vm_site.ssh(vm_site.ip(name), "true", key=vm_site.user_key).returncode != 0  # the user's key is gone
+    before = {node: starts(vm_site, node) for node in vm_site.nodes()}
+    assert_trusted_revert(vm_site, operation(vm_site, "revert", "-m", ALL), before)
 
 
 def test_the_bmc_powers_a_vm_off_and_on(vm_site: Site) -> None:
