@@ -7,13 +7,14 @@ from __future__ import annotations
 import socket
 
 from kasched import config as site_config
+from kasched import imagesecrets
 from kasched.api import Kasched
 from kasched.errors import KaschedError
 from kasched.schedulers import Check
 
 
 def doctor(api: Kasched) -> list[Check]:
-    checks = [*_configuration(api), _database(api), _reference(api), _service(api)]
+    checks = [*_configuration(api), _database(api), _reference(api), _reference_secrets(api), _service(api)]
     for adapter in api.bus.scheduler_adapters():
         try:
             found = adapter.doctor()
@@ -48,6 +49,29 @@ def _reference(api: Kasched) -> Check:
     if reference is None:
         return Check("reference environment", False, "none: nodes cannot be given back (add one, reference: true)")
     return Check("reference environment", True, reference.label)
+
+
+def _reference_secrets(api: Kasched) -> Check:
+    """A warning when the reference image holds a well-known host secret: every deploy job's user can
+    read the reference partition (docs/security.md, "No secret on a node's disk is trusted")."""
+    what = "reference environment secrets"
+    try:
+        reference = api.reference_environment()
+        if reference is None:
+            return Check(what, True, "no reference environment to look into")
+        found = imagesecrets.scan(api.config, reference)
+    except KaschedError as error:
+        return Check(what, True, f"warning: not checked: {error}")
+    if not found:
+        return Check(what, True, f"none of {len(imagesecrets.SECRETS)} well-known host secrets in {reference.label}")
+    listed = "; ".join(f"{f.path} ({f.what})" for f in found)
+    return Check(
+        what,
+        True,
+        f"warning: {reference.label}'s image holds {listed}: every deploy job's user can read them from the "
+        "reference partition; deliver them at boot to verified reference nodes only, or rotate them after deploy "
+        "jobs (docs/security.md)",
+    )
 
 
 def _service(api: Kasched) -> Check:
