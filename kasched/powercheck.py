@@ -31,7 +31,7 @@ from kasched.api import Kasched
 from kasched.deploy import reclaim
 from kasched.deploy.operations import Operations
 from kasched.deploy.targets import targets
-from kasched.drivers.base import PowerState
+from kasched.drivers.base import NodeTarget, PowerDriver, PowerState
 from kasched.errors import KaschedError
 from kasched.jobs import StepEvent
 from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, utcnow
@@ -98,33 +98,39 @@ def ask_bmcs(api: Kasched, names: Sequence[str], timeout: float) -> dict[str, st
     N s", "not checked: ..."), FANOUT BMCs at a time, none waited on longer than ``timeout`` seconds
     (a BMC that hangs is left to its own thread, a daemon)."""
     answers: dict[str, str] = {}
-    for start in range(0, len(names), FANOUT):
-        batch = names[start : start + FANOUT]
-        asking = {name: _Asking(api, name) for name in batch}
-        for asking_one in asking.values():
-            asking_one.thread.start()
+    asking: list[_Asking] = []
+    wanted = set(names)
+    views = {view.name: view for view in api.list_nodes() if view.name in wanted}
+    operations = Operations(api)
+    for name in names:
+        try:
+            target = targets(api.config, [views[name]])[0]
+            driver = operations._power_drivers([views[name]], {name: target})[name]
+        except KeyError:
+            continue  # removed from the inventory meanwhile
+        except KaschedError as error:
+            answers[name] = f"not checked: {error}"
+            continue
+        asking.append(_Asking(name, driver, target))
+    for start in range(0, len(asking), FANOUT):
+        batch = asking[start : start + FANOUT]
+        for one in batch:
+            one.thread.start()
         deadline = time.monotonic() + timeout
-        for name, asking_one in asking.items():
-            asking_one.thread.join(max(0.0, deadline - time.monotonic()))
-            answers[name] = asking_one.answer or f"no answer in {timeout:g} s"
-    return answers
+        for one in batch:
+            one.thread.join(max(0.0, deadline - time.monotonic()))
+            answers[one.name] = one.answer or f"no answer in {timeout:g} s"
+    return {name: answers[name] for name in names if name in answers}
 
 
 class _Asking:
     """One node's question to its BMC, in a daemon thread."""
 
-    def __init__(self, api: Kasched, name: str) -> None:
-        self.answer = ""
-        self.thread = threading.Thread(target=self._ask, args=(api, name), daemon=True, name=f"bmc-{name}")
+    def __init__(self, name: str, driver: PowerDriver, target: NodeTarget) -> None:
+        self.name, self.answer = name, ""
+        self.thread = threading.Thread(target=self._ask, args=(driver, target), daemon=True, name=f"bmc-{name}")
 
-    def _ask(self, api: Kasched, name: str) -> None:
-        try:
-            view = api.show_node(name)
-            target = targets(api.config, [view])[0]
-            driver = Operations(api)._power_drivers([view], {name: target})[name]
-        except KaschedError as error:
-            self.answer = f"not checked: {error}"
-            return
+    def _ask(self, driver: PowerDriver, target: NodeTarget) -> None:
         try:
             state = driver.status(target)
         except KaschedError as error:
