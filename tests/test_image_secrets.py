@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_cli
+from tests.conftest import EXAMPLES
 from tests.test_cli import Run
 
 site, run = test_cli.site, test_cli.run
@@ -100,3 +101,20 @@ def test_doctor_says_when_it_cannot_look_inside(run: Run, site: Path) -> None:
     assert detail == "warning: not checked: ref@root:1: its raw image is not an ext2/3/4 file system (a whole disk?)", (
         detail
     )
+
+
+def test_doctor_refuses_munge_admin_hosts_that_take_in_a_node(run: Run, site: Path) -> None:
+    """A listed network holding a node's address would make that node's deploy-job user an admin."""
+    code, _, err = run("nodes", "import", str(EXAMPLES / "cluster.yaml"))  # nodes at 10.77.1.11-14, 10.77.2.15-18
+    assert code == 0, err
+    config = site / "kasched.yaml"
+    config.write_text(config.read_text() + "munge_admin_hosts: [10.77.0.5, 10.77.2.0/24]\n")
+    checks = {c["what"]: c for c in json.loads(run("doctor", "--json")[1])}
+    assert checks["munge_admin_hosts"] == {
+        "what": "munge_admin_hosts",
+        "ok": False,
+        "detail": "it takes in the address of node-[5-8]: no node belongs there",
+    }
+    config.write_text(config.read_text().replace("10.77.2.0/24", "192.0.2.0/24"))
+    checks = {c["what"]: c for c in json.loads(run("doctor", "--json")[1])}
+    assert checks["munge_admin_hosts"]["ok"], checks["munge_admin_hosts"]
