@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,9 @@ class Config:
     service_max_connections: int = 256  # connections kaschedd serves at once; more get 503
     service_max_connections_per_user: int = 16  # per uid (Unix socket) or address (TCP), admins exempt; 429
     munge_socket: Path = Path()  # munged's socket (default: MUNGE's own default)
+    # Addresses or networks (10.0.0.5, 10.0.0.0/24, fd00::/64) whose MUNGE credentials of admins (root,
+    # admin_group) are taken as admins over TCP; none by default (admins: the Unix socket, or a token).
+    munge_admin_hosts: tuple[str, ...] = ()
     token_secret: Path = Path()  # HMAC key of signed tokens (default <state_dir>/token.key)
     console_logs: Path = Path()  # nodes whose console is a file: <console_logs>/<node>/console.log
     admin_group: str = "kasched-admin"
@@ -201,6 +206,13 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise ConfigError(
                 f"{where}{key}: expected a list of URL prefixes such as https://images.example.org/: {error}"
             ) from None
+    if key == "munge_admin_hosts":
+        try:
+            return tuple(str(network) for network in admin_networks(_strings(value)))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"{where}{key}: expected a list of IP addresses or networks such as 10.0.0.5 or 10.0.0.0/24: {error}"
+            ) from None
     if key == "disabled_plugins":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}{key}: expected a list of plugin names")
@@ -232,6 +244,12 @@ def _size(value: Any, where: str) -> int:
     if not (number.isascii() and number.isdigit()) or int(number) <= 0:
         raise ConfigError(f"{where}: expected a size such as 16G, 512M or a number of bytes")
     return int(number) * _UNITS[unit]
+
+
+def admin_networks(hosts: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of ``munge_admin_hosts`` (an address is a network of one); ValueError if one is
+    not an IP address or network (host names are refused: a name is only as true as its resolver)."""
+    return [ipaddress.ip_network(host.strip(), strict=False) for host in hosts]
 
 
 def _strings(value: Any) -> list[str]:

@@ -4,16 +4,20 @@ scheduler (which client it uses, whether the hooks are configured)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from kasched import config as site_config
+from kasched import imagesecrets
 from kasched.api import Kasched
 from kasched.errors import KaschedError
+from kasched.nodeset import fold
 from kasched.schedulers import Check
 
 
 def doctor(api: Kasched) -> list[Check]:
-    checks = [*_configuration(api), _database(api), _reference(api), _service(api)]
+    checks = [*_configuration(api), _database(api), _reference(api), _reference_secrets(api)]
+    checks.extend([*_munge_admin_hosts(api), _service(api)])
     for adapter in api.bus.scheduler_adapters():
         try:
             found = adapter.doctor()
@@ -48,6 +52,52 @@ def _reference(api: Kasched) -> Check:
     if reference is None:
         return Check("reference environment", False, "none: nodes cannot be given back (add one, reference: true)")
     return Check("reference environment", True, reference.label)
+
+
+def _reference_secrets(api: Kasched) -> Check:
+    """A warning when the reference image holds a well-known host secret: every deploy job's user can
+    read the reference partition (docs/security.md, "No secret on a node's disk is trusted")."""
+    what = "reference environment secrets"
+    try:
+        reference = api.reference_environment()
+        if reference is None:
+            return Check(what, True, "no reference environment to look into")
+        found = imagesecrets.scan(api.config, reference)
+    except KaschedError as error:
+        return Check(what, True, f"warning: not checked: {error}")
+    if not found:
+        return Check(what, True, f"none of {len(imagesecrets.SECRETS)} well-known host secrets in {reference.label}")
+    listed = "; ".join(f"{f.path} ({f.what})" for f in found)
+    return Check(
+        what,
+        True,
+        f"warning: {reference.label}'s image holds {listed}: every deploy job's user can read them from the "
+        "reference partition; deliver them at boot to verified reference nodes only, or rotate them after deploy "
+        "jobs (docs/security.md)",
+    )
+
+
+def _munge_admin_hosts(api: Kasched) -> list[Check]:
+    """A problem when ``munge_admin_hosts`` takes in a node's address: a deploy job's user is root on
+    that node, and with the MUNGE key it carries they would be an admin over TCP."""
+    if not api.config.munge_admin_hosts:
+        return []
+    networks = site_config.admin_networks(api.config.munge_admin_hosts)
+    try:
+        nodes = [n for n in api.list_nodes() if any(_in(n.ip, network) for network in networks)]
+    except KaschedError as error:
+        return [Check("munge_admin_hosts", False, f"cannot check against the inventory: {error}")]
+    if nodes:
+        names = fold([n.name for n in nodes])
+        return [Check("munge_admin_hosts", False, f"it takes in the address of {names}: no node belongs there")]
+    return [Check("munge_admin_hosts", True, f"{', '.join(api.config.munge_admin_hosts)}: no node's address")]
+
+
+def _in(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:
+        return False
 
 
 def _service(api: Kasched) -> Check:

@@ -15,6 +15,11 @@ deploy that outlived its grant), with ``kasched job reclaim --orphans`` in the b
 admin deployed outside any grant is one too: hold it with a grant (``kasched rights grant``) or set it
 down.
 
+Before that, it asks the BMC of every node recorded ``reference`` or ``deployed`` that no grant and no
+operation holds for its power status (:mod:`kasched.powercheck`): a node its BMC says is off, or whose
+BMC cannot say or does not answer within ``bmc_timeout`` seconds, is reported and marked
+``deploy_failed``, and given back with the orphans.
+
 A scheduler that cannot tell (not installed here, unreachable) is left alone: reconciliation never
 guesses. A grant younger than ``grace`` seconds is left alone too: its prolog may still be running,
 before the scheduler lists the job as running.
@@ -26,6 +31,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from kasched import powercheck
 from kasched.api import Kasched
 from kasched.deploy import reclaim
 from kasched.errors import KaschedError, PermissionDenied
@@ -45,20 +51,28 @@ class ReconcileReport:
     orphans: list[str] = field(default_factory=list)  # nodes given back (reverted in the background)
     revoked: list[tuple[GrantView, str]] = field(default_factory=list)  # (grant, why)
     unknown: dict[str, str] = field(default_factory=dict)  # "scheduler:cluster" -> why it was left alone
+    power: list[powercheck.PowerFinding] = field(default_factory=list)  # BMCs contradicting recorded states
 
 
 def reconcile(
-    api: Kasched, *, grace: float = GRACE_SECONDS, dry_run: bool = False, walltime_grace: float | None = None
+    api: Kasched,
+    *,
+    grace: float = GRACE_SECONDS,
+    dry_run: bool = False,
+    walltime_grace: float | None = None,
+    bmc_timeout: float = powercheck.BMC_TIMEOUT,
 ) -> ReconcileReport:
-    """Compare every unrevoked job grant with its scheduler; revoke the stale ones and give back the
-    orphan nodes (unless ``dry_run``)."""
+    """Check idle nodes against their BMCs; compare every unrevoked job grant with its scheduler; revoke
+    the stale grants and give back the orphan nodes and those the BMC check marked (unless ``dry_run``)."""
     if not api.caller.is_admin:
         raise PermissionDenied("only admins may reconcile grants with the schedulers")
     report = ReconcileReport()
     now = utcnow()
     ending = timedelta(seconds=api.config.reconcile_walltime_grace if walltime_grace is None else walltime_grace)
+    report.power = powercheck.check(api, dry_run=dry_run, timeout=bmc_timeout)
+    marked = [f.node for f in report.power if f.marked or (dry_run and f.checked)]
     with api.database.session() as session:  # before this round's revokes: their nodes are their reclaim's
-        report.orphans = reclaim.orphans(session, min_age=grace)
+        report.orphans = sorted({*reclaim.orphans(session, min_age=grace), *marked})
     if report.orphans and not dry_run:
         reclaim.spawn(api.config, None)
     pending = [g for g in api.rights(include_ended=True) if g.revoked_at is None and g.scheduler != HAND_MADE]

@@ -5,11 +5,17 @@ tests/schedulers/test_slurm_deploy.py."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kasched.builtin.drivers import BuiltinDrivers
+from kasched.drivers.base import NodeTarget, PowerDriver, PowerState
+from kasched.errors import DriverError
+from kasched.hookspecs import hookimpl
 from tests import test_cli
 from tests.conftest import EXAMPLES
 from tests.test_cli import Run, one_line_error
@@ -114,3 +120,96 @@ def test_reconcile_leaves_a_grant_past_its_walltime_to_the_epilog(run: Run, site
     assert reason.startswith("job ended"), f"the epilog, not reconcile, says how the job ended: {reason}"
     code, _, err = run("reconcile", "--walltime-grace", "-1")
     one_line_error(err, "walltime-grace: expected seconds")
+
+
+class ScriptedBmc(PowerDriver):
+    """A power driver whose BMCs answer as the test says: on, off, an error, or nothing (hang)."""
+
+    name = "ssh"  # stands in for the ssh driver, which the inventory accepts without BMC credentials
+
+    def __init__(self, answers: dict[str, str], asked: list[str], release: threading.Event) -> None:
+        self.answers, self.asked, self.release = answers, asked, release
+
+    def validate(self, node: NodeTarget) -> None:
+        pass
+
+    def status(self, node: NodeTarget) -> PowerState:
+        self.asked.append(node.name)
+        answer = self.answers.get(node.name, "on")
+        if answer == "error":
+            raise DriverError("BMC refused the session (unauthorized name)", node=node.name)
+        if answer == "hang":
+            self.release.wait(60)
+        return PowerState.OFF if answer == "off" else PowerState.ON
+
+    def on(self, node: NodeTarget) -> None:
+        raise AssertionError("reconcile only asks")
+
+    off = reset = on
+
+
+INVENTORY = """site: t
+clusters:
+  - name: c
+    defaults: {bmc: {driver: ssh}}
+    nodes:
+      - {name: "n[1-8]", mac: "02:00:00:00:03:[01-08]", ip: "10.78.0.[1-8]"}
+      - {name: n9, mac: "02:00:00:00:03:09", ip: 10.78.0.9, bmc: {driver: ipmi, address: 10.78.1.9, credentials: nope}}
+"""
+
+
+def test_reconcile_gives_back_nodes_whose_bmc_contradicts_their_state(
+    run: Run, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node recorded as running a system (reference, deployed) that no grant and no operation holds,
+    whose BMC says off, fails, or does not answer in time, is reported, marked deploy_failed with the
+    reason in its history, and given back; nodes held, down or whose BMC says on are left alone."""
+    asked: list[str] = []
+    release = threading.Event()
+    answers = {"n2": "off", "n3": "off", "n4": "error", "n5": "hang", "n6": "off"}
+    original = BuiltinDrivers.kasched_power_drivers
+
+    @hookimpl
+    def scripted(self: BuiltinDrivers) -> dict[str, Any]:
+        return {**original(self), "ssh": lambda config: ScriptedBmc(answers, asked, release)}
+
+    monkeypatch.setattr(BuiltinDrivers, "kasched_power_drivers", scripted)
+    (site / "inventory.yaml").write_text(INVENTORY)
+    assert run("nodes", "import", str(site / "inventory.yaml"))[0] == 0
+    run("rights", "grant", "-u", "alice", "-m", "n6", "--hours", "1")
+    for node, state in (("n3", "deployed"), ("n7", "down"), ("n8", "deploying")):
+        assert run("nodes", "set-state", "-m", node, state)[0] == 0
+    try:
+        code, out, _ = run("reconcile", "--dry-run", "--bmc-timeout", "1")
+        assert code == 0
+        assert "BMC contradicts n2 (recorded reference): off: would mark deploy_failed" in out, out
+        assert "BMC contradicts n5 (recorded reference): no answer in 1 s: would mark deploy_failed" in out, out
+        assert "would give back n[2-5]" in out, out
+        states = {n["name"]: n["state"] for n in json.loads(run("nodes", "list", "--json")[1])}
+        assert states["n2"] == "reference", "a dry run changes nothing"
+        started = time.monotonic()
+        code, out, _ = run("reconcile", "--json", "--bmc-timeout", "1")
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    report = json.loads(out)
+    power = {f["node"]: f for f in report["power"]}
+    assert set(power) == {"n2", "n3", "n4", "n5", "n9"}, power
+    assert power["n2"] == {"node": "n2", "recorded": "reference", "bmc": "off", "marked": True}
+    assert power["n3"]["recorded"] == "deployed" and power["n3"]["marked"]
+    assert power["n4"]["bmc"].startswith("cannot tell: ") and "BMC refused the session" in power["n4"]["bmc"]
+    assert power["n5"]["bmc"] == "no answer in 1 s" and power["n5"]["marked"]
+    assert power["n9"]["bmc"].startswith("not checked: ") and "credentials 'nope'" in power["n9"]["bmc"]
+    assert not power["n9"]["marked"], "the site's own configuration, not the node: reported, left as it is"
+    assert took < 5, f"a BMC that does not answer is not waited on: {took:.1f} s"
+    assert report["orphans"] == ["n2", "n3", "n4", "n5"]
+    assert not {"n6", "n7", "n8"} & set(asked), f"held, down and busy nodes are not asked: {asked}"
+    states = {n["name"]: n["state"] for n in json.loads(run("nodes", "list", "--json")[1])}
+    assert [n for n, s in sorted(states.items()) if s == "deploy_failed"] == ["n2", "n3", "n4", "n5"], states
+    assert states["n1"] == states["n9"] == states["n6"] == "reference"
+    history = json.loads(run("stats", "--json", "-m", "n2")[1])
+    entry = next(e for e in history if e["step"] == "power_check")
+    assert entry["kind"] == "reconcile" and not entry["ok"]
+    assert entry["error"] == "recorded reference but its BMC: off: marked deploy_failed, to give back"
+    log = wait_for_file_text(site / "state" / "reclaim" / "orphans.log", "orphans: reverting")
+    assert "orphans: reverting n[2-5]" in log, log

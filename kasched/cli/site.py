@@ -21,6 +21,9 @@ def register(subparsers: Any) -> None:
         type=float,
         help="seconds a grant past its end is left to the epilog (default: reconcile_walltime_grace)",
     )
+    reconcile.add_argument(
+        "--bmc-timeout", type=float, default=5.0, help="seconds each BMC has to say its node's power status (5)"
+    )
     reconcile.add_argument("--json", action="store_true")
     reconcile.set_defaults(handler=reconcile_command)
     doctor = subparsers.add_parser("doctor", help="check the site: configuration, database, service, schedulers")
@@ -43,7 +46,15 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
         raise InputError("expected seconds (0 or more)", field="grace")
     if args.walltime_grace is not None and not 0 <= args.walltime_grace < float("inf"):
         raise InputError("expected seconds (0 or more)", field="walltime-grace")
-    report = reconcile(_local_api(context), grace=args.grace, dry_run=args.dry_run, walltime_grace=args.walltime_grace)
+    if not 0 < args.bmc_timeout <= 600:
+        raise InputError("expected seconds (more than 0, at most 600)", field="bmc-timeout")
+    report = reconcile(
+        _local_api(context),
+        grace=args.grace,
+        dry_run=args.dry_run,
+        walltime_grace=args.walltime_grace,
+        bmc_timeout=args.bmc_timeout,
+    )
     if args.json:
         print_json(
             {
@@ -53,6 +64,9 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
                 "unknown": report.unknown,
                 "ending": [g.job for g in report.ending],
                 "orphans": report.orphans,
+                "power": [
+                    {"node": f.node, "recorded": f.recorded, "bmc": f.bmc, "marked": f.marked} for f in report.power
+                ],
                 "dry_run": args.dry_run,
             }
         )
@@ -64,6 +78,7 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
         print(f"left alone: grants of {source}: {why}")
     for grant in report.ending:
         print(f"left to the epilog: grant {grant.id} of {grant.job}, past its end since {grant.expires_at:%H:%M:%S}Z")
+    _print_power(report.power, args.dry_run)
     if report.orphans:
         verb_back = "would give back" if args.dry_run else "giving back"
         print(f"{verb_back} {fold(report.orphans)}: out of the reference environment, held by no grant")
@@ -72,6 +87,20 @@ def reconcile_command(args: argparse.Namespace, context: Context) -> int:
         f"{len(report.revoked)} {verb}"
     )
     return 0
+
+
+def _print_power(findings: list[Any], dry_run: bool) -> None:
+    """One line per BMC answer that contradicts a recorded state, nodes with the same answer together."""
+    by_answer: dict[tuple[str, str, bool], list[str]] = {}
+    for finding in findings:
+        by_answer.setdefault((finding.recorded, finding.bmc, finding.marked), []).append(finding.node)
+    for (recorded, bmc, marked), nodes in sorted(by_answer.items()):
+        if not bmc.startswith("not checked"):
+            done = "marked deploy_failed" if marked else "changed meanwhile, left as it is"
+            done = "would mark deploy_failed" if dry_run else done
+            print(f"BMC contradicts {fold(nodes)} (recorded {recorded}): {bmc}: {done}")
+        else:
+            print(f"BMC of {fold(nodes)} (recorded {recorded}) {bmc}")
 
 
 def doctor_command(args: argparse.Namespace, context: Context) -> int:

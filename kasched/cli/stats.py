@@ -15,7 +15,7 @@ def register(subparsers: Any) -> None:
     stats.add_argument("-u", "--user")
     stats.add_argument("-m", "--machines", metavar="NODES")
     stats.add_argument("-e", "--env", help="environment name (prefix of NAME@OWNER:VERSION)")
-    stats.add_argument("--kind", choices=["deploy", "reboot", "power", "revert"])
+    stats.add_argument("--kind", choices=["deploy", "reboot", "power", "revert", "reconcile"])
     stats.add_argument("--failed", action="store_true", help="failed steps only")
     stats.add_argument("--since", help="a date (2026-11-20T10:00) or a duration ago (3h, 2d)")
     stats.add_argument("--until")

@@ -6,6 +6,14 @@ it with ``unmunge``, which gives the uid and gid munged vouches for, and refuses
 credentials (munged keeps every decoded credential until it expires). The payload must be exactly the
 request kaschedd received.
 
+Whoever holds a site's MUNGE key can make a credential of any uid, root's too, and name any encoding
+host: a deploy job's user, root on a node whose disk holds the key, can. So a credential of an admin
+(uid 0, or a member of ``admin_group``) is taken over TCP only from ``munge_admin_hosts``: the TCP peer
+(the address the kernel saw complete the handshake) must be in that list, and the credential's own
+encoding host (``ENCODE_HOST``) must be that same address (a credential made elsewhere and carried
+through a listed host, by a port forward or a proxy, is not that host's). Any other admin credential
+is refused; ordinary users are who MUNGE says, from anywhere.
+
 Signed tokens (``Authorization: Bearer kst1.<claims>.<signature>``): an admin issues a token for a user
 with ``kasched token issue``; the claims (user, expiry, id) are signed with HMAC-SHA256 under the
 site's secret (``token_secret``, mode 600). A token is a bearer secret: send it over TLS only.
@@ -16,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import pwd
@@ -27,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kasched.config import Config, is_set
+from kasched.config import Config, admin_networks, is_set
 from kasched.errors import AuthenticationError, ConfigError, InputError
 from kasched.identity import Caller
 
@@ -68,6 +77,7 @@ class MungeIdentity:
     uid: int
     gid: int
     payload: str
+    host: str = ""  # the address munged encoded it on (ENCODE_HOST), as the credential says
 
 
 def munge_decode(credential: str, socket: Path = Path()) -> MungeIdentity:
@@ -85,7 +95,40 @@ def munge_decode(credential: str, socket: Path = Path()) -> MungeIdentity:
         uid, gid = (int(re.findall(r"\((\d+)\)", fields[name])[-1]) for name in ("UID", "GID"))
     except (KeyError, IndexError):
         raise AuthenticationError("MUNGE credential: unmunge gave no uid") from None
-    return MungeIdentity(uid, gid, payload)
+    host = re.findall(r"\(([0-9A-Fa-f.:]+)\)", fields.get("ENCODE_HOST", ""))
+    return MungeIdentity(uid, gid, payload, host[-1] if host else "")
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address (an IPv4-mapped IPv6 one as IPv4), None if ``text`` is not one."""
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def check_admin_host(config: Config, caller: Caller, identity: MungeIdentity, peer: str) -> None:
+    """Refuse an admin's MUNGE credential unless it comes from, and was encoded on, one address of
+    ``munge_admin_hosts``: anyone with the site's key can make one (see the module's docstring)."""
+    if not caller.is_admin:
+        return
+    address, encoded = _address(peer), _address(identity.host)
+    listed = address is not None and any(address in network for network in admin_networks(config.munge_admin_hosts))
+    who = f"MUNGE credential of admin {caller.user} (uid {identity.uid}) from {peer}"
+    if not listed:
+        where = ", ".join(config.munge_admin_hosts) or "none"
+        raise AuthenticationError(
+            f"{who}: admins are taken over TCP only from munge_admin_hosts ({where}); use the Unix socket "
+            "on kaschedd's host, or a signed token"
+        )
+    if encoded != address:
+        raise AuthenticationError(
+            f"{who}: it was encoded on {identity.host or 'an unknown host'}, not on {peer} (relayed through "
+            "a listed host?); run munged there with --origin set to the address it connects from"
+        )
 
 
 # --- Signed tokens -------------------------------------------------------------------------------
@@ -166,34 +209,37 @@ class TcpAuthenticator:
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def caller(self, authorization: str | None, method: str, target: str, body: bytes) -> Caller:
-        caller, check = self.identify(authorization, method, target)
+    def caller(self, authorization: str | None, method: str, target: str, body: bytes, peer: str) -> Caller:
+        caller, check = self.identify(authorization, method, target, peer)
         if check is not None:
             check(body)
         return caller
 
     def identify(
-        self, authorization: str | None, method: str, target: str
+        self, authorization: str | None, method: str, target: str, peer: str
     ) -> tuple[Caller, Callable[[bytes], None] | None]:
-        """The caller from the header alone, and for MUNGE the check of the body it was made for
-        (None for a token): the server reads no body before this succeeds."""
+        """The caller from the header alone (and the TCP peer's address ``peer``, for an admin's MUNGE
+        credential), and for MUNGE the check of the body it was made for (None for a token): the server
+        reads no body before this succeeds."""
         scheme, _, value = (authorization or "").strip().partition(" ")
         if scheme == "MUNGE":
-            return self._munge(value.strip(), method, target)
+            return self._munge(value.strip(), method, target, peer)
         if scheme == "Bearer":
             return self._token(value.strip()), None
         if not authorization:
             raise AuthenticationError("authentication required over TCP: Authorization: MUNGE or Bearer")
         raise AuthenticationError(f"unknown authorization scheme {scheme[:20]!r} (MUNGE or Bearer)")
 
-    def _munge(self, credential: str, method: str, target: str) -> tuple[Caller, Callable[[bytes], None]]:
+    def _munge(self, credential: str, method: str, target: str, peer: str) -> tuple[Caller, Callable[[bytes], None]]:
         identity = munge_decode(credential, self.config.munge_socket)
+        caller = Caller.from_uid(identity.uid, self.config.admin_group)
+        check_admin_host(self.config, caller, identity, peer)
 
         def check(body: bytes) -> None:
             if identity.payload != request_binding(self.config.site, method, target, body):
                 raise AuthenticationError("MUNGE credential was made for another request")
 
-        return Caller.from_uid(identity.uid, self.config.admin_group), check
+        return caller, check
 
     def _token(self, token: str) -> Caller:
         if not self.config.token_secret.exists():

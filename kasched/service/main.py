@@ -74,6 +74,9 @@ def reconcile_every(api: Kasched, interval: float, stop: threading.Event) -> Non
             continue
         for grant, why in report.revoked:
             log.warning("reconcile: grant %d of %s (%s) revoked: %s", grant.id, grant.job, grant.user, why)
+        for finding in report.power:
+            done = "marked deploy_failed, given back" if finding.marked else "left as it is"
+            log.warning("reconcile: %s recorded %s, its BMC: %s: %s", finding.node, finding.recorded, finding.bmc, done)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """kaschedd over TCP (``service_tcp``), HTTPS when ``service_tls_cert``/``service_tls_key`` are set.
 
 Nobody's identity comes from the connection here: every request carries a MUNGE credential or a
-signed token (:mod:`kasched.service.auth`); without a valid one, the answer is 401."""
+signed token (:mod:`kasched.service.auth`); without a valid one, the answer is 401. The peer's address
+only limits where an admin's MUNGE credential is taken from (``munge_admin_hosts``)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class TcpRequestHandler(RequestHandler):
         """The Authorization header, checked before the body is read (an unauthenticated client
         never gets to send one); a MUNGE credential's binding to the body is checked after."""
         authorization = self.headers.get("Authorization")
-        caller, check = self.server.authenticator.identify(authorization, self.command, self.path)
+        peer = str(self.client_address[0])
+        caller, check = self.server.authenticator.identify(authorization, self.command, self.path, peer)
         return Pending(caller) if check is None else BoundPending(caller, check)
 
     def caller(self) -> Caller:  # never the connection's: see identify

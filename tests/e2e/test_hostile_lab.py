@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,3 +203,100 @@ def test_nodes_powered_off_during_the_job_are_back_in_the_reference(site: Site, 
     wait_reverted(site, ["node-7", "node-8"])
     for node in ("node-7", "node-8"):
         assert_real_reference(site, node, marked)
+
+
+IMPOSTOR = r"""
+import os, socket, struct, subprocess, sys, threading, time
+ip, iface, log = sys.argv[1], sys.argv[2], sys.argv[3]
+subprocess.run(["ip", "addr", "add", f"{ip}/16", "dev", iface], check=True)
+mac = bytes.fromhex(open(f"/sys/class/net/{iface}/address").read().strip().replace(":", ""))
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind((iface, 0))
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac, socket.inet_aton(ip), b"\xff" * 6, socket.inet_aton(ip))
+received = {"agent": 0, "ssh": 0}
+def serve(port, name):
+    server = socket.create_server((ip, port), reuse_port=False)
+    while True:
+        conn, _ = server.accept()
+        conn.settimeout(5)
+        try:
+            if name == "ssh":
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 impostor\r\n")
+            while chunk := conn.recv(65536):
+                received[name] += len(chunk)
+        except OSError:
+            pass
+        conn.close()
+for port, name in ((7373, "agent"),):
+    threading.Thread(target=serve, args=(port, name), daemon=True).start()
+for _ in range(600):  # gratuitous ARP every 0.5 s: "this address is mine now"
+    raw.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+    with open(log, "w") as out:
+        out.write(f"{received['agent']} {received['ssh']}\n")
+    time.sleep(0.5)
+"""
+
+
+def test_a_machine_that_takes_a_deploying_nodes_address_receives_nothing(site: Site) -> None:
+    """During the broadcast node-4 (another machine on the deploy network) takes node-2's address,
+    node-2 being cut off: it answers on the chain's port and runs an sshd with its own host key. It
+    receives nothing of the image; node-2 fails with the key reason; node-1 and node-3 finish."""
+    nodes = site.nodes()
+    victim, impostor = "node-2", "node-4"
+    port = f"nd{list(nodes).index(victim) + 1}"
+    slow = f"nd{list(nodes).index('node-3') + 1}"
+    log = site.work / "impostor.log"
+    job(site, "start", "9104", "node-[1-3]")
+    env = [f"KASCHED_CONFIG={site.config}", "KASCHED_DIRECT=1"]
+    command = ["deploy", "-e", "userenv", "-m", "node-[1-3]", "-k", f"{site.user_key}.pub", "--json"]
+    process = subprocess.Popen(
+        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", *env, *KASCHED, *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    shaping = ["tc", "-n", f"kl-{LAB}", "qdisc", "replace", "dev", slow, "root", "tbf", "burst", "256kb",
+               "latency", "100ms", "rate"]  # fmt: skip
+    netns = f"kl-{LAB}-{impostor}"
+    taker = None
+    sshd = None
+    try:
+        for line in process.stderr:
+            if "setup" in line and "ok 3/3" in line:
+                break
+        subprocess.run([*shaping, "8mbit"], check=True)  # the chain at node-3's pace: the stream lasts
+        for line in process.stderr:
+            if "broadcast" in line and "sent" in line and " 0.0 MiB" not in line:
+                break
+        subprocess.run(["ip", "-n", f"kl-{LAB}", "link", "set", port, "down"], check=True)  # node-2 cut off
+        taker = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", IMPOSTOR, site.ip(victim),
+                                  "eth0", str(log)])  # fmt: skip
+        host_key = site.work / "impostor_host_key"
+        if not host_key.exists():
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
+        time.sleep(1)
+        sshd = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/sbin/sshd", "-D", "-e", "-h", str(host_key),
+                                 "-o", f"ListenAddress={site.ip(victim)}", "-o", "PidFile=none",
+                                 "-o", f"AuthorizedKeysFile={site.work}/none"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+        out, _ = process.communicate(timeout=900)
+    finally:
+        subprocess.run([*shaping, "200mbit"], check=False)
+        for child in (taker, sshd):
+            if child is not None:
+                child.kill()
+                child.wait()
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "addr", "del", f"{site.ip(victim)}/16", "dev", "eth0"],
+                       check=False)  # fmt: skip
+        subprocess.run(["ip", "-n", f"kl-{LAB}", "link", "set", port, "up"], check=False)
+    result = json.loads(out)
+    outcome = result["nodes"][victim]
+    assert not outcome["ok"] and outcome["step"] == "broadcast", outcome
+    assert "key" in outcome["error"], outcome  # the unicast fallback met the impostor's sshd
+    assert any("key" in fallback for fallback in outcome["fallbacks"]) or "host key mismatch" in outcome["error"]
+    for node in ("node-1", "node-3"):
+        assert result["nodes"][node]["ok"], result["nodes"][node]
+    agent_bytes, _ = (int(word) for word in log.read_text().split())
+    assert agent_bytes < 4096, f"the impostor received {agent_bytes} bytes on the chain's port"  # challenges only
+    assert sshd is not None and sshd.stderr is not None
+    assert "Accepted" not in sshd.stderr.read()  # kaschedd never logged in to the impostor
+    job(site, "end", "9104", "node-[1-3]")
+    wait_reverted(site, ["node-1", "node-2", "node-3"])

@@ -30,14 +30,16 @@ ADMIN_GROUP = "kasched-test-admins"
 
 
 @contextlib.contextmanager
-def munged(directory: Path) -> Iterator[Path]:
-    """munged with its own key and socket in ``directory`` (run as user munge); yields the socket."""
+def munged(directory: Path, key: Path | None = None, origin: str = "") -> Iterator[Path]:
+    """munged with its own socket in ``directory`` (run as user munge) and a new key (or a copy of
+    ``key``: another host of the same site), saying it encodes on ``origin`` if given; yields the socket."""
     if shutil.which("munged", path="/usr/sbin:/usr/bin") is None:
         pytest.skip("munged is not installed (Debian package munge)")
     directory.mkdir(mode=0o755)
     munge = unix_user("munge")
+    source = key
     key = directory / "munge.key"
-    key.write_bytes(os.urandom(128))
+    key.write_bytes(source.read_bytes() if source else os.urandom(128))
     key.chmod(0o400)
     for path in (directory, key):
         os.chown(path, munge.pw_uid, munge.pw_gid)
@@ -46,7 +48,7 @@ def munged(directory: Path) -> Iterator[Path]:
         "setpriv", f"--reuid={munge.pw_uid}", f"--regid={munge.pw_gid}", "--clear-groups",
         "/usr/sbin/munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
         f"--log-file={directory / 'munged.log'}", f"--pid-file={directory / 'munged.pid'}",
-        f"--seed-file={directory / 'munged.seed'}",
+        f"--seed-file={directory / 'munged.seed'}", *([f"--origin={origin}"] if origin else []),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -3,21 +3,25 @@ real (as root), with its own munged; clients are the CLI run as ordinary Unix us
 
 from __future__ import annotations
 
+import grp
 import http.client
 import json
 import shutil
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kasched.config import check, from_mapping
-from kasched.errors import ConfigError
+from kasched.errors import AuthenticationError, ConfigError
 from kasched.service import auth
 from kasched.service.client import ServiceClient, TokenAuth
 from tests.service.tcpsite import Site, free_port, kasched_as, kaschedd, make_ca, make_server_cert, munged, scratch
+from tests.test_cli import unix_user
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +45,25 @@ def site() -> Iterator[Site]:
                 service_tls_cert=cert,
                 service_tls_key=key,
                 munge_socket=munge_socket,
+                munge_admin_hosts=("127.0.0.1",),
             ) as running:
                 yield running
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def raw(site: Site, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple:
-    """One HTTPS request with exactly these headers: (status, JSON answer)."""
+def raw(
+    site: Site,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    source: str = "127.0.0.1",
+) -> tuple:
+    """One HTTPS request with exactly these headers, from address ``source``: (status, JSON answer)."""
     context = ssl.create_default_context(cafile=str(site.base / "site-ca.pem"))
     host, port = site.config.service_tcp.split(":")
-    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=60)
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=60, source_address=(source, 0))
     try:
         connection.request(method, target, body=body or None, headers=headers or {})
         response = connection.getresponse()
@@ -60,9 +72,11 @@ def raw(site: Site, method: str, target: str, body: bytes = b"", headers: dict[s
         connection.close()
 
 
-def credential(site: Site, method: str, target: str, body: bytes = b"", ttl: int = 60) -> str:
+def credential(
+    site: Site, method: str, target: str, body: bytes = b"", ttl: int = 60, socket: Path | None = None
+) -> str:
     payload = auth.request_binding("t", method, target, body)
-    return "MUNGE " + auth.munge_encode(payload, site.config.munge_socket, ttl=ttl)
+    return "MUNGE " + auth.munge_encode(payload, socket or site.config.munge_socket, ttl=ttl)
 
 
 # --- MUNGE --------------------------------------------------------------------------------------------
@@ -86,6 +100,66 @@ def test_users_are_who_munge_says_over_tcp(site: Site) -> None:
 def test_health_says_who_munge_vouched_for(site: Site) -> None:
     status, data = raw(site, "GET", "/v1/health", headers={"Authorization": credential(site, "GET", "/v1/health")})
     assert status == 200 and data["user"] == "root" and data["admin"] is True
+
+
+def test_root_over_munge_is_admin_only_from_the_listed_hosts(site: Site) -> None:
+    """Anyone with the site's MUNGE key (a deploy job's user reads it from the reference partition) can
+    make a uid-0 credential: over TCP it is an admin only from munge_admin_hosts (127.0.0.1 here)."""
+    header = {"Authorization": credential(site, "GET", "/v1/health")}
+    status, data = raw(site, "GET", "/v1/health", headers=header, source="127.0.0.2")
+    assert status == 401, data
+    assert data["error"] == (
+        "MUNGE credential of admin root (uid 0) from 127.0.0.2: admins are taken over TCP only from "
+        "munge_admin_hosts (127.0.0.1); use the Unix socket on kaschedd's host, or a signed token"
+    )
+    body = json.dumps({"user": "kasched-bob", "nodes": "node-6"}).encode()
+    header = {"Authorization": credential(site, "POST", "/v1/rights", body), "Content-Type": "application/json"}
+    status, data = raw(site, "POST", "/v1/rights", body, header, source="127.0.0.2")
+    assert status == 401 and "admins are taken over TCP only from munge_admin_hosts" in data["error"]
+    assert kasched_as("root", site.client_config, "rights", "--json", "-m", "node-6").stdout.strip() == "[]"
+    status, data = raw(site, "GET", "/v1/health", headers={"Authorization": credential(site, "GET", "/v1/health")})
+    assert status == 200 and data["user"] == "root" and data["admin"] is True, "from the listed host: an admin"
+
+
+def alice_credential(site: Site, method: str, target: str) -> str:
+    """A credential kasched-alice's own munge made (with the key, anyone can make one of any uid)."""
+    done = subprocess.run(
+        ["setpriv", f"--reuid={unix_user('kasched-alice').pw_uid}", "--regid=65534", "--clear-groups",
+         "munge", "--socket", str(site.config.munge_socket)],
+        input=auth.request_binding("t", method, target, b""), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return "MUNGE " + done.stdout.strip()
+
+
+def test_ordinary_users_over_munge_are_themselves_from_anywhere(site: Site) -> None:
+    header = {"Authorization": alice_credential(site, "GET", "/v1/health")}
+    status, data = raw(site, "GET", "/v1/health", headers=header, source="127.0.0.2")
+    assert status == 200 and data["user"] == "kasched-alice" and data["admin"] is False
+
+
+def test_an_admin_group_member_over_munge_is_refused_from_an_unlisted_host(site: Site) -> None:
+    """Not only uid 0: the key makes a credential of any admin_group member as easily."""
+    group = grp.getgrgid(unix_user("kasched-alice").pw_gid).gr_name
+    config = replace(site.config, admin_group=group)
+    header = alice_credential(site, "GET", "/v1/health")
+    with pytest.raises(AuthenticationError, match=r"^MUNGE credential of admin kasched-alice \(uid \d+\) from 10\.9"):
+        auth.TcpAuthenticator(config).identify(header, "GET", "/v1/health", "10.9.0.1")
+    caller, _ = auth.TcpAuthenticator(config).identify(
+        alice_credential(site, "GET", "/v1/health"), "GET", "/v1/health", "127.0.0.1"
+    )
+    assert caller.is_admin, "from 127.0.0.1 (listed, and where it was encoded): an admin"
+
+
+def test_root_credential_encoded_elsewhere_is_refused_from_a_listed_host(site: Site) -> None:
+    """A credential whose ENCODE_HOST is not the peer (made on another host, carried through a listed
+    one) is refused: a munged with the site's key and --origin=127.0.0.9 stands for that host."""
+    with munged(site.base / "munge-elsewhere", key=site.base / "munge" / "munge.key", origin="127.0.0.9") as other:
+        header = {"Authorization": credential(site, "GET", "/v1/health", socket=other)}
+    status, data = raw(site, "GET", "/v1/health", headers=header)
+    assert status == 401, data
+    assert data["error"].startswith(
+        "MUNGE credential of admin root (uid 0) from 127.0.0.1: it was encoded on 127.0.0.9, not on 127.0.0.1"
+    )
 
 
 def test_a_replayed_munge_credential_is_refused(site: Site) -> None:
@@ -204,6 +278,9 @@ def test_tcp_without_tls_serves_http_with_munge() -> None:
             with kaschedd(base, client, service_tcp=f"127.0.0.1:{port}", munge_socket=munge_socket) as running:
                 done = kasched_as("kasched-alice", running.client_config, "rights", "check", "-m", "node-1")
                 assert done.returncode != 0 and "node-1: no active grant" in done.stdout + done.stderr, done
+                root = kasched_as("root", running.client_config, "rights", "grant", "-u", "kasched-bob", "-m", "node-1")
+                assert root.returncode != 0, "no munge_admin_hosts: root's MUNGE credential is no admin over TCP"
+                assert "admins are taken over TCP only from munge_admin_hosts (none)" in root.stderr, root.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -217,6 +294,12 @@ def test_tcp_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"service_url: 'ftp://h:1' is not http\(s\)://HOST:PORT"):
         from_mapping({"service_url": "ftp://h:1"})
     assert from_mapping({"service_tcp": "[::1]:7878"}).service_tcp == "[::1]:7878"
+    hosts = from_mapping({"munge_admin_hosts": ["10.0.0.5", "10.1.0.0/16", "fd00::/64"]}).munge_admin_hosts
+    assert hosts == ("10.0.0.5/32", "10.1.0.0/16", "fd00::/64")
+    with pytest.raises(ConfigError, match=r"munge_admin_hosts: expected a list of IP addresses or networks"):
+        from_mapping({"munge_admin_hosts": ["ctl.example.org"]})
+    with pytest.raises(ConfigError, match=r"munge_admin_hosts: expected a list"):
+        from_mapping({"munge_admin_hosts": "10.0.0.5"})
     key = tmp_path / "key.pem"
     key.write_text("x")
     key.chmod(0o644)
