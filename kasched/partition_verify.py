@@ -48,7 +48,7 @@ class PartitionCheck:
 
 @dataclass(frozen=True)
 class PartitionPatch:
-    """The blocks written to a node's reference partition, and how many bytes."""
+    """The blocks a node wrote to its reference partition (as it reported them), and how many bytes."""
 
     device: str
     written: tuple[int, ...]
@@ -166,6 +166,7 @@ def _read_back(result: NodeResult, check: PartitionCheck, blocks: BlockList) -> 
         if answered.get(offset) != blocks.hashes[index]:
             error = f"patching the reference partition: block {index} does not read back as the image's"
             return NodeResult(result.node, False, PATCH_STEP, error, result.duration)
-    size = sum(blocks.extent(index)[1] for index in check.differing)
-    patched = PartitionPatch(check.device, check.differing, size)
+    written = tuple(sorted(offset // blocks.block for offset in answered))
+    size = sum(blocks.extent(index)[1] for index in written)
+    patched = PartitionPatch(check.device, written, size)
     return NodeResult(result.node, True, PATCH_STEP, None, result.duration, patched)

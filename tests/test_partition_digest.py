@@ -93,8 +93,10 @@ def test_a_kept_list_that_was_altered_is_refused(tmp_path: Path, raw: bytes) -> 
     env = store_copy(tmp_path, raw, "none")
     expected_blocks(Config(image_dir=tmp_path), env)
     kept = blocks_path(Config(image_dir=tmp_path), env.sha256)
-    forged = BlockList(SIZE, BLOCK, ("0" * 64, *by_hand(raw)[1:])).to_json().replace(
-        digest_of(SIZE, BLOCK, ["0" * 64, *by_hand(raw)[1:]]), digest_of(SIZE, BLOCK, by_hand(raw))
+    forged = (
+        BlockList(SIZE, BLOCK, ("0" * 64, *by_hand(raw)[1:]))
+        .to_json()
+        .replace(digest_of(SIZE, BLOCK, ["0" * 64, *by_hand(raw)[1:]]), digest_of(SIZE, BLOCK, by_hand(raw)))
     )
     kept.chmod(0o600)
     kept.write_text(forged)
