@@ -2,9 +2,11 @@
 library only, shipped over SSH as ``python3 -I -S -c SOURCE MODE ...`` (stdin stays free for data).
 
 ``verify DEVICE SIZE BLOCK THREADS``: reads the first SIZE bytes of DEVICE in blocks of BLOCK bytes,
-THREADS threads at once (0: one per CPU), each reading a block into its own buffer and hashing it
-(SHA-256: hashlib releases the GIL on large buffers, so reads and hashes of several blocks overlap),
-and prints one hash per block, in order. The pages read are dropped from the page cache behind it.
+THREADS threads at once (0: two more than the CPUs, so reads stay queued while blocks are hashed),
+each reading a block into its own buffer and hashing it (SHA-256: hashlib releases the GIL on large
+buffers, so reads and hashes overlap), and prints one hash per block, in order. Blocks are read
+directly from the disk (``O_DIRECT``: no copy through the page cache, nothing of it evicted) where
+the device allows it, else through the page cache, dropped behind.
 
 ``patch DEVICE SIZE BLOCK``: reads records from stdin, each a header (offset, length: two unsigned
 64-bit big-endian integers) and LENGTH bytes, and writes them at OFFSET. Then fsync, drop the
@@ -17,7 +19,9 @@ line, and the exit status is 1 (2 for a wrong use).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import mmap
 import os
 import struct
 import sys
@@ -25,6 +29,7 @@ import threading
 from typing import BinaryIO
 
 RECORD = struct.Struct("!QQ")
+ALIGN = 4096  # direct reads: offsets and lengths in whole pages (any logical block size divides it)
 
 
 def device_size(fd: int) -> int:
@@ -47,49 +52,91 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def verify(device: str, size: int, block: int, threads: int) -> list[str]:
-    """The hash of each block of the first ``size`` bytes of ``device``."""
-    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+def open_direct(device: str) -> int | None:
+    """``device`` opened for direct reads (no page cache: no copy, nothing evicted), if it allows them."""
     try:
-        held = device_size(fd)
-        if held < size:
-            raise OSError(f"{device} holds {held} bytes, fewer than the reference image's {size}")
-        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
-        count = -(-size // block)
-        hashes = [""] * count
-        state = {"next": 0, "error": None}
-        lock = threading.Lock()
+        return os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
 
-        def work() -> None:
-            buffer = memoryview(bytearray(block))
-            while True:
-                with lock:
-                    index = state["next"]
-                    if index >= count or state["error"] is not None:
-                        return
-                    state["next"] = index + 1
-                offset = index * block
-                length = min(block, size - offset)
-                try:
-                    if read_exactly(fd, buffer[:length], offset) != length:
-                        raise OSError(f"{device}: short read at byte {offset}")
-                except OSError as error:
-                    with lock:
-                        state["error"] = state["error"] or error
-                    return
-                hashes[index] = hashlib.sha256(buffer[:length]).hexdigest()
-                drop_cache(fd, offset, length)
 
-        workers = [threading.Thread(target=work) for _ in range(max(1, min(threads or os.cpu_count() or 1, count)))]
+class Verify:
+    """One verify of ``device``: its blocks taken in turn by threads, each read and hashed."""
+
+    def __init__(self, device: str, size: int, block: int) -> None:
+        self.device, self.size, self.block = device, size, block
+        self.count = -(-size // block)
+        self.hashes = [""] * self.count
+        self.next, self.error = 0, None
+        self.lock = threading.Lock()
+        self.fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        self.direct = open_direct(device)
+
+    def run(self, threads: int) -> list[str]:
+        held = device_size(self.fd)
+        if held < self.size:
+            raise OSError(f"{self.device} holds {held} bytes, fewer than the reference image's {self.size}")
+        os.posix_fadvise(self.fd, 0, self.size, os.POSIX_FADV_SEQUENTIAL)
+        workers = [threading.Thread(target=self.work) for _ in range(max(1, min(threads, self.count)))]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        if state["error"] is not None:
-            raise state["error"]
-        return hashes
+        if self.error is not None:
+            raise self.error
+        return self.hashes
+
+    def work(self) -> None:
+        buffer = memoryview(mmap.mmap(-1, self.block))  # page-aligned, as direct reads need
+        while True:
+            with self.lock:
+                index = self.next
+                if index >= self.count or self.error is not None:
+                    return
+                self.next = index + 1
+            offset = index * self.block
+            length = min(self.block, self.size - offset)
+            try:
+                self.read(buffer[:length], offset)
+            except OSError as error:
+                with self.lock:
+                    self.error = self.error or error
+                return
+            self.hashes[index] = self.digest(buffer[:length])
+
+    def digest(self, view: memoryview) -> str:
+        return hashlib.sha256(view).hexdigest()
+
+    def read(self, view: memoryview, offset: int) -> None:
+        """Directly from the disk where the device allows it (whole pages), else through the page
+        cache (dropped behind)."""
+        direct = self.direct if len(view) % ALIGN == 0 else None
+        if direct is not None:
+            try:
+                if read_exactly(direct, view, offset) == len(view):
+                    return
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+                self.direct = None  # the file system takes no direct reads
+        if read_exactly(self.fd, view, offset) != len(view):
+            raise OSError(f"{self.device}: short read at byte {offset}")
+        drop_cache(self.fd, offset, len(view))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.direct is not None:
+            os.close(self.direct)
+
+
+def verify(device: str, size: int, block: int, threads: int) -> list[str]:
+    """The hash of each block of the first ``size`` bytes of ``device``, ``threads`` threads at once
+    (0: two more than the CPUs, so that reads stay queued while blocks are hashed)."""
+    job = Verify(device, size, block)
+    try:
+        return job.run(threads or (os.cpu_count() or 1) + 2)
     finally:
-        os.close(fd)
+        job.close()
 
 
 def patch(device: str, size: int, block: int, source: BinaryIO) -> list[str]:
