@@ -30,6 +30,7 @@ from typing import BinaryIO, Protocol
 
 from kasched import safeopen
 from kasched.config import Config
+from kasched.environments import EnvironmentSpec
 from kasched.errors import InputError, IntegrityError, NotFoundError
 
 HASH = "sha256"
@@ -55,6 +56,17 @@ class ImageCopy(Protocol):
     def sha256(self) -> str: ...
     @property
     def label(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Copy:
+    """An image copy named directly (an environment being added has no view yet)."""
+
+    image_kind: str
+    compression: str
+    image_location: str
+    sha256: str
+    label: str
 
 
 @dataclass(frozen=True)
@@ -225,6 +237,15 @@ def expected_blocks(config: Config, env: ImageCopy) -> BlockList:
             blocks = hash_blocks(stream)
         _write_list(path, blocks)
     return blocks
+
+
+def record(config: Config, spec: EnvironmentSpec) -> BlockList | None:
+    """At ``env add`` of a reference environment (its image in the store): its block list, kept; None
+    for an image that is not raw (its partition is rewritten whole, never checked block by block)."""
+    if spec.image_kind != "raw":
+        return None
+    copy = Copy(spec.image_kind, spec.compression, spec.image_location, spec.sha256, spec.name)
+    return expected_blocks(config, copy)
 
 
 def _lock_for(sha256: str) -> threading.Lock:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from kasched import partition_digest
+from kasched.api import Kasched
 from kasched.config import Config
 from kasched.errors import InputError, IntegrityError
 from kasched.partition_digest import BLOCK, BlockList, blocks_path, digest_of, expected_blocks
@@ -109,3 +110,32 @@ def test_only_a_raw_image_has_a_list(tmp_path: Path, raw: bytes) -> None:
     env.image_kind = "tar"
     with pytest.raises(InputError, match="raw image"):
         expected_blocks(Config(image_dir=tmp_path), env)
+
+
+def reference_yaml(directory: Path, raw: bytes, compressed: bool = True) -> Path:
+    image = directory / "reference.img.zst"
+    image.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True, check=True).stdout
+                      if compressed else raw)  # fmt: skip
+    description = directory / "reference.yaml"
+    description.write_text(
+        "name: reference\nvisibility: public\nreference: true\nimage: {file: reference.img.zst, kind: raw}\n"
+    )
+    return description
+
+
+def test_env_add_of_the_reference_records_its_list_and_remove_drops_it(
+    admin: Kasched, tmp_path: Path, raw: bytes
+) -> None:
+    env = admin.add_environment(reference_yaml(tmp_path, raw))
+    kept = blocks_path(admin.config, env.sha256)
+    assert kept.exists() and BlockList.from_json(kept.read_text(), str(kept)).hashes == tuple(by_hand(raw))
+    admin.add_environment(reference_yaml(tmp_path, raw[:-1]))  # another reference: the first may go
+    admin.remove_environment(env.label)
+    assert not kept.exists() and not Path(env.image_location).exists()
+
+
+def test_env_add_refuses_a_reference_image_that_does_not_decompress(admin: Kasched, tmp_path: Path, raw: bytes) -> None:
+    with pytest.raises(IntegrityError, match="zstd cannot decompress"):
+        admin.add_environment(reference_yaml(tmp_path, raw, compressed=False))
+    assert admin.list_environments() == []
+    assert [path.name for path in (Path(admin.config.image_dir) / "store").iterdir()] == []
