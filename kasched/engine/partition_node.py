@@ -71,6 +71,7 @@ class Verify:
         self.lock = threading.Lock()
         self.fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
         self.direct = open_direct(device)
+        self.opened = [self.fd] if self.direct is None else [self.fd, self.direct]
 
     def run(self, threads: int) -> list[str]:
         held = device_size(self.fd)
@@ -124,9 +125,8 @@ class Verify:
         drop_cache(self.fd, offset, len(view))
 
     def close(self) -> None:
-        os.close(self.fd)
-        if self.direct is not None:
-            os.close(self.direct)
+        for fd in self.opened:
+            os.close(fd)
 
 
 def verify(device: str, size: int, block: int, threads: int) -> list[str]:
