@@ -103,20 +103,21 @@ def patch_partitions(
     group = GroupResult()
     with tempfile.TemporaryFile(dir=os.path.dirname(image.image_location)) as spool:
         try:
-            places = _spool_blocks(spool, image, blocks, needed)
-        except KaschedError as error:
+            places = _spool_blocks(spool, image, blocks, needed) if needed else {}
+        except KaschedError as error:  # nothing is sent to any node
+            sent = GroupResult()
             for node in todo:
-                group.add(NodeResult(node, False, PATCH_STEP, f"patching the reference partition: {error}"))
-            return group
-        sent = checked(
-            shell.feed(
-                todo,
-                lambda node: node_command("patch", checks[node].device, blocks.size, blocks.block),
-                lambda node: _records(spool.fileno(), places, checks[node].differing, blocks),
-                timeout,
-            ),
-            "patching the reference partition",
-        )
+                sent.add(NodeResult(node, False, PATCH_STEP, f"patching the reference partition: {error}"))
+        else:
+            sent = checked(
+                shell.feed(
+                    todo,
+                    lambda node: node_command("patch", checks[node].device, blocks.size, blocks.block),
+                    lambda node: _records(spool.fileno(), places, checks[node].differing, blocks),
+                    timeout,
+                ),
+                "patching the reference partition",
+            )
     for node, check in checks.items():
         if node not in sent:
             group.add(NodeResult(node, True, PATCH_STEP, None, 0.0, PartitionPatch(check.device, (), 0)))

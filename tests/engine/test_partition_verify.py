@@ -153,6 +153,7 @@ def test_a_store_copy_changed_since_env_add_is_not_sent(site: SimpleNamespace) -
     Path(site.env.image_location).write_bytes(
         subprocess.run(["zstd", "-q", "-c"], input=bytes(broken), capture_output=True, check=True).stdout
     )
-    patched = patch_partitions(site.shell, {node: checks[node]}, site.env, site.blocks, 60)
+    patched = patch_partitions(site.shell, checks, site.env, site.blocks, 60)
     assert not patched[node].ok and "has sha256" in (patched[node].error or "")
+    assert patched.succeeded == site.nodes[1:]  # the intact ones: nothing to send
     assert site.devices[node].read_bytes()[:16] == b"\xff" * 16  # nothing was written
