@@ -162,10 +162,10 @@ def local_verify(device: str, blocks: BlockList, threads: int) -> Callable[[], N
 
 def measure(
     device: str, size: int, threads: int, rounds: int = 3, run_verify: Callable[[], None] | None = None,
-    blocks: BlockList | None = None,
+    blocks: BlockList | None = None, say: Callable[[str], None] = print,
 ) -> VerifyRates:  # fmt: skip
     """The three rates on ``device`` (best of ``rounds``); ``run_verify`` (default: the node program
-    run here, checked against ``blocks``) is what the verify's rate times."""
+    run here, checked against ``blocks``) is what the verify's rate times; ``say`` gets each round's line."""
     if run_verify is None:
         if blocks is None:
             raise ValueError("measure() needs blocks or run_verify")
@@ -175,11 +175,8 @@ def measure(
         reads.append(read_rate(device, size, threads))
         hashes.append(hash_rate(size, threads))
         verifies.append(verify_rate(run_verify, size))
-        figures = (reads[-1] / MIB, hashes[-1] / MIB, verifies[-1] / MIB)
-        print(
-            f"round {round_ + 1}: read {figures[0]:.0f}, hash {figures[1]:.0f}, verify {figures[2]:.0f} MiB/s",
-            flush=True,
-        )
+        read, hashed, verified = reads[-1] / MIB, hashes[-1] / MIB, verifies[-1] / MIB
+        say(f"round {round_ + 1}: read {read:.0f}, hash {hashed:.0f}, verify {verified:.0f} MiB/s")
     ratios = tuple(v / min(r, h) for r, h, v in zip(reads, hashes, verifies, strict=True))
     return VerifyRates(size, threads, max(reads), max(hashes), max(verifies), ratios)
 
@@ -207,6 +204,10 @@ def loop_device(path: Path, direct_io: bool = False) -> Iterator[str]:
         subprocess.run(["losetup", "-d", device], check=False)
 
 
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -226,7 +227,7 @@ def main() -> int:
         image = Path(work) / "partition.img"
         blocks = random_image(image, args.size_mib * MIB)
         with loop_device(image, args.loop_direct_io) as device:
-            rates = measure(device, blocks.size, threads, args.rounds, blocks=blocks)
+            rates = measure(device, blocks.size, threads, args.rounds, blocks=blocks, say=say)
     io = "direct" if args.loop_direct_io else "buffered"
     print(f"loop device ({io} I/O) over a {args.size_mib} MiB file on this disk, {args.rounds} rounds, best of each")
     print("\n".join(rates.lines()))
