@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from kasched import environments as env_catalog
-from kasched import grants, imagestore, inventory, stats, urlfetch
+from kasched import grants, imagestore, inventory, partition_digest, stats, urlfetch
 from kasched.builtin.console_marks import ConsoleMarks
 from kasched.builtin.drivers import BuiltinDrivers
 from kasched.builtin.grant_keeper import GrantKeeper
@@ -164,6 +164,8 @@ class Kasched:
             )
             spec.image_location, spec.image_size, spec.sha256 = files.image.path, files.image.size, files.image.sha256
             spec.postinstall = [script.path for script in files.scripts]
+            if spec.reference:  # the block list its nodes' partitions are checked against, recorded now
+                partition_digest.record(self.config, spec)
             with imagestore.lock:
                 if not all(os.path.exists(p) for p in [spec.image_location, *spec.postinstall]):
                     raise ConflictError(f"{spec.name}: a copy was removed meanwhile (another environment's removal): "

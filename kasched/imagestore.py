@@ -8,6 +8,7 @@ large images under ``image_dir`` themselves and register them in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -91,6 +92,8 @@ class ImageStore:
                 dropped.append(path)
             except FileNotFoundError:
                 pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}.blocks")  # its block list (kasched.partition_digest), if it had one
         return dropped
 
     def verify(self, location: str, sha256: str, scripts: list[str], label: str) -> None:

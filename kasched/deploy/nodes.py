@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,34 @@ class NodeShell:
         if nodes:
             with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
                 for result in pool.map(push_one, nodes):
+                    group.add(result)
+        return group
+
+    def feed(
+        self, nodes: Sequence[str], command_for: Callable[[str], str],
+        data_for: Callable[[str], Iterable[bytes]], timeout: float,
+    ) -> GroupResult:  # fmt: skip
+        """A command of its own on each node with its own data streamed on its stdin (one SSH session
+        per node, at most ``window`` at once). A node's result is its command's, as for :meth:`run`."""
+        auth = self.auth(nodes)
+        pkey = load_private_key(auth.private_key)
+
+        def feed_one(node: str) -> NodeResult:
+            started = time.monotonic()
+            deadline = started + timeout
+            if node not in self.pins:
+                return NodeResult(node, False, tree.STEP, NO_PIN)
+            try:
+                with SshSession(node, self.addresses[node], auth, pkey, self.connect_timeout) as session:
+                    output = session.stream(command_for(node), deadline, data_for(node))
+            except KaschedError as error:
+                return NodeResult(node, False, tree.STEP, str(error), time.monotonic() - started)
+            return tree.command_result(node, output, time.monotonic() - started)
+
+        group = GroupResult()
+        if nodes:
+            with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
+                for result in pool.map(feed_one, nodes):
                     group.add(result)
         return group
 

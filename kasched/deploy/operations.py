@@ -37,6 +37,7 @@ from kasched.errors import ConfigError, ConflictError, InputError, PermissionDen
 from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
 from kasched.models import NodeState, utcnow
+from kasched.partition_digest import BlockList, expected_blocks
 from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
 from kasched.views import EnvironmentView, NodeView
@@ -173,8 +174,16 @@ class Operations:
         reference = self.api.reference_environment()
         if reference is None:
             raise ConfigError("the site has no reference environment (add one with 'reference: true')")
+        try:  # the site's image, block by block (checked against kaschedd's copy) before any node is touched
+            blocks: BlockList | None = expected_blocks(self.api.config, reference)
+        except InputError:  # not a raw image: no digest; the revert writes it whole
+            blocks = None
         plan = revert.revert_steps(self._action, self.reboot_timeout)
-        return self._run("revert", names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE)
+        pending = self._run(
+            "revert", names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE
+        )
+        pending.context.reference_blocks = blocks
+        return pending
 
     def prepare_reboot(
         self, nodes: str | Sequence[str], level: RebootLevel = RebootLevel.SOFT, to: str = "reference"

@@ -32,6 +32,8 @@ from kasched.engine.chain import BroadcastOptions, ChainNode
 from kasched.engine.chain_ssh import broadcast_over_ssh
 from kasched.engine.ssh_session import CommandOutput, SshAuth
 from kasched.errors import KaschedError
+from kasched.partition_digest import BlockList
+from kasched.partition_verify import PartitionCheck
 from kasched.results import GroupResult, NodeResult, run_on_node
 from kasched.views import EnvironmentView
 
@@ -60,6 +62,8 @@ class StepContext:
     stateless_initrd: str = ""
     on_transfer: Callable[[int, float, bool], None] | None = None  # (bytes sent, seconds, a stream ended)
     keys: BootKeys | None = None  # per-boot host keys (None: no boot of a trusted system)
+    reference_blocks: BlockList | None = None  # the site's reference image, block by block (a revert)
+    differing: dict[str, PartitionCheck] = field(default_factory=dict)  # node -> what its verify found
     # Nodes whose running system kasched vouches for: the verified reference no user held since, or a
     # system booted in this operation with its per-boot key checked. Only they get a soft reboot.
     trusted: set[str] = field(default_factory=set)

@@ -9,6 +9,7 @@ import enum
 import io
 import select
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import paramiko
@@ -155,6 +156,30 @@ class SshSession:
             if not channel.closed:
                 channel.shutdown_write()
             stdout, stderr = read_channel(channel, time.monotonic() + timeout, self.node)
+            status = channel.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise DriverError(f"SSH channel failed: {error}", node=self.node) from error
+        finally:
+            channel.close()
+        return CommandOutput(stdout.decode(errors="replace"), stderr.decode(errors="replace"), status)
+
+    def stream(self, command: str, deadline: float, chunks: Iterable[bytes]) -> CommandOutput:
+        """Run ``command`` with ``chunks`` sent on its stdin as they come (its output read at the end:
+        the command writes little until its input ends); :class:`DriverTimeout` past ``deadline``."""
+        channel = self.open_command(command)
+        try:
+            channel.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                for chunk in chunks:
+                    channel.sendall(chunk)
+                    channel.settimeout(max(0.1, deadline - time.monotonic()))
+            except TimeoutError as error:
+                raise DriverTimeout("command timed out while reading its input", node=self.node) from error
+            except OSError:
+                pass  # the command ended before it read all its input: its output and status say why
+            if not channel.closed:
+                channel.shutdown_write()
+            stdout, stderr = read_channel(channel, deadline, self.node)
             status = channel.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise DriverError(f"SSH channel failed: {error}", node=self.node) from error
