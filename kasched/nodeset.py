@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+from ClusterShell.NodeSet import RESOLVER_NOGROUP, NodeSet, NodeSetParseError
 from ClusterShell.RangeSet import RangeSetParseError
 
 from kasched.errors import InputError
@@ -78,7 +78,7 @@ def expand(pattern: str, *, field: str = "nodes", limit: int | None = MAX_NODES)
     if limit is not None:
         check_size(pattern, limit, field=field)
     try:
-        names = list(NodeSet(pattern))
+        names = list(NodeSet(pattern, resolver=RESOLVER_NOGROUP))  # no @groups: a site's files are not input
     except (NodeSetParseError, RangeSetParseError, ValueError) as error:
         raise InputError(f"bad node range {pattern!r}: {error}", field=field) from None
     if not names:
@@ -100,7 +100,7 @@ def fold(names: Iterable[str]) -> str:
     names (in an error message about them, say) are listed as they are."""
     names = list(names)
     try:
-        return str(NodeSet.fromlist(names))
+        return str(NodeSet.fromlist(names, resolver=RESOLVER_NOGROUP))
     except (NodeSetParseError, RangeSetParseError, ValueError):
         return ",".join(names)
 

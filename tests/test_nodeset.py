@@ -40,3 +40,10 @@ def test_fold_never_fails_on_odd_names() -> None:
 def test_non_ascii_digits_are_refused() -> None:
     with pytest.raises(InputError, match="bad range"):
         expand_value("10.0.0.[\u00b9-2]", 2, field="ip")
+
+
+def test_an_at_sign_is_a_character_not_a_group_lookup() -> None:
+    """ClusterShell reads ``@name`` as a node group from the site's group files; kasched takes no
+    groups (the fuzzer's ``c@x-`` made kaschedd answer 500 through GroupResolverSourceError)."""
+    assert expand("c@x-") == ["c@x-"]
+    assert sorted(expand("a,@g")) == ["@g", "a"]
