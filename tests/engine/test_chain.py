@@ -20,7 +20,7 @@ from sshd_nodes import SshdCluster, free_port
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
 from kasched.engine.chain_agent import SINK_PIPE
-from kasched.engine.chain_ssh import broadcast_over_ssh
+from kasched.engine.chain_ssh import broadcast_over_ssh, new_key
 from kasched.engine.chain_wire import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
 from kasched.engine.ssh_session import SshAuth
 from kasched.errors import InputError
@@ -89,7 +89,7 @@ def test_tarball_reaches_every_node_with_the_same_checksum(
     image = tmp_path / f"image.tar.{compression}"
     subprocess.run(["tar", "-c", tar_flag, "-f", str(image), "-C", str(tree_dir), "."], check=True, timeout=60)
     sink = {"kind": "tar", "dest": str(tmp_path / "nodes" / "{node}"), "compression": compression}
-    result = broadcast(image, agents.nodes, sink, options=FAST)
+    result = broadcast(image, agents.nodes, sink, key=agents.key, options=FAST)
     assert result.ok, {n: r.error for n, r in result.items()}
     assert {r.value.sha256 for r in result.values()} == {sha256_file(image)}
     for node in agents.nodes:
@@ -110,7 +110,8 @@ def test_a_clean_broadcast_says_no_node_lost(agents: AgentGroup, tmp_path: Path,
         record(collector, message)
 
     monkeypatch.setattr(ReportCollector, "record", keep)
-    result = broadcast(random_image(tmp_path / "image.raw", 2), agents.nodes, {"kind": "discard"}, options=FAST)
+    result = broadcast(random_image(tmp_path / "image.raw", 2), agents.nodes, {"kind": "discard"}, key=agents.key,
+                       options=FAST)  # fmt: skip
     assert result.ok, {n: r.error for n, r in result.items()}
     assert [m for m in messages if m.get("type") == "lost"] == []
     assert sorted(m["node"] for m in messages if m.get("type") == "result") == sorted(n.name for n in agents.nodes)
@@ -119,7 +120,8 @@ def test_a_clean_broadcast_says_no_node_lost(agents: AgentGroup, tmp_path: Path,
 @pytest.mark.slow
 def test_raw_image_is_written_identically_on_every_node(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 12)
-    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=FAST)
+    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                       options=FAST)  # fmt: skip
     assert result.ok
     assert list(result) == [n.name for n in agents.nodes]
     for node in agents.nodes:
@@ -135,7 +137,8 @@ def test_a_node_killed_mid_stream_is_bypassed(agents: AgentGroup, tmp_path: Path
         timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0, rate_limit=12 << 20
     )
     killer = _kill_when_written(agents, tmp_path / f"{victim}.img", victim)
-    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                       options=options)  # fmt: skip
     assert killer()  # it was killed mid-stream, not after
     assert result.failed == [victim]
     assert "lost" in (result[victim].error or "")
@@ -172,7 +175,7 @@ def _kill_when_written(agents: AgentGroup, output: Path, victim: str) -> Callabl
 def test_a_wrong_checksum_is_reported_by_every_node(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 2)
     result = broadcast(
-        image, agents.nodes[:3], {"kind": "discard"}, expected_sha256="00" * 32, options=FAST
+        image, agents.nodes[:3], {"kind": "discard"}, key=agents.key, expected_sha256="00" * 32, options=FAST
     )  # fmt: skip
     assert result.failed == ["a01", "a02", "a03"]
     for node_result in result.values():
@@ -187,7 +190,7 @@ def test_unreachable_node_and_failing_sink_do_not_stop_the_others(agents: AgentG
     nodes.insert(2, ChainNode("ghost", "127.42.9.9:9", "sw0", "r1"))  # nobody listens there
     sink = {"kind": "command", "argv": ["sh", "-c", 'test {node} != a04 || exit 7; exec cat > "$0"', "x"]}
     sink["argv"][-1] = str(tmp_path / "{node}.img")
-    result = broadcast(image, nodes, sink, options=FAST, ordered=False)
+    result = broadcast(image, nodes, sink, key=agents.key, options=FAST, ordered=False)
     assert sorted(result.failed) == ["a04", "ghost"]
     assert "status 7" in (result["a04"].error or "")
     assert "cannot reach ghost" in (result["ghost"].error or "")
@@ -200,7 +203,7 @@ def test_a_command_sinks_pipe_holds_a_mebibyte(agents: AgentGroup, tmp_path: Pat
     image = random_image(tmp_path / "disk.img", 2)
     report = 'python3 -c "import fcntl; print(fcntl.fcntl(0, fcntl.F_GETPIPE_SZ))" > "$0"; exec cat > /dev/null'
     sink = {"kind": "command", "argv": ["sh", "-c", report, str(tmp_path / "{node}.pipe")]}
-    result = broadcast(image, agents.nodes[:2], sink, options=FAST)
+    result = broadcast(image, agents.nodes[:2], sink, key=agents.key, options=FAST)
     assert result.ok, result.failed
     for node in agents.nodes[:2]:
         assert int((tmp_path / f"{node.name}.pipe").read_text()) == SINK_PIPE == 1 << 20
@@ -230,7 +233,7 @@ def test_each_chain_connection_gets_the_socket_buffer_asked_for(agents: AgentGro
     sampler = threading.Thread(target=lambda: seen.update(chain_socket_buffers(port, stop)), daemon=True)
     sampler.start()
     try:
-        result = broadcast(image, agents.nodes[:3], {"kind": "discard"}, options=options)
+        result = broadcast(image, agents.nodes[:3], {"kind": "discard"}, key=agents.key, options=options)
     finally:
         stop.set()
         sampler.join(10)
@@ -270,7 +273,8 @@ def test_the_source_alone_is_paced_to_the_rate_asked_for(
     for sampler in samplers:
         sampler.start()
     try:
-        result = broadcast(image, [*ghost, *agents.nodes[:2]], {"kind": "discard"}, options=options, ordered=False)
+        result = broadcast(image, [*ghost, *agents.nodes[:2]], {"kind": "discard"}, key=agents.key, options=options,
+                           ordered=False)  # fmt: skip
     finally:
         stop.set()
         for sampler in samplers:
@@ -291,7 +295,7 @@ def test_the_source_alone_is_paced_to_the_rate_asked_for(
 def test_options_the_kernel_would_misread_are_refused(tmp_path: Path, options: BroadcastOptions, message: str) -> None:
     image = random_image(tmp_path / "disk.img", 1)
     with pytest.raises(InputError, match=message):
-        broadcast(image, [ChainNode("ghost1", "127.42.9.9:9")], {"kind": "discard"}, options=options)
+        broadcast(image, [ChainNode("ghost1", "127.42.9.9:9")], {"kind": "discard"}, key=new_key(), options=options)
 
 
 @pytest.mark.slow
@@ -312,7 +316,7 @@ def test_backpressure_keeps_memory_bounded_and_nodes_in_the_chain(agents: AgentG
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        result = broadcast(image, nodes, slow_sink, options=options)
+        result = broadcast(image, nodes, slow_sink, key=agents.key, options=options)
     finally:
         done.set()
         sampler.join(5)
@@ -355,7 +359,8 @@ def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp
     victim = agents.processes["a04"]
     freezer = freeze_once_written(victim, tmp_path / "a04.img", 4 << 20)
     try:
-        result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+        result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                       options=options)  # fmt: skip
     finally:
         freezer.join(35)
         victim.send_signal(signal.SIGCONT)
@@ -405,7 +410,7 @@ def test_a_byte_corrupted_between_two_nodes_is_reported_downstream(agents: Agent
     nodes = list(agents.nodes[:5])
     proxy = CorruptingProxy(nodes[2].address, flip_at=3 << 20)
     nodes[2] = ChainNode(nodes[2].name, proxy.address)
-    result = broadcast(image, nodes, {"kind": "discard"}, options=FAST, ordered=False)
+    result = broadcast(image, nodes, {"kind": "discard"}, key=agents.key, options=FAST, ordered=False)
     assert result.succeeded == ["a01", "a02"]
     for name in ["a03", "a04", "a05"]:
         assert "sha256 mismatch" in (result[name].error or "")
@@ -431,11 +436,11 @@ def test_agents_shipped_over_ssh_receive_the_image(sshd_cluster: SshdCluster, tm
 def test_no_reachable_node_and_a_bad_expected_checksum(tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 1)
     nodes = [ChainNode("ghost1", "127.42.9.9:9"), ChainNode("ghost2", "127.42.9.8:9")]
-    result = broadcast(image, nodes, {"kind": "discard"}, options=BroadcastOptions(lost_grace=0.1))
+    result = broadcast(image, nodes, {"kind": "discard"}, key=new_key(), options=BroadcastOptions(lost_grace=0.1))
     assert result.failed == ["ghost1", "ghost2"]
     assert "cannot reach ghost2" in (result["ghost2"].error or "")
     with pytest.raises(InputError):
-        broadcast(image, nodes, {"kind": "discard"}, expected_sha256="abc")
+        broadcast(image, nodes, {"kind": "discard"}, key=new_key(), expected_sha256="abc")
 
 
 @pytest.mark.slow
@@ -449,7 +454,8 @@ def test_the_deadline_holds_while_a_hung_node_blocks_the_chain(agents: AgentGrou
     freezer = freeze_once_written(victim, tmp_path / "a02.img", 2 << 20)
     started = time.monotonic()
     try:
-        result = broadcast(image, nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+        result = broadcast(image, nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                           options=options)  # fmt: skip
         elapsed = time.monotonic() - started
     finally:
         freezer.join(35)

@@ -7,11 +7,14 @@ import time
 
 from kasched.engine.chain import ReportCollector
 from kasched.engine.chain_agent import Reporter
+from kasched.engine.chain_ssh import new_key
 from kasched.engine.chain_wire import STARTING
+
+KEY = new_key()
 
 
 def test_lost_node_not_waited_for_once_the_others_reported() -> None:
-    collector = ReportCollector("127.0.0.1", "s1")
+    collector = ReportCollector("127.0.0.1", "s1", KEY)
     try:
         collector.record({"type": "result", "session": "s1", "node": "a", "ok": True})
         collector.record({"type": "lost", "session": "s1", "node": "b", "by": "a", "error": "reset"})
@@ -25,7 +28,7 @@ def test_lost_node_not_waited_for_once_the_others_reported() -> None:
 
 
 def test_lost_node_waited_for_while_others_stream() -> None:
-    collector = ReportCollector("127.0.0.1", "s2")
+    collector = ReportCollector("127.0.0.1", "s2", KEY)
     try:
         collector.record({"type": "lost", "session": "s2", "node": "b", "by": "a", "error": "reset"})
         deadline = time.monotonic() + 0.5
@@ -37,22 +40,22 @@ def test_lost_node_waited_for_while_others_stream() -> None:
 
 def test_a_node_asking_how_a_start_goes_gets_the_servers_answer() -> None:
     states = {"n2": STARTING, "n3": "ssh: connection refused"}
-    collector = ReportCollector("127.0.0.1", "s3", states.get)
+    collector = ReportCollector("127.0.0.1", "s3", KEY, states.get)
     try:
-        reporter = Reporter(collector.address, 5.0)
-        assert reporter.ask({"type": "start", "session": "s3", "node": "n2"}) == {"state": STARTING}
-        assert reporter.ask({"type": "start", "session": "s3", "node": "n3"}) == {"state": "ssh: connection refused"}
-        assert reporter.ask({"type": "start", "session": "s3", "node": "n9"}) == {"state": None}
-        assert reporter.ask({"type": "start", "session": "other", "node": "n2"}) == {"state": None}
+        reporter = Reporter(collector.address, 5.0, KEY, "n1")
+        assert reporter.ask({"type": "start", "session": "s3", "node": "n2", "by": "n1"}) == {"state": STARTING}
+        assert reporter.ask({"type": "start", "session": "s3", "node": "n3", "by": "n1"}) == {"state": "ssh: connection refused"}
+        assert reporter.ask({"type": "start", "session": "s3", "node": "n9", "by": "n1"}) == {"state": None}
+        assert reporter.ask({"type": "start", "session": "other", "node": "n2", "by": "n1"}) == {"state": None}
         assert collector.results == {} and collector.lost == {}  # a question is not a report
     finally:
         collector.close()
-    assert Reporter(collector.address, 1.0).ask({"type": "start", "session": "s3", "node": "n2"}) is None  # gone
+    assert Reporter(collector.address, 1.0, KEY, "n1").ask({"type": "start", "session": "s3", "node": "n2", "by": "n1"}) is None  # gone
 
 
 def test_a_collector_without_start_states_does_not_know() -> None:
-    collector = ReportCollector("127.0.0.1", "s4")
+    collector = ReportCollector("127.0.0.1", "s4", KEY)
     try:
-        assert Reporter(collector.address, 5.0).ask({"type": "start", "session": "s4", "node": "n1"}) == {"state": None}
+        assert Reporter(collector.address, 5.0, KEY, "n1").ask({"type": "start", "session": "s4", "node": "n1", "by": "n1"}) == {"state": None}
     finally:
         collector.close()
