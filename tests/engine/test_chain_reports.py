@@ -1,14 +1,18 @@
-"""The server's report collector: how long it waits for a node said lost (no timing asserted), and
-its answers to nodes asking how a successor's start goes, over a real loopback connection."""
+"""The server's report collector: how long it waits for a node said lost (no timing asserted), its
+answers to nodes asking how a successor's start goes, and the reports it does not record (not signed
+with the broadcast's key, or about another node), over real loopback connections."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
 
 from kasched.engine.chain import ReportCollector
 from kasched.engine.chain_agent import Reporter
 from kasched.engine.chain_ssh import new_key
-from kasched.engine.chain_wire import STARTING
+from kasched.engine.chain_wire import HEADER, STARTING, send_frame, split_address
 
 KEY = new_key()
 
@@ -57,5 +61,44 @@ def test_a_collector_without_start_states_does_not_know() -> None:
     collector = ReportCollector("127.0.0.1", "s4", KEY)
     try:
         assert Reporter(collector.address, 5.0, KEY, "n1").ask({"type": "start", "session": "s4", "node": "n1", "by": "n1"}) == {"state": None}
+    finally:
+        collector.close()
+
+
+def forged_results(collector: ReportCollector) -> None:
+    """Reports of a node that got nothing, right session, ok, the image's sha256: one sent as before
+    reports were signed, one by a machine with a key of its own, one by another node of the broadcast."""
+    message = {"type": "result", "session": collector.session, "node": "n2", "ok": True, "error": None,
+               "bytes": 1 << 20, "sha256": "ab" * 32, "sink_status": None, "lost": []}  # fmt: skip
+    with socket.create_connection(split_address(collector.address), timeout=5) as sock:
+        send_frame(sock, HEADER, json.dumps(message).encode())
+    Reporter(collector.address, 5.0, os.urandom(32), "n2").send(message)
+    Reporter(collector.address, 5.0, KEY, "n1").send(message)  # n1 holds the key, but speaks for n1 only
+
+
+def test_a_report_not_signed_by_its_node_is_not_recorded() -> None:
+    collector = ReportCollector("127.0.0.1", "s5", KEY)
+    try:
+        forged_results(collector)
+        Reporter(collector.address, 5.0, KEY, "n3").send({"type": "result", "session": "s5", "node": "n3", "ok": True})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and ("n3" not in collector.results or collector.refused < 3):
+            time.sleep(0.02)
+        assert list(collector.results) == ["n3"]  # the genuine one, after the three forged ones
+        assert collector.refused == 3 and collector.lost == {}
+    finally:
+        collector.close()
+
+
+def test_a_server_without_the_key_gets_no_question_answered_for_it() -> None:
+    """A machine that took the server's report address: its answer is not believed."""
+    collector = ReportCollector("127.0.0.1", "s6", os.urandom(32), {"n2": "ready"}.get)
+    try:
+        assert Reporter(collector.address, 5.0, KEY, "n1").ask({"type": "start", "session": "s6", "node": "n2",
+                                                                 "by": "n1"}) is None  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not collector.refused:
+            time.sleep(0.02)
+        assert collector.refused == 1  # nor did it believe the node (its key is another)
     finally:
         collector.close()
