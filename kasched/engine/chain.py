@@ -39,6 +39,7 @@ from kasched.engine.chain_wire import (
     ProtocolError,
     Superseded,
     accept_as,
+    no_delay,
     recv_frame,
     seal,
     send_frame,
@@ -177,6 +178,7 @@ class ReportCollector:
             with conn:
                 try:
                     conn.settimeout(5.0)
+                    no_delay(conn)
                     peer, binding = accept_as(conn, self.key, SERVER)
                     kind, payload = recv_frame(conn)
                     if kind != HEADER:
