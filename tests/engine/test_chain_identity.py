@@ -180,7 +180,10 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize(("mode", "index"), [*((mode, 3) for mode in MODES), ("answers the handshake under a key of its own", 0)])
+CASES = [*((mode, 3) for mode in MODES), ("answers the handshake under a key of its own", 0)]  # 0: the server's successor
+
+
+@pytest.mark.parametrize(("mode", "index"), CASES)
 def test_a_machine_holding_a_nodes_address_gets_nothing_and_that_node_fails(
     agents: AgentGroup, collectors: list[ReportCollector], tmp_path: Path, mode: str, index: int
 ) -> None:
