@@ -284,9 +284,12 @@ def broadcast(
         forwarder = Forwarder(config, successors, _server_note(collector), key, SERVER,
                               pacing_rate=options.source_rate or 0.0, start_state=start_state)  # fmt: skip
         forwarder.attach(0)
+        sent = expected_sha256  # what the nodes must report having: the catalogue's, or what was sent
         if forwarder.sock is not None:  # else no node answered: all are reported lost already
             try:
-                _send_stream(source, forwarder, expected_sha256, options.rate_limit, deadline)
+                end = _send_stream(source, forwarder, expected_sha256, options.rate_limit)
+                sent = END_PAYLOAD.unpack(end)[0].hex()
+                forwarder.finish(end, deadline)
             except DeadlinePassed as error:  # the nodes not done are reported so
                 forwarder.abort(str(error))
         collector.wait([n.name for n in chain], deadline, options.lost_grace, options.lost_settle)
@@ -294,7 +297,7 @@ def broadcast(
         raise DriverError(f"broadcast failed at the source: {error}") from error
     finally:
         collector.close()
-    return _results(nodes, collector, time.monotonic() - started)
+    return _results(nodes, collector, time.monotonic() - started, sent)
 
 
 def check_options(options: BroadcastOptions) -> None:
@@ -309,19 +312,16 @@ def check_options(options: BroadcastOptions) -> None:
 
 
 def _send_stream(
-    source: str | Path | BinaryIO,
-    forwarder: Forwarder,
-    expected_sha256: str | None,
-    rate: float | None,
-    deadline: float,
-) -> None:
+    source: str | Path | BinaryIO, forwarder: Forwarder, expected_sha256: str | None, rate: float | None
+) -> bytes:
+    """Send the whole source; the end of stream's payload (the sha256 the nodes must find, the length)."""
     try:
         digest, total = _pump(source, forwarder, rate)
     except OSError as error:
         forwarder.abort(f"the server could not read the image: {error}")  # the agents stop now
         raise
     expected = bytes.fromhex(expected_sha256) if expected_sha256 else digest
-    forwarder.finish(END_PAYLOAD.pack(expected, total), deadline)
+    return END_PAYLOAD.pack(expected, total)
 
 
 FILL_SHARE = 0.05  # the share of the stream's time that the per-hop delays may add up to
@@ -394,17 +394,22 @@ def _pump(source: str | Path | BinaryIO, forwarder: Forwarder, rate_limit: float
     return hasher.digest(), total
 
 
-def _results(nodes: Sequence[ChainNode], collector: ReportCollector, elapsed: float) -> GroupResult:
+def _results(nodes: Sequence[ChainNode], collector: ReportCollector, elapsed: float, sent: str | None) -> GroupResult:
+    """One result per node. A node is ok only if it says so and the sha256 it reports is ``sent``'s:
+    a machine relaying a chain connection could change the stream and the end of stream's sha256 to
+    match, but not a node's report (signed with the key)."""
     group = GroupResult()
     for node in nodes:
         report = collector.results.get(node.name)
         if report is not None:
-            value = ChainReport(int(report.get("bytes", 0)), report.get("sha256", ""), report.get("sink_status"))
-            error = report.get("error")
+            value = ChainReport(int(report.get("bytes", 0)), str(report.get("sha256", "")), report.get("sink_status"))
+            ok, error = bool(report.get("ok")), report.get("error")
+            if ok and sent is not None and value.sha256.lower() != sent.lower():
+                ok, error = False, f"sha256 mismatch: got {value.sha256}, the server sent {sent.lower()}"
             if error:
                 kind = IntegrityError if error.startswith("sha256 mismatch") else DriverError
                 error = str(kind(error, field=node.name) if kind is IntegrityError else kind(error, node=node.name))
-            group.add(NodeResult(node.name, bool(report["ok"]), STEP, error, elapsed, value))
+            group.add(NodeResult(node.name, ok, STEP, error, elapsed, value))
             continue
         if node.name in collector.lost:
             error = DriverError(f"lost: {collector.lost[node.name][1]}", node=node.name)

@@ -21,7 +21,16 @@ from sshd_nodes import SshdCluster, free_port
 from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
 from kasched.engine.chain_agent import SINK_PIPE
 from kasched.engine.chain_ssh import broadcast_over_ssh, new_key
-from kasched.engine.chain_wire import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
+from kasched.engine.chain_wire import (
+    DATA,
+    END,
+    END_PAYLOAD,
+    FRAME,
+    ProtocolError,
+    ReplayBuffer,
+    recv_exact,
+    split_address,
+)
 from kasched.engine.ssh_session import SshAuth
 from kasched.errors import InputError
 
@@ -370,11 +379,14 @@ def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp
 
 
 class CorruptingProxy:
-    """Forwards one chain connection, frame by frame, flipping one byte of the stream's payload."""
+    """Forwards one chain connection, frame by frame (the handshake too: it cannot make one, it
+    relays it), flipping one byte of the stream's payload; with ``forge_end``, it also puts the sha256
+    of what it sent on into the end of stream, so the nodes behind it find what they got right."""
 
-    def __init__(self, target: str, flip_at: int) -> None:
+    def __init__(self, target: str, flip_at: int, forge_end: bool = False) -> None:
         self.target = split_address(target)
         self.flip_at = flip_at
+        self.forge_end = forge_end
         self.listener = socket.create_server(("127.42.8.1", 0))
         self.address = "{}:{}".format(*self.listener.getsockname()[:2])
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -386,7 +398,7 @@ class CorruptingProxy:
         downstream = socket.create_connection(self.target, timeout=30)
         upstream.settimeout(30)
         threading.Thread(target=self._backward, args=(downstream, upstream), daemon=True).start()
-        seen = 0
+        seen, hasher = 0, hashlib.sha256()
         with contextlib.suppress(OSError, ProtocolError):
             while True:
                 header = recv_exact(upstream, FRAME.size)
@@ -394,7 +406,11 @@ class CorruptingProxy:
                 payload = bytearray(recv_exact(upstream, size))
                 if kind == DATA and seen <= self.flip_at < seen + size:
                     payload[self.flip_at - seen] ^= 0xFF
-                seen += size if kind == DATA else 0
+                if kind == DATA:
+                    seen += size
+                    hasher.update(payload)
+                if kind == END and self.forge_end:
+                    payload = bytearray(END_PAYLOAD.pack(hasher.digest(), seen))
                 downstream.sendall(header + payload)
 
     @staticmethod
@@ -415,6 +431,25 @@ def test_a_byte_corrupted_between_two_nodes_is_reported_downstream(agents: Agent
     for name in ["a03", "a04", "a05"]:
         assert "sha256 mismatch" in (result[name].error or "")
         assert result[name].value.sha256 != sha256_file(image)
+
+
+@pytest.mark.slow
+def test_a_stream_changed_on_the_way_with_its_end_of_stream_is_caught_by_the_server(
+    agents: AgentGroup, tmp_path: Path
+) -> None:
+    """A machine relaying a chain connection (it passes the handshake on: it holds no key) changes a
+    byte and the end of stream's sha256 to match: the nodes behind it find nothing wrong, but their
+    signed reports give the sha256 of what they got, and the server fails them."""
+    image = random_image(tmp_path / "disk.img", 4)
+    nodes = list(agents.nodes[:5])
+    proxy = CorruptingProxy(nodes[2].address, flip_at=3 << 20, forge_end=True)
+    nodes[2] = ChainNode(nodes[2].name, proxy.address)
+    result = broadcast(image, nodes, {"kind": "discard"}, key=agents.key, options=FAST, ordered=False)
+    assert result.succeeded == ["a01", "a02"]
+    for name in ["a03", "a04", "a05"]:
+        assert f"sha256 mismatch: got {result[name].value.sha256}, the server sent {sha256_file(image)}" in (
+            result[name].error or ""
+        )  # fmt: skip
 
 
 @pytest.mark.slow
