@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from chain_agents import AgentGroup
+from sshd_nodes import SshdCluster
 
 from kasched.engine import chain
-from kasched.engine.chain import BroadcastOptions, ReportCollector, broadcast
+from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast
+from kasched.engine.chain_ssh import new_key, start_agents
 from kasched.engine.chain_wire import (
     CHALLENGE,
     DATA,
@@ -37,6 +39,7 @@ from kasched.engine.chain_wire import (
     sign,
     split_address,
 )
+from kasched.engine.ssh_session import SshAuth
 
 FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
 IDENTITY = "did not prove it is {} (wrong key: another machine may hold its address)"
@@ -241,3 +244,28 @@ def test_a_machine_without_the_key_cannot_feed_a_node_a_stream(agents: AgentGrou
                        key=agents.key, options=FAST)  # fmt: skip
     assert result.ok, {name: r.error for name, r in result.items()}
     assert (tmp_path / f"{node.name}.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.slow
+def test_the_key_reaches_a_node_only_inside_its_ssh_session(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
+    """While the agents run (each under the shell of its preparation, as in a deployment), no process
+    of the host has the broadcast's key on its command line or in its environment; the agents hold it
+    all the same: a broadcast with it reaches them."""
+    names = sshd_cluster.nodes[:2]
+    nodes = [ChainNode(name, "{}:0".format(sshd_cluster.addresses[name].split(":")[0])) for name in names]
+    auth = SshAuth.from_key_file("root", str(sshd_cluster.key_file))
+    key = new_key()
+    with start_agents(nodes, sshd_cluster.addresses, auth, key=key, prepare=lambda node: "true") as launch:
+        assert [node.name for node in launch.ready] == names, launch.failed
+        shown = []
+        for proc in Path("/proc").iterdir():
+            for part in ("cmdline", "environ"):
+                with contextlib.suppress(OSError):
+                    if key.hex().encode() in (proc / part).read_bytes():
+                        shown.append(f"{proc.name}/{part}")
+        assert shown == []
+        image = tmp_path / "disk.img"
+        image.write_bytes(os.urandom(1 << 20))
+        result = broadcast(image, launch.ready, {"kind": "discard"}, key=launch.key, options=FAST)
+        launch.close(failed=set(result.failed))
+    assert launch.key == key and result.ok, {name: r.error for name, r in result.items()}
