@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from labkit import ratio_line
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
+from kasched.engine.chain_ssh import AGENT_FLAGS, agent_program, new_key
 
 
 class FramedReader:
@@ -48,7 +48,7 @@ class FramedReader:
         return self.handle.read(self.piece)
 
 
-def start_agents(count: int) -> tuple[list[subprocess.Popen[bytes]], list[ChainNode]]:
+def start_agents(count: int, key: bytes) -> tuple[list[subprocess.Popen[bytes]], list[ChainNode]]:
     processes, nodes = [], []
     for index in range(count):
         name = f"b{index + 1:02d}"
@@ -56,7 +56,7 @@ def start_agents(count: int) -> tuple[list[subprocess.Popen[bytes]], list[ChainN
                 "--name", name, "--accept-timeout", "60"]  # fmt: skip
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert process.stdin is not None
-        process.stdin.write(AGENT_SOURCE)  # the program shipped to nodes, as over SSH
+        process.stdin.write(agent_program(key))  # the program shipped to nodes, as over SSH
         process.stdin.close()
         processes.append(process)
     try:
@@ -96,12 +96,14 @@ def cpu_seconds(processes: list[subprocess.Popen[bytes]]) -> float:
 
 def one_run(image: Path, work: Path, nodes_count: int, piece: int, rate: float) -> float:
     """CPU ms per MiB and node for one broadcast in frames of ``piece`` bytes."""
-    processes, nodes = start_agents(nodes_count)
+    key = new_key()
+    processes, nodes = start_agents(nodes_count, key)
     try:
         before = cpu_seconds(processes)
         with image.open("rb") as handle:
             sink = {"kind": "raw", "dest": str(work / "{node}.img")}
-            result = broadcast(FramedReader(handle, piece), nodes, sink, options=BroadcastOptions(rate_limit=rate))
+            result = broadcast(FramedReader(handle, piece), nodes, sink, key=key,
+                               options=BroadcastOptions(rate_limit=rate))  # fmt: skip
         time.sleep(0.2)  # the agents exit right after their report
         spent = cpu_seconds(processes) - before
     finally:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from labkit import ratio_line
 
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
+from kasched.engine.chain_ssh import AGENT_FLAGS, agent_program, new_key
 
 SYSTEM_PYTHON = shutil.which("python3", path=os.defpath) or "python3"
 ARGS = ["-", "--listen", "127.0.0.1:0", "--name", "bench", "--accept-timeout", "0.001"]
@@ -55,9 +55,10 @@ def main() -> None:
         parser.error("--starts must be at least 1")
     if shutil.which(args.python) is None:
         parser.error(f"--python {args.python!r}: no such executable")
+    program = agent_program(new_key())  # the program shipped to a node, its key written in
     ways = {
-        "default": ([args.python, *ARGS], AGENT_SOURCE),
-        "isolated": ([args.python, *AGENT_FLAGS.split(), *ARGS], AGENT_SOURCE),
+        "default": ([args.python, *ARGS], program),
+        "isolated": ([args.python, *AGENT_FLAGS.split(), *ARGS], program),
         "bare interpreter": ([args.python, "-I", "-S", "-c", "pass"], b""),
     }
     spent = dict.fromkeys(ways, 0.0)

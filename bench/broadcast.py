@@ -101,7 +101,7 @@ def time_chain(image: Path, count: int, rate: float | None, sink: dict[str, str]
     try:
         options = BroadcastOptions(timeout=300.0, stall_timeout=30.0, rate_limit=rate)
         started = time.monotonic()
-        result = broadcast(image, agents.nodes, sink, options=options)
+        result = broadcast(image, agents.nodes, sink, key=agents.key, options=options)
         elapsed = time.monotonic() - started
     finally:
         agents.stop()

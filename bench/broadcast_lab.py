@@ -120,7 +120,7 @@ class Bench:
             cpu = labkit.CpuMeter()
             if during:
                 threading.Thread(target=during, daemon=True).start()
-            sent = broadcast(image or self.image, launch.ready, {"kind": "discard"},
+            sent = broadcast(image or self.image, launch.ready, {"kind": "discard"}, key=launch.key,
                              options=options or BroadcastOptions(), ordered=ordered)  # fmt: skip
             streamed, busy = time.monotonic(), cpu.busy()
             launch.close(failed=set(sent.failed))

@@ -72,7 +72,7 @@ class Start:
         with launch:
             if launch.failed:
                 raise SystemExit(f"agents failed: {[r.error for r in launch.failed.values()][:4]}")
-            sent = broadcast(self.image, launch.ready, SINK, options=BroadcastOptions())
+            sent = broadcast(self.image, launch.ready, SINK, key=launch.key, options=BroadcastOptions())
             launch.close(failed=set(sent.failed))
         if sent.failed or len(sent) != count:
             raise SystemExit(f"broadcast failed: {[sent[n].error for n in sent.failed][:4]}")

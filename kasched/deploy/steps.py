@@ -25,12 +25,12 @@ from typing import Any
 
 from kasched import imagestore
 from kasched.bootkeys import BootKeys
-from kasched.deploy.nodes import SYSTEM_PROBE, NodeShell, checked, stdout_of
+from kasched.deploy.nodes import NO_PIN, SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
 from kasched.engine.chain import BroadcastOptions, ChainNode
 from kasched.engine.chain_ssh import broadcast_over_ssh
-from kasched.engine.ssh_session import CommandOutput, SshAuth
+from kasched.engine.ssh_session import CommandOutput
 from kasched.errors import KaschedError
 from kasched.partition_digest import BlockList
 from kasched.partition_verify import PartitionCheck
@@ -431,10 +431,17 @@ class _CountingReader:
         return int(self.handle.fileno())
 
 
-def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMeter | None = None) -> GroupResult:
+def _send_one_chain(ctx: StepContext, chain: list[ChainNode], meter: TransferMeter | None = None) -> GroupResult:
+    unpinned = GroupResult()
+    for node in chain:  # the agents are started only over sessions pinned to the node's boot key
+        if node.name not in ctx.shell.pins:
+            unpinned.add(NodeResult(node.name, False, "broadcast", f"broadcast: {NO_PIN}"))
+    nodes = [node for node in chain if node.name not in unpinned]
+    if not nodes:
+        return unpinned
     sink = sink_for(ctx, partition_device(ctx, nodes[0].name))
     location = ctx.env.image_location
-    auth = SshAuth.from_key_file("root", str(ctx.shell.key_file))
+    auth = ctx.shell.auth([node.name for node in nodes])
     addresses = {node.name: ctx.targets[node.name].ip for node in nodes}
 
     def send(source: Any) -> GroupResult:
@@ -447,12 +454,14 @@ def _send_one_chain(ctx: StepContext, nodes: list[ChainNode], meter: TransferMet
 
     try:  # kaschedd's copy, opened without following a link (the pre-deploy check verified it)
         with os.fdopen(imagestore.open_image(location), "rb") as image:
-            return send(image)
+            results = send(image)
     except (KaschedError, OSError) as error:
-        failed = GroupResult()
+        results = GroupResult()
         for node in nodes:
-            failed.add(NodeResult(node.name, False, "broadcast", f"broadcast: {error}"))
-        return failed
+            results.add(NodeResult(node.name, False, "broadcast", f"broadcast: {error}"))
+    for result in unpinned.values():
+        results.add(result)
+    return results
 
 
 # --- Configuring the written system ----------------------------------------------------------------

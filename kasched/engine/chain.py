@@ -3,15 +3,18 @@ ordered by switch then rack then name (one crossing per switch uplink); each nod
 sink while forwarding it (:mod:`kasched.engine.chain_agent`), checks its sha256 and reports here.
 
 The agents must already listen on their nodes (started over SSH by the deployment workflow, e.g.
-with :func:`kasched.engine.tree.run` and :func:`agent_command`). A node that dies mid-stream is
-bypassed by its predecessor and reported failed; the others still get the whole stream.
+with :func:`kasched.engine.chain_ssh.start_agents`), each holding the broadcast's key. A node that
+dies mid-stream is bypassed by its predecessor and reported failed; the others still get the whole
+stream. Every chain connection, and every report to the server, opens with a handshake in which both
+ends prove they hold the key (``chain_wire.connect_as``): a machine that took a node's address gets
+nothing and its node is reported failed; a report not signed with the key is not recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import logging
 import os
 import re
 import shlex
@@ -29,18 +32,25 @@ from kasched.engine.chain_wire import (
     CHUNK,
     END_PAYLOAD,
     HEADER,
+    KEY_BYTES,
+    SERVER,
     DeadlinePassed,
     Forwarder,
     ProtocolError,
     Superseded,
+    accept_as,
+    no_delay,
     recv_frame,
+    seal,
     send_frame,
+    unseal,
 )
 from kasched.errors import DriverError, DriverTimeout, InputError, IntegrityError
 from kasched.results import GroupResult, NodeResult
 
 STEP = "broadcast"
 AGENT_MODULE = "kasched.engine.chain_agent"
+LOG = logging.getLogger(__name__)
 
 
 class Placed(Protocol):
@@ -88,7 +98,8 @@ def order_chain(nodes: Iterable[PlacedT]) -> list[PlacedT]:
 
 
 def agent_command(listen: str, name: str, python: str = "python3", accept_timeout: float = 120.0) -> str:
-    """The shell command that starts an agent on a node (kasched importable there)."""
+    """The shell command that starts an agent on a node (kasched importable there); the broadcast's
+    key goes on its stdin, one line of hex (never on the command line: other users see that)."""
     return (
         f"{shlex.quote(python)} -m {AGENT_MODULE} --listen {shlex.quote(listen)} --name {shlex.quote(name)}"
         f" --accept-timeout {accept_timeout:g}"
@@ -134,13 +145,17 @@ StartState = Callable[[str], "str | None"]  # a node's name -> STARTING, "ready"
 
 
 class ReportCollector:
-    """Listens for the nodes' reports: one JSON frame per connection. A ``start`` message is a
-    question (is this node's agent still starting?), answered on the same connection from
-    ``start_state``."""
+    """Listens for the nodes' reports: one signed JSON frame per connection, after the handshake
+    (``chain_wire.accept_as``: the node proves it holds the broadcast's ``key``, the server too). A
+    ``start`` message is a question (is this node's agent still starting?), answered on the same
+    connection from ``start_state``. A report without the key's proof, or about another node than
+    the one that sent it, is not recorded: it is counted in ``refused`` and logged."""
 
-    def __init__(self, host: str | None, session: str, start_state: StartState | None = None) -> None:
+    def __init__(self, host: str | None, session: str, key: bytes, start_state: StartState | None = None) -> None:
         self.session = session
+        self.key = key
         self.start_state = start_state
+        self.refused = 0
         self.listener = socket.create_server((host or "", 0), backlog=128)
         self.listener.settimeout(0.2)
         port = self.listener.getsockname()[1]
@@ -163,20 +178,34 @@ class ReportCollector:
             with conn:
                 try:
                     conn.settimeout(5.0)
+                    no_delay(conn)
+                    peer, binding = accept_as(conn, self.key, SERVER)
                     kind, payload = recv_frame(conn)
-                    if kind == HEADER:
-                        self._take(conn, json.loads(payload))
-                except (OSError, ProtocolError, ValueError):
-                    continue
+                    if kind != HEADER:
+                        raise ProtocolError(f"expected a report, got frame {kind!r}")
+                    self._take(conn, peer, binding, unseal(self.key, binding, "report", payload))
+                except (OSError, ProtocolError, ValueError) as error:
+                    self._refuse(conn, error)
 
-    def _take(self, conn: socket.socket, message: dict[str, Any]) -> None:
+    def _refuse(self, conn: socket.socket, error: Exception) -> None:
+        with self.changed:
+            self.refused += 1
+        where = "an unknown address"
+        with contextlib.suppress(OSError):
+            where = "{}:{}".format(*conn.getpeername()[:2])
+        LOG.warning("chain broadcast %s: a report from %s not recorded: %s", self.session, where, error)
+
+    def _take(self, conn: socket.socket, peer: str, binding: bytes, message: dict[str, Any]) -> None:
+        sender = message.get("node") if message.get("type") == "result" else message.get("by")
+        if sender != peer:  # every node holds the key: each speaks for itself only
+            raise ProtocolError(f"{peer!r} sent a message as {sender!r}")
         if message.get("type") != "start":
             self.record(message)
             return
         state = None  # another session's node, or no start under way: not known here
         if self.start_state is not None and message.get("session") == self.session:
             state = self.start_state(str(message.get("node")))
-        send_frame(conn, HEADER, json.dumps({"state": state}).encode())
+        send_frame(conn, HEADER, seal(self.key, binding, "answer", {"state": state}))
 
     def record(self, message: dict[str, Any]) -> None:
         if message.get("session") != self.session:
@@ -217,12 +246,16 @@ def broadcast(
     nodes: Sequence[ChainNode],
     sink: dict[str, Any],
     *,
+    key: bytes,
     expected_sha256: str | None = None,
     options: BroadcastOptions | None = None,
     ordered: bool = True,
     start_state: StartState | None = None,
 ) -> GroupResult:
-    """Send ``source`` (a path or a binary file object) once through the chain of ``nodes``.
+    """Send ``source`` (a path or a binary file object) once through the chain of ``nodes``, whose
+    agents were given ``key`` (``chain_wire.KEY_BYTES`` random bytes, this broadcast's own) when they
+    started: only the agent that proves it holds the key under a node's name receives the stream
+    meant for that node.
 
     ``sink`` says where each node writes it (see :class:`~kasched.engine.chain_agent.Sink`).
     ``expected_sha256`` (the image catalogue's) is what nodes check against; by default the sha256
@@ -235,23 +268,28 @@ def broadcast(
     """
     options = options or BroadcastOptions()
     check_options(options)
+    if len(key) < KEY_BYTES:
+        raise InputError(f"a key of {len(key)} bytes: expected {KEY_BYTES} random bytes", field="key")
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
         raise InputError(f"not a sha256: {expected_sha256!r}", field="expected_sha256")
     chain = order_chain(nodes) if ordered else list(nodes)
     started = time.monotonic()
     deadline = started + options.timeout
     session = uuid.uuid4().hex
-    collector = ReportCollector(options.report_host, session, start_state)
+    collector = ReportCollector(options.report_host, session, key, start_state)
     try:
         low_water = options.low_water or low_water_for(_size_of(source), len(chain))
         config = _session_config(session, sink, options, collector.address) | {"low_water": low_water}
         successors = [[n.name, n.address] for n in chain]
-        forwarder = Forwarder(config, successors, _server_note(collector), pacing_rate=options.source_rate or 0.0,
-                              start_state=start_state)  # fmt: skip
+        forwarder = Forwarder(config, successors, _server_note(collector), key, SERVER,
+                              pacing_rate=options.source_rate or 0.0, start_state=start_state)  # fmt: skip
         forwarder.attach(0)
+        sent = expected_sha256  # what the nodes must report having: the catalogue's, or what was sent
         if forwarder.sock is not None:  # else no node answered: all are reported lost already
             try:
-                _send_stream(source, forwarder, expected_sha256, options.rate_limit, deadline)
+                end = _send_stream(source, forwarder, expected_sha256, options.rate_limit)
+                sent = END_PAYLOAD.unpack(end)[0].hex()
+                forwarder.finish(end, deadline)
             except DeadlinePassed as error:  # the nodes not done are reported so
                 forwarder.abort(str(error))
         collector.wait([n.name for n in chain], deadline, options.lost_grace, options.lost_settle)
@@ -259,7 +297,7 @@ def broadcast(
         raise DriverError(f"broadcast failed at the source: {error}") from error
     finally:
         collector.close()
-    return _results(nodes, collector, time.monotonic() - started)
+    return _results(nodes, collector, time.monotonic() - started, sent)
 
 
 def check_options(options: BroadcastOptions) -> None:
@@ -274,19 +312,16 @@ def check_options(options: BroadcastOptions) -> None:
 
 
 def _send_stream(
-    source: str | Path | BinaryIO,
-    forwarder: Forwarder,
-    expected_sha256: str | None,
-    rate: float | None,
-    deadline: float,
-) -> None:
+    source: str | Path | BinaryIO, forwarder: Forwarder, expected_sha256: str | None, rate: float | None
+) -> bytes:
+    """Send the whole source; the end of stream's payload (the sha256 the nodes must find, the length)."""
     try:
         digest, total = _pump(source, forwarder, rate)
     except OSError as error:
         forwarder.abort(f"the server could not read the image: {error}")  # the agents stop now
         raise
     expected = bytes.fromhex(expected_sha256) if expected_sha256 else digest
-    forwarder.finish(END_PAYLOAD.pack(expected, total), deadline)
+    return END_PAYLOAD.pack(expected, total)
 
 
 FILL_SHARE = 0.05  # the share of the stream's time that the per-hop delays may add up to
@@ -359,17 +394,22 @@ def _pump(source: str | Path | BinaryIO, forwarder: Forwarder, rate_limit: float
     return hasher.digest(), total
 
 
-def _results(nodes: Sequence[ChainNode], collector: ReportCollector, elapsed: float) -> GroupResult:
+def _results(nodes: Sequence[ChainNode], collector: ReportCollector, elapsed: float, sent: str | None) -> GroupResult:
+    """One result per node. A node is ok only if it says so and the sha256 it reports is ``sent``'s:
+    a machine relaying a chain connection could change the stream and the end of stream's sha256 to
+    match, but not a node's report (signed with the key)."""
     group = GroupResult()
     for node in nodes:
         report = collector.results.get(node.name)
         if report is not None:
-            value = ChainReport(int(report.get("bytes", 0)), report.get("sha256", ""), report.get("sink_status"))
-            error = report.get("error")
+            value = ChainReport(int(report.get("bytes", 0)), str(report.get("sha256", "")), report.get("sink_status"))
+            ok, error = bool(report.get("ok")), report.get("error")
+            if ok and sent is not None and value.sha256.lower() != sent.lower():
+                ok, error = False, f"sha256 mismatch: got {value.sha256}, the server sent {sent.lower()}"
             if error:
                 kind = IntegrityError if error.startswith("sha256 mismatch") else DriverError
                 error = str(kind(error, field=node.name) if kind is IntegrityError else kind(error, node=node.name))
-            group.add(NodeResult(node.name, bool(report["ok"]), STEP, error, elapsed, value))
+            group.add(NodeResult(node.name, ok, STEP, error, elapsed, value))
             continue
         if node.name in collector.lost:
             error = DriverError(f"lost: {collector.lost[node.name][1]}", node=node.name)

@@ -2,9 +2,10 @@
 sink (untar into a directory, or raw into a file/device), forward it to the successor (with
 :mod:`kasched.engine.chain_wire`'s :class:`Forwarder`), check its sha256 and report to the server.
 Standard library only: run it as ``python3 -m kasched.engine.chain_agent --listen HOST:PORT --name
-NODE``, or ship it over SSH as one program, ``chain_wire``'s source followed by this one's without
-its import of ``chain_wire`` (``chain_ssh.AGENT_SOURCE``, read by ``python3 - --listen ...``). The
-protocol is described in ``docs/engine-transports.md``.
+NODE`` with the broadcast's key on stdin (one line of hex), or ship it over SSH as one program,
+``chain_wire``'s source followed by this one's without its import of ``chain_wire``, the key written
+into it (``chain_ssh.agent_program(key)``, read by ``python3 - --listen ...``). The protocol is
+described in ``docs/engine-transports.md``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ from kasched.engine.chain_wire import (
     END,
     END_PAYLOAD,
     FRAME,
+    HANDSHAKE_TIMEOUT,
     HEADER,
     KEEPALIVE,
+    KEY_BYTES,
     OFFSET,
     OFFSET_REPLY,
+    SERVER,
     SOCKET_BUFFER,
     SUPERSEDED,
     DeadlinePassed,
@@ -43,11 +47,15 @@ from kasched.engine.chain_wire import (
     ProtocolError,
     Superseded,
     UpstreamLost,
+    accept_as,
+    connect_as,
     no_delay,
     recv_frame,
+    seal,
     send_frame,
     set_buffer,
     split_address,
+    unseal,
 )
 
 # bundle: end
@@ -65,6 +73,9 @@ RATE_WINDOW = 0.25  # seconds over which the arrival rate is measured
 TAR_FLAGS = {"gz": ["--gzip"], "xz": ["--xz"], "zst": ["--zstd"], "none": []}
 BIND_RETRY = 3.0  # seconds an agent tries again to listen on an address in use (an earlier one ending)
 SESSION_GONE = 4  # the exit status of an agent whose session went away (nobody reads it then)
+# the broadcast's key (hex): chain_ssh.agent_program() writes it here in the program it ships over the
+# node's SSH session (never on a command line, which every user of the node sees); empty: read on stdin
+BROADCAST_KEY = ""
 
 
 # --- sinks ------------------------------------------------------------------------------------------
@@ -165,29 +176,40 @@ class Sink:
 
 
 class Reporter:
-    """Send one JSON message per connection to the server's report address (best effort)."""
+    """Send one signed JSON message per connection to the server's report address (best effort),
+    after the handshake in which we, ``me``, and the server prove we hold the broadcast's ``key``."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, key: bytes, me: str) -> None:
         self.address = address
         self.timeout = timeout
+        self.key, self.me = key, me
+
+    def _open(self, message: dict[str, Any]) -> tuple[socket.socket, bytes]:
+        sock = socket.create_connection(split_address(self.address), timeout=self.timeout)
+        try:
+            no_delay(sock)  # the proof then the report, two small frames: neither waits for an ack
+            binding = connect_as(sock, self.key, self.me, SERVER, self.address)
+            send_frame(sock, HEADER, seal(self.key, binding, "report", message))
+        except BaseException:
+            sock.close()
+            raise
+        return sock, binding
 
     def send(self, message: dict[str, Any]) -> None:
         try:
-            with socket.create_connection(split_address(self.address), timeout=self.timeout) as sock:
-                send_frame(sock, HEADER, json.dumps(message).encode())
-        except OSError as error:
+            self._open(message)[0].close()
+        except (OSError, ProtocolError) as error:
             print(f"chain agent: cannot report to {self.address}: {error}", file=sys.stderr)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """Send ``message`` and read the server's one-frame answer; None if there is none."""
+        """Send ``message`` and read the server's one-frame answer (signed too); None if there is none."""
         try:
-            with socket.create_connection(split_address(self.address), timeout=self.timeout) as sock:
-                send_frame(sock, HEADER, json.dumps(message).encode())
+            sock, binding = self._open(message)
+            with sock:
                 kind, payload = recv_frame(sock)
-                answer = json.loads(payload) if kind == HEADER else None
+                return unseal(self.key, binding, "answer", payload) if kind == HEADER else None
         except (OSError, ProtocolError, ValueError):
             return None
-        return answer if isinstance(answer, dict) else None
 
 
 class Pacer:
@@ -219,9 +241,10 @@ class Agent:
     """One node of the chain: accepts the stream, sinks it, forwards it, reports. A thread sends
     keepalives upstream so that a predecessor blocked by backpressure knows we are alive."""
 
-    def __init__(self, listener: socket.socket, name: str) -> None:
+    def __init__(self, listener: socket.socket, name: str, key: bytes) -> None:
         self.listener = listener
         self.name = name
+        self.key = key
         self.upstream: socket.socket | None = None
         self.upstream_lock = threading.Lock()
         self.abandoned: list[socket.socket] = []
@@ -258,10 +281,13 @@ class Agent:
                 self.upstream.send(FRAME.pack(kind, 0), socket.MSG_DONTWAIT)
 
     def _accept_header(self) -> dict[str, Any] | None:
-        """Accept a connection; if it opens our session (or a first one), make it the upstream."""
+        """Accept a connection; if its peer proves it holds the broadcast's key (``accept_as``) and
+        opens our session (or a first one), make it the upstream."""
         conn, _ = self.listener.accept()
         try:
             no_delay(conn)
+            conn.settimeout(min(self.stall, HANDSHAKE_TIMEOUT))
+            accept_as(conn, self.key, self.name)
             conn.settimeout(self.stall)
             kind, payload = recv_frame(conn)
             header = json.loads(payload)
@@ -367,7 +393,7 @@ def serve(agent: Agent, accept_timeout: float) -> dict[str, Any]:
     agent.accept_first(accept_timeout)
     config = agent.config
     deadline = time.monotonic() + float(config["timeout"])
-    reporter = Reporter(config["report"], agent.stall)
+    reporter = Reporter(config["report"], agent.stall, agent.key, agent.name)
     session = config["session"]
     result: dict[str, Any] = {"type": "result", "session": session, "node": agent.name, "error": None, "lost": []}
 
@@ -376,10 +402,10 @@ def serve(agent: Agent, accept_timeout: float) -> dict[str, Any]:
         reporter.send({"type": "lost", "session": session, "node": node, "by": agent.name, "error": error})
 
     def start_state(node: str) -> str | None:  # a successor that refuses connections: still starting?
-        answer = reporter.ask({"type": "start", "session": session, "node": node})
+        answer = reporter.ask({"type": "start", "session": session, "node": node, "by": agent.name})
         return None if answer is None else answer.get("state")
 
-    forwarder = Forwarder(config, config["chain"], note_lost, start_state=start_state)
+    forwarder = Forwarder(config, config["chain"], note_lost, agent.key, agent.name, start_state=start_state)
     forwarder.attach(0)
     sink = Sink(config["sink"], agent.name)
     end = b""
@@ -416,7 +442,7 @@ def _verify(end: tuple[bytes, int], have: int, sha256: str, sink: Sink) -> str |
     return sink.error
 
 
-USAGE = "usage: chain_agent --listen HOST:PORT --name NODE [--accept-timeout SECONDS]"
+USAGE = "usage: chain_agent --listen HOST:PORT --name NODE [--accept-timeout SECONDS] (the key in hex on stdin)"
 
 
 def _parse_args(argv: list[str]) -> dict[str, str]:
@@ -474,11 +500,23 @@ def end_with_session(fd: int) -> None:
             return
 
 
+def _key(text: str) -> bytes:
+    """The broadcast's key from its hex (the program's BROADCAST_KEY, or the line on stdin)."""
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        key = b""
+    if len(key) < KEY_BYTES:
+        raise ValueError(f"no broadcast key: expected {KEY_BYTES} bytes in hex on stdin\n{USAGE}")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         options = _parse_args(sys.argv[1:] if argv is None else argv)
         accept_timeout = _seconds(options["--accept-timeout"])
         listen, name = _listen_address(options["--listen"]), options["--name"]
+        key = _key(BROADCAST_KEY or (sys.stdin.readline() if sys.stdin else ""))
     except ValueError as error:
         print(f"chain agent: {error}", file=sys.stderr)
         return 2
@@ -491,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ready {host}:{port}", flush=True)
     threading.Thread(target=end_with_session, args=(sys.stdout.fileno(),), name="session", daemon=True).start()
     try:
-        result = serve(Agent(listener, name), accept_timeout)
+        result = serve(Agent(listener, name, key), accept_timeout)
     except ProtocolError as error:
         print(f"chain agent {name}: {error}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """Start chain agents on nodes over SSH, shipping the agent itself: ``python3 - --listen ...`` with
 the source of :mod:`kasched.engine.chain_agent` sent on stdin, so nodes need only python3. Then
-broadcast to the agents that started; the others are failed results.
+broadcast to the agents that started; the others are failed results. The program sent holds the
+broadcast's key (:func:`agent_program`): it reaches each node only over that node's SSH session (with
+pinned host keys, the genuine node), and every chain connection proves it (``chain_wire.connect_as``).
 
 A node may have to be prepared before it receives (its partition made and mounted): ``prepare`` gives
 each node a shell command that runs in the same SSH session, while its agent starts. The agent's start
@@ -16,6 +18,7 @@ streaming slowed the later starts by more than the overlap hid (docs/benchmarks.
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 import time
@@ -29,7 +32,7 @@ import paramiko
 
 from kasched.engine import chain_agent, chain_wire
 from kasched.engine.chain import STEP, BroadcastOptions, ChainNode, broadcast, check_options, order_chain
-from kasched.engine.chain_wire import STARTING, split_address
+from kasched.engine.chain_wire import KEY_BYTES, STARTING, split_address
 from kasched.engine.ssh_session import SshAuth, SshSession, load_private_key
 from kasched.errors import DriverError, KaschedError
 from kasched.results import GroupResult, NodeResult
@@ -52,6 +55,23 @@ def bundled_agent_source() -> bytes:
 
 
 AGENT_SOURCE = bundled_agent_source()
+KEY_LINE = b'\nBROADCAST_KEY = ""\n'  # chain_agent's, where agent_program() writes the key
+
+
+def agent_program(key: bytes) -> bytes:
+    """The program shipped to a node: :data:`AGENT_SOURCE` with the broadcast's ``key`` written in
+    (``chain_agent.BROADCAST_KEY``). Sent on the SSH session's stdin, it is seen by the node's sshd
+    and python3 only, not on any command line."""
+    if AGENT_SOURCE.count(KEY_LINE) != 1:
+        raise RuntimeError(f"{chain_agent.__file__}: not one {KEY_LINE.strip().decode()!r} line")
+    return AGENT_SOURCE.replace(KEY_LINE, f'\nBROADCAST_KEY = "{key.hex()}"\n'.encode())
+
+
+def new_key() -> bytes:
+    """A broadcast's key: random, one per broadcast."""
+    return os.urandom(KEY_BYTES)
+
+
 AGENT_FLAGS = "-I -S"  # isolated, no site: the standard library only; 1.32x less CPU to start (bench/agent_start.py)
 PREPARE_FAILED = 3  # the session's exit status when the preparation failed (the agent was stopped)
 PREPARE_KILL_AFTER = 5.0  # seconds a timed-out preparation has to end on SIGTERM before SIGKILL
@@ -62,8 +82,10 @@ START_SLACK = 5.0  # seconds a node waiting for a successor's start allows beyon
 
 @dataclass
 class AgentLaunch:
-    """Agents running over open SSH sessions; close() waits for them and ends the sessions."""
+    """Agents running over open SSH sessions, holding ``key``; close() waits for them and ends the
+    sessions."""
 
+    key: bytes
     ready: list[ChainNode] = field(default_factory=list)
     failed: dict[str, NodeResult] = field(default_factory=dict)
     sessions: list[tuple[SshSession, paramiko.Channel]] = field(default_factory=list)
@@ -99,12 +121,15 @@ def start_agents(
     prepare_timeout: float = 600.0,
     agent_after: bool = False,
     on_started: Callable[[str, str], None] | None = None,
+    key: bytes | None = None,
 ) -> AgentLaunch:
     """Start one agent per node, listening on the node's ``address``, in the order of ``nodes`` (at
     most ``window`` at once); wait until each says ready (and, with ``prepare``, until the command
     ``prepare(node name)`` has succeeded on it: run meanwhile, or first with ``agent_after``).
-    ``on_started(node, state)`` hears of each node as soon as it is done: ``"ready"``, or why not."""
-    launch = AgentLaunch()
+    ``on_started(node, state)`` hears of each node as soon as it is done: ``"ready"``, or why not.
+    The agents hold ``key`` (None: a new one), the launch's ``key``: broadcast to them with it."""
+    launch = AgentLaunch(key or new_key())
+    program = agent_program(launch.key)
     pkey = load_private_key(auth.private_key)
 
     def start(node: ChainNode) -> tuple[ChainNode, Any]:
@@ -112,7 +137,7 @@ def start_agents(
         command = session_command(node, python, accept_timeout, preparation, prepare_timeout, agent_after)
         outcome: Any
         try:
-            outcome = _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command,
+            outcome = _start_one(node, ssh_addresses.get(node.name, node.name), auth, pkey, command, program,
                                  connect_timeout, prepare_timeout if prepare else None)  # fmt: skip
         except KaschedError as error:
             outcome = NodeResult(node.name, False, STEP, str(error))
@@ -160,17 +185,17 @@ def session_command(
 
 
 def _start_one(
-    node: ChainNode, ssh_address: str, auth: SshAuth, pkey: paramiko.PKey, command: str, timeout: float,
-    prepare_timeout: float | None,
+    node: ChainNode, ssh_address: str, auth: SshAuth, pkey: paramiko.PKey, command: str, program: bytes,
+    timeout: float, prepare_timeout: float | None,
 ) -> tuple[SshSession, paramiko.Channel, str]:  # fmt: skip
-    """Open the session, ship the agent, read its ``ready HOST:PORT`` within ``timeout`` seconds (and,
+    """Open the session, ship the agent (``program``), read its ``ready HOST:PORT`` within ``timeout`` seconds (and,
     when the command prepares the node, ``prepared 0`` within the preparation's time too)."""
     session = SshSession(node.name, ssh_address, auth, pkey, timeout)
     preparing = prepare_timeout is not None
     said: dict[str, str] = {}
     try:
         channel = session.open_command(command)
-        channel.sendall(AGENT_SOURCE)
+        channel.sendall(program)
         channel.shutdown_write()
         channel.settimeout(timeout + (prepare_timeout + PREPARE_KILL_AFTER if prepare_timeout is not None else 0.0))
         _read_said(channel.makefile("rb"), preparing, said)
@@ -268,7 +293,8 @@ def broadcast_over_ssh(
         )
     else:
         with launcher(nodes) as launch:
-            sent = broadcast(source, launch.ready, sink, expected_sha256=expected_sha256, options=options)
+            sent = broadcast(source, launch.ready, sink, key=launch.key, expected_sha256=expected_sha256,
+                             options=options)  # fmt: skip
             launch.close(failed=set(sent.failed))
     group = GroupResult()
     for node in nodes:
@@ -291,10 +317,11 @@ def stream_while_starting(
     preparation runs before its node's agent listens. The agents are stopped before this returns."""
     chain = order_chain(nodes)
     states = StartStates(node.name for node in chain)
+    key = new_key()
 
     def launch_all() -> AgentLaunch:
         try:
-            return launcher(chain, agent_after=True, on_started=states.set)
+            return launcher(chain, agent_after=True, on_started=states.set, key=key)
         except BaseException as error:  # then no start will say anything more: nobody waits for one
             states.fail_starting(str(error) or type(error).__name__)
             raise
@@ -303,7 +330,7 @@ def stream_while_starting(
         starting = pool.submit(launch_all)
         sent: GroupResult | None = None
         try:
-            sent = broadcast(source, chain, sink, expected_sha256=expected_sha256, options=options,
+            sent = broadcast(source, chain, sink, key=key, expected_sha256=expected_sha256, options=options,
                              start_state=states.get)  # fmt: skip
         finally:
             launch = starting.result()

@@ -1,9 +1,10 @@
 """The wire side of the chain broadcast, shared by the server (:mod:`kasched.engine.chain`) and the
-node agents (:mod:`kasched.engine.chain_agent`): the framing, the chain connections' socket options,
-and the :class:`Forwarder`, which sends the stream to the first live successor out of a bounded replay
-buffer and bypasses successors that die. Standard library only: it is shipped to the nodes ahead of
-the agent's own source, as one program (``chain_ssh.AGENT_SOURCE``). The protocol is described in
-``docs/engine-transports.md``.
+node agents (:mod:`kasched.engine.chain_agent`): the framing, the handshake that opens every chain
+connection (both ends prove they hold the broadcast's key, each under its own name), the chain
+connections' socket options, and the :class:`Forwarder`, which sends the stream to the first live
+successor out of a bounded replay buffer and bypasses successors that die. Standard library only: it
+is shipped to the nodes ahead of the agent's own source, as one program (``chain_ssh.AGENT_SOURCE``).
+The protocol is described in ``docs/engine-transports.md``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import hmac
 import json
+import os
 import select
 import socket
 import struct
@@ -36,10 +39,22 @@ START_ASK_EVERY = 0.25  # seconds between two questions to the server about that
 
 HEADER, DATA, END, ABORT = b"H"[0], b"D"[0], b"E"[0], b"A"[0]  # downstream direction
 OFFSET_REPLY, ACK, SUPERSEDED, KEEPALIVE = b"O"[0], b"K"[0], b"S"[0], b"L"[0]  # upstream direction
+CHALLENGE, PROOF = b"C"[0], b"P"[0]  # the handshake (see connect_as)
+
+KEY_BYTES = 32  # the broadcast's key: random, made by the server for each broadcast
+NONCE_BYTES = 32
+MAC_BYTES = 32  # HMAC-SHA256
+PROTOCOL = b"kasched-chain-1"
+SERVER = ""  # the name the server goes by in handshakes (no node is named "")
+HANDSHAKE_TIMEOUT = 5.0  # seconds a listener gives a connecting peer to prove itself
 
 
 class ProtocolError(Exception):
     """The peer did not speak the protocol, or the stream cannot continue."""
+
+
+class IdentityError(ProtocolError):
+    """The peer did not prove it holds the broadcast's key under the name expected of it."""
 
 
 class Superseded(Exception):
@@ -154,6 +169,77 @@ def unanswered_for(sock: socket.socket) -> float:
     return last_ack_recv_ms / 1000 if retransmits and unacked else 0.0
 
 
+# --- the handshake: both ends prove they hold the broadcast's key ------------------------------------
+
+
+def sign(key: bytes, *parts: bytes | str) -> bytes:
+    """HMAC-SHA256 under ``key`` of ``parts``, each length-prefixed (no two lists sign alike)."""
+    message = [PROTOCOL]
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        message += [OFFSET.pack(len(data)), data]
+    return hmac.digest(key, b"".join(message), "sha256")
+
+
+def not_proven(address: str, name: str) -> IdentityError:
+    who = "the server" if name == SERVER else name
+    return IdentityError(f"chain: the agent at {address} did not prove it is {who}"
+                         " (wrong key: another machine may hold its address)")  # fmt: skip
+
+
+def connect_as(sock: socket.socket, key: bytes, me: str, expected: str, address: str) -> bytes:
+    """The connecting side of the handshake, before anything else on a chain connection: send a
+    nonce and our name; the listener answers its nonce and its proof, an HMAC under the key of both
+    names and both nonces (so it holds only for this connection, from ``me`` to ``expected``); we
+    check it, then send ours (another label: neither proof can be played back as the other). Returns
+    the connection's binding (both nonces), which later messages on it are signed with. Raises
+    :class:`IdentityError` if the listener's proof is not ``expected``'s; nothing else was sent."""
+    nonce = os.urandom(NONCE_BYTES)
+    send_frame(sock, CHALLENGE, nonce + me.encode())
+    kind, payload = recv_frame(sock)
+    theirs, proof = payload[:NONCE_BYTES], payload[NONCE_BYTES:]
+    if kind != PROOF or len(payload) != NONCE_BYTES + MAC_BYTES:
+        raise not_proven(address, expected)
+    if not hmac.compare_digest(proof, sign(key, "listener", me, expected, nonce, theirs)):
+        raise not_proven(address, expected)
+    send_frame(sock, PROOF, sign(key, "connector", me, expected, nonce, theirs))
+    return nonce + theirs
+
+
+def accept_as(sock: socket.socket, key: bytes, me: str) -> tuple[str, bytes]:
+    """The listening side of the handshake (see :func:`connect_as`): the peer's name and the
+    connection's binding. Raises :class:`IdentityError` if the peer's proof is wrong; it was sent
+    nothing but our nonce and proof."""
+    kind, payload = recv_frame(sock)
+    if kind != CHALLENGE or len(payload) < NONCE_BYTES:
+        raise IdentityError("the peer sent no challenge")
+    nonce, peer = payload[:NONCE_BYTES], payload[NONCE_BYTES:].decode(errors="replace")
+    ours = os.urandom(NONCE_BYTES)
+    send_frame(sock, PROOF, ours + sign(key, "listener", peer, me, nonce, ours))
+    kind, proof = recv_frame(sock)
+    if kind != PROOF or not hmac.compare_digest(proof, sign(key, "connector", peer, me, nonce, ours)):
+        raise IdentityError(f"{peer or 'the server'!r} did not prove it holds the broadcast's key")
+    return peer, nonce + ours
+
+
+def seal(key: bytes, binding: bytes, label: str, message: dict[str, Any]) -> bytes:
+    """``message`` as a frame payload: its HMAC (under the key, for this connection and ``label``)
+    then its JSON."""
+    body = json.dumps(message).encode()
+    return sign(key, label, binding, body) + body
+
+
+def unseal(key: bytes, binding: bytes, label: str, payload: bytes) -> dict[str, Any]:
+    """The message :func:`seal` made; :class:`IdentityError` if its HMAC is wrong."""
+    proof, body = payload[:MAC_BYTES], payload[MAC_BYTES:]
+    if not hmac.compare_digest(proof, sign(key, label, binding, body)):
+        raise IdentityError(f"a {label} signed without the broadcast's key")
+    message = json.loads(body)
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a {label} that is not an object")
+    return message
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -193,17 +279,22 @@ class ReplayBuffer:
 
 class Forwarder:
     """Send the stream to the first live successor; when it dies, bypass it: connect to the next one,
-    learn how many bytes it has and resend from there out of the replay buffer."""
+    learn how many bytes it has and resend from there out of the replay buffer. ``me`` is who we are
+    in the handshakes, under the broadcast's ``key``: a successor that does not prove it is the node
+    expected at its address is bypassed like a dead one, having been sent nothing."""
 
     def __init__(
         self,
         config: dict[str, Any],
         successors: list[list[str]],
         note_lost: Callable[[str, str], None],
+        key: bytes,
+        me: str,
         pacing_rate: float = 0.0,
         start_state: Callable[[str], str | None] | None = None,
     ) -> None:
         self.config = config
+        self.key, self.me = key, me
         # how long a successor that refuses connections may still be starting (0: it is lost at once),
         # and who says how its start goes: STARTING, "ready", why it failed, or None (nobody knows)
         self.start_wait = float(config.get("start_wait", 0))
@@ -244,7 +335,8 @@ class Forwarder:
                     self._send(DATA, piece)
                 return
             except (OSError, ProtocolError) as error:
-                self.note_lost(name, f"cannot reach {name} at {address}: {error or type(error).__name__}")
+                why = f"cannot reach {name} at {address}: {error or type(error).__name__}"
+                self.note_lost(name, str(error) if isinstance(error, IdentityError) else why)
                 if self.sock is not None:
                     self.sock.close()
                     self.sock = None
@@ -284,6 +376,7 @@ class Forwarder:
             set_buffer(sock, socket.SO_SNDBUF, self.buffer)
             cap_pacing(sock, self.pacing_rate)
             sock.settimeout(self.stall)
+            connect_as(sock, self.key, self.me, self.successors[index][0], address)
             header = dict(self.config, chain=self.successors[index + 1 :])
             if header["report"].startswith(":"):  # the server's address as this node reaches it
                 header["report"] = f"{sock.getsockname()[0]}{header['report']}"

@@ -1,6 +1,7 @@
 """Chain agents for engine tests and benches: real agent processes listening on 127.0.x.y, each running
-the program shipped to nodes (``chain_ssh.AGENT_SOURCE``) read on its stdin, as over SSH, under
-``python3 -I -S``: it must need nothing but the standard library."""
+the program shipped to nodes (``chain_ssh.agent_program(key)``) read on its stdin, as over SSH, under
+``python3 -I -S``: it must need nothing but the standard library. The group's ``key`` is the one to
+broadcast to them with."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kasched.engine.chain import ChainNode
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE
+from kasched.engine.chain_ssh import AGENT_FLAGS, agent_program, new_key
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AgentGroup:
     accept_timeout: float = 60.0
     # where node i runs: (argv prefix, listen address); None: on this host, on 127.<subnet>.0.<i+1>
     placement: Callable[[int], tuple[list[str], str]] | None = None
+    key: bytes = field(default_factory=new_key)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     nodes: list[ChainNode] = field(default_factory=list)
 
@@ -48,7 +50,7 @@ class AgentGroup:
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.processes[name] = process
         assert process.stdin is not None
-        process.stdin.write(AGENT_SOURCE)
+        process.stdin.write(agent_program(self.key))
         process.stdin.close()
 
     def _wait_ready(self, name: str, deadline: float) -> ChainNode:

@@ -20,8 +20,17 @@ from sshd_nodes import SshdCluster, free_port
 
 from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
 from kasched.engine.chain_agent import SINK_PIPE
-from kasched.engine.chain_ssh import broadcast_over_ssh
-from kasched.engine.chain_wire import DATA, FRAME, ProtocolError, ReplayBuffer, recv_exact, split_address
+from kasched.engine.chain_ssh import broadcast_over_ssh, new_key
+from kasched.engine.chain_wire import (
+    DATA,
+    END,
+    END_PAYLOAD,
+    FRAME,
+    ProtocolError,
+    ReplayBuffer,
+    recv_exact,
+    split_address,
+)
 from kasched.engine.ssh_session import SshAuth
 from kasched.errors import InputError
 
@@ -89,7 +98,7 @@ def test_tarball_reaches_every_node_with_the_same_checksum(
     image = tmp_path / f"image.tar.{compression}"
     subprocess.run(["tar", "-c", tar_flag, "-f", str(image), "-C", str(tree_dir), "."], check=True, timeout=60)
     sink = {"kind": "tar", "dest": str(tmp_path / "nodes" / "{node}"), "compression": compression}
-    result = broadcast(image, agents.nodes, sink, options=FAST)
+    result = broadcast(image, agents.nodes, sink, key=agents.key, options=FAST)
     assert result.ok, {n: r.error for n, r in result.items()}
     assert {r.value.sha256 for r in result.values()} == {sha256_file(image)}
     for node in agents.nodes:
@@ -110,7 +119,8 @@ def test_a_clean_broadcast_says_no_node_lost(agents: AgentGroup, tmp_path: Path,
         record(collector, message)
 
     monkeypatch.setattr(ReportCollector, "record", keep)
-    result = broadcast(random_image(tmp_path / "image.raw", 2), agents.nodes, {"kind": "discard"}, options=FAST)
+    result = broadcast(random_image(tmp_path / "image.raw", 2), agents.nodes, {"kind": "discard"}, key=agents.key,
+                       options=FAST)  # fmt: skip
     assert result.ok, {n: r.error for n, r in result.items()}
     assert [m for m in messages if m.get("type") == "lost"] == []
     assert sorted(m["node"] for m in messages if m.get("type") == "result") == sorted(n.name for n in agents.nodes)
@@ -119,7 +129,8 @@ def test_a_clean_broadcast_says_no_node_lost(agents: AgentGroup, tmp_path: Path,
 @pytest.mark.slow
 def test_raw_image_is_written_identically_on_every_node(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 12)
-    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=FAST)
+    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                       options=FAST)  # fmt: skip
     assert result.ok
     assert list(result) == [n.name for n in agents.nodes]
     for node in agents.nodes:
@@ -135,7 +146,8 @@ def test_a_node_killed_mid_stream_is_bypassed(agents: AgentGroup, tmp_path: Path
         timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0, rate_limit=12 << 20
     )
     killer = _kill_when_written(agents, tmp_path / f"{victim}.img", victim)
-    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+    result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                       options=options)  # fmt: skip
     assert killer()  # it was killed mid-stream, not after
     assert result.failed == [victim]
     assert "lost" in (result[victim].error or "")
@@ -172,7 +184,7 @@ def _kill_when_written(agents: AgentGroup, output: Path, victim: str) -> Callabl
 def test_a_wrong_checksum_is_reported_by_every_node(agents: AgentGroup, tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 2)
     result = broadcast(
-        image, agents.nodes[:3], {"kind": "discard"}, expected_sha256="00" * 32, options=FAST
+        image, agents.nodes[:3], {"kind": "discard"}, key=agents.key, expected_sha256="00" * 32, options=FAST
     )  # fmt: skip
     assert result.failed == ["a01", "a02", "a03"]
     for node_result in result.values():
@@ -187,7 +199,7 @@ def test_unreachable_node_and_failing_sink_do_not_stop_the_others(agents: AgentG
     nodes.insert(2, ChainNode("ghost", "127.42.9.9:9", "sw0", "r1"))  # nobody listens there
     sink = {"kind": "command", "argv": ["sh", "-c", 'test {node} != a04 || exit 7; exec cat > "$0"', "x"]}
     sink["argv"][-1] = str(tmp_path / "{node}.img")
-    result = broadcast(image, nodes, sink, options=FAST, ordered=False)
+    result = broadcast(image, nodes, sink, key=agents.key, options=FAST, ordered=False)
     assert sorted(result.failed) == ["a04", "ghost"]
     assert "status 7" in (result["a04"].error or "")
     assert "cannot reach ghost" in (result["ghost"].error or "")
@@ -200,7 +212,7 @@ def test_a_command_sinks_pipe_holds_a_mebibyte(agents: AgentGroup, tmp_path: Pat
     image = random_image(tmp_path / "disk.img", 2)
     report = 'python3 -c "import fcntl; print(fcntl.fcntl(0, fcntl.F_GETPIPE_SZ))" > "$0"; exec cat > /dev/null'
     sink = {"kind": "command", "argv": ["sh", "-c", report, str(tmp_path / "{node}.pipe")]}
-    result = broadcast(image, agents.nodes[:2], sink, options=FAST)
+    result = broadcast(image, agents.nodes[:2], sink, key=agents.key, options=FAST)
     assert result.ok, result.failed
     for node in agents.nodes[:2]:
         assert int((tmp_path / f"{node.name}.pipe").read_text()) == SINK_PIPE == 1 << 20
@@ -230,7 +242,7 @@ def test_each_chain_connection_gets_the_socket_buffer_asked_for(agents: AgentGro
     sampler = threading.Thread(target=lambda: seen.update(chain_socket_buffers(port, stop)), daemon=True)
     sampler.start()
     try:
-        result = broadcast(image, agents.nodes[:3], {"kind": "discard"}, options=options)
+        result = broadcast(image, agents.nodes[:3], {"kind": "discard"}, key=agents.key, options=options)
     finally:
         stop.set()
         sampler.join(10)
@@ -270,7 +282,8 @@ def test_the_source_alone_is_paced_to_the_rate_asked_for(
     for sampler in samplers:
         sampler.start()
     try:
-        result = broadcast(image, [*ghost, *agents.nodes[:2]], {"kind": "discard"}, options=options, ordered=False)
+        result = broadcast(image, [*ghost, *agents.nodes[:2]], {"kind": "discard"}, key=agents.key, options=options,
+                           ordered=False)  # fmt: skip
     finally:
         stop.set()
         for sampler in samplers:
@@ -291,7 +304,7 @@ def test_the_source_alone_is_paced_to_the_rate_asked_for(
 def test_options_the_kernel_would_misread_are_refused(tmp_path: Path, options: BroadcastOptions, message: str) -> None:
     image = random_image(tmp_path / "disk.img", 1)
     with pytest.raises(InputError, match=message):
-        broadcast(image, [ChainNode("ghost1", "127.42.9.9:9")], {"kind": "discard"}, options=options)
+        broadcast(image, [ChainNode("ghost1", "127.42.9.9:9")], {"kind": "discard"}, key=new_key(), options=options)
 
 
 @pytest.mark.slow
@@ -312,7 +325,7 @@ def test_backpressure_keeps_memory_bounded_and_nodes_in_the_chain(agents: AgentG
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        result = broadcast(image, nodes, slow_sink, options=options)
+        result = broadcast(image, nodes, slow_sink, key=agents.key, options=options)
     finally:
         done.set()
         sampler.join(5)
@@ -355,7 +368,8 @@ def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp
     victim = agents.processes["a04"]
     freezer = freeze_once_written(victim, tmp_path / "a04.img", 4 << 20)
     try:
-        result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+        result = broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                       options=options)  # fmt: skip
     finally:
         freezer.join(35)
         victim.send_signal(signal.SIGCONT)
@@ -365,11 +379,14 @@ def test_a_hung_node_is_bypassed_after_the_stall_timeout(agents: AgentGroup, tmp
 
 
 class CorruptingProxy:
-    """Forwards one chain connection, frame by frame, flipping one byte of the stream's payload."""
+    """Forwards one chain connection, frame by frame (the handshake too: it cannot make one, it
+    relays it), flipping one byte of the stream's payload; with ``forge_end``, it also puts the sha256
+    of what it sent on into the end of stream, so the nodes behind it find what they got right."""
 
-    def __init__(self, target: str, flip_at: int) -> None:
+    def __init__(self, target: str, flip_at: int, forge_end: bool = False) -> None:
         self.target = split_address(target)
         self.flip_at = flip_at
+        self.forge_end = forge_end
         self.listener = socket.create_server(("127.42.8.1", 0))
         self.address = "{}:{}".format(*self.listener.getsockname()[:2])
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -381,7 +398,7 @@ class CorruptingProxy:
         downstream = socket.create_connection(self.target, timeout=30)
         upstream.settimeout(30)
         threading.Thread(target=self._backward, args=(downstream, upstream), daemon=True).start()
-        seen = 0
+        seen, hasher = 0, hashlib.sha256()
         with contextlib.suppress(OSError, ProtocolError):
             while True:
                 header = recv_exact(upstream, FRAME.size)
@@ -389,7 +406,11 @@ class CorruptingProxy:
                 payload = bytearray(recv_exact(upstream, size))
                 if kind == DATA and seen <= self.flip_at < seen + size:
                     payload[self.flip_at - seen] ^= 0xFF
-                seen += size if kind == DATA else 0
+                if kind == DATA:
+                    seen += size
+                    hasher.update(payload)
+                if kind == END and self.forge_end:
+                    payload = bytearray(END_PAYLOAD.pack(hasher.digest(), seen))
                 downstream.sendall(header + payload)
 
     @staticmethod
@@ -405,11 +426,30 @@ def test_a_byte_corrupted_between_two_nodes_is_reported_downstream(agents: Agent
     nodes = list(agents.nodes[:5])
     proxy = CorruptingProxy(nodes[2].address, flip_at=3 << 20)
     nodes[2] = ChainNode(nodes[2].name, proxy.address)
-    result = broadcast(image, nodes, {"kind": "discard"}, options=FAST, ordered=False)
+    result = broadcast(image, nodes, {"kind": "discard"}, key=agents.key, options=FAST, ordered=False)
     assert result.succeeded == ["a01", "a02"]
     for name in ["a03", "a04", "a05"]:
         assert "sha256 mismatch" in (result[name].error or "")
         assert result[name].value.sha256 != sha256_file(image)
+
+
+@pytest.mark.slow
+def test_a_stream_changed_on_the_way_with_its_end_of_stream_is_caught_by_the_server(
+    agents: AgentGroup, tmp_path: Path
+) -> None:
+    """A machine relaying a chain connection (it passes the handshake on: it holds no key) changes a
+    byte and the end of stream's sha256 to match: the nodes behind it find nothing wrong, but their
+    signed reports give the sha256 of what they got, and the server fails them."""
+    image = random_image(tmp_path / "disk.img", 4)
+    nodes = list(agents.nodes[:5])
+    proxy = CorruptingProxy(nodes[2].address, flip_at=3 << 20, forge_end=True)
+    nodes[2] = ChainNode(nodes[2].name, proxy.address)
+    result = broadcast(image, nodes, {"kind": "discard"}, key=agents.key, options=FAST, ordered=False)
+    assert result.succeeded == ["a01", "a02"]
+    for name in ["a03", "a04", "a05"]:
+        assert f"sha256 mismatch: got {result[name].value.sha256}, the server sent {sha256_file(image)}" in (
+            result[name].error or ""
+        )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -431,11 +471,11 @@ def test_agents_shipped_over_ssh_receive_the_image(sshd_cluster: SshdCluster, tm
 def test_no_reachable_node_and_a_bad_expected_checksum(tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 1)
     nodes = [ChainNode("ghost1", "127.42.9.9:9"), ChainNode("ghost2", "127.42.9.8:9")]
-    result = broadcast(image, nodes, {"kind": "discard"}, options=BroadcastOptions(lost_grace=0.1))
+    result = broadcast(image, nodes, {"kind": "discard"}, key=new_key(), options=BroadcastOptions(lost_grace=0.1))
     assert result.failed == ["ghost1", "ghost2"]
     assert "cannot reach ghost2" in (result["ghost2"].error or "")
     with pytest.raises(InputError):
-        broadcast(image, nodes, {"kind": "discard"}, expected_sha256="abc")
+        broadcast(image, nodes, {"kind": "discard"}, key=new_key(), expected_sha256="abc")
 
 
 @pytest.mark.slow
@@ -449,7 +489,8 @@ def test_the_deadline_holds_while_a_hung_node_blocks_the_chain(agents: AgentGrou
     freezer = freeze_once_written(victim, tmp_path / "a02.img", 2 << 20)
     started = time.monotonic()
     try:
-        result = broadcast(image, nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, options=options)
+        result = broadcast(image, nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")}, key=agents.key,
+                           options=options)  # fmt: skip
         elapsed = time.monotonic() - started
     finally:
         freezer.join(35)

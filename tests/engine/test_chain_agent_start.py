@@ -13,7 +13,9 @@ import pytest
 
 from kasched.engine import chain_agent
 from kasched.engine.chain_agent import SESSION_GONE
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, bundled_agent_source
+from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, agent_program, bundled_agent_source, new_key
+
+PROGRAM = agent_program(new_key())  # the program shipped to a node: the source and a broadcast's key
 
 #: loaded only for the sinks that run a program (tar, command), or not at all
 NOT_AT_START = {"argparse", "typing", "subprocess", "site"}
@@ -21,7 +23,7 @@ NOT_AT_START = {"argparse", "typing", "subprocess", "site"}
 
 def start_agent(*args: str) -> subprocess.CompletedProcess[str]:
     argv = ["python3", *AGENT_FLAGS.split(), "-X", "importtime", "-", *args]
-    return subprocess.run(argv, input=AGENT_SOURCE.decode(), capture_output=True, text=True, timeout=30)
+    return subprocess.run(argv, input=PROGRAM.decode(), capture_output=True, text=True, timeout=30)
 
 
 def test_the_agent_starts_isolated_on_the_standard_library_it_needs() -> None:
@@ -81,7 +83,7 @@ def spawn_agent(*args: str) -> subprocess.Popen[bytes]:
     argv = ["python3", *AGENT_FLAGS.split(), "-", *args]
     process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdin is not None
-    process.stdin.write(AGENT_SOURCE)
+    process.stdin.write(PROGRAM)
     process.stdin.close()
     return process
 

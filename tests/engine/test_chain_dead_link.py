@@ -117,7 +117,7 @@ def broadcast_pulling_cables_at_4_mib(
     try:
         with inside_netns(wiring.switch):
             return broadcast(image, agents.nodes, {"kind": "raw", "dest": str(tmp_path / "{node}.img")},
-                             options=options)  # fmt: skip
+                             key=agents.key, options=options)  # fmt: skip
     finally:
         puller.join(35)
         agents.stop()
@@ -155,7 +155,7 @@ def test_a_slow_reader_is_not_taken_for_a_dead_link(wiring: Wiring, tmp_path: Pa
     agents = AgentGroup(3, accept_timeout=60.0, placement=wiring.placement).start()
     try:
         with inside_netns(wiring.switch):
-            result = broadcast(image, agents.nodes, slow_sink, options=options)
+            result = broadcast(image, agents.nodes, slow_sink, key=agents.key, options=options)
     finally:
         agents.stop()
     assert result.ok, {name: result[name].error for name in result}

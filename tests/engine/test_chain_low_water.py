@@ -21,7 +21,7 @@ def agent() -> Iterator[tuple[Agent, socket.socket]]:
     listener = socket.create_server(("127.0.0.1", 0))
     predecessor = socket.create_connection(listener.getsockname())
     upstream, _ = listener.accept()
-    agent = Agent(listener, "node-1")
+    agent = Agent(listener, "node-1", bytes(32))
     agent.upstream = upstream
     agent.config = {"low_water": 64 << 10}
     agent.deadline = time.monotonic() + 30

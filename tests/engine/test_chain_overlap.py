@@ -16,9 +16,10 @@ from test_chain_prepare import assert_no_agent_left
 from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
 from kasched.engine.chain_ssh import (
     AGENT_FLAGS,
-    AGENT_SOURCE,
     StartStates,
+    agent_program,
     broadcast_over_ssh,
+    new_key,
     session_command,
     start_agents,
 )
@@ -137,7 +138,7 @@ def test_the_server_bypasses_a_first_node_whose_start_failed(tmp_path: Path) -> 
     nodes = [ChainNode("ghost1", "127.42.9.9:9"), ChainNode("ghost2", "127.42.9.8:9")]
     states = {"ghost1": "ssh: connection refused", "ghost2": STARTING}
     options = BroadcastOptions(start_wait=0.5, lost_grace=0.1)
-    result = broadcast(image, nodes, {"kind": "discard"}, options=options, start_state=states.get)
+    result = broadcast(image, nodes, {"kind": "discard"}, key=new_key(), options=options, start_state=states.get)
     assert result["ghost1"].error == (
         "ghost1: lost: cannot reach ghost1 at 127.42.9.9:9: its agent did not start: ssh: connection refused"
     )
@@ -152,19 +153,20 @@ def test_an_agent_that_started_after_it_refused_is_connected_to(tmp_path: Path) 
     host = "127.42.7.1"
     node = ChainNode("late", f"{host}:{free_port(host)}")
     started: list[subprocess.Popen[bytes]] = []
+    key = new_key()
 
     def start_state(name: str) -> str:  # the agent starts as the server is asked: it refused before
         if not started:
             argv = [sys.executable, *AGENT_FLAGS.split(), "-", "--listen", node.address, "--name", name]
             started.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-            started[0].stdin.write(AGENT_SOURCE)  # type: ignore[union-attr]
+            started[0].stdin.write(agent_program(key))  # type: ignore[union-attr]
             started[0].stdin.close()  # type: ignore[union-attr]
             assert started[0].stdout.readline().startswith(b"ready ")  # type: ignore[union-attr]
         return "ready"
 
     try:
         options = BroadcastOptions(start_wait=30, lost_grace=0.1, timeout=30)
-        result = broadcast(image, [node], {"kind": "discard"}, options=options, start_state=start_state)
+        result = broadcast(image, [node], {"kind": "discard"}, key=key, options=options, start_state=start_state)
         assert result.succeeded == ["late"], result["late"].error
         assert started[0].wait(10) == 0
     finally:
@@ -177,7 +179,7 @@ def test_an_agent_that_started_after_it_refused_is_connected_to(tmp_path: Path) 
 def test_an_agent_that_started_then_stopped_listening_is_not_waited_for(tmp_path: Path) -> None:
     image = random_image(tmp_path / "disk.img", 1)
     options = BroadcastOptions(start_wait=600, lost_grace=0.1, timeout=30)
-    result = broadcast(image, [ChainNode("gone", "127.42.9.9:9")], {"kind": "discard"}, options=options,
+    result = broadcast(image, [ChainNode("gone", "127.42.9.9:9")], {"kind": "discard"}, key=new_key(), options=options,
                        start_state=lambda node: "ready")  # fmt: skip
     assert result["gone"].error == "gone: lost: cannot reach gone at 127.42.9.9:9: its agent started, then stopped listening"
 
