@@ -26,6 +26,7 @@ from typing import Any
 from kasched import imagestore
 from kasched.bootkeys import BootKeys
 from kasched.deploy.nodes import NO_PIN, SYSTEM_PROBE, NodeShell, checked, stdout_of
+from kasched.deploy.transfer import CountingReader, TransferMeter
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
 from kasched.engine.chain import BroadcastOptions, ChainNode
@@ -392,45 +393,6 @@ def broadcast_alone(ctx: StepContext, names: Sequence[str], deadline: float, can
     return broadcast_chain(ctx, names, deadline, cancel, alone=True)
 
 
-class TransferMeter:
-    """Counts the bytes the server reads from the image (what it sends into the chains) and tells
-    ``report`` at most every ``every`` seconds, and once more at the end of each stream."""
-
-    def __init__(self, report: Callable[[int, float, bool], None] | None, every: float = 0.5) -> None:
-        self.report, self.every = report, every
-        # last report: never (not 0.0: monotonic time counts from boot, and a machine up for less than
-        # ``every`` seconds would not hear of the first read)
-        self.sent, self.started, self.last = 0, 0.0, float("-inf")
-        self.lock = threading.Lock()
-
-    def add(self, count: int, *, final: bool = False) -> None:
-        with self.lock:
-            now = time.monotonic()
-            self.started = self.started or now  # the clock starts with the stream, not with the agents
-            self.sent += count
-            if self.report is None or not (final or now - self.last >= self.every):
-                return
-            self.last = now
-            sent, elapsed = self.sent, now - self.started
-        self.report(sent, elapsed, final)
-
-
-class _CountingReader:
-    """A binary file object that tells a meter about every read."""
-
-    def __init__(self, handle: Any, meter: TransferMeter) -> None:
-        self.handle, self.meter = handle, meter
-
-    def read(self, size: int = -1) -> bytes:
-        chunk: bytes = self.handle.read(size)
-        self.meter.add(len(chunk), final=not chunk)
-        return chunk
-
-    def fileno(self) -> int:
-        """The file's descriptor (the broadcast sizes its batches from it); raises for a stream."""
-        return int(self.handle.fileno())
-
-
 def _send_one_chain(ctx: StepContext, chain: list[ChainNode], meter: TransferMeter | None = None) -> GroupResult:
     unpinned = GroupResult()
     for node in chain:  # the agents are started only over sessions pinned to the node's boot key
@@ -446,7 +408,7 @@ def _send_one_chain(ctx: StepContext, chain: list[ChainNode], meter: TransferMet
 
     def send(source: Any) -> GroupResult:
         # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
-        counted = _CountingReader(source, meter) if meter is not None else source
+        counted = CountingReader(source, meter) if meter is not None else source
         return broadcast_over_ssh(
             counted, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast,
             prepare=lambda name: prepare_command(ctx, ctx.targets[name]), prepare_timeout=ctx.command_timeout,

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from kasched.cli.progress import ProgressView
-from kasched.deploy.steps import TransferMeter, _CountingReader
+from kasched.deploy.transfer import CountingReader, TransferMeter
 from kasched.deploy.workflow import StepReport, TransferReport
 from kasched.models import utcnow
 
@@ -22,7 +22,7 @@ def test_counting_reader_reports_every_byte_and_the_end(tmp_path: Path) -> None:
     seen: list[tuple[int, float, bool]] = []
     meter = TransferMeter(lambda sent, elapsed, done: seen.append((sent, elapsed, done)), every=0.0)
     with image.open("rb") as handle:
-        reader = _CountingReader(handle, meter)
+        reader = CountingReader(handle, meter)
         while reader.read(1 << 20):
             pass
     assert [s[0] for s in seen] == [1 << 20, 2 << 20, 3 << 20, 3 << 20]
