@@ -106,7 +106,7 @@ class Bench:
         self.digest = subprocess.run(["sha256sum", str(image)], capture_output=True, text=True,
                                      check=True).stdout.split()[0]  # fmt: skip
         self.auth = SshAuth.from_key_file("root", str(labrun.key))
-        self.shell = NodeShell(labrun.key, labrun.addresses, window=64)
+        self.shell = NodeShell(labrun.key, labrun.addresses, window=64, pins=labrun.pins())
         self.server = serve(image.parent, "10.77.0.1", ServerLink(link_mbit * 1e6 / 8))
 
     def chain(self, nodes: list[dict], options: BroadcastOptions | None = None, ordered: bool = True,

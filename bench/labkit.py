@@ -65,6 +65,12 @@ class LabRun:
     def addresses(self) -> dict[str, str]:
         return {n["name"]: n["ip"] for n in self.nodes}
 
+    def pins(self) -> dict[str, str]:
+        """Each node's host key as kasched pins it: booted without a per-boot key, the lab's systems
+        present the lab's own host key."""
+        key = " ".join((self.lab.state_dir / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+        return {node["name"]: key for node in self.nodes}
+
     def ssh_connector(self) -> str:
         """An OpenSSH command line with the service key (TakTuk's connector, ClusterShell's ssh)."""
         return f"ssh -i {self.key} {SSH_OPTIONS} -l root"

@@ -51,7 +51,7 @@ class Start:
     def __init__(self, labrun: labkit.LabRun, image: Path) -> None:
         self.labrun, self.image = labrun, image
         self.auth = SshAuth.from_key_file("root", str(labrun.key))
-        self.shell = NodeShell(labrun.key, labrun.addresses, window=WINDOW)
+        self.shell = NodeShell(labrun.key, labrun.addresses, window=WINDOW, pins=labrun.pins())
 
     def separate(self, nodes: list[dict]) -> tuple[float, AgentLaunch]:
         started = time.monotonic()

@@ -100,32 +100,17 @@ class NodeShell:
         """Write ``files`` (name -> content) into ``directory`` on each node over SSH (``mkdir -p``,
         then one ``cat >`` per file on one connection), at most ``window`` nodes at once. A node's
         result is its last command's, as for :meth:`run`."""
-        auth = self.auth(nodes)
-        pkey = load_private_key(auth.private_key)
 
-        def push_one(node: str) -> NodeResult:
-            started = time.monotonic()
-            if node not in self.pins:
-                return NodeResult(node, False, tree.STEP, NO_PIN)
-            try:
-                with SshSession(node, self.addresses[node], auth, pkey, self.connect_timeout) as session:
-                    output = CommandOutput("", "", 0)
-                    for name, content in files.items():
-                        target = shlex.quote(f"{directory}/{name}")
-                        command = f"mkdir -p {shlex.quote(directory)} && cat > {target}"
-                        output = session.run(command, timeout, content)
-                        if output.exit_status != 0:
-                            break
-            except KaschedError as error:
-                return NodeResult(node, False, tree.STEP, str(error), time.monotonic() - started)
-            return tree.command_result(node, output, time.monotonic() - started)
+        def push_one(node: str, session: SshSession) -> CommandOutput:
+            output = CommandOutput("", "", 0)
+            for name, content in files.items():
+                target = shlex.quote(f"{directory}/{name}")
+                output = session.run(f"mkdir -p {shlex.quote(directory)} && cat > {target}", timeout, content)
+                if output.exit_status != 0:
+                    break
+            return output
 
-        group = GroupResult()
-        if nodes:
-            with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
-                for result in pool.map(push_one, nodes):
-                    group.add(result)
-        return group
+        return self._per_session(nodes, push_one)
 
     def feed(
         self, nodes: Sequence[str], command_for: Callable[[str], str],
@@ -133,17 +118,24 @@ class NodeShell:
     ) -> GroupResult:  # fmt: skip
         """A command of its own on each node with its own data streamed on its stdin (one SSH session
         per node, at most ``window`` at once). A node's result is its command's, as for :meth:`run`."""
+        deadline = time.monotonic() + timeout
+        return self._per_session(
+            nodes, lambda node, session: session.stream(command_for(node), deadline, data_for(node))
+        )
+
+    def _per_session(self, nodes: Sequence[str], work: Callable[[str, SshSession], CommandOutput]) -> GroupResult:
+        """``work`` on one SSH session per node (pinned; a node without a pinned key is not contacted),
+        at most ``window`` nodes at once; each node's result is its last command's."""
         auth = self.auth(nodes)
         pkey = load_private_key(auth.private_key)
 
-        def feed_one(node: str) -> NodeResult:
+        def one(node: str) -> NodeResult:
             started = time.monotonic()
-            deadline = started + timeout
             if node not in self.pins:
                 return NodeResult(node, False, tree.STEP, NO_PIN)
             try:
                 with SshSession(node, self.addresses[node], auth, pkey, self.connect_timeout) as session:
-                    output = session.stream(command_for(node), deadline, data_for(node))
+                    output = work(node, session)
             except KaschedError as error:
                 return NodeResult(node, False, tree.STEP, str(error), time.monotonic() - started)
             return tree.command_result(node, output, time.monotonic() - started)
@@ -151,7 +143,7 @@ class NodeShell:
         group = GroupResult()
         if nodes:
             with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
-                for result in pool.map(feed_one, nodes):
+                for result in pool.map(one, nodes):
                     group.add(result)
         return group
 

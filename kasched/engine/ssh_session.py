@@ -153,14 +153,18 @@ class SshSession:
                 # The command may end before it reads all its input: its output and status say why.
                 with contextlib.suppress(OSError):
                     channel.sendall(stdin_data)
-            if not channel.closed:
-                channel.shutdown_write()
-            stdout, stderr = read_channel(channel, time.monotonic() + timeout, self.node)
-            status = channel.recv_exit_status()
+            return self._output(channel, time.monotonic() + timeout)
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise DriverError(f"SSH channel failed: {error}", node=self.node) from error
         finally:
             channel.close()
+
+    def _output(self, channel: paramiko.Channel, deadline: float) -> CommandOutput:
+        """End the command's input, then read its output and status (until ``deadline``)."""
+        if not channel.closed:
+            channel.shutdown_write()
+        stdout, stderr = read_channel(channel, deadline, self.node)
+        status = channel.recv_exit_status()
         return CommandOutput(stdout.decode(errors="replace"), stderr.decode(errors="replace"), status)
 
     def stream(self, command: str, deadline: float, chunks: Iterable[bytes]) -> CommandOutput:
@@ -177,15 +181,11 @@ class SshSession:
                 raise DriverTimeout("command timed out while reading its input", node=self.node) from error
             except OSError:
                 pass  # the command ended before it read all its input: its output and status say why
-            if not channel.closed:
-                channel.shutdown_write()
-            stdout, stderr = read_channel(channel, deadline, self.node)
-            status = channel.recv_exit_status()
+            return self._output(channel, deadline)
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise DriverError(f"SSH channel failed: {error}", node=self.node) from error
         finally:
             channel.close()
-        return CommandOutput(stdout.decode(errors="replace"), stderr.decode(errors="replace"), status)
 
     def close(self) -> None:
         self.client.close()

@@ -24,9 +24,9 @@ pytestmark = [
 ]
 
 
-def run_bench(script: str, *expected: str, options: tuple[str, ...] = ()) -> dict[str, float]:
+def run_bench(script: str, *expected: str, options: tuple[str, ...] = (), timeout: float = 300) -> dict[str, float]:
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", *options], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+                          text=True, timeout=timeout, cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ratios = {label: float(value) for label, value in RATIO.findall(done.stdout)}
     for label in expected:
@@ -66,3 +66,8 @@ def test_prepare_lab_refuses_bad_node_counts() -> None:
                           capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
     assert done.returncode == 2
     assert "--nodes must be node counts" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_revert_lab_quick() -> None:
+    run_bench("revert_lab.py", "trusted-over-budget N=4", "rewrite-over-trusted N=4", "verify", "trusted-over-budget",
+              timeout=900)  # fmt: skip

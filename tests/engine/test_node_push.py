@@ -17,12 +17,18 @@ from kasched.drivers.base import BootFiles, BootTarget, NodeTarget
 from kasched.drivers.pxe import PxeBootDriver
 
 
+def pins(cluster: SshdCluster, names: list[str]) -> dict[str, str]:
+    """The nodes' host key pinned (the fake nodes share one)."""
+    key = " ".join((cluster.root / "host_ed25519.pub").read_text().split()[:2])
+    return {name: key for name in names}
+
+
 @pytest.mark.slow
 def test_files_arrive_whole_and_a_bad_node_fails_alone(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
     names = sshd_cluster.nodes[11:14]
     files = {"kernel": os.urandom(3 << 20), "initrd": os.urandom(5 << 20) + b"\n"}
     addresses = dict(sshd_cluster.addresses, ghost=f"127.41.9.7:{free_port('127.41.9.7')}")
-    shell = NodeShell(sshd_cluster.key_file, addresses, connect_timeout=5)
+    shell = NodeShell(sshd_cluster.key_file, addresses, connect_timeout=5, pins=pins(sshd_cluster, [*names, "ghost"]))
     (tmp_path / "blocked").write_text("a file where the directory should be\n")
     targets = {name: tmp_path / name / "kexec" for name in names}
     targets[names[2]] = tmp_path / "blocked" / "kexec"  # mkdir -p fails under a file
@@ -42,7 +48,7 @@ def test_files_arrive_whole_and_a_bad_node_fails_alone(sshd_cluster: SshdCluster
 @pytest.mark.slow
 def test_many_nodes_at_once(sshd_cluster: SshdCluster, tmp_path: Path) -> None:
     names = sshd_cluster.nodes[:8]
-    shell = NodeShell(sshd_cluster.key_file, sshd_cluster.addresses, window=4)
+    shell = NodeShell(sshd_cluster.key_file, sshd_cluster.addresses, window=4, pins=pins(sshd_cluster, names))
     pushed = shell.push(names, {"kernel": b"k" * 1000}, str(tmp_path / "same"), 30)
     assert pushed.succeeded == names  # all to one directory here: each node rewrote the same file whole
     assert (tmp_path / "same" / "kernel").read_bytes() == b"k" * 1000
@@ -62,7 +68,7 @@ def test_the_kexec_setup_sends_the_deployment_system_to_every_node(sshd_cluster:
     files = {names[0]: found, names[1]: found, names[2]: missing}
     ctx = StepContext(
         targets={}, placement={}, power={}, soft=None, boot=None,  # type: ignore[arg-type]
-        shell=NodeShell(sshd_cluster.key_file, sshd_cluster.addresses), environment=None,
+        shell=NodeShell(sshd_cluster.key_file, sshd_cluster.addresses, pins=pins(sshd_cluster, names)), environment=None,
         partition=lambda node: node.deploy_partition,
     )  # fmt: skip
     sent = send_boot_files(ctx, names, files, str(tmp_path / "kexec"))

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from test_vm_kexec import disk_with_partition_3, put_boot_files, vm_environment
 
+from kasched.bootkeys import BootKeys
 from kasched.deploy.kexec import boot_environment_kexec, setup_deploy_system_kexec
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.steps import StepContext
@@ -43,6 +44,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 {modules}
 mkdir -p /run/sshd && chmod 755 /run/sshd
+if [ -d /kasched-boot ]; then mkdir -p /run/kasched && mv /kasched-boot /run/kasched/boot; fi
 ip link set lo up; ip addr add {address}/24 dev eth0; ip link set eth0 up
 echo "kasched-vm: up, cmdline [$(cat /proc/cmdline)]"
 """
@@ -75,6 +77,11 @@ def vm_system(kernel: Kernel, base: Path, work: Path) -> tuple[Path, Path]:
     return make_initramfs(tree, work / "system.img"), service_key
 
 
+def system_key(work: Path) -> str:
+    """The VM system's own host key (the one ``vm_system`` baked in), as a pin."""
+    return " ".join((work / "keys" / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+
+
 def wait_for_ssh(shell: NodeShell, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -100,19 +107,21 @@ def test_setup_by_kexec_over_ssh_boots_the_deployment_system(
     boot_dir = tmp_path / "boot"
     put_boot_files(boot_dir / "deploy", vm_kernel.image, initrd)  # where the PXE driver looks
     driver = PxeBootDriver(boot_dir)
-    shell = NodeShell(service_key, {NODE.name: NODE.ip})
+    shell = NodeShell(service_key, {NODE.name: NODE.ip}, pins={NODE.name: system_key(tmp_path)})
     ctx = step_context(driver, shell, None)
+    ctx.trusted, ctx.keys = {NODE.name}, BootKeys(boot_dir)  # the verified reference, its key pinned
     append = "console=ttyS0 panic=-1 kasched.system=reference"
     with Vm(vm_kernel.image, initrd, append, tmp_path / "console.log", tap=network) as vm, inside_netns(network.netns):
         vm.wait_for("kasched-vm: up", 120)
         wait_for_ssh(shell, 120)
         before = shell.run([NODE.name], "cat /proc/cmdline", 30)[NODE.name]
         result = setup_deploy_system_kexec(ctx, [NODE.name], time.monotonic() + 600, threading.Event())
-        after = shell.run([NODE.name], "cat /proc/cmdline; ls /run", 30)[NODE.name]
+        after = shell.run([NODE.name], "cat /proc/cmdline; ls /run; cat /run/kasched/boot/*.pub", 30)[NODE.name]
     outcome = result[NODE.name]
     assert outcome.ok, f"{outcome.error}; console: {vm.output()[-1500:]}"
     assert "kasched.system=reference" in before.value.stdout
-    assert after.ok and "kasched.system=deploy" in after.value.stdout, after
+    assert after.ok and "kasched.system=deploy" in after.value.stdout, after  # answered with the new pin
+    assert shell.pins[NODE.name] in after.value.stdout  # the key appended to the initrd it kexec'd
     assert "kasched-reboot-token" not in after.value.stdout and "kasched-kexec" not in after.value.stdout
     assert driver.current_label(NODE) == "deploy system"
 
@@ -126,7 +135,7 @@ def test_boot_by_kexec_over_ssh_boots_the_environment_of_partition_3(
     disk = disk_with_partition_3(environment, tmp_path)
     env = vm_environment("kasched.env=vm-env")
     driver = PxeBootDriver(tmp_path / "boot")
-    shell = NodeShell(service_key, {NODE.name: NODE.ip})
+    shell = NodeShell(service_key, {NODE.name: NODE.ip}, pins={NODE.name: system_key(tmp_path)})
     ctx = step_context(driver, shell, env)
     append = "console=ttyS0 panic=-1 kasched.system=deploy"
     with Vm(vm_kernel.image, initrd, append, tmp_path / "console.log", tap=network, disk=disk) as vm, \
@@ -134,7 +143,8 @@ def test_boot_by_kexec_over_ssh_boots_the_environment_of_partition_3(
         vm.wait_for("kasched-vm: up", 120)
         wait_for_ssh(shell, 120)
         result = boot_environment_kexec(ctx, [NODE.name], time.monotonic() + 600, threading.Event())
-        after = shell.run([NODE.name], "cat /proc/cmdline", 30)[NODE.name]
+        assert NODE.name not in shell.pins  # the environment is the user's: nothing pinned for it
+        after = shell.run([NODE.name], "cat /proc/cmdline", 30, trust_any=True)[NODE.name]
     outcome = result[NODE.name]
     assert outcome.ok, f"{outcome.error}; console: {vm.output()[-1500:]}"
     assert after.ok and after.value.stdout.split() == ["root=/dev/vda3", "ro", "kasched.env=vm-env"], after
