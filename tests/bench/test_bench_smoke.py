@@ -69,5 +69,5 @@ def test_prepare_lab_refuses_bad_node_counts() -> None:
 
 
 def test_revert_lab_quick() -> None:
-    run_bench("revert_lab.py", "trusted-over-budget N=4", "rewrite-over-trusted N=4", "verify", "trusted-over-budget",
+    run_bench("revert_lab.py", "trusted-over-budget N=2", "rewrite-over-trusted N=2", "verify", "trusted-over-budget",
               timeout=900)  # fmt: skip
