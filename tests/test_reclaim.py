@@ -169,3 +169,30 @@ def test_a_job_s_end_touches_only_its_own_job(run: Run, site: Path, monkeypatch:
     assert "grant 1: node-[1-2] granted to another job already: left alone" in out, out
     assert "grant 1: nothing to revert" in out and code == 0, out
     assert json.loads(run("nodes", "show", "node-1", "--json")[1])["state"] == "deploy_failed"
+
+
+def test_reference_nodes_left_untrusted_by_an_ended_grant_are_orphans(run: Run, site: Path) -> None:
+    """A node recorded ``reference`` whose job ended without its revert (a lost epilog, a failed
+    reclaim) is given back by reconcile: its user may have changed the partition. A node kasched
+    verified since, and one no grant ever held, are not."""
+    from sqlalchemy import select, update
+
+    from kasched import grants
+    from kasched.deploy import reclaim
+    from kasched.models import Grant, Node
+
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = hook_env("31", "node-[1-2]")
+    hook("prolog/kasched-prolog", env)
+    api = Kasched.open(load())
+    try:
+        with api.database.session() as session:  # the epilog's revoke, its revert lost
+            grant_id = session.scalars(select(Grant.id).where(Grant.revoked_at.is_(None))).one()
+            grants.revoke_by_id(session, grant_id, "job ended")
+            session.execute(update(Node).where(Node.name == "node-2").values(trusted=True))
+        with api.database.session() as session:
+            found = reclaim.orphans(session)
+    finally:
+        api.close()
+    assert "node-1" in found, found  # held, ended, never verified since
+    assert "node-2" not in found and "node-3" not in found, found  # verified since; never held
