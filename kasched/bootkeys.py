@@ -12,17 +12,15 @@ it, and fails with ``host key mismatch``. As soon as the boot is checked (or fai
 removed and the profile rewritten without it, so a later boot, or a user on the node afterwards,
 cannot fetch it again.
 
-The key's name is random (an unguessable path, not only a per-MAC one); the file and its directories
-belong to root and the boot directory's group (mode 0640/0750, as ``boot_dir/stateless``): the boot
-server reads it, other local users of the service host do not, and only while the boot lasts. Its
-public half is what kaschedd records (``nodes.host_key``) and pins.
+The key's name is random (an unguessable path, not only a per-MAC one), the file is readable by the
+TFTP/HTTP servers only while the boot lasts, and its public half is what kaschedd records
+(``nodes.host_key``) and pins.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
-import os
 import secrets
 import shutil
 import time
@@ -104,13 +102,10 @@ class BootKeys:
         private, public = make_key()
         directory = self.node_dir(mac)
         directory.mkdir(parents=True, exist_ok=True)
-        group = self.boot_dir.stat().st_gid  # root and the boot server's group (as boot_dir/stateless)
         for level in (directory.parent, directory):
-            os.chown(level, 0, group)
-            level.chmod(0o750)  # not for other local users: the profiles, world-readable, name the file
+            level.chmod(0o755)  # the TFTP and HTTP servers read it; the name is what is secret
         name = f"{secrets.token_hex(16)}.cpio.gz"
-        files.write_atomic(directory / name, key_archive(private, public), mode=0o640)
-        os.chown(directory / name, 0, group)
+        files.write_atomic(directory / name, key_archive(private, public), mode=0o644)
         return BootKey(node, f"{DIRECTORY}/{directory.name}/{name}", public)
 
     def withdraw(self, mac: str) -> None:
