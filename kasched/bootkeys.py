@@ -103,7 +103,7 @@ class BootKeys:
         directory = self.node_dir(mac)
         directory.mkdir(parents=True, exist_ok=True)
         for level in (directory.parent, directory):
-            level.chmod(0o755)  # the TFTP and HTTP servers read it; the name is what is secret
+            level.chmod(0o755)  # dnsmasq's TFTP serves only world-readable files (docs/security.md)
         name = f"{secrets.token_hex(16)}.cpio.gz"
         files.write_atomic(directory / name, key_archive(private, public), mode=0o644)
         return BootKey(node, f"{DIRECTORY}/{directory.name}/{name}", public)
