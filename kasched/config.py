@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -68,6 +69,10 @@ class Config:
     # A grant past its end (the job's walltime) is left to the job's epilog this long before reconcile
     # revokes it: longer than the scheduler's kill (Slurm's KillWait) and its epilog take.
     reconcile_walltime_grace: float = 300.0
+    # Settings of the scheduler plugins for kaschedd and what it starts (reconcile, the revert at a job's
+    # end), as the hooks get them in their environment: {KASCHED_OAR_API_URL: ..., ...}. A variable the
+    # process already has wins (a hook's wrapper sets its own).
+    scheduler_settings: tuple[tuple[str, str], ...] = ()
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -213,6 +218,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise ConfigError(
                 f"{where}{key}: expected a list of IP addresses or networks such as 10.0.0.5 or 10.0.0.0/24: {error}"
             ) from None
+    if key == "scheduler_settings":
+        return _scheduler_settings(value, f"{where}{key}")
     if key == "disabled_plugins":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}{key}: expected a list of plugin names")
@@ -231,6 +238,30 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     except ConfigError as error:
         raise ConfigError(f"{where}{error}") from None
     return value
+
+
+SCHEDULER_SETTING = re.compile(r"^KASCHED_[A-Z0-9_]+$")
+
+
+def _scheduler_settings(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A mapping of scheduler plugin variables (``KASCHED_OAR_API_URL: http://...``) to text values."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{KASCHED_OAR_API_URL: http://127.0.0.1:6680/oarapi}}")
+    pairs = []
+    for name, setting in value.items():
+        if not isinstance(name, str) or not SCHEDULER_SETTING.match(name):
+            raise ConfigError(f"{where}: {name!r} is not a scheduler plugin variable (KASCHED_...)")
+        if isinstance(setting, bool) or not isinstance(setting, str | int | float) or "\0" in str(setting):
+            raise ConfigError(f"{where}: {name}: expected a text value")
+        pairs.append((name, str(setting)))
+    return tuple(sorted(pairs))
+
+
+def export_scheduler_settings(config: Config) -> None:
+    """Give this process (and what it starts) the site's scheduler plugin settings, but for those its
+    environment sets already."""
+    for name, value in config.scheduler_settings:
+        os.environ.setdefault(name, value)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

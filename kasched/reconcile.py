@@ -39,7 +39,6 @@ from kasched.jobs import JobEnd
 from kasched.models import utcnow
 from kasched.views import GrantView
 
-HAND_MADE = "admin"  # grants made with 'kasched rights grant' belong to no scheduler
 GRACE_SECONDS = 60.0
 
 
@@ -75,7 +74,7 @@ def reconcile(
         report.orphans = sorted({*reclaim.orphans(session, min_age=grace), *marked})
     if report.orphans and not dry_run:
         reclaim.spawn(api.config, None)
-    pending = [g for g in api.rights(include_ended=True) if g.revoked_at is None and g.scheduler != HAND_MADE]
+    pending = [g for g in api.rights(include_ended=True) if g.revoked_at is None and g.scheduler != reclaim.HAND_MADE]
     by_job_source: dict[tuple[str, str], list[GrantView]] = defaultdict(list)
     for grant in pending:
         if grant.expires_at + ending <= now:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kasched.errors import KaschedError
 from kasched.jobs import JobEnd, JobInfo
+
+HOLD_MARK = "kasched:"  # how every reason or comment kasched writes on a scheduler's node starts
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,17 @@ class SchedulerAdapter(ABC):
         reconcile``. None when it cannot tell (scheduler not installed or unreachable, or another
         cluster): reconcile then leaves that scheduler's grants alone, it never guesses."""
         return None
+
+    def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:
+        """The revert of nodes this scheduler kept out of scheduling at the end of job ``job_id`` (None:
+        nodes reconcile gave back, no job known) has ended: put ``back`` into service again, keep each
+        node of ``failed`` out with its reason (node -> why) where the admin looks, starting with
+        :data:`HOLD_MARK`. Only nodes kasched itself holds (their reason starts with HOLD_MARK) are
+        touched: an admin's own drain or offline stays. Nodes this scheduler does not know are skipped.
+        Returns the problems met, one line each; never raises (the revert is over whatever the
+        scheduler says; reconcile tries again). The hold itself is the scheduler's hook's, before it
+        runs ``kasched job end``: docs/plugins.md, "Holding nodes while they are given back"."""
+        return []
 
     def doctor(self) -> list[Check]:
         """``kasched doctor``: this scheduler's state as kasched sees it (which client library or command

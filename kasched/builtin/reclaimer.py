@@ -15,14 +15,15 @@ from kasched.bus import Bus
 from kasched.config import Config
 from kasched.db import Database
 from kasched.deploy import reclaim
+from kasched.deploy.release import release
 from kasched.errors import KaschedError
 from kasched.hookspecs import hookimpl
 from kasched.jobs import Notification
 from kasched.nodeset import fold
+from kasched.schedulers import HOLD_MARK
 from kasched.views import GrantView
 
 log = logging.getLogger("kasched")
-HAND_MADE = "admin"  # the scheduler name of grants made with 'kasched rights grant'
 
 
 class Reclaimer:
@@ -33,11 +34,15 @@ class Reclaimer:
 
     @hookimpl
     def kasched_grant_revoked(self, grant: GrantView, reason: str) -> None:
-        if not self.config.revert_at_job_end or grant.scheduler == HAND_MADE:
+        if grant.scheduler == reclaim.HAND_MADE:
+            return
+        if not self.config.revert_at_job_end:  # the site gives nodes back as they are
+            release(self.bus, grant.scheduler, grant.job_id, grant.nodes, {})
             return
         try:
             self._reclaim(grant)
         except (KaschedError, OSError) as error:  # never fail the epilog: the grant is revoked already
+            # The nodes stay held by their scheduler: reconcile gives them back as orphans later.
             self._tell(grant, f"cannot start giving back {fold(grant.nodes)}: {error}", "error")
 
     def _reclaim(self, grant: GrantView) -> None:
@@ -50,6 +55,8 @@ class Reclaimer:
         if not todo.to_revert:
             if todo.settled:
                 log.info("job %s ended: %s out of service (down): not given back", grant.job, fold(todo.settled))
+            down = {node: f"{HOLD_MARK} set down in kasched" for node in todo.settled}
+            release(self.bus, grant.scheduler, grant.job_id, [], down)
             return
         pid = reclaim.spawn(self.config, grant.id)
         self._tell(

@@ -25,6 +25,7 @@ class Context:
     def config(self) -> Config:
         if self._config is None:
             self._config = config_module.load(self.config_path)
+            config_module.export_scheduler_settings(self._config)
         return self._config
 
     @property

@@ -10,9 +10,10 @@ import sys
 from typing import Any
 
 from kasched.cli.common import Context
+from kasched.deploy.release import release
 from kasched.errors import ConflictError, InputError, PermissionDenied
 from kasched.nodeset import fold
-from kasched.schedulers import SchedulerAdapter
+from kasched.schedulers import HOLD_MARK, SchedulerAdapter
 
 
 def register(subparsers: Any) -> None:
@@ -94,11 +95,13 @@ def job_reclaim(args: argparse.Namespace, context: Context) -> int:
         raise PermissionDenied("only an admin (or the epilog) gives a job's nodes back")
     what = "orphans" if args.orphans else f"grant {args.grant}"
     busy: list[str] = []
+    scheduler, job_id = None, None
     with api.database.session() as session:
         if args.orphans:
             user, nodes = "nobody", reclaim.orphans(session)
         else:
-            user, nodes = reclaim.revoked_grant_nodes(session, args.grant)
+            grant = reclaim.revoked_grant(session, args.grant)
+            user, nodes, scheduler, job_id = grant.user, list(grant.nodes), grant.scheduler, grant.job_id
     if not args.orphans:
         busy = reclaim.wait_not_busy(api.database.session, nodes, args.wait)
     if busy:
@@ -108,26 +111,34 @@ def job_reclaim(args: argparse.Namespace, context: Context) -> int:
     if others:
         print(f"{what}: {fold(sorted(others))} granted to another job already: left alone")
     todo = [n for n in nodes if n in states and states[n] not in reclaim.SETTLED and n not in {*busy, *others}]
-    return _revert(api, what, user, todo) or (1 if busy else 0)
+    failed = {n: f"{HOLD_MARK} still busy in another operation after {args.wait:g} s" for n in busy}
+    failed |= {n: f"{HOLD_MARK} set down in kasched" for n in nodes if states.get(n) in reclaim.SETTLED}
+    code, back = _revert(api, what, user, todo, failed)
+    if scheduler != reclaim.HAND_MADE:
+        release(api.bus, scheduler, job_id, back, failed)
+    return code or (1 if busy else 0)
 
 
-def _revert(api: Any, what: str, user: str, todo: list[str]) -> int:
-    """Revert ``todo`` but for the nodes granted or taken meanwhile; 0 if every node reverted is back."""
+def _revert(api: Any, what: str, user: str, todo: list[str], failed: dict[str, str]) -> tuple[int, list[str]]:
+    """Revert ``todo`` but for the nodes granted or taken meanwhile: 0 if every node reverted is back,
+    and those back; the others' failures are added to ``failed``."""
     from kasched.deploy.operations import Operations
 
     if not todo:
         print(f"{what}: nothing to revert")
-        return 0
+        return 0, []
     print(f"{what}: reverting {fold(todo)} (job of {user})", flush=True)
     try:
         result = Operations(api, releasing=True).revert(todo)
     except ConflictError as error:  # granted to a new job, or taken, since the look above
         print(f"{what}: {error}")
-        return 0
+        return 0, []
     for node, outcome in result.outcomes.items():
         print(f"{node}: {'ok' if outcome.ok else 'failed'} in {outcome.duration:.1f} s {outcome.error or ''}".rstrip())
+        if not outcome.ok:
+            failed[node] = f"{HOLD_MARK} revert {result.deployment_id} failed: {outcome.error or outcome.step}"
     print(f"revert {result.deployment_id}: {result.state}")
-    return 1 if result.failed else 0
+    return (1 if result.failed else 0), list(result.ok)
 
 
 def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:

@@ -32,6 +32,9 @@ from kasched.config import Config
 from kasched.deploy.records import BUSY
 from kasched.errors import ConflictError, NotFoundError
 from kasched.models import Grant, GrantNode, Node, NodeState, utcnow
+from kasched.views import GrantView
+
+HAND_MADE = "admin"  # the scheduler name of grants made with 'kasched rights grant': no scheduler holds their nodes
 
 SETTLED = (NodeState.DOWN,)  # out of service: not given back. Every other node of an ending job is,
 # whatever its recorded state: its user may have changed the reference partition, powered it off, or
@@ -106,15 +109,15 @@ def orphans(session: Session, min_age: float = 0.0) -> list[str]:
     return [name for name in candidates if name not in others]
 
 
-def revoked_grant_nodes(session: Session, grant_id: int) -> tuple[str, list[str]]:
-    """The user and nodes of a grant that is no longer active (reclaiming an active one is refused)."""
+def revoked_grant(session: Session, grant_id: int) -> GrantView:
+    """A grant that is no longer active (reclaiming an active one is refused)."""
     grant = session.get(Grant, grant_id)
     if grant is None:
         raise NotFoundError(f"no grant {grant_id}")
     view = grants.view_of(session, grant)
     if view.active:
         raise ConflictError(f"grant {grant_id} is active: its job still runs")
-    return view.user, list(view.nodes)
+    return view
 
 
 def wait_not_busy(session_factory: object, nodes: Sequence[str], timeout: float, step: float = 1.0) -> list[str]:

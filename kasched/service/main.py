@@ -90,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         config = config_module.load(args.config)
+        config_module.export_scheduler_settings(config)
         serve(config, Path(args.socket) if args.socket else config.service_socket, stop=stop)
     except KaschedError as error:
         print(f"kaschedd: error: {error}", file=sys.stderr)
