@@ -69,6 +69,9 @@ class Config:
     # A grant past its end (the job's walltime) is left to the job's epilog this long before reconcile
     # revokes it: longer than the scheduler's kill (Slurm's KillWait) and its epilog take.
     reconcile_walltime_grace: float = 300.0
+    # How long a user's deploy, revert or reboot waits for nodes still being given back after their
+    # previous job (the revert of that job's end) before it is refused (seconds; 0: refused at once).
+    revert_wait: float = 600.0
     # Settings of the scheduler plugins for kaschedd and what it starts (reconcile, the revert at a job's
     # end), as the hooks get them in their environment: {KASCHED_OAR_API_URL: ..., ...}. A variable the
     # process already has wins (a hook's wrapper sets its own).
@@ -170,7 +173,12 @@ def from_mapping(data: dict[str, Any], *, source: Path | None = None) -> Config:
     return Config(**values, path=source)
 
 
-_ZERO_MEANS = {"reconcile_interval": "never", "broadcast_ack_timeout": "off", "reconcile_walltime_grace": "none"}
+_ZERO_MEANS = {
+    "reconcile_interval": "never",
+    "broadcast_ack_timeout": "off",
+    "reconcile_walltime_grace": "none",
+    "revert_wait": "refused at once",
+}
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

@@ -30,7 +30,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration. Every command opens the database and checks its schema is current: reading the
 # version row against this constant spares each hook importing alembic and its scripts (a test checks
 # it names the head of kasched/migrations/versions).
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 SQLITE_BUSY_MS = 60_000
 
 

@@ -42,6 +42,10 @@ class ConflictError(KaschedError):
     exit_code = 4
 
 
+class NodesBeingGivenBack(ConflictError):
+    """The nodes are busy only with their revert after an ended job: a deployment may wait for them."""
+
+
 class PermissionDenied(KaschedError):
     """The caller may not do this; the message says why."""
 

@@ -239,6 +239,9 @@ class Deployment(Base):
     grant_id: Mapped[int | None] = mapped_column(
         ForeignKey("grants.id", ondelete="SET NULL", name="fk_deployments_grant_id"), index=True
     )
+    # A revert of nodes whose job ended (at the job's end, or reconcile's): a deployment of the nodes'
+    # next job waits for it (kasched.errors.NodesBeingGivenBack) instead of being refused.
+    gives_back: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     nodes: Mapped[list[DeploymentNode]] = relationship(cascade="all, delete-orphan", passive_deletes=True)

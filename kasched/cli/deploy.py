@@ -8,19 +8,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
 from kasched.deploy.workflow import StepReport, TransferReport
-from kasched.errors import DatabaseError, InputError
+from kasched.errors import DatabaseError, InputError, KaschedError, NodesBeingGivenBack
 from kasched.models import utcnow
 from kasched.nodeset import expand, fold
+
+T = TypeVar("T")
 
 
 def register(subparsers: Any) -> None:
@@ -159,6 +161,25 @@ def power_command(args: argparse.Namespace, context: Context) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
+def when_given_back(start: Callable[[], T], limit: float, view: ProgressView, cancel: threading.Event) -> T:
+    """``start()``; while it is refused only because the nodes are still being given back after their
+    previous job, say so in the live view and try again every POLL seconds, for at most ``limit``."""
+    deadline = time.monotonic() + limit
+    said = ""
+    while True:
+        try:
+            return start()
+        except NodesBeingGivenBack as error:
+            if time.monotonic() >= deadline:
+                waited = f" for {limit:g} s (revert_wait)" if limit else " (revert_wait: 0)"
+                raise NodesBeingGivenBack(f"{error}; waited{waited}; try again later") from None
+            if str(error) != said:
+                view.waiting(f"{error}: waiting for it, at most {limit:g} s")
+                said = str(error)
+        if cancel.wait(POLL):
+            raise KaschedError("interrupted while waiting for the nodes to be given back: nothing was started")
+
+
 def _run(args: argparse.Namespace, context: Context, operation: Any, count: int) -> int:
     from kasched.deploy.operations import Operations
 
@@ -166,7 +187,7 @@ def _run(args: argparse.Namespace, context: Context, operation: Any, count: int)
     with cancellable() as cancel:
         ops = Operations(context.api, progress=view, cancel=cancel, fanout=getattr(args, "fanout", 0))
         try:
-            result = operation(ops)
+            result = when_given_back(lambda: operation(ops), context.config.revert_wait, view, cancel)
         finally:
             view.close()
     _write_node_files(args, result.ok, result.failed)
@@ -266,16 +287,17 @@ def _deploy_remote(args: argparse.Namespace, context: Context) -> int:
 
 def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any], count: int) -> int:
     api = context.api
-    started = api.call("POST", "/v1/deployments", body=body)
-    operation_id = started["id"]
-    print(
-        f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})", file=sys.stderr
-    )
     view: ProgressView = ProgressView(count)
     seen = _Seen()
     with cancellable() as cancel:
         asked = False
         try:
+            start = lambda: api.call("POST", "/v1/deployments", body=body)  # noqa: E731
+            operation_id = when_given_back(start, context.config.revert_wait, view, cancel)["id"]
+            print(
+                f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})",
+                file=sys.stderr,
+            )
             while True:
                 shown = _poll(api, operation_id)
                 _show_poll(shown, view, seen)

@@ -81,6 +81,14 @@ class ProgressView:
             self.out.write(line + "\n")
         self.out.flush()
 
+    def waiting(self, why: str) -> None:
+        """The operation has not started yet: say why (once per reason)."""
+        with self.lock:
+            self.step = "waiting"
+            line = f"[{time.monotonic() - self.started:6.1f}s] waiting    {why}"
+            self.out.write(("\r" + line.ljust(78)) if self.tty else line + "\n")
+            self.out.flush()
+
     def close(self) -> None:
         if self.tty and self.step:
             self.out.write("\n")

@@ -297,7 +297,9 @@ class Operations:
                 if not names:
                     raise ConflictError("nothing to give back: every node is granted, busy or gone")
             label = env.label if env else None
-            deployment_id = records.start(session, kind, caller.user, label, names, busy, is_admin=caller.is_admin)
+            deployment_id = records.start(
+                session, kind, caller.user, label, names, busy, is_admin=caller.is_admin, gives_back=self.releasing
+            )
             trust = records.take_trust(session, names)  # what kasched vouched for, read with the nodes taken
         context.shell.pins.update(trust.pins)
         context.trusted = set(trust.trusted)

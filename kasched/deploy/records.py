@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from kasched.errors import ConflictError, NotFoundError, PermissionDenied
+from kasched.errors import ConflictError, NodesBeingGivenBack, NotFoundError, PermissionDenied
 from kasched.grants import node_ids_by_name
 from kasched.models import (
     Deployment,
@@ -82,9 +82,11 @@ def start(
     busy_state: NodeState,
     *,
     is_admin: bool = False,
+    gives_back: bool = False,
 ) -> str:
     """Record a new operation and move its nodes to ``busy_state``; refuse if any node is busy, or
-    (unless ``is_admin``) not in an active grant of ``user`` now."""
+    (unless ``is_admin``) not in an active grant of ``user`` now. Busy only with the revert of an ended
+    job (``gives_back`` operations): :class:`NodesBeingGivenBack`, which a deployment may wait out."""
     recover_interrupted(session)
     ids = node_ids_by_name(session, nodes)
     grant_id = None if is_admin else granted(session, user, ids)
@@ -93,9 +95,7 @@ def start(
     ).all()
     busy = [(name, state) for name, state in locked if state in BUSY]
     if busy:
-        names = [name for name, _ in busy]
-        holders = _holders(session, names)
-        raise ConflictError(f"{fold(names)}: busy ({busy[0][1].value}) in {holders}; wait for it or cancel it")
+        _refuse_busy(session, [name for name, _ in busy], busy[0][1])
     deployment_id = f"{kind[:1]}{utcnow():%m%d%H%M%S}-{secrets.token_hex(3)}"
     session.add(
         Deployment(
@@ -107,6 +107,7 @@ def start(
             pid=os.getpid(),
             instance=INSTANCE,
             grant_id=grant_id,
+            gives_back=gives_back,
             nodes=[DeploymentNode(node=name) for name in nodes],
         )
     )
@@ -224,13 +225,20 @@ def stop_reason(session: Session, deployment_id: str) -> str | None:
     return f"{fold(lost)} no longer granted to {deployment.user}" if lost else None
 
 
-def _holders(session: Session, names: Sequence[str]) -> str:
+def _refuse_busy(session: Session, names: list[str], state: NodeState) -> None:
+    """Raise the error for ``names`` busy in running operations: :class:`NodesBeingGivenBack` when every
+    one is held only by the revert of an ended job, else :class:`ConflictError`."""
     rows = session.execute(
-        select(Deployment.id, Deployment.user)
+        select(Deployment.id, Deployment.user, Deployment.gives_back, DeploymentNode.node)
         .join(DeploymentNode)
         .where(DeploymentNode.node.in_(names), Deployment.state == DeploymentState.RUNNING)
     ).all()
-    return ", ".join(sorted({f"{d} of {u}" for d, u in rows})) or "an operation that left no record"
+    holders = ", ".join(sorted({f"{d} of {u}" for d, u, _, _ in rows})) or "an operation that left no record"
+    giving_back = {node for _, _, gives_back, node in rows if gives_back}
+    if rows and all(gives_back for _, _, gives_back, _ in rows) and giving_back >= set(names):
+        ids = ", ".join(sorted({d for d, _, _, _ in rows}))
+        raise NodesBeingGivenBack(f"{fold(names)}: still being given back after their previous job ({ids})")
+    raise ConflictError(f"{fold(names)}: busy ({state.value}) in {holders}; wait for it or cancel it")
 
 
 def record_node(

@@ -14,7 +14,7 @@ from sqlalchemy import update
 from kasched import grants
 from kasched.api import Kasched
 from kasched.deploy import records
-from kasched.errors import ConflictError, NotFoundError, PermissionDenied
+from kasched.errors import ConflictError, NodesBeingGivenBack, NotFoundError, PermissionDenied
 from kasched.jobs import JobEnd, JobInfo
 from kasched.models import Deployment, NodeState
 
@@ -160,3 +160,28 @@ def test_only_nodes_no_grant_and_no_operation_hold_are_releasable(cluster: Kasch
     with cluster.database.session() as session:
         records.start(session, "revert", "root", None, ["node-4"], NodeState.REVERTING, is_admin=True)
         assert records.releasable(session, ["node-1", "node-2", "node-4", "nope"]) == ["node-2"]
+
+
+def test_nodes_busy_only_giving_back_are_told_apart_from_busy_ones(cluster: Kasched) -> None:
+    """A revert of an ended job's nodes (``gives_back``) refuses with NodesBeingGivenBack, which a
+    deployment waits out; any other running operation on one of the nodes is a plain conflict."""
+    with cluster.database.session() as session:
+        back = records.start(
+            session, "revert", "root", None, ["node-1", "node-2"], NodeState.REVERTING, is_admin=True, gives_back=True
+        )
+        own = records.start(session, "revert", "alice", None, ["node-3"], NodeState.REVERTING, is_admin=True)
+    with (
+        pytest.raises(
+            NodesBeingGivenBack, match=rf"node-\[1-2\]: still being given back after their previous job \({back}\)"
+        ),
+        cluster.database.session() as session,
+    ):
+        records.start(session, "deploy", "bob", None, ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True)
+    for nodes in (["node-2", "node-3"], ["node-3"]):
+        with pytest.raises(ConflictError) as refused, cluster.database.session() as session:
+            records.start(session, "deploy", "bob", None, nodes, NodeState.DEPLOYING, is_admin=True)
+        assert not isinstance(refused.value, NodesBeingGivenBack)
+        assert f"{own} of alice" in str(refused.value)
+    with cluster.database.session() as session:
+        records.finish(session, back, {"node-1": NodeState.REFERENCE, "node-2": NodeState.REFERENCE})
+        records.start(session, "deploy", "bob", None, ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True)
