@@ -1,0 +1,82 @@
+"""Giving nodes back to their scheduler once their revert has ended (kasched.deploy.release): only the
+adapter of the grant's scheduler is told (every adapter for reconcile's orphans), a broken adapter is one
+problem line and never keeps the others from being told, and the Reclaimer tells the scheduler at once
+when there is nothing to revert. The adapters' own holds and releases are tested against their real
+schedulers (tests/schedulers)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from kasched.api import Kasched
+from kasched.deploy.release import release
+from kasched.hookspecs import hookimpl
+from kasched.jobs import JobEnd, JobInfo
+from kasched.schedulers import SchedulerAdapter
+
+
+class Recording(SchedulerAdapter):
+    """A scheduler adapter that records what it is told to release."""
+
+    def __init__(self, name: str, broken: bool = False) -> None:
+        self.name, self.broken = name, broken
+        self.released: list[tuple[str | None, list[str], dict[str, str]]] = []
+
+    def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
+        return False
+
+    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+        raise NotImplementedError
+
+    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+        raise NotImplementedError
+
+    def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:
+        if self.broken:
+            raise RuntimeError("scontrol exploded")
+        self.released.append((job_id, list(back), dict(failed)))
+        return [f"{node} unknown here" for node in back if node == "node-9"]
+
+
+class Adapters:
+    def __init__(self, *adapters: SchedulerAdapter) -> None:
+        self.adapters = list(adapters)
+
+    @hookimpl
+    def kasched_scheduler_adapters(self) -> list[Any]:
+        return self.adapters
+
+
+def test_only_the_grants_scheduler_is_told_and_a_broken_one_is_a_line(cluster: Kasched) -> None:
+    slurm, oar, broken = Recording("slurm"), Recording("oar"), Recording("pbs", broken=True)
+    cluster.bus.register(Adapters(slurm, oar, broken), "adapters")
+    assert release(cluster.bus, "slurm", "12", ["node-1", "node-9"], {"node-2": "kasched: revert failed"}) == [
+        "slurm: node-9 unknown here"
+    ]
+    assert slurm.released == [("12", ["node-1", "node-9"], {"node-2": "kasched: revert failed"})]
+    assert oar.released == []
+    problems = release(cluster.bus, None, None, ["node-3"], {})  # reconcile's orphans: every adapter
+    assert problems == ["pbs: release failed: RuntimeError: scontrol exploded"]
+    assert slurm.released[-1] == oar.released[-1] == (None, ["node-3"], {})
+    assert release(cluster.bus, None, None, [], {}) == [] and len(oar.released) == 1  # nothing to tell
+
+
+def test_a_job_end_with_nothing_to_revert_releases_at_once(cluster: Kasched) -> None:
+    slurm = Recording("slurm")
+    cluster.bus.register(Adapters(slurm), "adapters")
+    cluster.job_started(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2")))
+    cluster.set_node_state("node-[1-2]", "down")
+    cluster.job_ended(JobEnd("slurm", "c", "7", "job ended"))
+    assert slurm.released == [("7", [], dict.fromkeys(["node-1", "node-2"], "kasched: set down in kasched"))]
+
+
+def test_a_site_that_does_not_revert_releases_every_node_at_once(cluster: Kasched) -> None:
+    api = Kasched.open(replace(cluster.config, revert_at_job_end=False), cluster.caller, load_entry_points=False)
+    slurm = Recording("slurm")
+    api.bus.register(Adapters(slurm), "adapters")
+    api.job_started(JobInfo("slurm", "c", "8", "alice", ("node-3",)))
+    api.job_ended(JobEnd("slurm", "c", "8", "job ended"))
+    assert slurm.released == [("8", ["node-3"], {})]
+    api.close()
