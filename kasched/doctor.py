@@ -17,7 +17,7 @@ from kasched.schedulers import Check
 
 def doctor(api: Kasched) -> list[Check]:
     checks = [*_configuration(api), _database(api), _reference(api), _reference_secrets(api)]
-    checks.extend([*_munge_admin_hosts(api), _service(api)])
+    checks.extend([*_munge_admin_hosts(api), _service(api), *_reconcile_reach(api)])
     for adapter in api.bus.scheduler_adapters():
         try:
             found = adapter.doctor()
@@ -98,6 +98,24 @@ def _in(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) ->
         return ipaddress.ip_address(address) in network
     except ValueError:
         return False
+
+
+def _reconcile_reach(api: Kasched) -> list[Check]:
+    """What kaschedd's reconcile sees of each scheduler, asked of kaschedd itself when it answers (it may
+    run elsewhere, or in another network namespace, than this command); else what this host sees."""
+    from kasched.reconcile import reach
+    from kasched.service.client import client_for
+
+    if api.config.service_socket.is_socket() or api.config.service_url:
+        try:
+            status, found = client_for(api.config).request("GET", "/v1/reconcile/reach")
+        except KaschedError as error:
+            found, status = str(error), 0
+        if status == 200 and isinstance(found, list):
+            return [Check(f"kaschedd: {c['what']}", bool(c["ok"]), str(c["detail"])) for c in found]
+        detail = found.get("error", found) if isinstance(found, dict) else found
+        return [Check("kaschedd: reconcile", False, f"cannot ask kaschedd what it sees of the schedulers: {detail}")]
+    return [Check(f"here: {c.what}", c.ok, c.detail) for c in reach(api)]
 
 
 def _service(api: Kasched) -> Check:

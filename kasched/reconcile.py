@@ -37,6 +37,7 @@ from kasched.deploy import reclaim
 from kasched.errors import KaschedError, PermissionDenied
 from kasched.jobs import JobEnd
 from kasched.models import utcnow
+from kasched.schedulers import Check
 from kasched.views import GrantView
 
 GRACE_SECONDS = 60.0
@@ -110,6 +111,33 @@ def _running_jobs(adapter: object, cluster: str, report: ReconcileReport, source
     if running is None:
         report.unknown[source] = "the scheduler cannot tell which jobs run (not reachable from here?)"
     return running
+
+
+def reach(api: Kasched) -> list[Check]:
+    """Whether this process can tell, for each scheduler and cluster its grants came from, which jobs
+    run: where it cannot, reconcile leaves that scheduler's grants alone and a lost epilog is never
+    repaired. One line per scheduler and cluster (a plugin whose scheduler granted nothing yet: one line
+    saying so)."""
+    if not api.caller.is_admin:
+        raise PermissionDenied("only admins may check what reconcile sees of the schedulers")
+    sources = sorted(
+        {(g.scheduler, g.cluster) for g in api.rights(include_ended=True) if g.scheduler != reclaim.HAND_MADE}
+    )
+    checks = []
+    for adapter in api.bus.scheduler_adapters():
+        clusters = [cluster for scheduler, cluster in sources if scheduler == adapter.name]
+        if not clusters:
+            checks.append(Check(f"{adapter.name}: reconcile", True, "no job of this scheduler was granted yet"))
+        for cluster in clusters:
+            report = ReconcileReport()
+            running = _running_jobs(adapter, cluster, report, cluster)
+            detail = (
+                f"lists its jobs ({len(running)} running)"
+                if running is not None
+                else (f"{report.unknown[cluster]}: its grants are left alone, a lost epilog is never repaired")
+            )
+            checks.append(Check(f"{adapter.name}:{cluster}: reconcile", running is not None, detail))
+    return checks
 
 
 def _revoke(api: Kasched, report: ReconcileReport, grant: GrantView, why: str, dry_run: bool) -> None:

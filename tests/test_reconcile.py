@@ -66,8 +66,25 @@ def test_doctor_reports_each_check(run: Run, site: Path) -> None:
     assert not checks["reference environment"]["ok"]
     assert checks["kaschedd"]["ok"] and "not running" in checks["kaschedd"]["detail"]
     assert "slurm: slurm" in checks, "each scheduler plugin adds its own checks"
+    assert checks["here: slurm: reconcile"] == {
+        "what": "here: slurm: reconcile", "ok": True, "detail": "no job of this scheduler was granted yet"
+    }
     code, out, _ = run("doctor")
     assert "PROBLEM" in out and "reference environment" in out
+
+
+def test_doctor_says_which_schedulers_reconcile_cannot_read(run: Run, site: Path) -> None:
+    """A scheduler whose jobs this host cannot list is a PROBLEM line of its own: its grants are never
+    reconciled, so a lost epilog would never be repaired."""
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    hook("prolog/kasched-prolog", hook_env("33", "node-1"))
+    checks = {c["what"]: c for c in json.loads(run("doctor", "--json")[1])}
+    line = checks["here: slurm:demo: reconcile"]
+    assert not line["ok"]
+    assert line["detail"] == (
+        "the scheduler cannot tell which jobs run (not reachable from here?): its grants are left alone, "
+        "a lost epilog is never repaired"
+    )
 
 
 def test_unusable_database_is_one_line(run: Run, site: Path) -> None:

@@ -268,6 +268,12 @@ def _power(api: Kasched, params: dict[str, str], query: dict[str, str], body: An
     return [result.as_dict() for result in results.values()]
 
 
+def _reconcile_reach(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from kasched.reconcile import reach
+
+    return [{"what": c.what, "ok": c.ok, "detail": c.detail} for c in reach(api)]
+
+
 def _health(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
     from sqlalchemy import text
 
@@ -322,6 +328,13 @@ DEPLOYMENT = {
 
 ROUTES = (
     Route("GET", "/v1/health", "Service health, and who you are", _health),
+    Route(
+        "GET",
+        "/v1/reconcile/reach",
+        "Whether kaschedd can list each scheduler's jobs (admins)",
+        _reconcile_reach,
+        response=ARRAY,
+    ),
     Route("GET", "/v1/nodes", "List nodes", _nodes_list, query=("nodes", "state"), response=ARRAY),
     Route("GET", "/v1/nodes/{name}", "Show a node", _node_show),
     Route(
