@@ -61,6 +61,10 @@ def test_only_the_grants_scheduler_is_told_and_a_broken_one_is_a_line(cluster: K
     assert problems == ["pbs: release failed: RuntimeError: scontrol exploded"]
     assert slurm.released[-1] == oar.released[-1] == (None, ["node-3"], {})
     assert release(cluster.bus, None, None, [], {}) == [] and len(oar.released) == 1  # nothing to tell
+    release(cluster.bus, "oar", "13", [], {"node-4": "kasched: revert failed:\nssh said \x1b[2J" + "x" * 300})
+    reason = oar.released[-1][2]["node-4"]
+    assert reason.startswith("kasched: revert failed: ssh said \\x1b[2Jxxx") and reason.endswith("...")
+    assert len(reason) == 200, "one line a scheduler can show"
 
 
 def test_a_job_end_with_nothing_to_revert_releases_at_once(cluster: Kasched) -> None:

@@ -113,6 +113,7 @@ def job_reclaim(args: argparse.Namespace, context: Context) -> int:
     todo = [n for n in nodes if n in states and states[n] not in reclaim.SETTLED and n not in {*busy, *others}]
     failed = {n: f"{HOLD_MARK} still busy in another operation after {args.wait:g} s" for n in busy}
     failed |= {n: f"{HOLD_MARK} set down in kasched" for n in nodes if states.get(n) in reclaim.SETTLED}
+    failed |= {n: f"{HOLD_MARK} granted to another job meanwhile: not given back" for n in others}
     code, back = _revert(api, what, user, todo, failed)
     if scheduler != reclaim.HAND_MADE:
         release(api.bus, scheduler, job_id, back, failed)
@@ -132,11 +133,15 @@ def _revert(api: Any, what: str, user: str, todo: list[str], failed: dict[str, s
         result = Operations(api, releasing=True).revert(todo)
     except ConflictError as error:  # granted to a new job, or taken, since the look above
         print(f"{what}: {error}")
+        failed.update(dict.fromkeys(todo, f"{HOLD_MARK} not given back: {error}"))
         return 0, []
     for node, outcome in result.outcomes.items():
         print(f"{node}: {'ok' if outcome.ok else 'failed'} in {outcome.duration:.1f} s {outcome.error or ''}".rstrip())
         if not outcome.ok:
             failed[node] = f"{HOLD_MARK} revert {result.deployment_id} failed: {outcome.error or outcome.step}"
+    for node in todo:
+        if node not in result.outcomes:  # granted or taken since the look above: not this job's to give back
+            failed[node] = f"{HOLD_MARK} granted or taken meanwhile: not given back"
     print(f"revert {result.deployment_id}: {result.state}")
     return (1 if result.failed else 0), list(result.ok)
 

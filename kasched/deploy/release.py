@@ -17,7 +17,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kasched.text import printable
+
 log = logging.getLogger("kasched")
+REASON_LENGTH = 200  # Slurm keeps node reasons whole, but sinfo -R and oarnodes show one line
 
 
 def release(
@@ -27,6 +30,7 @@ def release(
     revert of ``back`` and ``failed`` (node -> why) has ended; the problems met, one line each."""
     if not back and not failed:
         return []
+    failed = {node: _reason(why) for node, why in failed.items()}
     problems = []
     for adapter in bus.scheduler_adapters():
         if scheduler is not None and adapter.name != scheduler:
@@ -39,3 +43,9 @@ def release(
     for problem in problems:
         log.warning("giving nodes back to the scheduler: %s", problem)
     return problems
+
+
+def _reason(why: str) -> str:
+    """A reason a scheduler can show on one line: printable, at most REASON_LENGTH characters."""
+    line = printable(" ".join(why.split()))
+    return line if len(line) <= REASON_LENGTH else line[: REASON_LENGTH - 3] + "..."
