@@ -34,6 +34,7 @@ from kasched.imagestore import ImageStore
 from kasched.jobs import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
+from kasched.stats import StatsFilter, StatsGroup
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
 
 
@@ -377,12 +378,12 @@ class Kasched:
     def record_step(self, event: StepEvent) -> None:
         self.bus.deploy_step(event)
 
-    def stats(self, selection: stats.StatsFilter) -> list[OperationView]:
+    def stats(self, selection: StatsFilter) -> list[OperationView]:
         """Operations of the history: an ordinary user's own only, an admin's anyone's."""
         with self.database.session() as session:
             return stats.select_operations(session, stats.own(selection, self.caller))
 
-    def stats_summary(self, selection: stats.StatsFilter, by: str) -> list[stats.StatsGroup]:
+    def stats_summary(self, selection: StatsFilter, by: str) -> list[StatsGroup]:
         with self.database.session() as session:
             return stats.summarise(session, stats.own(selection, self.caller), by)
 

@@ -120,9 +120,7 @@ class ImageStore:
         finally:
             os.close(fd)
 
-    def _copy_file(
-        self, path: str, user: str, limit: int, created: list[str], cap: str = "image_max_size"
-    ) -> Stored:
+    def _copy_file(self, path: str, user: str, limit: int, created: list[str], cap: str = "image_max_size") -> Stored:
         fd = safeopen.open_regular(path, user)
         try:
             return self._copy_in(safeopen.chunks(fd, limit, path, cap), created)

@@ -36,7 +36,9 @@ def count(pattern: str) -> int:
 
 def _elements(pattern: str) -> list[str]:
     """The elements of a range: split at separators outside brackets."""
-    elements, current, depth = [], [], 0
+    elements: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in pattern:
         depth += (char == "[") - (char == "]")
         if depth <= 0 and char in _SEPARATORS:

@@ -163,8 +163,8 @@ def _read_back(result: NodeResult, check: PartitionCheck, blocks: BlockList) -> 
             offset, value = line.split()
             answered[int(offset)] = value
     for index in check.differing:
-        offset, _ = blocks.extent(index)
-        if answered.get(offset) != blocks.hashes[index]:
+        start, _ = blocks.extent(index)
+        if answered.get(start) != blocks.hashes[index]:
             error = f"patching the reference partition: block {index} does not read back as the image's"
             return NodeResult(result.node, False, PATCH_STEP, error, result.duration)
     written = tuple(sorted(offset // blocks.block for offset in answered))

@@ -110,7 +110,8 @@ def _running_jobs(adapter: object, cluster: str, report: ReconcileReport, source
         return None
     if running is None:
         report.unknown[source] = "the scheduler cannot tell which jobs run (not reachable from here?)"
-    return running
+        return None
+    return set(running)
 
 
 def reach(api: Kasched) -> list[Check]:

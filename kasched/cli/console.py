@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
 def _read(context: Context, node: str, offset: int | None, lines: int) -> dict[str, Any]:
     query = {"lines": str(lines), "offset": None if offset is None else str(offset)}
     if context.remote:
-        return context.api.call("GET", f"/v1/nodes/{quote(node, safe='')}/console", query)
+        page: dict[str, Any] = context.api.call("GET", f"/v1/nodes/{quote(node, safe='')}/console", query)
+        return page
     from kasched.service.access import console_read
 
     return console_read(context.api, node, query["offset"], query["lines"])

@@ -329,7 +329,8 @@ def _poll(api: Any, operation_id: str) -> dict[str, Any]:
     deadline, warned = time.monotonic() + RESTART_WAIT, False
     while True:
         try:
-            return api.call("GET", f"/v1/deployments/{operation_id}")
+            shown: dict[str, Any] = api.call("GET", f"/v1/deployments/{operation_id}")
+            return shown
         except DatabaseError as error:
             if time.monotonic() > deadline:
                 raise

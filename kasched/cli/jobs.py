@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 from kasched.cli.common import Context
 from kasched.deploy.release import release
@@ -153,11 +153,11 @@ def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:
         if not chosen:
             known = ", ".join(sorted(a.name for a in adapters)) or "none"
             raise InputError(f"no plugin for scheduler {args.scheduler!r} (installed: {known})", field="scheduler")
-        return chosen[0]
+        return cast(SchedulerAdapter, chosen[0])
     detected = [a for a in adapters if a.detect(os.environ, args.hook_args)]
     if len(detected) != 1:
         names = ", ".join(a.name for a in detected) or "none"
         raise InputError(
             f"cannot tell which scheduler runs this hook (recognised: {names}); use --scheduler", field="scheduler"
         )
-    return detected[0]
+    return cast(SchedulerAdapter, detected[0])

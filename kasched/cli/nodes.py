@@ -78,5 +78,5 @@ def set_state(args: argparse.Namespace, context: Context) -> int:
 
 def _bmc(node: Any) -> str:
     if node.bmc_driver != "ipmi":
-        return node.bmc_driver
+        return str(node.bmc_driver)
     return f"ipmi://{node.bmc_address}:{node.bmc_port}"

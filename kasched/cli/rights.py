@@ -82,7 +82,7 @@ def revoke_rights(args: argparse.Namespace, context: Context) -> int:
 
 
 def _time(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+    return str(moment.strftime("%Y-%m-%d %H:%M:%SZ"))
 
 
 def _state(grant: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from kasched import grants
 from kasched.api import Kasched
@@ -33,6 +34,7 @@ from kasched.deploy.workflow import (
 )
 from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
+from kasched.engine.chain import BroadcastOptions
 from kasched.errors import ConfigError, ConflictError, InputError, PermissionDenied
 from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
@@ -92,7 +94,7 @@ class Operations:
         cancel: threading.Event | None = None,
         fanout: int = 0,
         reboot_timeout: float | None = None,
-        broadcast: steps.BroadcastOptions | None = None,
+        broadcast: BroadcastOptions | None = None,
         releasing: bool = False,
     ) -> None:
         self.api = api
@@ -232,7 +234,7 @@ class Operations:
         results = GroupResult()
         for name in names:
             driver, target = drivers[name], node_targets[name]
-            result = run_on_node(name, f"power_{action}", lambda d=driver, t=target: getattr(d, action)(t))
+            result = run_on_node(name, f"power_{action}", partial(getattr(driver, action), target))
             if action == "status" and result.ok:
                 result.value = str(result.value)
             results.add(result)
@@ -439,10 +441,10 @@ class Operations:
         return power
 
 
-def site_broadcast_options(config: Config) -> steps.BroadcastOptions:
+def site_broadcast_options(config: Config) -> BroadcastOptions:
     """The chain's options from the site's settings: its timeouts for a dead node, the rate the server
     sends at, at most, and the address nodes report to."""
-    return steps.BroadcastOptions(
+    return BroadcastOptions(
         stall_timeout=config.broadcast_stall_timeout,
         ack_timeout=config.broadcast_ack_timeout,
         source_rate=rate_bits(config.broadcast_source_rate) / 8 if config.broadcast_source_rate else None,

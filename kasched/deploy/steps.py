@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, BinaryIO, cast
 
 from kasched import imagestore
 from kasched.bootkeys import BootKeys
@@ -86,9 +87,7 @@ class StepContext:
 def set_profiles(ctx: StepContext, names: Sequence[str], target: BootTarget, **profile: Any) -> GroupResult:
     results = GroupResult()
     for node in ctx.nodes(names):
-        results.add(
-            run_on_node(node.name, "boot profile", lambda node=node: ctx.boot.set_profile(node, target, **profile))
-        )
+        results.add(run_on_node(node.name, "boot profile", partial(ctx.boot.set_profile, node, target, **profile)))
     return results
 
 
@@ -222,7 +221,7 @@ def boot_trusted(
         ctx.keys.withdraw(node.mac)
         if node.name in results and results[node.name].ok:
             ctx.trusted.add(node.name)
-            run_on_node(node.name, "boot profile", lambda node=node: ctx.boot.set_profile(node, target, **profile))
+            run_on_node(node.name, "boot profile", partial(ctx.boot.set_profile, node, target, **profile))
         else:
             forget(ctx, [node.name])
     return results
@@ -406,9 +405,9 @@ def _send_one_chain(ctx: StepContext, chain: list[ChainNode], meter: TransferMet
     auth = ctx.shell.auth([node.name for node in nodes])
     addresses = {node.name: ctx.targets[node.name].ip for node in nodes}
 
-    def send(source: Any) -> GroupResult:
+    def send(source: BinaryIO) -> GroupResult:
         # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
-        counted = CountingReader(source, meter) if meter is not None else source
+        counted = cast(BinaryIO, CountingReader(source, meter)) if meter is not None else source  # reads, fileno
         return broadcast_over_ssh(
             counted, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast,
             prepare=lambda name: prepare_command(ctx, ctx.targets[name]), prepare_timeout=ctx.command_timeout,

@@ -100,7 +100,8 @@ class IpmiPowerDriver(PowerDriver):
             raise DriverTimeout(f"{where} did not answer {what} in {self.timeout:.0f} s", node=node.name)
         if "error" in outcome:
             raise _translate(outcome["error"], node, where, what, self.timeout) from None
-        return outcome["value"]
+        value: T = outcome["value"]
+        return value
 
 
 def _log_out(command: Any) -> None:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from kasched.drivers.base import BootDevice, NodeTarget, PowerDriver
 from kasched.errors import DriverError, DriverTimeout
@@ -82,7 +83,7 @@ class Rebooter:
         started = time.monotonic()
         failures: list[str] = []
         for level in self.levels:
-            result = run_on_node(node.name, f"reboot {level}", lambda level=level: self._try(node, level))
+            result = run_on_node(node.name, f"reboot {level}", partial(self._try, node, level))
             if result.ok:
                 result.duration = time.monotonic() - started
                 result.value = str(level)

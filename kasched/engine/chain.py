@@ -407,8 +407,8 @@ def _results(nodes: Sequence[ChainNode], collector: ReportCollector, elapsed: fl
             if ok and sent is not None and value.sha256.lower() != sent.lower():
                 ok, error = False, f"sha256 mismatch: got {value.sha256}, the server sent {sent.lower()}"
             if error:
-                kind = IntegrityError if error.startswith("sha256 mismatch") else DriverError
-                error = str(kind(error, field=node.name) if kind is IntegrityError else kind(error, node=node.name))
+                mismatch = error.startswith("sha256 mismatch")
+                error = str(IntegrityError(error, field=node.name) if mismatch else DriverError(error, node=node.name))
             group.add(NodeResult(node.name, ok, STEP, error, elapsed, value))
             continue
         if node.name in collector.lost:

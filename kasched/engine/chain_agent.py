@@ -290,7 +290,7 @@ class Agent:
             accept_as(conn, self.key, self.name)
             conn.settimeout(self.stall)
             kind, payload = recv_frame(conn)
-            header = json.loads(payload)
+            header: dict[str, Any] = json.loads(payload)
             if kind != HEADER or (self.config and header.get("session") != self.config["session"]):
                 raise ProtocolError("not our session")
             set_buffer(conn, socket.SO_RCVBUF, int(header.get("socket_buffer", SOCKET_BUFFER)))

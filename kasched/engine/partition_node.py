@@ -67,7 +67,8 @@ class Verify:
         self.device, self.size, self.block = device, size, block
         self.count = -(-size // block)
         self.hashes = [""] * self.count
-        self.next, self.error = 0, None
+        self.next = 0
+        self.error: OSError | None = None
         self.lock = threading.Lock()
         self.fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
         self.direct = open_direct(device)

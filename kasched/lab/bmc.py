@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kasched.errors import LabError
 from kasched.lab.nodedir import NodeDir
-from kasched.lab.system import pid_alive, read_pid
+from kasched.lab.system import read_pid
+from kasched.processes import pid_alive
 
 BMC_PORT = 623
 

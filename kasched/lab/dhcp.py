@@ -11,8 +11,9 @@ from pathlib import Path
 from kasched.drivers.base import NodeTarget
 from kasched.drivers.pxe import dnsmasq_config
 from kasched.errors import LabError
-from kasched.lab.system import pid_alive, read_pid
+from kasched.lab.system import read_pid
 from kasched.lab.topology import PREFIX_LENGTH, SERVICE_ADDRESS
+from kasched.processes import pid_alive
 
 
 class LabDnsmasq:

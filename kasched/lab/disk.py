@@ -119,7 +119,8 @@ def detach_all(directory: Path) -> list[str]:
 
 
 def partition_table(device: str) -> dict[str, object]:
-    return json.loads(run(["sfdisk", "--json", device]))
+    table: dict[str, object] = json.loads(run(["sfdisk", "--json", device]))
+    return table
 
 
 def device_numbers(path: str) -> tuple[int, int]:

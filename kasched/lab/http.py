@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from kasched.errors import LabError
-from kasched.lab.system import pid_alive, read_pid
+from kasched.lab.system import read_pid
 from kasched.lab.topology import SERVICE_ADDRESS
+from kasched.processes import pid_alive
 
 HTTP_PORT = 80
 BOOT_URL = f"http://{SERVICE_ADDRESS}/"

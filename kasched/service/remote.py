@@ -80,10 +80,12 @@ class RemoteKasched:
         return view(NodeView, self.call("GET", f"/v1/nodes/{_quote(name)}"))
 
     def remove_nodes(self, pattern: str) -> list[str]:
-        return self.call("POST", "/v1/nodes/remove", body={"nodes": pattern})["removed"]
+        removed: list[str] = self.call("POST", "/v1/nodes/remove", body={"nodes": pattern})["removed"]
+        return removed
 
     def set_node_state(self, pattern: str, state: str) -> list[str]:
-        return self.call("POST", "/v1/nodes/state", body={"nodes": pattern, "state": state})["nodes"]
+        changed: list[str] = self.call("POST", "/v1/nodes/state", body={"nodes": pattern, "state": state})["nodes"]
+        return changed
 
     # Environments
     def add_environment(self, path: str | Path, owner: str | None = None) -> EnvironmentView:

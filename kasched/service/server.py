@@ -108,7 +108,7 @@ def peer_uid(connection: socket.socket) -> int:
     """The uid of the process at the other end of a Unix socket, as the kernel knows it."""
     credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", credentials)
-    return uid
+    return int(uid)
 
 
 class Pending:
@@ -134,7 +134,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.connection = self.request
         self.clock = DeadlineSocket(self.connection, self.server.request_timeout)
         self.rfile = io.BufferedReader(socket.SocketIO(self.clock, "rb"))  # type: ignore[arg-type]
-        self.wfile = socketserver._SocketWriter(self.clock)  # type: ignore[attr-defined,arg-type]
+        self.wfile = socketserver._SocketWriter(self.clock)  # type: ignore[attr-defined]
 
     def handle_one_request(self) -> None:
         self.clock.restart(self.server.request_timeout)
