@@ -7,4 +7,4 @@ bash scripts/setup.sh
 bash scripts/start-databases.sh >/dev/null
 .venv/bin/ruff check kasched plugins tests bench
 .venv/bin/mypy kasched
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -p no:cacheprovider --durations=40 "$@"
