@@ -127,6 +127,8 @@ class Operations:
             raise InputError("this is not an OpenSSH public key", field="key")
         names = self._allowed(nodes)
         env = self.api.show_environment(environment)
+        with self.api.database.session() as session:  # before the image's checksum (seconds per GB)
+            records.refuse_busy(session, names)  # asked again where the nodes are taken
         # kaschedd's copies (image, scripts), never the owner's files: before any reboot
         ImageStore(self.api.config).verify(env.image_location, env.sha256, env.postinstall, env.label)
         if stateless:

@@ -225,6 +225,15 @@ def stop_reason(session: Session, deployment_id: str) -> str | None:
     return f"{fold(lost)} no longer granted to {deployment.user}" if lost else None
 
 
+def refuse_busy(session: Session, nodes: Sequence[str]) -> None:
+    """Refuse, as :func:`start` would, nodes busy now: a cheap early look before slow work (a deployment's
+    image checksum), so that a deployment waiting for its nodes to be given back does not hash its image
+    at every try. Only :func:`start`'s look, with the nodes locked, decides."""
+    busy = session.execute(select(Node.name, Node.state).where(Node.name.in_(list(nodes)), Node.state.in_(BUSY))).all()
+    if busy:
+        _refuse_busy(session, sorted(name for name, _ in busy), busy[0][1])
+
+
 def _refuse_busy(session: Session, names: list[str], state: NodeState) -> None:
     """Raise the error for ``names`` busy in running operations: :class:`NodesBeingGivenBack` when every
     one is held only by the revert of an ended job, else :class:`ConflictError`."""

@@ -19,6 +19,7 @@ from kasched.api import Kasched
 from kasched.config import Config
 from kasched.deploy import records
 from kasched.identity import Caller
+from kasched.imagestore import ImageStore
 from kasched.models import NodeState
 from kasched.service.client import ServiceClient
 from tests.conftest import write
@@ -60,8 +61,12 @@ def admin(race_site: tuple[Config, ServiceClient, Path]) -> Kasched:  # noqa: F8
 def test_a_deploy_waits_for_its_nodes_given_back_after_the_previous_job(
     race_site: tuple[Config, ServiceClient, Path],  # noqa: F811
     admin: Kasched,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config, _, _ = race_site
+    checksums: list[str] = []
+    verify = ImageStore.verify
+    monkeypatch.setattr(ImageStore, "verify", lambda store, *a: checksums.append(a[0]) or verify(store, *a))
     back = _take(admin, NODES, gives_back=True)
     timer = threading.Timer(GIVE_BACK_SECONDS, _release, (admin, back, NODES))
     timer.start()
@@ -75,6 +80,7 @@ def test_a_deploy_waits_for_its_nodes_given_back_after_the_previous_job(
     assert f"node-[1-2]: still being given back after their previous job ({back}): waiting for it" in done.stderr
     assert waited >= GIVE_BACK_SECONDS
     assert "deploy " in done.stdout and "ok node-[1-2]" in done.stdout
+    assert len(checksums) == 1, "the image is hashed once the nodes are free, not at every try while waiting"
 
 
 def test_a_node_busy_otherwise_is_refused_at_once_and_the_wait_is_bounded(
