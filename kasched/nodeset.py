@@ -102,9 +102,42 @@ def fold(names: Iterable[str]) -> str:
     names (in an error message about them, say) are listed as they are."""
     names = list(names)
     try:
-        return str(NodeSet.fromlist(names, resolver=RESOLVER_NOGROUP))
+        return str(NodeSet(_prefolded(names), resolver=RESOLVER_NOGROUP)) if names else ""
     except (NodeSetParseError, RangeSetParseError, ValueError):
         return ",".join(names)
+
+
+_PLAIN = re.compile(r"^([A-Za-z0-9._-]*[A-Za-z._-])(0|[1-9][0-9]{0,17})$")  # node-12: no padding, no brackets
+
+
+def _prefolded(names: list[str]) -> str:
+    """The same set as ``names``, written with ranges for the plain names (a prefix, then a number
+    without leading zeros) and the others as they are: ClusterShell then reads a few ranges instead of
+    parsing every name (10,000 names: 0.46 s one by one, a few ms so)."""
+    numbers: dict[str, set[int]] = {}
+    others = []
+    for name in names:
+        match = _PLAIN.match(name)
+        if match:
+            numbers.setdefault(match.group(1), set()).add(int(match.group(2)))
+        else:
+            others.append(name)
+    ranges = [f"{prefix}[{_ranges(sorted(found))}]" for prefix, found in numbers.items()]
+    return ",".join([*ranges, *others])
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted distinct numbers as ClusterShell's range text: ``1-4,7``."""
+    parts = []
+    start = previous = numbers[0]
+    for number in [*numbers[1:], None]:
+        if number is not None and number == previous + 1:
+            previous = number
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if number is not None:
+            start = previous = number
+    return ",".join(parts)
 
 
 def expand_value(value: str, count: int, *, field: str) -> list[str]:

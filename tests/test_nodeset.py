@@ -47,3 +47,26 @@ def test_an_at_sign_is_a_character_not_a_group_lookup() -> None:
     groups (the fuzzer's ``c@x-`` made kaschedd answer 500 through GroupResolverSourceError)."""
     assert expand("c@x-") == ["c@x-"]
     assert sorted(expand("a,@g")) == ["@g", "a"]
+
+
+def test_fold_writes_what_clustershell_writes_name_by_name() -> None:
+    """fold() hands ClusterShell ranges of the plain names instead of every name: the text must be the
+    one ClusterShell makes from the names one by one, padded, odd and invalid names included."""
+    import random
+
+    from ClusterShell.NodeSet import RESOLVER_NOGROUP, NodeSet
+
+    def one_by_one(names: list[str]) -> str:
+        try:
+            return str(NodeSet.fromlist(names, resolver=RESOLVER_NOGROUP))
+        except Exception:
+            return ",".join(names)
+
+    pool = [f"node-{i}" for i in range(40)] + [f"n{i:03d}" for i in range(12)] + [f"r1-n{i}" for i in range(8)]
+    pool += ["x", "abc-", "1", "12", "node-0", "n-007", "a.b-3", "@g", "x!y", "z[1]", "node-1-2", "node1a", "0"]
+    draw = random.Random(20)
+    for _ in range(2000):
+        names = draw.sample(pool, draw.randint(1, 25))
+        assert fold(names) == one_by_one(names), names
+    assert fold([]) == ""
+    assert fold(f"n-{i}" for i in [*range(5000), *range(5001, 10001)]) == "n-[0-4999,5001-10000]"
