@@ -11,9 +11,11 @@ from dataclasses import replace
 from typing import Any
 
 from kasched.api import Kasched
+from kasched.deploy import records
 from kasched.deploy.release import release
 from kasched.hookspecs import hookimpl
 from kasched.jobs import JobEnd, JobInfo
+from kasched.models import NodeState
 from kasched.schedulers import SchedulerAdapter
 
 
@@ -84,3 +86,19 @@ def test_a_site_that_does_not_revert_releases_every_node_at_once(cluster: Kasche
     api.job_ended(JobEnd("slurm", "c", "8", "job ended"))
     assert slurm.released == [("8", ["node-3"], {})]
     api.close()
+
+
+def test_an_epilog_after_reconcile_revoked_its_grant_releases_what_is_settled(cluster: Kasched) -> None:
+    """Reconcile revoked the grant first (and gave the nodes back); the job's late epilog held them
+    again: its ``job end`` releases those not busy, as they are, since no revert of it will."""
+    slurm = Recording("slurm")
+    cluster.bus.register(Adapters(slurm), "adapters")
+    cluster.job_started(JobInfo("slurm", "c", "9", "alice", ("node-1", "node-2", "node-3")))
+    cluster.set_node_state("node-[1-3]", "down")  # nothing to revert: this first end releases at once
+    cluster.job_ended(JobEnd("slurm", "c", "9", "reconcile: slurm no longer runs job 9"))
+    cluster.set_node_state("node-1", "reference")
+    cluster.set_node_state("node-2", "deploy_failed")
+    with cluster.database.session() as session:
+        records.start(session, "revert", "root", None, ["node-3"], NodeState.REVERTING, is_admin=True)
+    cluster.job_ended(JobEnd("slurm", "c", "9", "job ended (exit 0)"))  # the late epilog
+    assert slurm.released[-1] == ("9", ["node-1"], {"node-2": "kasched: deploy_failed after job 9: not given back"})

@@ -8,6 +8,8 @@ from kasched import grants
 from kasched.bus import Bus
 from kasched.config import Config
 from kasched.db import Database
+from kasched.deploy import reclaim
+from kasched.deploy.release import release
 from kasched.errors import DatabaseError
 from kasched.hookspecs import hookimpl
 from kasched.jobs import JobEnd, JobInfo
@@ -45,6 +47,11 @@ class GrantKeeper:
     def kasched_job_ended(self, job: JobEnd) -> GrantView:
         with self.database.session() as session:
             view, revoked_now = grants.revoke(session, job)
+            late = (
+                None if revoked_now or view.scheduler == reclaim.HAND_MADE else reclaim.settled_release(session, view)
+            )
         if revoked_now:
             self.bus.grant_revoked(view, job.reason)
+        elif late is not None:  # revoked before (reconcile): the hook held the nodes again, nothing else frees them
+            release(self.bus, view.scheduler, view.job_id, *late)
         return view

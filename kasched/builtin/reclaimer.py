@@ -55,8 +55,9 @@ class Reclaimer:
         if not todo.to_revert:
             if todo.settled:
                 log.info("job %s ended: %s out of service (down): not given back", grant.job, fold(todo.settled))
-            down = {node: f"{HOLD_MARK} set down in kasched" for node in todo.settled}
-            release(self.bus, grant.scheduler, grant.job_id, [], down)
+            kept = {node: f"{HOLD_MARK} set down in kasched" for node in todo.settled}
+            kept |= {node: f"{HOLD_MARK} granted to another job meanwhile: not given back" for node in todo.others}
+            release(self.bus, grant.scheduler, grant.job_id, [], kept)
             return
         pid = reclaim.spawn(self.config, grant.id)
         self._tell(

@@ -32,6 +32,7 @@ from kasched.config import Config
 from kasched.deploy.records import BUSY
 from kasched.errors import ConflictError, NotFoundError
 from kasched.models import Grant, GrantNode, Node, NodeState, utcnow
+from kasched.schedulers import HOLD_MARK
 from kasched.views import GrantView
 
 HAND_MADE = "admin"  # the scheduler name of grants made with 'kasched rights grant': no scheduler holds their nodes
@@ -82,6 +83,22 @@ def plan(session: Session, grant_id: int, nodes: Sequence[str]) -> ReclaimPlan:
         settled=tuple(n for n in nodes if states.get(n) in SETTLED),
         others=tuple(n for n in nodes if n in others),
     )
+
+
+def settled_release(session: Session, grant: GrantView) -> tuple[list[str], dict[str, str]]:
+    """For an epilog that comes after its grant was revoked already (reconcile was first): its hook held
+    the nodes again, and no revert of this end will release them. The nodes of ``grant`` that are not
+    busy, as they are now: those back in the reference environment, and the others with why (a busy
+    node is left to the operation that has it: a revert releases its nodes when it ends)."""
+    states, others = node_states(session, grant.nodes), held(session, grant.nodes)
+    back = [n for n, state in states.items() if state == NodeState.REFERENCE and n not in others]
+    failed = {
+        n: f"{HOLD_MARK} {state.value} after job {grant.job_id}: not given back"
+        for n, state in states.items()
+        if state not in (NodeState.REFERENCE, *BUSY) and n not in others
+    }
+    failed |= {n: f"{HOLD_MARK} granted to another job meanwhile: not given back" for n in others}
+    return back, failed
 
 
 def orphans(session: Session, min_age: float = 0.0) -> list[str]:
