@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -97,6 +98,8 @@ class SlurmAdapter(SchedulerAdapter):
         hooks have it (``scheduler_settings``) and Slurm's commands (SLURM_CONF)."""
         from kasched_slurm import hold
 
+        if shutil.which("scontrol") is None:  # no Slurm where kasched runs: none of these nodes is Slurm's
+            return []
         try:
             return hold.release(hold.state_dir(os.environ), job_id, back, failed)
         except (KaschedError, OSError, ValueError) as error:

@@ -223,3 +223,10 @@ def test_a_releasing_record_left_by_a_dead_epilog_does_not_hold_a_release_foreve
     os.utime(record, (old, old))
     assert hold.release(tmp_path, "7", ["node-1"], {}) == []
     assert held_state(slurm.nodes["node-1"]) == ("IDLE", False, "")
+
+
+def test_without_slurm_where_kasched_runs_release_says_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OAR or PBS site has the Slurm plugin installed too: reconcile's release (every adapter) must not
+    warn about a missing scontrol."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert SlurmAdapter().release(None, ["node-1"], {"node-2": f"{HOLD_MARK} revert failed"}) == []
