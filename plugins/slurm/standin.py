@@ -184,6 +184,8 @@ def detach(settings: StandinSettings, job_id: str) -> list[Standin]:
         releasing.unlink(missing_ok=True)
         back, failed = hold.take_deferred(settings.state_dir, job_id)
         problems = hold.apply(job_id, back, failed)
+    if back or failed:
+        print(f"job {job_id}: the release that came meanwhile applied: back {back}, kept drained {sorted(failed)}")
     for problem in problems:
         print(f"job {job_id}: release: {problem}")
     return standins

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from kasched_slurm import hold, slurmcli, standin
+from kasched_slurm import hold, hooks, slurmcli, standin
 from kasched_slurm.plugin import SlurmAdapter
 
 from kasched.schedulers import HOLD_MARK
@@ -45,6 +45,8 @@ class FakeSlurm:
 
     def run(self, args: list[str], timeout: float = 0) -> str:
         with self.lock:
+            if args[:2] == ["squeue", "--json"]:
+                return json.dumps({"jobs": []})
             if args[:2] == ["sinfo", "--json"]:
                 return json.dumps({"nodes": [self._entry(name, node) for name, node in self.nodes.items()]})
             assert args[:2] == ["scontrol", "update"], args
@@ -230,3 +232,34 @@ def test_without_slurm_where_kasched_runs_release_says_nothing(monkeypatch: pyte
     warn about a missing scontrol."""
     monkeypatch.setenv("PATH", "/nonexistent")
     assert SlurmAdapter().release(None, ["node-1"], {"node-2": f"{HOLD_MARK} revert failed"}) == []
+
+
+@pytest.mark.parametrize(
+    ("ended", "prolog_failed", "held"),
+    [(0, False, True), (hooks.NOT_FOUND, False, False), (0, True, False)],
+    ids=["revoked: kasched releases", "no grant", "the prolog revoked it"],
+)
+def test_the_epilog_holds_and_releases_itself_only_when_no_release_will_come(
+    slurm: FakeSlurm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ended: int, prolog_failed: bool, held: bool
+) -> None:
+    """The epilog drains the nodes before `kasched job end`. When that call revoked the grant, kasched's
+    release will come: the nodes stay held. When there was no grant, or the prolog had revoked it already
+    (its stand-ins failed), nothing else would ever release them: the epilog does."""
+    calls: list[str] = []
+
+    def kasched(action: str, environ: object) -> int:
+        calls.append(action)
+        assert "DRAIN" in slurm.nodes["node-1"].flags, "held before kasched job end"
+        return ended
+
+    monkeypatch.setattr(hooks, "kasched", kasched)
+    if prolog_failed:
+        (tmp_path / "job-7.prolog-failed").touch()
+    environ = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node-[1-2]", "SLURM_JOB_CONSTRAINTS": "deploy",
+               "KASCHED_SLURM_STANDIN_ADDR": STANDIN_ADDR, "KASCHED_SLURM_STATE_DIR": str(tmp_path)}  # fmt: skip
+    assert hooks.epilog(environ) == 0
+    assert calls == ["end"]
+    for name in ("node-1", "node-2"):
+        want = ("IDLE", True, "kasched: giving back after job 7") if held else ("IDLE", False, "")
+        assert held_state(slurm.nodes[name]) == want
+    assert not (tmp_path / "job-7.prolog-failed").exists()

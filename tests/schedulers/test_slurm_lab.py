@@ -19,7 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +93,23 @@ class SlurmLab:
         fields = dict(w.split("=", 1) for w in shown.split() if "=" in w)
         fields["Reason"] = shown.split("Reason=", 1)[1].strip() if "Reason=" in shown else ""
         return fields
+
+    def watch_held(self, name: str, until: Callable[[dict[str, str]], bool], timeout: float) -> list[str]:
+        """Watch the node from its job's end until ``until`` holds: once drained (the epilog's hold), it must
+        never be schedulable again, not even for a moment. The states seen, in order."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            shown = self.node(name)
+            state = f"{shown['State']} ({shown['Reason'][:40]})"
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            if any("DRAIN" in s for s in seen):
+                assert "DRAIN" in shown["State"], f"{name} schedulable before it is back: {' -> '.join(seen)}"
+            if until(shown):
+                return seen
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {name}: {' -> '.join(seen)}")
 
     def wait_back(self, job_id: str, nodes: list[str], reason: tuple[str, ...]) -> None:
         """After the job's end: grant revoked for ``reason``, nodes in the reference environment (seen
@@ -307,8 +324,9 @@ def test_a_node_whose_revert_fails_stays_drained_until_a_later_revert_succeeds(l
     try:
         assert lab.slurm.run("scancel", first, user=USER).returncode == 0
         ended = time.monotonic()
-        wait_for(lambda: lab.node(node)["Reason"].startswith("kasched: revert"), 300, f"{node}'s revert to fail")
+        seen = lab.watch_held(node, until=lambda shown: shown["Reason"].startswith("kasched: revert"), timeout=300)
         failed = time.monotonic() - ended
+        print(f"{node} from the scancel to the failure: {' -> '.join(seen)}")
         shown = lab.node(node)
         assert "DRAIN" in shown["State"], shown
         drained = lab.slurm.run("sinfo", "-R", "-h", "-n", node, "-o", "%E").stdout
