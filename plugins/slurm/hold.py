@@ -188,4 +188,4 @@ def release(directory: Path, job_id: str | None, back: Sequence[str], failed: Ma
         )
     if later:
         log.info("slurm: job %s: release of %s left to its epilog (stand-ins still there)", job_id, sorted(later))
-    return problems + [f"{n}: given back by job {waiting[n]}'s epilog now: left to it" for n in skipped]
+    return problems + [f"{n}: in job {waiting[n]}'s hands (stand-ins not given back yet): left alone" for n in skipped]

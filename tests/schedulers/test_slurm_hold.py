@@ -263,3 +263,19 @@ def test_the_epilog_holds_and_releases_itself_only_when_no_release_will_come(
         want = ("IDLE", True, "kasched: giving back after job 7") if held else ("IDLE", False, "")
         assert held_state(slurm.nodes[name]) == want
     assert not (tmp_path / "job-7.prolog-failed").exists()
+
+
+def test_a_release_leaves_alone_a_node_the_next_job_holds(slurm: FakeSlurm, tmp_path: Path) -> None:
+    """A late release (reconcile's, or an old job's) must not touch a node another job's stand-ins answer
+    for: that job's own end will hold and release it."""
+    sleepers = _attached(slurm, tmp_path, "8", ["node-1"])
+    slurm.nodes["node-1"] = FakeNode("IDLE", {"DRAIN"}, "kasched: giving back after job 8", STANDIN_ADDR)
+    problems = hold.release(tmp_path, None, ["node-1"], {})
+    assert problems == ["node-1: in job 8's hands (stand-ins not given back yet): left alone"]
+    assert hold.release(tmp_path, "7", [], {"node-1": f"{HOLD_MARK} revert failed"}) == [
+        "node-1: in job 8's hands (stand-ins not given back yet): left alone"
+    ]
+    assert slurm.updates == [] and not slurm.wrong
+    for sleeper in sleepers:
+        sleeper.kill()
+        sleeper.wait()
