@@ -53,7 +53,10 @@ say "The site: the lab's nodes and the two environments, then kaschedd (users de
 step inlab kasched nodes import "$lab/inventory.yaml"
 step inlab kasched env add "$demo/userenv.yaml"
 step inlab kasched env add "$demo/reference.yaml"
-inlab kaschedd --config "$KASCHED_CONFIG" >"$demo/kaschedd.log" 2>&1 &
+# kaschedd puts the nodes a job's end held (drained) back into service once reverted (docs/slurm.md): it
+# needs the hooks' state dir (scheduler_settings) and Slurm's configuration (start-slurm.sh writes it there).
+printf 'scheduler_settings:\n  KASCHED_SLURM_STATE_DIR: %s\n' "$KASCHED_SLURM_DIR/standin" >> "$KASCHED_CONFIG"
+SLURM_CONF=$KASCHED_SLURM_DIR/slurm.conf inlab kaschedd --config "$KASCHED_CONFIG" >"$demo/kaschedd.log" 2>&1 &
 echo $! > "$demo/kaschedd.pid"
 for _ in $(seq 100); do inlab kasched env list >/dev/null 2>&1 && break; sleep 0.2; done
 

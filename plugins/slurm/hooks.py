@@ -4,10 +4,12 @@ prolog: only for jobs that ask for the ``deploy`` feature. Reads the job's time 
 not give it to its hooks) from ``squeue --json``, runs ``kasched job start`` (the grant, through the
 plugin bus) with it in KASCHED_SLURM_TIME_LIMIT, then starts the job's stand-in slurmds (standin.py).
 A failure revokes what was done and exits non-zero: slurmctld then cancels the job (deploy jobs are
-not requeued, see job_submit.lua). epilog: runs ``kasched job end`` (the grant revoked, its operations
-cancelled), then stops the stand-ins and gives the nodes back to Slurm, in that order: once Slurm has
-the nodes it may hand them to the user's next job, which the old job's end must not touch. Both print
-one line per action on stdout (the wrapper keeps it in a log).
+not requeued, see job_submit.lua). epilog: drains the job's nodes (the hold, hold.py), runs ``kasched
+job end`` (the grant revoked, its operations cancelled, the revert started), then stops the stand-ins
+and gives the nodes their own address back, still drained, in that order: the nodes go back into
+service only when kasched's release says their revert has ended, so the user's next job never meets
+the old job's end nor a node still being reverted. Both print one line per action on stdout (the
+wrapper keeps it in a log).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
-from kasched_slurm import slurmcli, standin
+from kasched_slurm import hold, slurmcli, standin
 from kasched_slurm.plugin import SlurmAdapter
 
 from kasched import deadline
@@ -79,6 +82,7 @@ def prolog(environ: Mapping[str, str]) -> int:
         standins = standin.attach(settings, job_id, list(names))
     except KaschedError as error:
         print(f"job {job_id}: stand-ins failed: {error}; revoking the grant")
+        _prolog_failed(settings, job_id).touch()  # the epilog's `kasched job end` then revokes nothing
         kasched("end", {**env, "SLURM_JOB_EXIT_CODE": "stand-in failure"})
         return 1
     try:
@@ -90,32 +94,62 @@ def prolog(environ: Mapping[str, str]) -> int:
     return 0
 
 
+def _prolog_failed(settings: standin.StandinSettings, job_id: str) -> Path:
+    """A mark the prolog leaves when it revoked the grant itself: no release will follow the epilog's."""
+    return settings.state_dir / f"job-{job_id}.prolog-failed"
+
+
 def epilog(environ: Mapping[str, str]) -> int:
-    """Revoke the grant first (its operations cancelled, its nodes' revert started), then give the nodes
-    back to Slurm: the next job on them never meets this job's end (docs/slurm.md)."""
+    """Hold the nodes (drain), revoke the grant (its operations cancelled, its nodes' revert started),
+    then give the nodes their own address back, still held: kasched's release puts them back into
+    service once their revert has ended (docs/slurm.md)."""
     job_id = environ.get("SLURM_JOB_ID", "")
     if not is_deploy(environ):
         print(f"job {job_id}: not a deploy job, nothing to do")
         return 0
+    names = expand(environ.get("SLURM_JOB_NODELIST", ""), field="SLURM_JOB_NODELIST")
+    hold_nodes(job_id, list(names))
     state = job_state(job_id)
     print(f"job {job_id}: ended {state or 'in an unknown state'}")
     ended = kasched("end", {**environ, "KASCHED_SLURM_JOB_STATE": state})
-    if ended == NOT_FOUND:  # the prolog failed before granting (Slurm runs the epilog anyway)
+    settings = standin.StandinSettings.from_environ(environ)
+    unreleased = ended == NOT_FOUND  # the prolog failed before granting (Slurm runs the epilog anyway)
+    if settings is not None and _prolog_failed(settings, job_id).exists():
+        unreleased = True  # the prolog revoked the grant before the hold: nothing releases the nodes
+    if ended == NOT_FOUND:
         print(f"job {job_id}: had no grant")
         ended = 0
-    code = 0
-    settings = standin.StandinSettings.from_environ(environ)
-    if settings is not None:
-        started = time.monotonic()
-        try:
-            released = standin.detach(settings, job_id)
-        except KaschedError as error:
-            print(f"job {job_id}: giving the nodes back failed: {error}")
-            code = 1
-        else:
-            names = ",".join(s.node for s in released) or "none"
-            print(f"job {job_id}: stand-ins stopped, nodes {names} given back in {time.monotonic() - started:.2f} s")
+    code = detach(settings, job_id) if settings is not None else 0
+    if unreleased:
+        directory = hold.state_dir(environ)
+        problems = hold.release(directory, job_id, list(names), {})
+        print(f"job {job_id}: nothing to give back: nodes released {'; '.join(problems) or 'at once'}")
+        (directory / f"job-{job_id}.prolog-failed").unlink(missing_ok=True)
     return code or ended
+
+
+def detach(settings: standin.StandinSettings, job_id: str) -> int:
+    """Stop the job's stand-ins and give its nodes their own address back, still held; 1 on failure."""
+    started = time.monotonic()
+    try:
+        released = standin.detach(settings, job_id)
+    except KaschedError as error:
+        print(f"job {job_id}: giving the nodes back failed: {error}")
+        return 1
+    names = ",".join(s.node for s in released) or "none"
+    print(f"job {job_id}: stand-ins stopped, nodes {names} given back (held) in {time.monotonic() - started:.2f} s")
+    return 0
+
+
+def hold_nodes(job_id: str, names: list[str]) -> None:
+    """Drain the job's nodes before anything else: Slurm gives them to no job until kasched's release."""
+    started = time.monotonic()
+    try:
+        held = hold.hold(job_id, names)
+    except KaschedError as error:  # the detach drains them too; the job's end must go on
+        print(f"job {job_id}: holding the nodes failed: {error}")
+        return
+    print(f"job {job_id}: nodes {','.join(held) or 'none'} held (drained) in {time.monotonic() - started:.2f} s")
 
 
 STATE_SETTLE_SECONDS = 5.0  # how long the epilog waits for the exit status of a job scancel ended

@@ -9,9 +9,11 @@ time limit: kasched_slurm.hooks reads it from ``squeue --json`` and passes it in
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from kasched.errors import InputError, KaschedError
 from kasched.hookspecs import hookimpl
@@ -88,6 +90,20 @@ class SlurmAdapter(SchedulerAdapter):
             return slurmcli.active_job_ids()
         except KaschedError:
             return None
+
+    def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:
+        """RESUME the nodes kasched drained at the job's end that are back; keep the failed ones drained with
+        why (``sinfo -R``). While the epilog is still giving the job's stand-ins back, it is left to it
+        (kasched_slurm.hold). Runs where kasched runs (kaschedd): needs KASCHED_SLURM_STATE_DIR as the
+        hooks have it (``scheduler_settings``) and Slurm's commands (SLURM_CONF)."""
+        from kasched_slurm import hold
+
+        if shutil.which("scontrol") is None:  # no Slurm where kasched runs: none of these nodes is Slurm's
+            return []
+        try:
+            return hold.release(hold.state_dir(os.environ), job_id, back, failed)
+        except (KaschedError, OSError, ValueError) as error:
+            return [f"release of job {job_id}: {error}"]
 
     def doctor(self) -> list[Check]:
         from kasched_slurm import doctor

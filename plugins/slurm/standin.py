@@ -6,10 +6,9 @@ admin may set on an allocated node stops this in 22.05 (see docs/slurm.md). So f
 job, kasched answers for the node: the prolog starts one ``slurmd -N NODE`` per node on the kasched
 host (the *stand-in*) and points the node's NodeAddr at it; slurmctld then talks to the stand-in for
 the whole job (pings, the batch script, steps, job end), whatever the node itself runs. At job end the
-epilog stops the stand-ins, gives the nodes their own address back and sets them DOWN then RESUME:
-each node is schedulable again as soon as its own slurmd answers (at once if it never left the
-reference system, after the revert otherwise; ``ReturnToService=2`` covers a slurmd that comes back
-after the node was marked not responding).
+epilog (which has drained the nodes first, hold.py) stops the stand-ins, gives the nodes their own
+address back and sets them DOWN, still drained: they go back into service when kasched's release says
+their revert has ended (hold.py), not before.
 
 slurmctld forgets a NodeAddr set by scontrol when it restarts or reconfigures (measured: the node is
 back at its slurm.conf address at once, and the job is killed SlurmdTimeout later). The prolog therefore
@@ -42,13 +41,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kasched_slurm import slurmcli
+from kasched_slurm import hold, slurmcli
 from kasched_slurm.slurmcli import SlurmCommandError
 
 from kasched.processes import pid_alive
 
 DEFAULT_COMMAND = "slurmd -D -N {node}"
-DEFAULT_STATE_DIR = "/var/lib/kasched/slurm"
+DEFAULT_STATE_DIR = hold.DEFAULT_STATE_DIR
 # Under load a slurmd takes seconds to start (200 jobs at once on 2 busy cores: the 15 s first chosen
 # failed prologs); these stay well under PrologEpilogTimeout (120 s in scripts/start-slurm.sh).
 READY_TIMEOUT = 45.0
@@ -110,7 +109,7 @@ def attach(settings: StandinSettings, job_id: str, names: list[str]) -> list[Sta
             slurmcli.update_nodes([name], NodeAddr=settings.addr)
     except BaseException:
         _stop_all(settings, started)
-        _give_back(started)
+        _restore(started)
         _record_path(settings, job_id).unlink(missing_ok=True)
         raise
     return started
@@ -169,17 +168,26 @@ def load(settings: StandinSettings, job_id: str) -> list[Standin]:
 
 
 def detach(settings: StandinSettings, job_id: str) -> list[Standin]:
-    """Stop a job's stand-ins once Slurm has finished the job on them; give the nodes back."""
+    """Stop a job's stand-ins once Slurm has finished the job on them; give the nodes their own address
+    back, still held (DOWN and drained), then apply a release that came meanwhile (hold.py)."""
     standins = load(settings, job_id)
     if not standins:
         return []
     record = _record_path(settings, job_id)
     releasing = record.with_suffix(".releasing")  # out of the keeper's sight, still there after a crash
     record.replace(releasing)
+    os.utime(releasing)  # its age tells a live epilog from one that died (hold.STALE_SECONDS)
     _wait_not_completing([s.node for s in standins])
     _stop_all(settings, standins)
-    _give_back(standins)
-    releasing.unlink(missing_ok=True)
+    with hold.locked(settings.state_dir):
+        _hand_back(job_id, standins)
+        releasing.unlink(missing_ok=True)
+        back, failed = hold.take_deferred(settings.state_dir, job_id)
+        problems = hold.apply(job_id, back, failed)
+    if back or failed:
+        print(f"job {job_id}: the release that came meanwhile applied: back {back}, kept drained {sorted(failed)}")
+    for problem in problems:
+        print(f"job {job_id}: release: {problem}")
     return standins
 
 
@@ -196,13 +204,31 @@ def _wait_not_completing(names: list[str]) -> None:
         time.sleep(0.3)
 
 
-def _give_back(standins: list[Standin]) -> None:
-    """Own address back, then DOWN (ends what is left of the job there) and RESUME: the node is
-    scheduled again once its own slurmd answers; until then Slurm sees it as not responding."""
+def _hand_back(job_id: str, standins: list[Standin]) -> None:
+    """At the job's end: own address back, then DOWN (ends what is left of the job there), keeping the
+    drain and its reason (the epilog's hold, a failure a release wrote, or an admin's), and draining a
+    node the hold missed. Not RESUME: kasched's release does, once the node's revert has ended."""
     for standin in standins:
         slurmcli.update_nodes([standin.node], NodeAddr=standin.own_addr)
     names = [s.node for s in standins]
-    slurmcli.update_nodes(names, State="DOWN", Reason="kasched: back to the reference system")
+    known = slurmcli.nodes(names)
+    reasons: dict[str, list[str]] = {}
+    for name in names:
+        node = known.get(name)
+        reasons.setdefault(node.reason if node and node.reason else hold.hold_reason(job_id), []).append(name)
+    for reason, group in reasons.items():
+        slurmcli.update_nodes(group, State="DOWN", Reason=reason)
+    loose = [n for n in names if n in known and "DRAIN" not in known[n].states and hold.is_ours(known[n])]
+    slurmcli.update_nodes(loose, State="DRAIN", Reason=hold.hold_reason(job_id))
+
+
+def _restore(standins: list[Standin]) -> None:
+    """When the prolog fails: own address back, then DOWN (ends what is left of the job there) and
+    RESUME: the job never ran, the nodes are as they were."""
+    for standin in standins:
+        slurmcli.update_nodes([standin.node], NodeAddr=standin.own_addr)
+    names = [s.node for s in standins]
+    slurmcli.update_nodes(names, State="DOWN", Reason="kasched: the deploy job's prolog failed")
     slurmcli.update_nodes(names, State="RESUME")
 
 

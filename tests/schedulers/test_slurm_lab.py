@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,35 @@ class SlurmLab:
         done = self.inside(node, "hostname; cat /etc/kasched-system", key or self.lab_dir / "ssh" / "id_ed25519")
         return done.stdout.split() if done.returncode == 0 else [f"ssh failed: {done.stderr.strip()}"]
 
+    def waited(self, first: str, second: str) -> int:
+        """Seconds between the end of job ``first`` and the start of job ``second`` (squeue's clock)."""
+        jobs = {str(j["job_id"]): j for j in json.loads(self.slurm.run("squeue", "--json").stdout)["jobs"]}
+        return int(jobs[second]["start_time"]) - int(jobs[first]["end_time"])
+
+    def node(self, name: str) -> dict[str, str]:
+        """``scontrol show node``'s fields (State=IDLE+DRAIN, Reason=... [root@...])."""
+        shown = self.slurm.run("scontrol", "show", "node", name).stdout
+        fields = dict(w.split("=", 1) for w in shown.split() if "=" in w)
+        fields["Reason"] = shown.split("Reason=", 1)[1].strip() if "Reason=" in shown else ""
+        return fields
+
+    def watch_held(self, name: str, until: Callable[[dict[str, str]], bool], timeout: float) -> list[str]:
+        """Watch the node from its job's end until ``until`` holds: once drained (the epilog's hold), it must
+        never be schedulable again, not even for a moment. The states seen, in order."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            shown = self.node(name)
+            state = f"{shown['State']} ({shown['Reason'][:40]})"
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            if any("DRAIN" in s for s in seen):
+                assert "DRAIN" in shown["State"], f"{name} schedulable before it is back: {' -> '.join(seen)}"
+            if until(shown):
+                return seen
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {name}: {' -> '.join(seen)}")
+
     def wait_back(self, job_id: str, nodes: list[str], reason: tuple[str, ...]) -> None:
         """After the job's end: grant revoked for ``reason``, nodes in the reference environment (seen
         from inside; the user's key gone with the user's system) and idle in Slurm, nobody helping."""
@@ -137,7 +167,6 @@ def lab() -> Iterator[SlurmLab]:
         for command in (["nodes", "import", str(lab_dir / "inventory.yaml")], ["env", "add", str(work / "userenv.yaml")],
                         ["env", "add", str(work / "reference.yaml")]):  # fmt: skip
             _run(*KASCHED, "lab", "exec", "--name", LAB, "--", *KASCHED, *command)  # as root, the lab's config
-        kaschedd = _start_kaschedd(config, work)
         user_dir = work / "user"
         user_dir.mkdir()
         if subprocess.run(["id", USER], capture_output=True).returncode != 0:  # as start-slurm.sh makes it
@@ -149,6 +178,11 @@ def lab() -> Iterator[SlurmLab]:
             subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER], check=True)
         settings = {"KASCHED_SLURM_NETNS": NETNS, "KASCHED_SLURM_NODE_PREFIX": "node-", "KASCHED_CONFIG": str(config)}
         with slurm_cluster(port=PORT, settings=settings) as slurm:
+            # kaschedd releases the nodes the epilog held (SlurmAdapter.release, in kaschedd and the reclaim
+            # it starts): the stand-ins' state dir from the site configuration, Slurm's own from its environment.
+            with config.open("a") as site:
+                site.write(f"scheduler_settings:\n  KASCHED_SLURM_STATE_DIR: {slurm.dir / 'standin'}\n")
+            kaschedd = _start_kaschedd(config, work, slurm.env["SLURM_CONF"])
             yield SlurmLab(slurm, lab_dir, user_dir)
     finally:
         if kaschedd is not None:
@@ -161,12 +195,12 @@ def lab() -> Iterator[SlurmLab]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _start_kaschedd(config: Path, work: Path) -> subprocess.Popen[bytes]:
+def _start_kaschedd(config: Path, work: Path, slurm_conf: str) -> subprocess.Popen[bytes]:
     """kaschedd as root in the lab's namespace: ordinary users deploy through it."""
     log = (work / "kaschedd.log").open("ab")
     service = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{NETNS}", str(ROOT / ".venv/bin/kaschedd"), "--config", str(config)],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, "SLURM_CONF": slurm_conf},
     )  # fmt: skip
     log.close()
     socket = yaml.safe_load(config.read_text())["state_dir"] + "/kaschedd.sock"
@@ -250,24 +284,17 @@ def _job_of(lab: SlurmLab, exclude: set[str]) -> str:
     return jobs[0]
 
 
-# The later job's deploy: Slurm may hand it the nodes while the earlier job's revert still runs (on the lab
-# the nodes' own slurmds keep answering, docs/slurm.md); kasched then says "busy (reverting)", and the
-# job tries again, as docs/oar.md tells users to.
-DEPLOY_WHEN_FREE = (
-    'for i in $(seq 40); do kasched deploy -e userenv -k "$KEY.pub" > "$OUT/deploy-$SLURM_JOB_ID.log" 2>&1; '
-    'code=$?; grep -q "busy (reverting)" "$OUT/deploy-$SLURM_JOB_ID.log" || break; sleep 3; done; '
-    'echo $code > "$OUT/deployed-$SLURM_JOB_ID"'
-)
-
-
 def test_back_to_back_jobs_on_the_same_nodes_keep_their_deployments(lab: SlurmLab) -> None:
-    """One user's two deploy jobs on node-[1-2], the second queued behind the first: the first job's end
-    (its grant revoked, its nodes reverted) never cancels or reverts the second job's deployment."""
+    """One user's two deploy jobs on node-[1-2], the second queued behind the first, each running `kasched
+    deploy` once: Slurm starts the second only once the first's nodes are reverted (held, drained, until
+    then), so its deploy goes through at once; the first job's end never cancels or reverts it."""
     nodes = ["node-1", "node-2"]
     first = lab.sbatch("-C", "deploy", "-w", ",".join(nodes), "-t", "5", body=f"{DEPLOY}\nsleep 2")
-    second = lab.sbatch("-C", "deploy", "-w", ",".join(nodes), "-t", "5", body=f"{DEPLOY_WHEN_FREE}\nsleep 600")
+    second = lab.sbatch("-C", "deploy", "-w", ",".join(nodes), "-t", "5", body=f"{DEPLOY}\nsleep 600")
     lab.deployed(first)
     lab.deployed(second)
+    print(f"job {second} started {lab.waited(first, second)} s after job {first} ended (its nodes' revert)")
+    assert "busy" not in (lab.user_dir / f"deploy-{second}.log").read_text()
     log = (lab.user_dir / f"deploy-{second}.log").read_text()
     deployment = next(line.split()[1] for line in log.splitlines() if "started in kaschedd" in line)
     watched = time.monotonic()
@@ -281,3 +308,39 @@ def test_back_to_back_jobs_on_the_same_nodes_keep_their_deployments(lab: SlurmLa
     assert deployment not in epilogs, f"job {first}'s end named job {second}'s deployment:\n{epilogs}"
     assert lab.slurm.run("scancel", second, user=USER).returncode == 0
     lab.wait_back(second, nodes, ("cancelled", "killed by signal 15"))
+
+
+def test_a_node_whose_revert_fails_stays_drained_until_a_later_revert_succeeds(lab: SlurmLab) -> None:
+    """node-3's BMC stops answering while a user's job runs there: at the job's end its revert fails, and
+    Slurm keeps it drained with the reason (`sinfo -R`), so the user's next job, queued on it, does not
+    start. Once the BMC answers again, an admin's `kasched job reclaim --orphans` reverts it, the node is
+    RESUMEd, and the next job starts and deploys (once, no retry)."""
+    node = "node-3"
+    first = lab.sbatch("-C", "deploy", "-w", node, "-t", "5", body=f"{DEPLOY}\nsleep 600")
+    lab.deployed(first)
+    bmc = int((lab.lab_dir / "nodes" / node / "bmc.pid").read_text().strip())
+    second = lab.sbatch("-C", "deploy", "-w", node, "-t", "5", body=f"{DEPLOY}\nsleep 600")
+    os.kill(bmc, signal.SIGSTOP)  # the BMC is silent: the revert cannot power-cycle the node
+    try:
+        assert lab.slurm.run("scancel", first, user=USER).returncode == 0
+        ended = time.monotonic()
+        seen = lab.watch_held(node, until=lambda shown: shown["Reason"].startswith("kasched: revert"), timeout=300)
+        failed = time.monotonic() - ended
+        print(f"{node} from the scancel to the failure: {' -> '.join(seen)}")
+        shown = lab.node(node)
+        assert "DRAIN" in shown["State"], shown
+        drained = lab.slurm.run("sinfo", "-R", "-h", "-n", node, "-o", "%E").stdout
+        assert drained.startswith("kasched: revert") and node in drained, drained
+        print(f"{node}: revert failed {failed:.0f} s after the scancel; sinfo -R: {drained.strip()}")
+        time.sleep(5)
+        assert lab.slurm.job_state(second) == "PENDING", "the next job must not get a node whose revert failed"
+    finally:
+        os.kill(bmc, signal.SIGCONT)
+    reclaim = lab.slurm.run("env", "KASCHED_DIRECT=1", *KASCHED, "job", "reclaim", "--orphans", timeout=300)
+    assert reclaim.returncode == 0, reclaim.stdout + reclaim.stderr
+    print(reclaim.stdout)
+    wait_for(lambda: lab.slurm.job_state(second) == "RUNNING", 60, f"job {second} to start once {node} is back")
+    lab.deployed(second)
+    assert lab.runs(node, lab.user_dir / "key") == [node, "userenv"]
+    assert lab.slurm.run("scancel", second, user=USER).returncode == 0
+    lab.wait_back(second, [node], ("cancelled", "killed by signal 15"))
