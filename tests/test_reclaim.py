@@ -196,3 +196,28 @@ def test_reference_nodes_left_untrusted_by_an_ended_grant_are_orphans(run: Run, 
         api.close()
     assert "node-1" in found, found  # held, ended, never verified since
     assert "node-2" not in found and "node-3" not in found, found  # verified since; never held
+
+
+def test_a_revert_that_fails_before_any_node_still_tells_the_scheduler(
+    run: Run, site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reference environment: the revert of a job's end fails before any node has an outcome. The
+    scheduler is told all the same, every node kept out with that reason (else its hold would stay
+    with no reason but "giving back")."""
+    from kasched.cli import jobs
+
+    told: list[tuple[object, ...]] = []
+    monkeypatch.setattr(jobs, "release", lambda *args: told.append(args[1:]) or [])
+    run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
+    env = hook_env("43", "node-[1-2]")
+    hook("prolog/kasched-prolog", env)
+    api = Kasched.open(load())
+    try:
+        api.revoke(1, "job ended")
+    finally:
+        api.close()
+    monkeypatch.setenv("KASCHED_DIRECT", "1")
+    code, _, err = run("job", "reclaim", "1", "--wait", "0")
+    one_line_error(err, "the site has no reference environment")
+    reason = "kasched: revert failed: the site has no reference environment (add one with 'reference: true')"
+    assert told == [("slurm", "43", [], {"node-1": reason, "node-2": reason})]

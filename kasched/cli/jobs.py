@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from kasched.cli.common import Context
 from kasched.deploy.release import release
-from kasched.errors import ConflictError, InputError, PermissionDenied
+from kasched.errors import ConflictError, InputError, KaschedError, PermissionDenied
 from kasched.nodeset import fold
 from kasched.schedulers import HOLD_MARK, SchedulerAdapter
 
@@ -114,9 +114,15 @@ def job_reclaim(args: argparse.Namespace, context: Context) -> int:
     failed = {n: f"{HOLD_MARK} still busy in another operation after {args.wait:g} s" for n in busy}
     failed |= {n: f"{HOLD_MARK} set down in kasched" for n in nodes if states.get(n) in reclaim.SETTLED}
     failed |= {n: f"{HOLD_MARK} granted to another job meanwhile: not given back" for n in others}
-    code, back = _revert(api, what, user, todo, failed)
-    if scheduler != reclaim.HAND_MADE:
-        release(api.bus, scheduler, job_id, back, failed)
+    back: list[str] = []
+    try:
+        code, back = _revert(api, what, user, todo, failed)
+    except KaschedError as error:  # before any node had an outcome (no reference environment, no BMC...)
+        failed |= dict.fromkeys(todo, f"{HOLD_MARK} revert failed: {error}")
+        raise
+    finally:
+        if scheduler != reclaim.HAND_MADE:
+            release(api.bus, scheduler, job_id, back, failed)
     return code or (1 if busy else 0)
 
 
