@@ -1,10 +1,11 @@
 """kasched's PBS server hook (plugins/pbs/hooks/kasched_pbs_hook.py), run as pbs_server runs a hook but
-with a STAND-IN of PBS's ``pbs`` module (pbs_standin/pbs.py): no PBS server could be installed here.
-Each test runs the real hook script in its own process against a real kasched site (SQLite in a
-temporary directory) through the real ``kasched`` command, and checks the grant and what PBS would do
-(accept, or reject with the message the job's comment would show), and that the server log gets one
-clear line and never a traceback. Also: the adapter's reading of ``qstat -f -F json`` output, from a
-hand-written sample of its documented format (pbs_samples/, not recorded from a real PBS)."""
+with a STAND-IN of PBS's ``pbs`` module (pbs_standin/pbs.py) and a stand-in server with its pbsnodes
+(pbs_standin/server.py): no PBS server could be installed here. Each test runs the real hook script
+in its own process against a real kasched site (SQLite in a temporary directory) through the real
+``kasched`` command, and checks the grant and what PBS would do (accept, or reject with the message
+the job's comment would show), and that the server log gets one clear line and never a traceback.
+Also: the adapter's reading of ``qstat -f -F json`` output, from a hand-written sample of its
+documented format (pbs_samples/, not recorded from a real PBS), and its release of held vnodes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ from kasched_pbs.plugin import PbsAdapter, end_reason
 
 from tests.conftest import EXAMPLES, ROOT, write
 from tests.test_cli import unix_user
+
+sys.path.insert(0, str(Path(__file__).parent / "pbs_standin"))
+from server import StandinServer  # noqa: E402  (the stand-in, not PBS)
 
 HOOK = ROOT / "plugins/pbs/hooks/kasched_pbs_hook.py"
 STANDIN = Path(__file__).parent / "pbs_standin"
@@ -41,7 +46,10 @@ class Site:
             directory / "kasched.yaml", f"site: t\nstate_dir: {directory / 'state'}\nadmin_group: kasched-test-admins\n"
         )
         self.hook_config = directory / "kasched_pbs_hook.json"
+        self.end_log = directory / "pbs-jobs.log"
         self.configure()
+        nodes = [f"node-{n}" for n in range(1, 9)]
+        self.server = StandinServer.create(directory / "pbs", nodes, HOOK, self.hook_config)
 
     def configure(self, **changes: Any) -> None:
         values = {
@@ -49,6 +57,7 @@ class Site:
             "kasched_config": str(self.config),
             "timeout": 30,
             "path": f"{KASCHED.parent}:/usr/bin:/bin",
+            "end_log": str(self.end_log),
             **changes,
         }
         self.hook_config.write_text(json.dumps(values))
@@ -61,7 +70,7 @@ class Site:
     def run_hook(self, event: str, job: dict[str, Any], as_user: str | None = None) -> dict[str, Any]:
         description = self.directory / f"event-{event}.json"
         description.write_text(json.dumps({"type": event, "job": job, "server": "pbs-server",
-                                           "hook_config": str(self.hook_config)}))
+                                           "hook_config": str(self.hook_config), "home": str(self.server.home)}))
         description.chmod(0o644)
         command = [sys.executable, str(STANDIN / "run_hook.py"), str(description), str(HOOK)]
         if as_user:
@@ -75,6 +84,22 @@ class Site:
         assert result["unhandled"] is None, result["unhandled"]
         assert all("Traceback" not in line for _, line in result["log"]), result["log"]
         return result
+
+    def ended(self, job_id: str, timeout: float = 60) -> str:
+        """The helper's log line saying how ``kasched job end`` of the job went, once it has run."""
+        outcomes = ("kasched job end: done", "had no grant", "grant was not revoked")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.end_log.read_text() if self.end_log.exists() else ""
+            for line in text.splitlines():
+                if f"job {job_id}: " in line and any(outcome in line for outcome in outcomes):
+                    return line
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id}'s end never ran: {text}")
+
+    def vnode(self, name: str) -> dict[str, Any]:
+        vnode: dict[str, Any] = self.server.state()["vnodes"][name]
+        return vnode
 
     def grants(self) -> list[dict[str, Any]]:
         done = self.kasched("rights", "--all", "--json")
@@ -129,9 +154,10 @@ def test_deploy_job_is_granted_at_run_and_revoked_at_end(site: Site) -> None:
     assert abs(lasts.total_seconds() - 5400) < 120, lasts
     assert site.kasched("rights", "check", "-u", "alice", "-m", "node-[1-2]").returncode == 0
 
-    ended = site.run_hook("endjob", deploy_job(Exit_status=271))
+    ended = site.run_hook("jobobit", deploy_job(Exit_status=271))
     assert ended["accepted"], ended
-    assert "revoked" in log_text(ended)
+    assert "job 41.pbs-server ended: offline: node-1 node-2; kasched job end runs once" in log_text(ended)
+    assert "kasched job end: done" in site.ended("41.pbs-server")
     [grant] = site.grants()
     assert not grant["active"] and grant["revoked_at"]
     assert "killed by signal 15" in json.dumps(grant), grant
@@ -176,9 +202,11 @@ def test_unreachable_database_rejects_the_run(site: Site) -> None:
     message = result["reject_message"]
     assert message.startswith("kasched: kasched job start failed (exit 7): "), message
     assert "127.0.0.1:1" in message and "\n" not in message
-    ended = site.run_hook("endjob", deploy_job())
-    assert ended["accepted"]  # the job is over whatever happens; the admin reads the log
-    assert "job 41.pbs-server ended but its grant was not revoked: kasched job end failed (exit 7)" in log_text(ended)
+    ended = site.run_hook("jobobit", deploy_job())
+    assert ended["accepted"]  # the job is over whatever happens; the admin reads the helper's log
+    assert "job 41.pbs-server: ended but its grant was not revoked: kasched job end failed (exit 7)" in site.ended(
+        "41.pbs-server")
+    assert site.vnode("node-1")["offline"], "a job whose end failed keeps its nodes out"
 
 
 def test_corrupt_database_rejects_the_run_with_one_line(site: Site) -> None:
@@ -215,10 +243,15 @@ def test_kasched_that_does_not_answer_is_killed_and_the_run_rejected(site: Site)
 
 
 def test_end_of_a_job_whose_start_was_refused_is_quiet(site: Site) -> None:
-    result = site.run_hook("endjob", deploy_job("60.pbs-server"))
+    """kasched says the job had no grant (exit 3): its vnodes, set offline first, are back at once."""
+    result = site.run_hook("endjob", deploy_job("60.pbs-server"))  # the design-era name of jobobit
     assert result["accepted"]
-    assert "job 60.pbs-server: had no grant" in log_text(result)
     assert all(level != 1 for level, _ in result["log"])  # not an error
+    assert "job 60.pbs-server: had no grant" in site.ended("60.pbs-server")
+    log = site.end_log.read_text()
+    assert log.index("offline: node-1 node-2 (kasched: giving back after job 60.pbs-server)") < log.index("had no grant")
+    assert "had no grant (its start was refused): back into service: node-1 node-2" in log
+    assert site.vnode("node-1") == site.vnode("node-2") == {"offline": False, "down": False, "comment": "", "jobs": []}
 
 
 def test_hook_run_by_a_non_admin_account_rejects_with_the_reason(site: Site) -> None:
