@@ -28,7 +28,7 @@ from tests.conftest import EXAMPLES, ROOT, write
 from tests.test_cli import unix_user
 
 sys.path.insert(0, str(Path(__file__).parent / "pbs_standin"))
-from server import StandinServer  # noqa: E402  (the stand-in, not PBS)
+from server import StandinServer  # the stand-in, not PBS
 
 HOOK = ROOT / "plugins/pbs/hooks/kasched_pbs_hook.py"
 STANDIN = Path(__file__).parent / "pbs_standin"
@@ -42,8 +42,10 @@ class Site:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.config = write(
-            directory / "kasched.yaml", f"site: t\nstate_dir: {directory / 'state'}\nadmin_group: kasched-test-admins\n"
+        self.config = write(  # kasched's own release finds the stand-in's pbsnodes through scheduler_settings
+            directory / "kasched.yaml",
+            f"site: t\nstate_dir: {directory / 'state'}\nadmin_group: kasched-test-admins\nreboot_timeout: 5\n"
+            f"scheduler_settings: {{KASCHED_PBS_EXEC: {directory / 'pbs'}}}\n",
         )
         self.hook_config = directory / "kasched_pbs_hook.json"
         self.end_log = directory / "pbs-jobs.log"
@@ -322,12 +324,145 @@ def test_running_jobs_through_a_standin_qstat(tmp_path: Path) -> None:
 
 
 def test_doctor_reads_qmgr_listings() -> None:
-    listing = "Hook kasched\n    type = site\n    enabled = true\n    event = queuejob,runjob,endjob\n    alarm = 30\n"
+    listing = "Hook kasched\n    type = site\n    enabled = true\n    event = queuejob,runjob,jobobit\n    alarm = 30\n"
     assert pbscli.hook_check(listing).ok
+    assert pbscli.hook_check(listing.replace("jobobit", "endjob")).ok  # the design-era name
     disabled = pbscli.hook_check(listing.replace("enabled = true", "enabled = false"))
     assert not disabled.ok and "enabled = true" in disabled.detail
-    no_end = pbscli.hook_check(listing.replace(",endjob", ""))
-    assert not no_end.ok and "missing endjob" in no_end.detail
+    no_end = pbscli.hook_check(listing.replace(",jobobit", ""))
+    assert not no_end.ok and "missing jobobit" in no_end.detail
     assert not pbscli.hook_check(None).ok
     if not shutil.which("qstat") and not shutil.which("qmgr"):
         assert PbsAdapter().doctor() == []
+
+
+# --- Holding vnodes while they are given back ---------------------------------------------------------
+
+LISTING = {
+    "timestamp": 1765100000, "pbs_version": "23.06.06", "pbs_server": "pbs-server",
+    "nodes": {
+        "node-1": {"Mom": "node-1", "state": "offline", "comment": "kasched: giving back after job 41.pbs-server"},
+        "node-2": {"Mom": "node-2", "state": "offline,down", "comment": "kasched: giving back after job 41.pbs-server"},
+        "node-3": {"Mom": "node-3", "state": "offline", "comment": "bad DIMM, ticket 4411"},
+        "node-4": {"Mom": "node-4", "state": "free"},
+        "node-5": {"Mom": "node-5", "state": "job-exclusive,offline", "comment": "kasched: in deploy job 42.pbs-server"},
+    },
+}  # fmt: skip
+
+
+def recording_pbsnodes(tmp_path: Path, listing: dict[str, Any], fail_on: str = "") -> tuple[Path, Path]:
+    """A pbsnodes that prints ``listing`` for -av -F json and records every other command line."""
+    calls = tmp_path / "calls"
+    (tmp_path / "listing.json").write_text(json.dumps(listing))
+    script = write(tmp_path / "pbsnodes", f"""#!/bin/sh
+if [ "$*" = "-av -F json" ]; then cat {tmp_path / "listing.json"}; exit 0; fi
+for arg in "$@"; do printf '[%s]' "$arg"; done >> {calls}; echo >> {calls}
+case "$*" in *{fail_on or "@never@"}*) echo "Error marking node {fail_on} - Unauthorized Request" >&2; exit 1;; esac
+""")
+    script.chmod(0o755)
+    return script, calls
+
+
+def test_release_puts_back_only_the_vnodes_kasched_holds(tmp_path: Path) -> None:
+    from kasched_pbs import hold
+
+    pbsnodes, calls = recording_pbsnodes(tmp_path, LISTING)
+    failed = {"node-4": "kasched: revert 7 failed: node-4: BMC 10.0.0.4:623 did not answer power status (timeout)",
+              "node-3": "kasched: revert 7 failed: node-3: boot"}  # fmt: skip
+    problems = hold.release(str(pbsnodes), ["node-1", "node-2", "node-3", "node-9"], failed)
+    assert problems == []
+    assert calls.read_text().splitlines() == [
+        "[-r][-C][][node-1]",  # held by kasched: back into service, comment unset
+        "[-r][-C][][node-2]",  # down too (its MoM not back yet): OFFLINE cleared all the same
+        # node-3: an admin's offline, left alone; node-9: not PBS's
+        "[-o][-C][kasched: revert 7 failed: node-4: BMC 10.0.0.4:623 did not answer power stat...][node-4]",
+    ]
+    assert len("kasched: revert 7 failed: node-4: BMC 10.0.0.4:623 did not answer power stat...") == hold.COMMENT_LIMIT
+
+
+def test_release_reports_what_pbsnodes_refused(tmp_path: Path) -> None:
+    from kasched_pbs import hold
+
+    pbsnodes, _ = recording_pbsnodes(tmp_path, LISTING, fail_on="node-1")
+    assert hold.release(str(pbsnodes), ["node-1"], {}) == [
+        "node-1: pbsnodes -r failed: Error marking node node-1 - Unauthorized Request"]
+    broken = write(tmp_path / "broken", "#!/bin/sh\necho 'pbsnodes: cannot connect to server pbs-server' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    assert hold.release(str(broken), ["node-1"], {}) == [
+        "cannot read the vnodes (pbsnodes -av -F json): pbsnodes: cannot connect to server pbs-server"]
+    assert hold.vnodes_of("not json") is None and hold.vnodes_of('{"nodes": []}') is None
+    vnodes = hold.vnodes_of(json.dumps(LISTING))
+    assert vnodes is not None and vnodes["node-5"].states == {"job-exclusive", "offline"}
+    assert vnodes["node-5"].held_by_kasched and not vnodes["node-3"].held_by_kasched and vnodes["node-4"].comment == ""
+
+
+def test_adapter_release_finds_pbsnodes_under_pbs_exec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "bin").mkdir()
+    _, calls = recording_pbsnodes(tmp_path / "bin", LISTING)
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(tmp_path))
+    assert PbsAdapter().release("41.pbs-server", ["node-1"], {}) == []
+    assert calls.read_text() == "[-r][-C][][node-1]\n"
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(tmp_path / "nowhere"))
+    [problem] = PbsAdapter().release("41.pbs-server", ["node-1"], {})
+    assert problem.startswith("pbsnodes not found (set KASCHED_PBS_EXEC")
+    assert PbsAdapter().release(None, [], {}) == []
+
+
+def test_doctor_says_whether_pbsnodes_and_qstat_answer(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(site.server.home))
+    site.server.run(deploy_job())
+    checks = {check.what: check for check in PbsAdapter().doctor()}
+    jobs, pbsnodes = checks["PBS jobs (qstat)"], checks["PBS pbsnodes"]
+    assert jobs.ok and jobs.detail.endswith("lists 1 jobs of server pbs-server"), jobs
+    wait_for_vnode(site, "node-1", lambda v: v["offline"])
+    pbsnodes = next(c for c in PbsAdapter().doctor() if c.what == "PBS pbsnodes")
+    assert pbsnodes.ok and pbsnodes.detail.endswith("8 vnodes, 2 offline for kasched: node-1 node-2"), pbsnodes
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(site.directory / "nowhere"))
+    checks = {check.what: check for check in PbsAdapter().doctor()} if shutil.which("qmgr") is None else {}
+    if checks:
+        assert checks == {} or not checks["PBS jobs (qstat)"].ok
+
+
+def wait_for_vnode(site: Site, name: str, condition: Any, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vnode = site.vnode(name)
+        if condition(vnode):
+            return vnode
+        time.sleep(0.2)
+    reclaims = "".join(log.read_text() for log in (site.directory / "state").glob("reclaim/*.log"))
+    raise AssertionError(f"{name}: {site.vnode(name)}; helper log: {site.end_log.read_text()}; reclaim: {reclaims}")
+
+
+def test_a_deploy_jobs_vnodes_stay_out_of_scheduling_until_released(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stand-in server runs a deploy job: its vnodes go offline; the job's end marks them "giving
+    back" before kasched job end revokes the grant; a next job on them is refused by the scheduling rule
+    until kaschedd's release (called here as kasched job reclaim calls it: this site has no reference
+    environment, so its own revert never starts; the lab test reverts for real) puts node-1 back and
+    keeps node-2, whose revert failed, offline with the reason."""
+    ran = site.server.run(deploy_job("70.pbs-server"))
+    assert ran["ran"], ran
+    held = wait_for_vnode(site, "node-1", lambda v: v["offline"])
+    assert held["comment"] == "kasched: in deploy job 70.pbs-server" and held["jobs"] == ["70.pbs-server"]
+    assert site.server.run(deploy_job("71.pbs-server")) == {"ran": False, "why": "node-1 is offline,job-exclusive"}
+    ended = site.server.end("70.pbs-server")
+    assert ended["accepted"] and ended["seconds"] < 5, ended
+    assert "kasched job end: done" in site.ended("70.pbs-server")
+    log = site.end_log.read_text()
+    assert log.index("kasched: giving back after job 70.pbs-server") < log.index("kasched job end: done")
+    [grant] = [g for g in site.grants() if g["job_id"] == "70.pbs-server"]
+    assert not grant["active"]
+    refused = site.server.run(deploy_job("71.pbs-server"))
+    assert refused == {"ran": False, "why": "node-1 is offline"}, refused
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(site.server.home))
+    reason = "kasched: revert 3 failed: node-2: BMC 10.77.0.12:623 did not answer power status (timeout)"
+    assert PbsAdapter().release("70.pbs-server", ["node-1"], {"node-2": reason}) == []
+    assert site.vnode("node-1") == {"offline": False, "down": False, "comment": "", "jobs": []}
+    assert site.vnode("node-2")["offline"] and site.vnode("node-2")["comment"] == reason[:76] + "..."
+    listed = subprocess.run([str(site.server.home / "bin" / "pbsnodes"), "-l"], capture_output=True, text=True)
+    assert listed.stdout == f"node-2               offline {reason[:76]}...\n", listed.stdout
+    assert site.server.run(deploy_job("71.pbs-server")) == {"ran": False, "why": "node-2 is offline"}
+    alone = site.server.run(deploy_job("72.pbs-server", exec_vnode="(node-1:ncpus=8)"))
+    assert alone["ran"], alone
