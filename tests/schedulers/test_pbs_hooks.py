@@ -418,9 +418,14 @@ def test_doctor_says_whether_pbsnodes_and_qstat_answer(site: Site, monkeypatch: 
     pbsnodes = next(c for c in PbsAdapter().doctor() if c.what == "PBS pbsnodes")
     assert pbsnodes.ok and pbsnodes.detail.endswith("8 vnodes, 2 offline for kasched: node-1 node-2"), pbsnodes
     monkeypatch.setenv("KASCHED_PBS_EXEC", str(site.directory / "nowhere"))
-    checks = {check.what: check for check in PbsAdapter().doctor()} if shutil.which("qmgr") is None else {}
-    if checks:
-        assert checks == {} or not checks["PBS jobs (qstat)"].ok
+    assert PbsAdapter().doctor() == []  # no PBS command where kasched runs: nothing of PBS's to check
+    (site.directory / "broken" / "bin").mkdir(parents=True)
+    for name in ("qstat", "pbsnodes"):
+        write(site.directory / "broken" / "bin" / name, "#!/bin/sh\necho 'cannot connect to server' >&2\nexit 1\n").chmod(0o755)
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(site.directory / "broken"))
+    checks = {check.what: check for check in PbsAdapter().doctor()}
+    assert not checks["PBS jobs (qstat)"].ok and "reconcile cannot read PBS's jobs" in checks["PBS jobs (qstat)"].detail
+    assert not checks["PBS pbsnodes"].ok and "cannot be put back" in checks["PBS pbsnodes"].detail
 
 
 def wait_for_vnode(site: Site, name: str, condition: Any, timeout: float = 60) -> dict[str, Any]:
