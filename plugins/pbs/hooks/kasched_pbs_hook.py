@@ -79,7 +79,7 @@ KASCHED_DEADLINE=$(( $(date +%s) + HOLD_TIMEOUT - HOLD_MARGIN )) timeout -s KILL
 code=$?
 case $code in
   0) say "kasched job end: done" ;;
-  3) if [ -n "$HOLD_NODES" ] && "$HOLD_PBSNODES" -r -C "" $HOLD_NODES; then
+  "$HOLD_NO_GRANT") if [ -n "$HOLD_NODES" ] && "$HOLD_PBSNODES" -r -C "" $HOLD_NODES; then
        say "had no grant (its start was refused): back into service: $HOLD_NODES"
      else
        say "had no grant (its start was refused)"
@@ -227,7 +227,8 @@ def on_runjob(event):
         event.reject("kasched: " + failure.args[0])
     try:
         held = to_hold(vnodes(job.exec_vnode))
-        start_helper(job, held, f"{HOLD_MARK} in deploy job {job.id}", settings(), [])
+        if held:
+            start_helper(job, held, f"{HOLD_MARK} in deploy job {job.id}", settings(), [])
     except HookFailure as failure:  # its end sets them offline too
         log(pbs.LOG_WARNING, f"job {job.id}: its vnodes stay in the scheduling pool: {failure.args[0]}")
     log(pbs.LOG_DEBUG, f"job {job.id}: {outcome}")
@@ -286,6 +287,7 @@ def start_helper(job, held, comment, config, command):
         "HOLD_SCRIPT": HELPER, "HOLD_NODES": " ".join(held), "HOLD_PBSNODES": pbsnodes_path(config),
         "HOLD_COMMENT": comment[:79], "HOLD_LOG": config["end_log"], "HOLD_WAIT": "120",
         "HOLD_TIMEOUT": str(int(float(config["timeout"]))), "HOLD_MARGIN": str(int(DEADLINE_MARGIN)),
+        "HOLD_NO_GRANT": str(NOT_FOUND),
     })
     try:
         starter = subprocess.Popen(["/bin/sh", "-c", HELPER, "/bin/sh", *command], env=env,
