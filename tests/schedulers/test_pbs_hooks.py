@@ -471,3 +471,20 @@ def test_a_deploy_jobs_vnodes_stay_out_of_scheduling_until_released(
     assert site.server.run(deploy_job("71.pbs-server")) == {"ran": False, "why": "node-2 is offline"}
     alone = site.server.run(deploy_job("72.pbs-server", exec_vnode="(node-1:ncpus=8)"))
     assert alone["ran"], alone
+
+
+def test_an_admins_offline_during_the_job_outlasts_its_end(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admin sets node-2 offline for a repair while the deploy job runs: the job's end holds node-1
+    only (the hook reads node-2's comment in the server), and the release leaves node-2 offline."""
+    assert site.server.run(deploy_job("80.pbs-server"))["ran"]
+    wait_for_vnode(site, "node-2", lambda v: v["offline"])
+    pbsnodes = str(site.server.home / "bin" / "pbsnodes")
+    assert subprocess.run([pbsnodes, "-o", "-C", "bad DIMM, ticket 4411", "node-2"]).returncode == 0
+    assert site.server.end("80.pbs-server")["accepted"]
+    assert "kasched job end: done" in site.ended("80.pbs-server")
+    assert "offline: node-1 (kasched: giving back after job 80.pbs-server)" in site.end_log.read_text()
+    assert site.vnode("node-2")["comment"] == "bad DIMM, ticket 4411"
+    monkeypatch.setenv("KASCHED_PBS_EXEC", str(site.server.home))
+    assert PbsAdapter().release("80.pbs-server", ["node-1", "node-2"], {}) == []
+    assert not site.vnode("node-1")["offline"]
+    assert site.vnode("node-2") == {"offline": True, "down": False, "comment": "bad DIMM, ticket 4411", "jobs": []}
