@@ -1,6 +1,6 @@
 """kasched's PBS server hook (plugins/pbs/hooks/kasched_pbs_hook.py), run as pbs_server runs a hook but
 with a STAND-IN of PBS's ``pbs`` module (pbs_standin/pbs.py) and a stand-in server with its pbsnodes
-(pbs_standin/server.py): no PBS server could be installed here. Each test runs the real hook script
+(pbs_standin/standin_server.py): no PBS server could be installed here. Each test runs the real hook script
 in its own process against a real kasched site (SQLite in a temporary directory) through the real
 ``kasched`` command, and checks the grant and what PBS would do (accept, or reject with the message
 the job's comment would show), and that the server log gets one clear line and never a traceback.
@@ -28,7 +28,7 @@ from tests.conftest import EXAMPLES, ROOT, write
 from tests.test_cli import unix_user
 
 sys.path.insert(0, str(Path(__file__).parent / "pbs_standin"))
-from server import StandinServer  # the stand-in, not PBS
+from standin_server import StandinServer  # the stand-in, not PBS
 
 HOOK = ROOT / "plugins/pbs/hooks/kasched_pbs_hook.py"
 STANDIN = Path(__file__).parent / "pbs_standin"

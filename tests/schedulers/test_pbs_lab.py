@@ -1,5 +1,5 @@
 """A deploy job's vnodes stay out of scheduling until their revert has really ended, with the PBS
-STAND-IN (pbs_standin/server.py: a server that never runs a job on an OFFLINE or DOWN vnode, runs
+STAND-IN (pbs_standin/standin_server.py: a server that never runs a job on an OFFLINE or DOWN vnode, runs
 kasched's real hook through the stand-in ``pbs`` module, and answers its stand-in ``pbsnodes``) and a
 real kasched site on a lab: kaschedd as root in the lab's namespace kl-kpbs, the lab's 3 nodes,
 their real BMCs (ipmi_sim) and boot. An ordinary user's deploy job runs ``kasched deploy`` once,
@@ -29,7 +29,7 @@ from tests.conftest import ROOT
 from tests.test_cli import unix_user
 
 sys.path.insert(0, str(Path(__file__).parent / "pbs_standin"))
-from server import StandinServer  # the stand-in, not PBS
+from standin_server import StandinServer  # the stand-in, not PBS
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 LAB = "kpbs"

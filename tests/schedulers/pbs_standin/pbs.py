@@ -17,7 +17,7 @@ Guide"), and behaves as documented there:
 - ``pbs.logmsg(level, msg)`` with ``pbs.LOG_DEBUG``, ``pbs.LOG_WARNING``, ``pbs.LOG_ERROR``.
 - ``pbs.hook_config_filename``: path of the hook's configuration file, or None.
 - ``pbs.server().name``, and ``pbs.server().vnode(name)``: a vnode of the stand-in server
-  (server.py) with ``state`` (an int of ND_* bits, e.g. ``pbs.ND_OFFLINE``) and ``comment``, read in
+  (standin_server.py) with ``state`` (an int of ND_* bits, e.g. ``pbs.ND_OFFLINE``) and ``comment``, read in
   the server's own state as pbs_server's hooks read it (no PBS command).
 - ``pbs.get_pbs_conf()``: the stand-in server's pbs.conf entries, PBS_EXEC (its bin/ holds the
   stand-in pbsnodes and qstat) and PBS_SERVER.
@@ -56,7 +56,7 @@ LOG_ERROR = 1
 hook_config_filename: str | None = None
 log_lines: list[tuple[int, str]] = []
 _server_name = "pbs-server"
-_home: Path | None = None  # the stand-in server's directory (server.py), if the hook runs in one
+_home: Path | None = None  # the stand-in server's directory (standin_server.py), if the hook runs in one
 _event: event_object | None = None  # set by run_hook.py
 
 

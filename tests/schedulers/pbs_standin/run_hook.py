@@ -1,7 +1,7 @@
 """Runs a PBS hook script as pbs_server would, with the STAND-IN ``pbs`` module (pbs.py here; no PBS
 server was available): ``python run_hook.py EVENT.json HOOK.py``. EVENT.json describes the event:
 ``{"type": "runjob", "job": {...attributes...}, "server": "name", "hook_config": "path or null"}``,
-and ``"home"``: the directory of the stand-in server (server.py) the hook runs in, if any.
+and ``"home"``: the directory of the stand-in server (standin_server.py) the hook runs in, if any.
 
 Prints one JSON object: ``accepted`` (the outcome PBS would act on), ``reject_message``, ``log`` (the
 pbs.logmsg lines), ``unhandled`` (an exception that escaped the hook: PBS then rejects the action and

@@ -53,7 +53,7 @@ class StandinServer:
         (home / "state.json").write_text(json.dumps(state, indent=1))
         for command in ("pbsnodes", "qstat"):
             wrapper = home / "bin" / command
-            wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "server.py"} {home} {command} "$@"\n')
+            wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "standin_server.py"} {home} {command} "$@"\n')
             wrapper.chmod(0o755)
         home.chmod(0o755)
         return cls(home)
