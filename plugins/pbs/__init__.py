@@ -1,1 +1,2 @@
-"""kasched's PBS plugin (server-side runjob / execjob_end hooks written against the ``pbs`` module)."""
+"""kasched's PBS plugin: a server hook (queuejob, runjob, jobobit) written against the ``pbs`` module,
+the adapter that reads its jobs, and the release of the vnodes it held (``pbsnodes``)."""

@@ -4,8 +4,9 @@ reconcile``) and the hook and resource definitions from ``qmgr`` (for ``kasched 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+
+from kasched_pbs.hold import pbs_command, vnodes_of
 
 from kasched.schedulers import Check
 
@@ -13,7 +14,10 @@ COMMAND_TIMEOUT = 30.0
 # Job states that hold nodes: Running, Exiting, Suspended, User-suspended, Begun (a job array).
 HOLDING_NODES = {"R", "E", "S", "U", "B"}
 HOOK_NAME = "kasched"
-HOOK_EVENTS = {"queuejob", "runjob", "endjob"}
+START_EVENTS = {"queuejob", "runjob"}
+# The server-side end-of-job event: "jobobit" in OpenPBS 22.05 and later (renamed in 2021, OpenPBS
+# pull request 2494, from "endjob", the name of its design PP-912).
+END_EVENTS = {"jobobit", "endjob"}
 
 
 def run(command: list[str]) -> str | None:
@@ -26,7 +30,7 @@ def run(command: list[str]) -> str | None:
 
 
 def running_jobs(cluster: str, qstat: str | None = None) -> set[str] | None:
-    command = qstat or shutil.which("qstat")
+    command = qstat or pbs_command("qstat")
     if not command:
         return None
     output = run([command, "-f", "-F", "json", "-t"])
@@ -73,9 +77,9 @@ def hook_check(listing: str | None) -> Check:
     events = {e.strip() for e in attributes.get("event", "").split(",") if e.strip()}
     if attributes.get("enabled", "").lower() != "true":
         return Check(what, False, "disabled: qmgr -c \"set hook kasched enabled = true\"")
-    if not events >= HOOK_EVENTS:
-        missing = ",".join(sorted(HOOK_EVENTS - events))
-        return Check(what, False, f"events {','.join(sorted(events)) or 'none'}; missing {missing}")
+    missing = sorted(START_EVENTS - events) + ([] if events & END_EVENTS else ["jobobit"])
+    if missing:
+        return Check(what, False, f"events {','.join(sorted(events)) or 'none'}; missing {','.join(missing)}")
     return Check(what, True, f"enabled for {','.join(sorted(events))}, alarm {attributes.get('alarm', '?')} s")
 
 
@@ -87,3 +91,31 @@ def qmgr_attributes(listing: str) -> dict[str, str]:
         if sep:
             attributes[name.strip()] = value.strip()
     return attributes
+
+
+def jobs_check(qstat: str | None) -> Check:
+    """Whether kasched can list PBS's jobs from where it runs (reconcile needs it)."""
+    what = "PBS jobs (qstat)"
+    if not qstat:
+        return Check(what, False, "qstat not found (set KASCHED_PBS_EXEC): kasched reconcile cannot read PBS's jobs")
+    output = run([qstat, "-f", "-F", "json", "-t"])
+    try:
+        status = json.loads(output or "")
+    except ValueError:
+        status = None
+    if not isinstance(status, dict) or not isinstance(status.get("Jobs") or {}, dict):
+        return Check(what, False, f"{qstat} -f -F json -t failed or printed no JSON: reconcile cannot read PBS's jobs")
+    jobs = status.get("Jobs") or {}
+    return Check(what, True, f"{qstat} lists {len(jobs)} jobs of server {status.get('pbs_server', '?')}")
+
+
+def pbsnodes_check(pbsnodes: str | None) -> Check:
+    """Whether kasched can give held vnodes back (pbsnodes -r) from where it runs."""
+    if not pbsnodes:
+        return Check("PBS pbsnodes", False, "not found (set KASCHED_PBS_EXEC): held vnodes are never put back")
+    vnodes = vnodes_of(run([pbsnodes, "-av", "-F", "json"]) or "")
+    if vnodes is None:
+        return Check("PBS pbsnodes", False, f"{pbsnodes} -av -F json failed: held vnodes cannot be put back")
+    held = sorted(v.name for v in vnodes.values() if v.offline and v.held_by_kasched)
+    detail = f"{pbsnodes}: {len(vnodes)} vnodes, {len(held)} offline for kasched{': ' if held else ''}{' '.join(held)}"
+    return Check("PBS pbsnodes", True, detail)

@@ -13,10 +13,9 @@ KASCHED_PBS_DEPLOY (``-l deploy=true``), KASCHED_PBS_QUEUE, and at the end KASCH
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from kasched_pbs import pbscli
+from kasched_pbs import hold, pbscli
 
 from kasched.errors import InputError
 from kasched.hookspecs import hookimpl
@@ -68,13 +67,22 @@ class PbsAdapter(SchedulerAdapter):
     def running_jobs(self, cluster: str) -> set[str] | None:
         return pbscli.running_jobs(cluster)
 
+    def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:
+        """The vnodes the hook marked offline (comment starting with HOLD_MARK) at the job's end: back
+        into service, or kept offline with the reason in their comment (kasched_pbs.hold)."""
+        if not back and not failed:
+            return []
+        pbsnodes = hold.pbs_command("pbsnodes")
+        if pbsnodes is None:
+            return ["pbsnodes not found (set KASCHED_PBS_EXEC in scheduler_settings): held vnodes stay offline"]
+        return hold.release(pbsnodes, back, failed)
+
     def doctor(self) -> list[Check]:
-        qstat, qmgr = shutil.which("qstat"), shutil.which("qmgr")
-        if not qstat and not qmgr:
+        qstat, qmgr = hold.pbs_command("qstat"), hold.pbs_command("qmgr")
+        pbsnodes = hold.pbs_command("pbsnodes")
+        if not qstat and not qmgr and not pbsnodes:
             return []  # no PBS client on this host: nothing of PBS's to check
-        checks = [
-            Check("PBS qstat", bool(qstat), qstat or "not on PATH: kasched reconcile cannot read PBS's jobs"),
-        ]
+        checks = [pbscli.jobs_check(qstat), pbscli.pbsnodes_check(pbsnodes)]
         if qmgr:
             checks.extend(pbscli.server_checks(qmgr))
         else:

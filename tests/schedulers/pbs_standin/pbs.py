@@ -9,11 +9,18 @@ Guide"), and behaves as documented there:
 - ``pbs.event()``: the event that triggered the hook; ``.type``, ``.job``, ``.accept()`` and
   ``.reject(msg)``. Both accept() and reject() end the hook by raising SystemExit ("SystemExit: raised
   when accepting or rejecting an action"); a hook that ends without either accepts.
-- event types ``pbs.QUEUEJOB``, ``pbs.RUNJOB``, ``pbs.EXECJOB_BEGIN``, ``pbs.EXECJOB_END``.
-  The server-side end-of-job event ``endjob`` (design PP-912) is driven as its own type, ENDJOB here.
+- event types ``pbs.QUEUEJOB``, ``pbs.RUNJOB``, ``pbs.EXECJOB_BEGIN``, ``pbs.EXECJOB_END``, and the
+  server-side end-of-job event ``pbs.JOBOBIT`` (OpenPBS 22.05 and later; ``endjob`` in its design
+  PP-912, driven as ENDJOB here).
+- vnode states ``pbs.ND_FREE``, ``pbs.ND_OFFLINE``, ``pbs.ND_DOWN``, ``pbs.ND_JOB_EXCLUSIVE`` (the bits
+  of OpenPBS's INUSE_* values).
 - ``pbs.logmsg(level, msg)`` with ``pbs.LOG_DEBUG``, ``pbs.LOG_WARNING``, ``pbs.LOG_ERROR``.
 - ``pbs.hook_config_filename``: path of the hook's configuration file, or None.
-- ``pbs.server().name``.
+- ``pbs.server().name``, and ``pbs.server().vnode(name)``: a vnode of the stand-in server
+  (standin_server.py) with ``state`` (an int of ND_* bits, e.g. ``pbs.ND_OFFLINE``) and ``comment``, read in
+  the server's own state as pbs_server's hooks read it (no PBS command).
+- ``pbs.get_pbs_conf()``: the stand-in server's pbs.conf entries, PBS_EXEC (its bin/ holds the
+  stand-in pbsnodes and qstat) and PBS_SERVER.
 - job attributes ``id``, ``euser``, ``Job_Owner``, ``queue``, ``exec_vnode``, ``Exit_status``,
   ``Rerunable`` (an unset attribute reads as None), and ``Resource_List[name]`` (None when unset).
 - ``pbs.duration`` (an int of seconds, made from ``[[hours:]minutes:]seconds`` or an int) and
@@ -25,15 +32,22 @@ reports what the hook did: accepted or rejected with which message, the log line
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 QUEUEJOB = 1
 RUNJOB = 2
 EXECJOB_BEGIN = 3
 EXECJOB_END = 4
-ENDJOB = 5  # stand-in value for the server-side endjob event
+ENDJOB = 5  # stand-in value for the design-era name of the server-side end-of-job event
+JOBOBIT = 6
 EVENT_TYPES = {"queuejob": QUEUEJOB, "runjob": RUNJOB, "execjob_begin": EXECJOB_BEGIN, "execjob_end": EXECJOB_END}
-EVENT_TYPES["endjob"] = ENDJOB
+EVENT_TYPES.update({"endjob": ENDJOB, "jobobit": JOBOBIT})
+ND_FREE = 0x00
+ND_OFFLINE = 0x01
+ND_DOWN = 0x02
+ND_JOB_EXCLUSIVE = 0x40
 
 LOG_DEBUG = 4
 LOG_WARNING = 2
@@ -42,6 +56,7 @@ LOG_ERROR = 1
 hook_config_filename: str | None = None
 log_lines: list[tuple[int, str]] = []
 _server_name = "pbs-server"
+_home: Path | None = None  # the stand-in server's directory (standin_server.py), if the hook runs in one
 _event: event_object | None = None  # set by run_hook.py
 
 
@@ -111,9 +126,26 @@ class event_object:
         raise SystemExit(0)
 
 
+class vnode:  # PBS's name
+    """A vnode as a server hook reads it: ``state`` (ND_* bits) and ``comment`` (None when unset)."""
+
+    def __init__(self, name: str, state: int, comment: str | None) -> None:
+        self.name = name
+        self.state = state
+        self.comment = comment
+
+
 class _Server:
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def vnode(self, name: str) -> vnode:
+        if _home is None:
+            raise RuntimeError("stand-in pbs: no stand-in server holds vnodes here")
+        record = json.loads((_home / "state.json").read_text())["vnodes"][name]
+        bits = (ND_OFFLINE if record["offline"] else 0) | (ND_DOWN if record["down"] else 0)
+        bits |= ND_JOB_EXCLUSIVE if record["jobs"] else 0
+        return vnode(name, bits, record["comment"] or None)
 
 
 def event() -> event_object:
@@ -124,6 +156,12 @@ def event() -> event_object:
 
 def server() -> _Server:
     return _Server(_server_name)
+
+
+def get_pbs_conf() -> dict[str, str]:
+    if _home is None:
+        return {"PBS_SERVER": _server_name}
+    return {"PBS_EXEC": str(_home), "PBS_SERVER": _server_name}
 
 
 def logmsg(level: int, message: str) -> None:

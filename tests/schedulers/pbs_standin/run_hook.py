@@ -1,6 +1,7 @@
 """Runs a PBS hook script as pbs_server would, with the STAND-IN ``pbs`` module (pbs.py here; no PBS
 server was available): ``python run_hook.py EVENT.json HOOK.py``. EVENT.json describes the event:
-``{"type": "runjob", "job": {...attributes...}, "server": "name", "hook_config": "path or null"}``.
+``{"type": "runjob", "job": {...attributes...}, "server": "name", "hook_config": "path or null"}``,
+and ``"home"``: the directory of the stand-in server (standin_server.py) the hook runs in, if any.
 
 Prints one JSON object: ``accepted`` (the outcome PBS would act on), ``reject_message``, ``log`` (the
 pbs.logmsg lines), ``unhandled`` (an exception that escaped the hook: PBS then rejects the action and
@@ -23,6 +24,7 @@ def main(event_file: str, hook_file: str) -> int:
     description = json.loads(Path(event_file).read_text())
     pbs._server_name = description.get("server", "pbs-server")
     pbs.hook_config_filename = description.get("hook_config")
+    pbs._home = Path(description["home"]) if description.get("home") else None
     the_job = pbs.job(dict(description["job"]))
     pbs._event = pbs.event_object(pbs.EVENT_TYPES[description["type"]], the_job)
     unhandled = None
