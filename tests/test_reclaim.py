@@ -218,6 +218,7 @@ def test_a_revert_that_fails_before_any_node_still_tells_the_scheduler(
         api.close()
     monkeypatch.setenv("KASCHED_DIRECT", "1")
     code, _, err = run("job", "reclaim", "1", "--wait", "0")
+    assert code == 2
     one_line_error(err, "the site has no reference environment")
     reason = "kasched: revert failed: the site has no reference environment (add one with 'reference: true')"
     assert told == [("slurm", "43", [], {"node-1": reason, "node-2": reason})]
