@@ -80,7 +80,12 @@ def test_release_touches_only_resources_kasched_holds() -> None:
     )
     failed = holds.failed_args("node-3", "kasched: revert 12 failed: node-3: BMC 10.0.0.3:623 did not answer")
     assert failed[2] == "network_address IN ('node-3') AND kasched LIKE 'kasched:%'"
-    assert failed[3:] == ["--drain", "on", "-p", "kasched=kasched: revert 12 failed: node-3: BMC 10.0.0.3:623 did not answer"]
+    assert failed[3:] == [
+        "--drain",
+        "on",
+        "-p",
+        "kasched=kasched: revert 12 failed: node-3: BMC 10.0.0.3:623 did not answer",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -125,7 +130,11 @@ def test_adapter_release_runs_oar_through_the_prefix(fake_oar: Path) -> None:
     assert [c[0] for c in done] == ["oarnodesetting", "oarnodesetting"]
     assert done[0][1:4] == ["--sql", "network_address IN ('node-1','node-2') AND kasched LIKE 'kasched:%'", "--drain"]
     assert done[0][4:] == ["off", "-p", "kasched="]
-    assert done[1][2].startswith("network_address IN ('node-3')") and done[1][4:] == ["on", "-p", "kasched=kasched: revert 4 failed: no BMC"]
+    assert done[1][2].startswith("network_address IN ('node-3')") and done[1][4:] == [
+        "on",
+        "-p",
+        "kasched=kasched: revert 4 failed: no BMC",
+    ]
 
 
 def test_adapter_release_skips_nodes_oar_does_not_hold_and_never_raises(
