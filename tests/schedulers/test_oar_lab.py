@@ -128,6 +128,7 @@ class HandOver:
     after_failing: str  # job on FAILING submitted meanwhile: must not start
     held: dict[str, tuple[str, str]]  # PAIR's resources while reverting
     second_state_while_held: str
+    ended_at: float  # when the first job's script was let return (time.time())
     released_at: float  # when PAIR's resources were seen released (time.time())
     failed: dict[str, tuple[str, str]]  # FAILING's resources once node-3's revert failed
     after_failing_state: str
@@ -153,6 +154,7 @@ def handed_over(site: LabOar) -> HandOver:
     bmc = site.bmc_pid("node-3")
     os.kill(bmc, signal.SIGSTOP)
     try:
+        ended_at = time.time()
         site.release(first)
         site.release(failing)
         seen: dict[str, object] = {}
@@ -175,7 +177,8 @@ def handed_over(site: LabOar) -> HandOver:
         os.kill(bmc, signal.SIGCONT)
     site.oar.run("oardel", after_failing, user=USER)  # node-3 stays out until the admin's repair
     return HandOver(
-        first, second, failing, after_failing, seen["held"], str(seen["second_state"]), float(seen["released_at"]),  # type: ignore[arg-type]
+        first, second, failing, after_failing, seen["held"], str(seen["second_state"]), ended_at,  # type: ignore[arg-type]
+        float(seen["released_at"]),  # type: ignore[arg-type]
         seen["failed"], str(seen["after_failing_state"]), str(seen["oarnodes"]),  # type: ignore[arg-type]
     )  # fmt: skip
 
@@ -193,9 +196,9 @@ def test_next_job_on_the_same_nodes_starts_once_they_are_back_and_deploys_once(
         assert inside.returncode == 0 and inside.stdout == "deployed by kasched in an OAR job\n", inside.stderr
     hook = re.search(rf"job {handed_over.first}: epilogue done in ([\d.]+) s", site.oar.log("epilogue.log"))
     assert hook and float(hook.group(1)) < 30, site.oar.log("epilogue.log")
-    print(
-        f"\nnext job started {started - handed_over.released_at:+.1f} s after the release; epilogue {hook.group(1)} s"
-    )
+    waited = started - handed_over.ended_at
+    print(f"\nnext job started {waited:.0f} s after the first one's end, {started - handed_over.released_at:+.1f} s after"
+          f" the release; epilogue {hook.group(1)} s")  # fmt: skip
 
 
 def test_a_node_whose_revert_failed_stays_out_with_the_reason(site: LabOar, handed_over: HandOver) -> None:
@@ -238,6 +241,9 @@ def test_doctor_run_where_kaschedd_runs_lists_oars_jobs(site: LabOar) -> None:
          "doctor", "--json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": PATH_ENV},
     )  # fmt: skip
+    assert done.stdout.startswith("["), (
+        f"kasched doctor exit {done.returncode}: {done.stdout[-500:]} {done.stderr[-1500:]}"
+    )
     checks = {c["what"]: c for c in json.loads(done.stdout)}
     jobs = checks["oar: OAR jobs from here"]
     assert jobs["ok"] and f"behind '{LAB_BRIDGE}'" in jobs["detail"], jobs
