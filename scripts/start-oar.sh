@@ -124,7 +124,9 @@ make_site() {  # a kasched site for the hooks, unless the caller gave one
     if [ -n "${KASCHED_CONFIG:-}" ]; then return; fi
     KASCHED_CONFIG=$dir/kasched/kasched.yaml
     mkdir -p "$dir/kasched/state"
-    printf 'site: oar\nstate_dir: %s\nadmin_group: %s\n' "$dir/kasched/state" "$admins" > "$KASCHED_CONFIG"
+    # Its nodes are names only (no machine answers): nothing to revert at a job's end; the nodes the
+    # epilogue held are released at once (with a lab, KASCHED_CONFIG names the lab's site instead).
+    printf 'site: oar\nstate_dir: %s\nadmin_group: %s\nrevert_at_job_end: false\n' "$dir/kasched/state" "$admins" > "$KASCHED_CONFIG"
     local inventory=$dir/kasched/nodes.yaml
     printf 'site: oar\nclusters:\n  - name: oar\n    nodes:\n' > "$inventory"
     printf '      - name: node-[1-%s]\n        mac: "02:00:00:5e:01:[01-%02d]"\n        ip: 10.98.0.[1-%s]\n' \

@@ -15,7 +15,6 @@ site the prefix is ``ssh oar-server``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -83,9 +82,7 @@ class LabOar:
 
     def resources(self) -> dict[str, tuple[str, str]]:
         """OAR's resources as the admin sees them: node -> (drain, the kasched property)."""
-        done = self.oar.run("oarnodes", "-J", "--sql", "resource_id > 0")
-        assert done.returncode == 0, done.stderr
-        return {r["network_address"]: (r["drain"], r.get("kasched") or "") for r in json.loads(done.stdout).values()}
+        return self.oar.resources()
 
     def bmc_pid(self, node: str) -> int:
         """The node's BMC (ipmi_sim) process."""
