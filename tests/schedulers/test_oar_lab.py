@@ -237,7 +237,7 @@ def test_a_lost_epilogue_is_repaired_by_kaschedds_own_reconcile(site: LabOar, ha
 def test_doctor_run_where_kaschedd_runs_lists_oars_jobs(site: LabOar) -> None:
     """From the lab's namespace, with the site's scheduler_settings (the bridge), as kaschedd does."""
     done = subprocess.run(
-        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={site.config}", *KASCHED,
+        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={site.config}", "KASCHED_DIRECT=1", *KASCHED,
          "doctor", "--json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": PATH_ENV},
     )  # fmt: skip
@@ -249,7 +249,7 @@ def test_doctor_run_where_kaschedd_runs_lists_oars_jobs(site: LabOar) -> None:
     assert jobs["ok"] and f"behind '{LAB_BRIDGE}'" in jobs["detail"], jobs
     assert checks["oar: resource property kasched"]["ok"], checks
     unbridged = subprocess.run(
-        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={site.config}",
+        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={site.config}", "KASCHED_DIRECT=1",
          "KASCHED_OAR_COMMAND_PREFIX=", *KASCHED, "doctor", "--json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": PATH_ENV},
     )  # fmt: skip
