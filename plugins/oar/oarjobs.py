@@ -7,7 +7,7 @@ Settings come from the environment, like the Slurm plugin's (the hook wrappers s
 ``KASCHED_OAR_TIMEOUT`` (seconds per API call or command, default 10), ``KASCHED_OAR_CLUSTER``
 (kasched's cluster name for OAR's jobs, default ``oar``), ``KASCHED_OAR_OARSTAT`` (default ``oarstat``),
 ``KASCHED_OAR_COMMAND_PREFIX`` (words put before every OAR command, to reach OAR from where kaschedd
-runs: ``ssh oar-server``, or in the lab ``nsenter --net=/proc/1/ns/net``; unset: run them here).
+runs: ``ssh oar-server``, or in the lab ``nsenter --net=/run/netns/kasched-oar-host``; unset: here).
 Field names were read from Debian 12's OAR 2.5.9 (../shared/LAB-NOTES.md, docs/oar.md).
 """
 
