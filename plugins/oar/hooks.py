@@ -7,9 +7,13 @@ and call kasched with a timeout below OAR's (KASCHED_OAR_HOOK_TIMEOUT, default 4
 prologue: reads the job once (API or oarstat). Not a deploy job, or unreadable: nothing to do (an
 unreadable job gets no grant, so its user cannot deploy: safe). A deploy job: ``kasched job start``;
 if that fails (database down, node unknown...), the job is cancelled with ``oardel`` rather than run
-without a grant, and the prologue still exits 0. epilogue: for a deploy job, ``kasched job end`` (the
-grant is revoked and the nodes reverted); if that fails, the grant stays until ``kasched reconcile``
-finds the job gone. One line per action on stdout (the wrapper keeps it in a log).
+without a grant, and the prologue still exits 0. epilogue: for a deploy job, first the job's resources
+are held (drained, the ``kasched`` property saying why: holds.py) so that no next job gets a node still
+being given back; then ``kasched job end`` (the grant is revoked and the nodes reverted in the
+background; kaschedd releases the resources when the revert ends). A job without a grant: released at
+once. If kasched fails, the resources stay held and the grant stays until kaschedd's reconcile finds
+the job gone, revokes it, reverts the nodes and releases them. One line per action on stdout (the
+wrapper keeps it in a log).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import time
 from collections.abc import Mapping
 
+from kasched_oar import holds
 from kasched_oar.oarjobs import OarError, OarJob, OarSettings, read_job, run
 from kasched_oar.plugin import JOB_JSON
 
@@ -72,7 +77,7 @@ def prologue(job_id: str, environ: Mapping[str, str]) -> None:
 def cancel(job_id: str, settings: OarSettings) -> None:
     """A deploy job without its grant must not run: oardel (as oar, OAR's admin) instead of exit 1."""
     try:
-        run(["oardel", job_id], settings.timeout)
+        run(["oardel", job_id], settings)
     except OarError as error:
         print(f"job {job_id}: no grant, and oardel failed: {error}")
         return
@@ -91,13 +96,43 @@ def epilogue(job_id: str, environ: Mapping[str, str]) -> None:
     if not job.is_deploy:
         print(f"job {job_id}: not a deploy job, nothing to do")
         return
+    held = hold(job, settings)
     code, output = kasched("end", job, environ)
     if code == NOT_FOUND:
         print(f"job {job_id}: had no grant ({output})")
+        if held:
+            unhold(job, settings)
     elif code != 0:
-        print(f"job {job_id}: revoking failed, kasched reconcile will: {output}")
+        print(f"job {job_id}: revoking failed, kaschedd's reconcile will (resources stay held): {output}")
     else:
         print(f"job {job_id}: {output}")
+
+
+def hold(job: OarJob, settings: OarSettings) -> bool:
+    """Drain the job's resources with kasched's reason before the grant ends; whether any was held."""
+    if not job.nodes:
+        print(f"job {job.job_id}: nodes unknown, none held")
+        return False
+    started = time.monotonic()
+    try:
+        held = holds.hold(job.nodes, job.job_id, settings)
+    except OarError as error:
+        nodes = ",".join(job.nodes)
+        print(f"job {job.job_id}: holding {nodes} failed (a next job may get them while reverting): {error}")
+        return False
+    what = "held" if held else "not held (drained by an admin already)"
+    print(f"job {job.job_id}: {','.join(job.nodes)} {what} in {time.monotonic() - started:.2f} s")
+    return held
+
+
+def unhold(job: OarJob, settings: OarSettings) -> None:
+    """Release at once what :func:`hold` held for a job that had no grant (nothing to give back)."""
+    try:
+        holds.set_resources(holds.back_args(job.nodes, only_reason=holds.hold_reason(job.job_id)), settings)
+    except OarError as error:
+        print(f"job {job.job_id}: releasing {','.join(job.nodes)} failed: {error}")
+        return
+    print(f"job {job.job_id}: {','.join(job.nodes)} released")
 
 
 def main(argv: list[str] | None = None) -> int:

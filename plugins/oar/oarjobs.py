@@ -5,13 +5,16 @@ Settings come from the environment, like the Slurm plugin's (the hook wrappers s
 ``KASCHED_OAR_API_URL`` (e.g. ``http://127.0.0.1:6680/oarapi``; unset: oarstat only),
 ``KASCHED_OAR_API_IDENT`` (the identity sent in ``X-Remote-Ident``, default ``oar``),
 ``KASCHED_OAR_TIMEOUT`` (seconds per API call or command, default 10), ``KASCHED_OAR_CLUSTER``
-(kasched's cluster name for OAR's jobs, default ``oar``), ``KASCHED_OAR_OARSTAT`` (default ``oarstat``).
+(kasched's cluster name for OAR's jobs, default ``oar``), ``KASCHED_OAR_OARSTAT`` (default ``oarstat``),
+``KASCHED_OAR_COMMAND_PREFIX`` (words put before every OAR command, to reach OAR from where kaschedd
+runs: ``ssh oar-server``, or in the lab ``nsenter --net=/run/netns/kasched-oar-host``; unset: here).
 Field names were read from Debian 12's OAR 2.5.9 (../shared/LAB-NOTES.md, docs/oar.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,7 @@ class OarSettings:
     timeout: float = 10.0
     cluster: str = "oar"
     oarstat: str = "oarstat"
+    command_prefix: tuple[str, ...] = ()  # KASCHED_OAR_COMMAND_PREFIX, split into words
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> OarSettings:
@@ -45,13 +49,28 @@ class OarSettings:
             timeout = float(raw) if raw else cls.timeout
         except ValueError:
             raise OarError(f"KASCHED_OAR_TIMEOUT={raw!r} is not a number of seconds") from None
+        prefix = environ.get("KASCHED_OAR_COMMAND_PREFIX") or ""
+        try:
+            words = tuple(shlex.split(prefix))
+        except ValueError as error:
+            raise OarError(f"KASCHED_OAR_COMMAND_PREFIX={prefix!r}: {error}") from None
         return cls(
             api_url=(environ.get("KASCHED_OAR_API_URL") or "").rstrip("/") or None,
             api_ident=environ.get("KASCHED_OAR_API_IDENT") or cls.api_ident,
             timeout=timeout if timeout > 0 else cls.timeout,
             cluster=environ.get("KASCHED_OAR_CLUSTER") or cls.cluster,
             oarstat=environ.get("KASCHED_OAR_OARSTAT") or cls.oarstat,
+            command_prefix=words,
         )
+
+    def command(self, args: Sequence[str]) -> list[str]:
+        """An OAR command line as run from here: behind the prefix, if any. ``ssh`` runs its command
+        through the remote user's shell: after an ``ssh`` prefix the command is one shell-quoted word."""
+        if not self.command_prefix:
+            return list(args)
+        if self.command_prefix[0].rsplit("/", 1)[-1] == "ssh":
+            return [*self.command_prefix, shlex.join(args)]
+        return [*self.command_prefix, *args]
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ def running_job_ids(settings: OarSettings) -> set[str]:
             return {str(item["id"]) for item in data.get("items", []) if item.get("state") in ACTIVE_STATES}
         except (OarError, KeyError, TypeError):
             pass
-    out = run([settings.oarstat, "-J"], settings.timeout)
+    out = run([settings.oarstat, "-J"], settings)
     jobs = _loads(out, "oarstat -J") if out.strip() else {}
     return {str(key) for key, job in jobs.items() if isinstance(job, dict) and job.get("state") in ACTIVE_STATES}
 
@@ -144,7 +163,7 @@ def _api_job(job_id: str, settings: OarSettings) -> OarJob:
 
 
 def _oarstat_job(job_id: str, settings: OarSettings) -> OarJob:
-    out = run([settings.oarstat, "-fj", job_id, "-J"], settings.timeout)
+    out = run([settings.oarstat, "-fj", job_id, "-J"], settings)
     data = _loads(out, f"oarstat -fj {job_id} -J")
     entry = data.get(job_id) or data.get(str(int(job_id)))
     if not isinstance(entry, dict):
@@ -185,6 +204,7 @@ def _loads(text: str, what: str) -> dict[str, Any]:
     return json_object(text, what, OarError)
 
 
-def run(args: list[str], timeout: float) -> str:
-    """Run an OAR command; its stdout, or OarError naming the command and its complaint."""
-    return run_command(args, timeout, OarError, "oar-user", cwd="/")
+def run(args: list[str], settings: OarSettings) -> str:
+    """Run an OAR command (behind the settings' prefix); its stdout, or OarError naming the command
+    and its complaint."""
+    return run_command(settings.command(args), settings.timeout, OarError, "oar-user", cwd="/")

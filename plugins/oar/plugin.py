@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kasched_oar import holds
 from kasched_oar.oarjobs import OarError, OarJob, OarSettings, api_reachable, read_job, running_job_ids
 
 from kasched.errors import InputError
@@ -63,17 +64,27 @@ class OarAdapter(SchedulerAdapter):
         return OarJob(job.job_id, job.user, "", job.nodes, None, tuple(job.extra.get("types", ()))).is_deploy
 
     def running_jobs(self, cluster: str) -> set[str] | None:
-        settings = OarSettings.from_environ(_environ())
-        if cluster != settings.cluster:
-            return None
         try:
+            settings = OarSettings.from_environ(_environ())
+            if cluster != settings.cluster:
+                return None
             return running_job_ids(settings)
         except OarError:
             return None
 
+    def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:
+        """Resources held by the epilogue (drain on, ``kasched`` property starting with HOLD_MARK):
+        ``back`` drain off and property cleared, ``failed`` stay drained with their reason. Runs
+        where kaschedd runs: OAR's commands behind KASCHED_OAR_COMMAND_PREFIX."""
+        try:
+            settings = OarSettings.from_environ(_environ())
+        except OarError as error:
+            return [str(error)]
+        return holds.release(back, failed, settings)
+
     def doctor(self) -> list[Check]:
         settings = OarSettings.from_environ(_environ())
-        checks = [_oarstat_check(settings)]
+        checks = [_oarstat_check(settings), _jobs_check(settings), _property_check(settings)]
         if settings.api_url:
             try:
                 checks.append(Check("OAR REST API", True, f"{settings.api_url}: {api_reachable(settings)}"))
@@ -125,6 +136,33 @@ def _runs_kasched(command: str) -> bool:
         return "kasched" in path.read_text(errors="replace")
     except OSError:
         return False
+
+
+def _jobs_check(settings: OarSettings) -> Check:
+    """Whether OAR's jobs can be listed from here (what reconcile needs), tried for real."""
+    where = f" behind '{' '.join(settings.command_prefix)}'" if settings.command_prefix else ""
+    try:
+        found = running_job_ids(settings)
+    except OarError as error:
+        detail = (
+            f"cannot list them{where}: {error}; reconcile leaves OAR's grants alone and a lost epilogue is never "
+            "repaired (set KASCHED_OAR_API_URL or KASCHED_OAR_COMMAND_PREFIX in scheduler_settings)"
+        )
+        return Check("OAR jobs from here", False, detail)
+    return Check("OAR jobs from here", True, f"{len(found)} active job(s) listed{where}")
+
+
+def _property_check(settings: OarSettings) -> Check:
+    """Whether the resources have the property holding kasched's reason (the epilogue's hold needs it)."""
+    what = f"resource property {holds.PROPERTY}"
+    try:
+        exists = holds.property_exists(settings)
+    except OarError as error:
+        return Check(what, False, f"cannot tell: {error}")
+    if exists:
+        return Check(what, True, "exists: held resources say why (oarnodes)")
+    add = f"oarproperty -a {holds.PROPERTY} -c"
+    return Check(what, False, f"missing: the epilogue cannot hold nodes while they are given back ({add})")
 
 
 def _oarstat_check(settings: OarSettings) -> Check:

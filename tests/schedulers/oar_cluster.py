@@ -70,6 +70,12 @@ class OarCluster:
         assert done.returncode == 0, done.stderr
         return {node: next(iter(res.values())) for node, res in json.loads(done.stdout).items()}
 
+    def resources(self) -> dict[str, tuple[str, str]]:
+        """OAR's resources as the admin sees them: node -> (drain, the kasched property)."""
+        done = self.run("oarnodes", "-J", "--sql", "resource_id > 0")
+        assert done.returncode == 0, done.stderr
+        return {r["network_address"]: (r["drain"], r.get("kasched") or "") for r in json.loads(done.stdout).values()}
+
     def queues_active(self) -> bool:
         done = self.run("oarnotify", "-l")
         states = [line.split("=")[1].strip() for line in done.stdout.splitlines() if "state =" in line]

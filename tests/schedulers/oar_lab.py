@@ -6,11 +6,17 @@ OAR (Almighty, PostgreSQL on 127.0.0.1, OAR's sshd, the REST API) stays in the h
 OAR's hooks (as oar) and the user's ``kasched deploy`` (inside the job, on OAR's deploy host) reach
 kaschedd over its Unix socket, which crosses namespaces; whatever kaschedd starts, including the
 background ``kasched job reclaim`` of a job's end, runs in the lab's namespace. Nothing else enters it.
+kaschedd reaches OAR's commands (to release held resources, and for its periodic reconcile to list
+OAR's jobs) through the lab's bridge back to the host's namespace: the site's scheduler_settings give
+it ``KASCHED_OAR_COMMAND_PREFIX=nsenter --net=/run/netns/kasched-oar-host``, a handle on the host's
+namespace the fixture makes (``ip netns attach``; /proc/1 is out of reach on this machine). On a real
+site the prefix is ``ssh oar-server``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 LAB = "koar"
 NETNS = f"kl-{LAB}"
 KASCHED = [sys.executable, "-m", "kasched"]
+HOST_NETNS = "kasched-oar-host"  # a name for the host's network namespace, where OAR lives
+LAB_BRIDGE = f"nsenter --net=/run/netns/{HOST_NETNS}"  # from kaschedd in kl-koar back to OAR's namespace
+RECONCILE_INTERVAL = 15  # kaschedd's own reconcile, seconds: repairs a lost epilogue within a minute or two
 OTHER_USER = "kasched-oar-other"  # a second ordinary user, for another user's job's nodes
 PATH_ENV = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
 SSH_OPTIONS = [
@@ -65,9 +74,30 @@ class LabOar:
         inventory = yaml.safe_load((self.lab_dir / "inventory.yaml").read_text())
         return next(str(n["ip"]) for n in inventory["clusters"][0]["nodes"] if n["name"] == node)
 
-    def submit(self, walltime: str) -> str:
-        return self.oar.submit("-t", "deploy", "-t", "env=userenv", "-l", f"nodes=2,walltime={walltime}",
+    def submit(self, walltime: str, nodes: tuple[str, ...] = ()) -> str:
+        """A 2-node deploy job running the job script; on exactly ``nodes`` if given."""
+        where = ["-p", "network_address IN ({})".format(",".join(f"'{n}'" for n in nodes))] if nodes else []
+        return self.oar.submit("-t", "deploy", "-t", "env=userenv", "-l", f"nodes=2,walltime={walltime}", *where,
                                str(self.work / "job.sh"))  # fmt: skip
+
+    def resources(self) -> dict[str, tuple[str, str]]:
+        """OAR's resources as the admin sees them: node -> (drain, the kasched property)."""
+        return self.oar.resources()
+
+    def bmc_pid(self, node: str) -> int:
+        """The node's BMC (ipmi_sim) process."""
+        return int((self.lab_dir / "nodes" / node / "bmc.pid").read_text().strip())
+
+    @contextmanager
+    def epilogue_lost(self) -> Iterator[None]:
+        """The epilogue's ``kasched job end`` fails (the wrapper runs /bin/false as kasched) until left."""
+        wrapper = OAR_DIR / "hooks" / "epilogue"
+        original = wrapper.read_text()
+        wrapper.write_text(re.sub(r"^exec ", "export KASCHED=/bin/false\nexec ", original, flags=re.MULTILINE))
+        try:
+            yield
+        finally:
+            wrapper.write_text(original)
 
     def deployed(self, job_id: str, timeout: float = 300) -> str:
         """Wait for the job's ``kasched deploy`` to return; its exit code and output."""
@@ -135,7 +165,8 @@ def _site(work: Path, lab_dir: Path) -> Path:
     settings = {
         "site": "lab", "state_dir": str(work / "state"), "boot_dir": str(lab_dir / "boot"),
         "credentials_file": str(lab_dir / "credentials.yaml"), "service_key": str(lab_dir / "ssh" / "id_ed25519"),
-        "reboot_timeout": 20, "admin_group": "kasched-oar-admins",
+        "reboot_timeout": 20, "admin_group": "kasched-oar-admins", "reconcile_interval": RECONCILE_INTERVAL,
+        "scheduler_settings": {"KASCHED_OAR_COMMAND_PREFIX": LAB_BRIDGE, "KASCHED_OAR_CLUSTER": "oar"},
     }  # fmt: skip
     config.write_text(yaml.safe_dump(settings))
     (work / "state").mkdir(mode=0o755)
@@ -206,9 +237,12 @@ def _lab_oar() -> Iterator[LabOar]:
         (work / "job.sh").chmod(0o755)
         if subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0:
             _root("useradd", "--create-home", "--shell", "/bin/bash", OTHER_USER)
+        subprocess.run(["ip", "netns", "del", HOST_NETNS], capture_output=True, check=False)
+        _root("ip", "netns", "attach", HOST_NETNS, str(os.getpid()))  # this process runs in the host's namespace
         with kaschedd(config), oar_cluster({"KASCHED_CONFIG": str(config), "KASCHED_OAR_NODES": "6"}) as oar:
             yield LabOar(oar, work, lab_dir, config, work / "user")
     finally:
+        subprocess.run(["ip", "netns", "del", HOST_NETNS], capture_output=True, check=False)  # the handle only
         _keep_logs(work)
         subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": PATH_ENV})  # fmt: skip

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from kasched_oar import holds
 from kasched_oar.oarjobs import OarSettings, read_job
 from kasched_oar.plugin import OarAdapter
 from oar_cluster import OAR_DIR, USER, OarCluster, oar_cluster
@@ -56,7 +57,10 @@ def test_running_jobs_lists_what_oar_runs(oar: OarCluster, ended_three_ways: dic
         checks = {check.what: check for check in adapter.doctor()}
     assert running is not None and ended_three_ways["cancel"] in running
     assert all(check.ok for check in checks.values()), checks
-    assert set(checks) == {"oarstat", "OAR REST API", "SERVER_PROLOGUE_EXEC_FILE", "SERVER_EPILOGUE_EXEC_FILE"}
+    assert set(checks) == {
+        "oarstat", "OAR jobs from here", "resource property kasched", "OAR REST API",
+        "SERVER_PROLOGUE_EXEC_FILE", "SERVER_EPILOGUE_EXEC_FILE",
+    }  # fmt: skip
 
 
 def test_job_is_read_with_oarstat_when_the_api_is_down(oar: OarCluster, ended_three_ways: dict[str, str]) -> None:
@@ -79,7 +83,28 @@ def test_every_end_revokes_the_grant_with_its_reason(
     assert not grant["active"] and str(grant["revoke_reason"]).startswith(reason), grant
     oar.wait_state(job_id, {"Terminated", "Error"})
     wait_for(lambda: set(oar.node_states().values()) == {"Alive"}, 30, f"nodes Alive ({oar.node_states()})")
+    assert f"job {job_id}: node-" in oar.log("epilogue.log")  # held before kasched job end...
+    wait_for(lambda: set(oar.resources().values()) == {("NO", "")}, 30, f"released ({oar.resources()})")  # ...released
     assert oar.queues_active()
+
+
+def test_holds_leave_an_admins_drain_alone_and_store_safe_reasons(oar: OarCluster) -> None:
+    """On real OAR: kasched holds and releases only resources it marked; a reason cannot inject SQL."""
+    settings = OarSettings()
+    assert oar.run("oarnodesetting", "--drain", "on", "-h", "node-4").returncode == 0  # the admin's own drain
+    try:
+        assert holds.hold(["node-3", "node-4"], "99", settings)
+        assert oar.resources()["node-3"] == ("YES", holds.hold_reason("99"))
+        assert oar.resources()["node-4"] == ("YES", "")  # not marked: not kasched's
+        failed = {"node-3": "kasched: revert 5 failed: x'); UPDATE resources SET drain='NO'; --"}
+        assert holds.release(["node-4"], failed, settings) == []  # node-4: nothing of kasched's, skipped
+        assert oar.resources()["node-3"] == ("YES", "kasched: revert 5 failed: x ); UPDATE resources SET drain NO ; --")
+        assert oar.resources()["node-4"] == ("YES", "")
+        assert holds.release(["node-3", "node-4"], {}, settings) == []
+        assert oar.resources()["node-3"] == ("NO", "") and oar.resources()["node-4"] == ("YES", "")
+    finally:
+        oar.run("oarnodesetting", "--drain", "off", "-h", "node-4")
+        oar.run("oarnodesetting", "--drain", "off", "-p", "kasched=", "-h", "node-3")
 
 
 def test_non_deploy_job_gets_no_grant(oar: OarCluster, ended_three_ways: dict[str, str]) -> None:

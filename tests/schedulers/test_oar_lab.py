@@ -7,12 +7,22 @@ action, and the queues stay active. Outside a job, or on another user's job's no
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+from kasched_oar.holds import hold_reason
 from oar_cluster import USER
-from oar_lab import OTHER_USER, LabOar, lab_oar
+from oar_lab import KASCHED, LAB, LAB_BRIDGE, OTHER_USER, PATH_ENV, LabOar, lab_oar
 from slurm_cluster import wait_for
+
+from kasched.schedulers import HOLD_MARK
 
 pytestmark = [pytest.mark.oar, pytest.mark.lab, pytest.mark.slow]
 WALLTIME = "0:01:40"  # room for the deploys (15 s when the three run at once on 2 busy cores) and the checks
@@ -98,3 +108,150 @@ def test_every_end_gives_the_nodes_back(site: LabOar, ended: dict[str, str], end
     states = site.oar.node_states()
     assert all(states[node] == "Alive" for node in nodes), states
     assert site.oar.queues_active()
+
+
+# A node goes back to OAR only when it is back (docs/oar.md, "While a node is given back"): the
+# epilogue drains the job's resources (reason in the 'kasched' property) before kasched job end, and
+# kaschedd releases them when the revert ends; a failed revert keeps the node drained with why; a lost
+# epilogue is repaired by kaschedd's own periodic reconcile, which reaches OAR through the lab's bridge.
+PAIR = ("node-1", "node-2")  # jobs handed the same nodes back to back, then the lost epilogue
+FAILING = ("node-3", "node-4")  # node-3's BMC stops answering before its job ends: its revert fails
+
+
+@dataclass
+class HandOver:
+    """What the admin saw in OAR while the first jobs on PAIR and FAILING were given back."""
+
+    first: str  # job on PAIR, then given back
+    second: str  # job on PAIR submitted while the first ran: starts once PAIR is back
+    failing: str  # job on FAILING, node-3's revert fails
+    after_failing: str  # job on FAILING submitted meanwhile: must not start
+    held: dict[str, tuple[str, str]]  # PAIR's resources while reverting
+    second_state_while_held: str
+    ended_at: float  # when the first job's script was let return (time.time())
+    released_at: float  # when PAIR's resources were seen released (time.time())
+    failed: dict[str, tuple[str, str]]  # FAILING's resources once node-3's revert failed
+    after_failing_state: str
+    oarnodes_text: str  # `oarnodes node-3` as the admin reads it
+
+
+def wait_deployed(site: LabOar, *job_ids: str) -> None:
+    for job_id in job_ids:
+        site.oar.wait_state(job_id, {"Running"}, timeout=120)
+    for job_id in job_ids:
+        output = site.deployed(job_id)
+        assert output.startswith("0\n"), f"job {job_id}: kasched deploy exit {output}"
+
+
+@pytest.fixture(scope="module")
+def handed_over(site: LabOar) -> HandOver:
+    wait_for(lambda: all(site.resources()[n] == ("NO", "") for n in PAIR + FAILING), 300, "the nodes released")
+    first, failing = site.submit("0:10:00", PAIR), site.submit("0:10:00", FAILING)
+    wait_deployed(site, first, failing)
+    second, after_failing = site.submit("0:10:00", PAIR), site.submit("0:10:00", FAILING)
+    time.sleep(3)
+    assert site.oar.job_state(second) == "Waiting" and site.oar.job_state(after_failing) == "Waiting"
+    bmc = site.bmc_pid("node-3")
+    os.kill(bmc, signal.SIGSTOP)
+    try:
+        ended_at = time.time()
+        site.release(first)
+        site.release(failing)
+        seen: dict[str, object] = {}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ("released_at" in seen and "failed" in seen):
+            now, resources = time.time(), site.resources()
+            if "held" not in seen and all(resources[n] == ("YES", hold_reason(first)) for n in PAIR):
+                seen["held"] = {n: resources[n] for n in PAIR}
+                seen["second_state"] = site.oar.job_state(second)
+            if "held" in seen and "released_at" not in seen and all(resources[n] == ("NO", "") for n in PAIR):
+                seen["released_at"] = now
+            if "failed" in resources["node-3"][1]:
+                seen["failed"] = {n: resources[n] for n in FAILING}
+                seen["after_failing_state"] = site.oar.job_state(after_failing)
+                seen["oarnodes"] = site.oar.run("oarnodes", "node-3").stdout
+            time.sleep(0.5)
+        assert "held" in seen, f"{PAIR} never seen held: {site.resources()}\n{site.oar.logs()}"
+        assert "released_at" in seen and "failed" in seen, f"{seen}\n{site.resources()}\n{site.reclaim_logs()}"
+    finally:
+        os.kill(bmc, signal.SIGCONT)
+    site.oar.run("oardel", after_failing, user=USER)  # node-3 stays out until the admin's repair
+    return HandOver(
+        first, second, failing, after_failing, seen["held"], str(seen["second_state"]), ended_at,  # type: ignore[arg-type]
+        float(seen["released_at"]),  # type: ignore[arg-type]
+        seen["failed"], str(seen["after_failing_state"]), str(seen["oarnodes"]),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_next_job_on_the_same_nodes_starts_once_they_are_back_and_deploys_once(
+    site: LabOar, handed_over: HandOver
+) -> None:
+    assert handed_over.held == {n: ("YES", hold_reason(handed_over.first)) for n in PAIR}
+    assert handed_over.second_state_while_held == "Waiting"
+    wait_deployed(site, handed_over.second)  # its script runs kasched deploy once, no retry
+    started = int(site.oar.job(handed_over.second)["startTime"])  # type: ignore[call-overload]
+    assert started >= int(handed_over.released_at) - 1, (started, handed_over.released_at)
+    for node in PAIR:
+        inside = site.ssh(node, "cat /etc/kasched-marker", user_key=True)
+        assert inside.returncode == 0 and inside.stdout == "deployed by kasched in an OAR job\n", inside.stderr
+    hook = re.search(rf"job {handed_over.first}: epilogue done in ([\d.]+) s", site.oar.log("epilogue.log"))
+    assert hook and float(hook.group(1)) < 30, site.oar.log("epilogue.log")
+    waited = started - handed_over.ended_at
+    print(f"\nnext job started {waited:.0f} s after the first one's end, {started - handed_over.released_at:+.1f} s after"
+          f" the release; epilogue {hook.group(1)} s")  # fmt: skip
+
+
+def test_a_node_whose_revert_failed_stays_out_with_the_reason(site: LabOar, handed_over: HandOver) -> None:
+    drain, reason = handed_over.failed["node-3"]
+    assert drain == "YES" and reason.startswith(f"{HOLD_MARK} revert ") and "failed" in reason, reason
+    assert "node-3" in reason  # the revert's own error: which BMC did not answer
+    assert handed_over.failed["node-4"] == ("NO", "")  # its revert ended well: back in service
+    assert handed_over.after_failing_state == "Waiting"  # not given node-3
+    assert "drain=YES" in handed_over.oarnodes_text.replace(" ", "") and reason in handed_over.oarnodes_text
+    assert site.oar.queues_active()
+
+
+def test_a_lost_epilogue_is_repaired_by_kaschedds_own_reconcile(site: LabOar, handed_over: HandOver) -> None:
+    job_id = handed_over.second
+    wait_deployed(site, job_id)
+    with site.epilogue_lost():
+        site.release(job_id)
+        site.oar.wait_state(job_id, {"Terminated", "Error"}, timeout=120)
+    assert f"job {job_id}: revoking failed" in site.oar.log("epilogue.log")
+    assert all(site.resources()[n] == ("YES", hold_reason(job_id)) for n in PAIR)  # held: no next job meanwhile
+    assert site.oar.grant(job_id)["active"]
+    ended = time.monotonic()
+    grant = site.oar.wait_revoked(job_id, timeout=240)
+    assert str(grant["revoke_reason"]).startswith(f"reconcile: oar no longer runs job {job_id}"), grant
+    wait_for(lambda: all(site.resources()[n] == ("NO", "") for n in PAIR), 240,
+             f"{PAIR} released in OAR ({site.resources()})\n{site.reclaim_logs()}")  # fmt: skip
+    for node in PAIR:
+        inside = site.ssh(node, "hostname; cat /etc/kasched-system; cat /run/kasched/cmdline")
+        assert inside.returncode == 0, f"{node}: {inside.stderr}"
+        assert inside.stdout.split("\n")[:2] == [node, "reference"] and "root=/dev/sda2" in inside.stdout
+    assert all(site.node_states()[n] == "reference" for n in PAIR)
+    assert site.oar.queues_active()
+    print(f"\nlost epilogue repaired {time.monotonic() - ended:.0f} s after the job's end")
+
+
+def test_doctor_run_where_kaschedd_runs_lists_oars_jobs(site: LabOar) -> None:
+    """From the lab's namespace, with the site's scheduler_settings (the bridge), as kaschedd does."""
+    done = subprocess.run(
+        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={site.config}", "KASCHED_DIRECT=1", *KASCHED,
+         "doctor", "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": PATH_ENV},
+    )  # fmt: skip
+    assert done.stdout.startswith("["), (
+        f"kasched doctor exit {done.returncode}: {done.stdout[-500:]} {done.stderr[-1500:]}"
+    )
+    checks = {c["what"]: c for c in json.loads(done.stdout)}
+    jobs = checks["oar: OAR jobs from here"]
+    assert jobs["ok"] and f"behind '{LAB_BRIDGE}'" in jobs["detail"], jobs
+    assert checks["oar: resource property kasched"]["ok"], checks
+    unbridged = subprocess.run(
+        [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={site.config}", "KASCHED_DIRECT=1",
+         "KASCHED_OAR_COMMAND_PREFIX=", *KASCHED, "doctor", "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": PATH_ENV},
+    )  # fmt: skip
+    jobs = {c["what"]: c for c in json.loads(unbridged.stdout)}["oar: OAR jobs from here"]
+    assert not jobs["ok"] and "a lost epilogue is never repaired" in jobs["detail"], jobs
