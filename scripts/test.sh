@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/start-databases.sh >/dev/null
 .venv/bin/ruff check kasched plugins tests bench
-.venv/bin/mypy kasched
+bash scripts/typecheck.sh
 .venv/bin/python -m pytest -p no:cacheprovider --durations=40 "$@"
