@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from labsite import populate, root
 from oar_cluster import OAR_DIR, USER, OarCluster, oar_cluster, one_oar_per_host
 from slurm_cluster import wait_for
 
@@ -136,31 +137,8 @@ class LabOar:
         return "\n".join(f"{log.name}:\n{log.read_text()}" for log in logs)
 
 
-def _root(*args: str, timeout: float = 600) -> str:
-    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": PATH_ENV})  # fmt: skip
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(args[:6])}... failed: {done.stderr.strip()[-800:]}")
-    return done.stdout
-
-
-def _user_environment(work: Path, lab_dir: Path) -> None:
-    """The lab's base system with a marker file and the lab's service key (a few MiB)."""
-    from kasched.lab.rootfs import build_rootfs
-    from kasched.lab.systems import SystemKeys, make_tree
-
-    keys = SystemKeys(lab_dir / "ssh" / "ssh_host_ed25519_key", (lab_dir / "ssh" / "id_ed25519.pub").read_text())
-    tree = make_tree(build_rootfs(), work / "userenv", "userenv", keys)
-    (tree / "etc" / "kasched-marker").write_text("deployed by kasched in an OAR job\n")
-    _root("tar", "-C", str(tree), "--zstd", "-cf", str(work / "userenv.tar.zst"), ".")
-    shutil.rmtree(tree)
-    (work / "userenv.yaml").write_text("name: userenv\nvisibility: public\nimage: {file: userenv.tar.zst, kind: tar}\n")
-
-
 def _site(work: Path, lab_dir: Path) -> Path:
     """kasched's site for the lab (admins: group kasched-oar-admins, which start-oar.sh puts oar in)."""
-    from tests.e2e.conftest import Site, _reference_environment
-
     config = work / "kasched.yaml"
     settings = {
         "site": "lab", "state_dir": str(work / "state"), "boot_dir": str(lab_dir / "boot"),
@@ -170,13 +148,7 @@ def _site(work: Path, lab_dir: Path) -> Path:
     }  # fmt: skip
     config.write_text(yaml.safe_dump(settings))
     (work / "state").mkdir(mode=0o755)
-    _user_environment(work, lab_dir)
-    _reference_environment(Site(lab_dir, work, config, work / "user", lab_dir / "ssh" / "id_ed25519"))
-    inlab = [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={config}", "KASCHED_DIRECT=1",
-             *KASCHED]  # fmt: skip
-    _root(*inlab, "nodes", "import", str(lab_dir / "inventory.yaml"))
-    _root(*inlab, "env", "add", str(work / "userenv.yaml"))
-    _root(*inlab, "env", "add", str(work / "reference.yaml"))
+    populate(config, work, lab_dir, LAB)
     return config
 
 
@@ -224,11 +196,11 @@ def _lab_oar() -> Iterator[LabOar]:
     work = Path(tempfile.mkdtemp(prefix="kasched-oar-lab-"))
     work.chmod(0o755)
     lab_dir = work / "lab"
-    _root(*KASCHED, "lab", "down", "--name", LAB)
+    root(*KASCHED, "lab", "down", "--name", LAB)
     try:
-        _root(*KASCHED, "lab", "up", "--name", LAB, "--state-dir", str(lab_dir), "--nodes", "6", "--link", "1gbit")
+        root(*KASCHED, "lab", "up", "--name", LAB, "--state-dir", str(lab_dir), "--nodes", "6", "--link", "1gbit")
         config = _site(work, lab_dir)
-        _root("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{USER}@oar-lab", "-f", str(work / "user"))
+        root("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{USER}@oar-lab", "-f", str(work / "user"))
         (work / "out").mkdir(mode=0o1777)
         (work / "out").chmod(0o1777)
         python = OAR_DIR / "venv" / "bin" / "python"
@@ -236,9 +208,9 @@ def _lab_oar() -> Iterator[LabOar]:
         (work / "job.sh").write_text(script)
         (work / "job.sh").chmod(0o755)
         if subprocess.run(["id", OTHER_USER], capture_output=True).returncode != 0:
-            _root("useradd", "--create-home", "--shell", "/bin/bash", OTHER_USER)
+            root("useradd", "--create-home", "--shell", "/bin/bash", OTHER_USER)
         subprocess.run(["ip", "netns", "del", HOST_NETNS], capture_output=True, check=False)
-        _root("ip", "netns", "attach", HOST_NETNS, str(os.getpid()))  # this process runs in the host's namespace
+        root("ip", "netns", "attach", HOST_NETNS, str(os.getpid()))  # this process runs in the host's namespace
         with kaschedd(config), oar_cluster({"KASCHED_CONFIG": str(config), "KASCHED_OAR_NODES": "6"}) as oar:
             yield LabOar(oar, work, lab_dir, config, work / "user")
     finally:

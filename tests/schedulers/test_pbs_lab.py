@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from labsite import populate, root, stop
 from slurm_cluster import wait_for
 
 from tests.conftest import ROOT
@@ -96,19 +96,8 @@ class PbsLab:
         return f"helper:\n{helper}\nreclaim:\n{reclaims}\nkaschedd:\n{(self.work / 'kaschedd.log').read_text()[-1500:]}"
 
 
-def _root(*args: str, timeout: float = 600) -> str:
-    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])})  # fmt: skip
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(args[:6])}... failed: {done.stderr.strip()[-800:]}")
-    return done.stdout
-
-
 def _site(work: Path, lab_dir: Path) -> Path:
     """kasched's site for the lab; kaschedd finds the stand-in's pbsnodes through scheduler_settings."""
-    from oar_lab import _user_environment
-
-    from tests.e2e.conftest import Site, _reference_environment
 
     config = work / "kasched.yaml"
     settings = {
@@ -119,13 +108,7 @@ def _site(work: Path, lab_dir: Path) -> Path:
     config.write_text(yaml.safe_dump(settings))
     config.chmod(0o644)
     (work / "state").mkdir(mode=0o755)
-    _user_environment(work, lab_dir)
-    _reference_environment(Site(lab_dir, work, config, work / "user", lab_dir / "ssh" / "id_ed25519"))
-    inlab = [*KASCHED, "lab", "exec", "--name", LAB, "--", "env", f"KASCHED_CONFIG={config}", "KASCHED_DIRECT=1",
-             *KASCHED]  # fmt: skip
-    _root(*inlab, "nodes", "import", str(lab_dir / "inventory.yaml"))
-    _root(*inlab, "env", "add", str(work / "userenv.yaml"))
-    _root(*inlab, "env", "add", str(work / "reference.yaml"))
+    populate(config, work, lab_dir, LAB)
     return config
 
 
@@ -159,14 +142,14 @@ def lab() -> Iterator[PbsLab]:
     lab_dir = work / "lab"
     kaschedd = None
     try:
-        _root(*KASCHED, "lab", "up", "--name", LAB, "--nodes", "3", "--switches", "1", "--state-dir", str(lab_dir))
+        root(*KASCHED, "lab", "up", "--name", LAB, "--nodes", "3", "--switches", "1", "--state-dir", str(lab_dir))
         lab_dir.chmod(0o755)
         config = _site(work, lab_dir)
         kaschedd = _kaschedd(config, work)
         user = unix_user(USER)
         (work / "user").mkdir()
         os.chown(work / "user", user.pw_uid, user.pw_gid)
-        _root("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / "user" / "key"))
+        root("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / "user" / "key"))
         (work / "user" / "key.pub").chmod(0o644)
         hook_config = work / "kasched_pbs_hook.json"
         end_log = work / "pbs-jobs.log"
@@ -177,14 +160,7 @@ def lab() -> Iterator[PbsLab]:
         server = StandinServer.create(work / "pbs", ["node-1", "node-2", "node-3"], HOOK, hook_config)
         yield PbsLab(server, work, lab_dir, config, end_log)
     finally:
-        if kaschedd is not None:
-            kaschedd.terminate()
-            try:
-                kaschedd.wait(30)
-            except subprocess.TimeoutExpired:
-                kaschedd.kill()
-        subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(kaschedd, LAB, work)
 
 
 def test_the_next_job_starts_only_once_the_nodes_are_back_and_deploys_at_once(lab: PbsLab) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from labsite import stop
 from slurm_cluster import USER, SlurmCluster, slurm_cluster, wait_for
 from test_slurm_deploy import grant_of, wait_idle
 
@@ -185,14 +186,7 @@ def lab() -> Iterator[SlurmLab]:
             kaschedd = _start_kaschedd(config, work, slurm.env["SLURM_CONF"])
             yield SlurmLab(slurm, lab_dir, user_dir)
     finally:
-        if kaschedd is not None:
-            kaschedd.terminate()
-            try:
-                kaschedd.wait(30)
-            except subprocess.TimeoutExpired:
-                kaschedd.kill()
-        subprocess.run([*KASCHED, "lab", "down", "--name", LAB], capture_output=True, timeout=300)
-        shutil.rmtree(work, ignore_errors=True)
+        stop(kaschedd, LAB, work)
 
 
 def _start_kaschedd(config: Path, work: Path, slurm_conf: str) -> subprocess.Popen[bytes]:

@@ -5,30 +5,19 @@ PROBLEM line saying that a lost epilog would never be repaired. A real kaschedd 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 
 import pytest
 
 from kasched.api import Kasched
 from kasched.identity import Caller
 from kasched.jobs import JobInfo
-from tests.service.tcpsite import Site, kasched_as, kaschedd, scratch
+from tests.service.tcpsite import Site, kasched_as
+from tests.service.test_small_ones import site  # noqa: F401 (the fixture: kaschedd on a scratch site)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def site() -> Iterator[Site]:
-    base = scratch()
-    try:
-        with kaschedd(base, {}) as running:
-            yield running
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def test_doctor_reports_what_kaschedd_sees_of_each_scheduler(site: Site) -> None:
+def test_doctor_reports_what_kaschedd_sees_of_each_scheduler(site: Site) -> None:  # noqa: F811
     admin = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
         admin.job_started(JobInfo("slurm", "nowhere", "41", "kasched-alice", ("node-1",)))
