@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kasched.cli.deploy import POLL
 from kasched.config import Config
 from kasched.errors import KaschedError
 from kasched.service.client import ServiceClient
@@ -365,6 +366,7 @@ def test_kill_9_mid_deployment_then_revert(lab: ServiceLab) -> None:
     try:
         operation, grants = _kill_during_the_broadcast(lab, user)
         assert host_leftovers() == []  # kaschedd left nothing running in the lab (its SSH is in-process)
+        time.sleep(3 * POLL)  # down for several of the client's polls: a quick restart could fall between two
         lab.service = None
         lab.start()
         out, err = user.communicate(timeout=300)
@@ -395,6 +397,8 @@ def _kill_during_the_broadcast(lab: ServiceLab, user: subprocess.Popen[str]) -> 
     """kill -9 of kaschedd while it streams the image: the operation's id, and alice's grants then."""
     assert user.stderr is not None
     started = user.stderr.readline()  # deploy ID started in kaschedd (...)
+    while started and "started in kaschedd" not in started:  # after a wait for the previous job's revert
+        started = user.stderr.readline()
     operation = started.split()[1]
     try:
         _wait_for_setup(lab, operation)
