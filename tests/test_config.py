@@ -149,3 +149,28 @@ def test_image_settings() -> None:
     assert (config.image_max_size, config.stateless_quota) == (512 << 20, 4096)
     assert config.image_url_allow == ("https://img.example.org/envs/",)
     assert (Config().image_max_size, Config().stateless_quota, Config().image_url_allow) == (16 << 30, 8 << 30, ())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("scheduler_settings: [a]\n", "scheduler_settings: expected a mapping"),
+        ("scheduler_settings: {PATH: /tmp}\n", "'PATH' is not a scheduler plugin variable"),
+        ("scheduler_settings: {KASCHED_X: [1]}\n", "KASCHED_X: expected a text value"),
+        ("revert_wait: -1\n", "revert_wait: expected seconds (0: refused at once)"),
+    ],
+)
+def test_bad_give_back_settings(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_module.load(write(tmp_path / "k.yaml", content))
+
+
+def test_scheduler_settings_reach_the_environment_unless_already_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_module.from_mapping({"scheduler_settings": {"KASCHED_T_A": "site", "KASCHED_T_B": 5}})
+    monkeypatch.setenv("KASCHED_T_A", "hook")
+    monkeypatch.delenv("KASCHED_T_B", raising=False)
+    config_module.export_scheduler_settings(config)
+    import os
+
+    assert (os.environ["KASCHED_T_A"], os.environ["KASCHED_T_B"]) == ("hook", "5")
+    monkeypatch.delenv("KASCHED_T_B")
