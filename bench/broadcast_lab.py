@@ -216,7 +216,7 @@ def warm_up(bench: Bench, nodes: list[dict]) -> None:
     if cold := sorted(name for name, result in done.items() if not result.ok):
         raise SystemExit(f"warm-up failed on {cold[:4]}: {done[cold[0]].error}")
     # and one small chain through every node: the first 64-node broadcast of a run took 64-65 s
-    # whatever its batches (10, 20 or 40 ms; both orders), the next ones 51-53 s (session 8)
+    # whatever its batches (10, 20 or 40 ms; both orders), the next ones 51-53 s
     small = bench.image.with_name("warm-up.bin")
     small.write_bytes(os.urandom(2 << 20))
     try:

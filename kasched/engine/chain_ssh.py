@@ -14,7 +14,7 @@ Where the agents listen on known ports, the stream need not wait for the last ag
 :func:`broadcast_over_ssh` then starts them in chain order and sends at once, each node waiting for
 a successor still starting (``BroadcastOptions.start_wait``) and asking the server whether that
 start failed. Off by default: on the lab, where every node shares the host's CPUs, the nodes already
-streaming slowed the later starts by more than the overlap hid (docs/benchmarks.md, session 12)."""
+streaming slowed the later starts by more than the overlap hid (docs/benchmarks.md, "Broadcast")."""
 
 from __future__ import annotations
 
