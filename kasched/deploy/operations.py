@@ -34,7 +34,6 @@ from kasched.deploy.workflow import (
 )
 from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
-from kasched.engine.chain import BroadcastOptions
 from kasched.errors import ConfigError, ConflictError, InputError, PermissionDenied
 from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
@@ -42,6 +41,7 @@ from kasched.models import NodeState, utcnow
 from kasched.partition_digest import BlockList, expected_blocks
 from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
+from kasched.transports.chain import BroadcastOptions
 from kasched.views import EnvironmentView, NodeView
 
 CANCEL_POLL = 1.0

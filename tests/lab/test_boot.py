@@ -62,7 +62,7 @@ def test_deploy_system_then_back_to_reference(in_lab: LabHandle) -> None:
         view = in_lab.wait_view(node)
         assert (view.hostname, view.system, view.root_fstype) == (node.name, "deploy", "tmpfs")
         assert "kasched.system=deploy" in view.cmdline
-        tools = in_lab.ssh.run(node, "python3 -c 'import paramiko, kasched.engine.relay' && tar --version")
+        tools = in_lab.ssh.run(node, "python3 -c 'import paramiko, kasched.transports.relay' && tar --version")
         assert tools.exit_code == 0 and "GNU tar" in tools.stdout, tools.stderr  # what the engine uses
         boot.set_profile(node, BootTarget.LOCAL, partition=2)
     soft = Rebooter(in_lab.ipmi, SshPowerDriver(in_lab.ssh), window=2, timeout=60, levels=[RebootLevel.SOFT])
