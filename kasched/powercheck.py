@@ -164,6 +164,8 @@ def _mark(api: Kasched, seen: dict[str, _Idle], why: dict[str, str]) -> set[str]
                 node=name,
                 user=api.caller.user,
                 step="power_check",
+                variant="",
+                attempt=1,
                 started_at=utcnow(),
                 duration=0.0,
                 ok=False,

@@ -72,7 +72,7 @@ def record(session: Session, event: StepEvent) -> None:
             user=event.user,
             environment=event.environment,
             deployment_id=event.deployment_id,
-            step=event.step,
+            step=event.label,
             started_at=event.started_at,
             duration=event.duration,
             ok=event.ok,

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
-from kasched.deploy.workflow import StepReport, TransferReport
+from kasched.deploy.workflow import TransferReport
 from kasched.errors import DatabaseError, InputError, KaschedError, NodesBeingGivenBack
+from kasched.jobs import StepEvent
 from kasched.models import utcnow
 from kasched.nodeset import expand, fold
 
@@ -361,7 +362,7 @@ def _show_poll(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
         final = entry.get("final") is not False
         seen.steps.add(step)
         duration, ok, error = entry["duration"], entry["ok"], entry["error"]
-        view(StepReport(entry["node"], step, variant, 0, utcnow(), duration, ok, error, final))
+        view(StepEvent(entry["node"], step, variant, 0, utcnow(), duration, ok, error, final))
     seen.history = len(history)
     if not history:
         _show_nodes(shown, view, seen)
@@ -376,7 +377,7 @@ def _show_nodes(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
         seen.nodes[node] = state
         seen.steps.add(detail["step"])
         ok = detail["error"] is None if detail["ok"] is None else bool(detail["ok"])
-        view(StepReport(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
+        view(StepEvent(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
 
 
 def _show_transfer(transfer: dict[str, Any] | None, view: ProgressView, seen: _Seen) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from kasched import grants
@@ -26,7 +26,6 @@ from kasched.deploy.workflow import (
     MacroStep,
     NodeOutcome,
     ProgressListener,
-    StepReport,
     Timeout,
     TransferReport,
     Variant,
@@ -246,6 +245,8 @@ class Operations:
                     node=name,
                     user=self.api.caller.user,
                     step=f"power_{action}",
+                    variant="",
+                    attempt=1,
                     started_at=utcnow(),
                     duration=result.duration,
                     ok=result.ok,
@@ -365,20 +366,14 @@ class Operations:
                 )
             )
 
-    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView | None, report: StepReport) -> None:
+    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView | None, report: StepEvent) -> None:
         self.api.record_step(
-            StepEvent(
+            replace(
+                report,
                 kind=kind,
-                node=report.node,
                 user=self.api.caller.user,
-                step=f"{report.step}/{report.variant}",
-                started_at=report.started_at,
-                duration=report.duration,
-                ok=report.ok,
-                error=report.error,
                 environment=env.label if env else None,
                 deployment_id=deployment_id,
-                final=report.final,
             )
         )
         with self.api.database.session() as session:  # live per-node progress for --status and the service

@@ -17,9 +17,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from kasched.errors import KaschedError
+from kasched.jobs import StepEvent
 from kasched.models import utcnow
 from kasched.results import GroupResult, NodeResult
 
@@ -77,21 +77,6 @@ class NodeOutcome:
 
 
 @dataclass(frozen=True)
-class StepReport:
-    """One attempt of one variant on one node, as it finished (for progress views and statistics)."""
-
-    node: str
-    step: str
-    variant: str
-    attempt: int
-    started_at: datetime
-    duration: float
-    ok: bool
-    error: str | None
-    final: bool = True  # False: a failed attempt after which the node gets another retry or variant
-
-
-@dataclass(frozen=True)
 class TransferReport:
     """How much of the image the server has sent in a step so far, for the live view's rate."""
 
@@ -105,8 +90,8 @@ class TransferReport:
         return self.sent / self.elapsed if self.elapsed > 0 else 0.0
 
 
-Listener = Callable[[StepReport], None]
-ProgressListener = Callable[[StepReport | TransferReport], None]
+Listener = Callable[[StepEvent], None]
+ProgressListener = Callable[[StepEvent | TransferReport], None]
 Guard = Callable[[], str | None]  # why the workflow must stop now, or None
 
 
@@ -191,7 +176,7 @@ class Workflow:
                 if result.value == FINISHED:
                     self.finished.add(node)
             self.listener(
-                StepReport(
+                StepEvent(
                     node,
                     step.name,
                     variant.name,
