@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 from kasched.api import Kasched  # noqa: E402
 from kasched.config import Config  # noqa: E402
 from kasched.identity import Caller  # noqa: E402
-from kasched.jobs import JobEnd, JobInfo  # noqa: E402
+from kasched.messages import JobEnd, JobInfo  # noqa: E402
 from kasched.models import Cluster, Node  # noqa: E402
 
 SIZES = (1_000, 10_000)

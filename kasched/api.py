@@ -31,7 +31,7 @@ from kasched.environments import EnvironmentReference
 from kasched.errors import ConflictError, InputError, NotFoundError, PermissionDenied
 from kasched.identity import Caller
 from kasched.imagestore import ImageStore
-from kasched.jobs import JobEnd, JobInfo, StepEvent
+from kasched.messages import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
 from kasched.stats import StatsFilter, StatsGroup

@@ -15,7 +15,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from kasched.errors import ConflictError, InputError, NotFoundError
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.models import Deployment, DeploymentState, Grant, GrantNode, Node, utcnow
 from kasched.nodeset import fold
 from kasched.views import Decision, GrantView

@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from kasched.config import Config
     from kasched.drivers.base import BootDriver, ConsoleDriver, PowerDriver
-    from kasched.jobs import JobEnd, JobInfo, Notification, StepEvent
+    from kasched.messages import JobEnd, JobInfo, Notification, StepEvent
     from kasched.views import GrantView
 
 PROJECT = "kasched"

@@ -33,7 +33,7 @@ from kasched.deploy.operations import Operations
 from kasched.deploy.targets import targets
 from kasched.drivers.base import NodeTarget, PowerDriver, PowerState
 from kasched.errors import KaschedError
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, utcnow
 
 CHECKED = (NodeState.REFERENCE, NodeState.DEPLOYED)  # recorded as running a system

@@ -35,7 +35,7 @@ from kasched import powercheck
 from kasched.api import Kasched
 from kasched.deploy import reclaim
 from kasched.errors import KaschedError, PermissionDenied
-from kasched.jobs import JobEnd
+from kasched.messages import JobEnd
 from kasched.models import utcnow
 from kasched.schedulers import Check
 from kasched.views import GrantView

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kasched.errors import KaschedError
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 
 HOLD_MARK = "kasched:"  # how every reason or comment kasched writes on a scheduler's node starts
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from kasched.errors import InputError, PermissionDenied
 from kasched.identity import Caller
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import Operation, utcnow
 from kasched.views import OperationView
 

@@ -11,7 +11,7 @@ from kasched import hookspecs
 from kasched.api import Kasched
 from kasched.bus import Bus
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo, Notification
+from kasched.messages import JobEnd, JobInfo, Notification
 from kasched.views import GrantView
 
 SPECS = [getattr(hookspecs, name) for name in dir(hookspecs) if name.startswith("kasched_")]

@@ -20,7 +20,7 @@ import sys
 from kasched.api import Kasched
 from kasched.config import Config
 from kasched.identity import Caller
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from pathlib import Path
 
 state, worker = Path(sys.argv[1]), int(sys.argv[2])

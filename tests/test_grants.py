@@ -10,7 +10,7 @@ import pytest
 
 from kasched.api import Kasched
 from kasched.errors import ConflictError, InputError, NotFoundError, PermissionDenied
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.models import utcnow
 
 

@@ -14,7 +14,7 @@ from kasched.api import Kasched
 from kasched.deploy import records
 from kasched.deploy.release import release
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.models import NodeState
 from kasched.schedulers import SchedulerAdapter
 

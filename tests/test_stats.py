@@ -9,7 +9,7 @@ import pytest
 
 from kasched.api import Kasched
 from kasched.errors import InputError
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 from kasched.stats import StatsFilter, parse_time
 

@@ -19,7 +19,7 @@ from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
 from kasched.deploy.workflow import TransferReport
 from kasched.errors import DatabaseError, InputError, KaschedError, NodesBeingGivenBack
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 from kasched.nodeset import expand, fold
 

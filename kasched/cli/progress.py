@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import TextIO
 
 from kasched.deploy.workflow import TransferReport
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 
 MIB = 1 << 20
 RATE_LINE_EVERY = 5.0  # seconds between two rate lines when the output is not a terminal

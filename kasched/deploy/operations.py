@@ -35,7 +35,7 @@ from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
 from kasched.errors import ConfigError, ConflictError, InputError, PermissionDenied
 from kasched.imagestore import ImageStore
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import NodeState, utcnow
 from kasched.partition_digest import BlockList, expected_blocks
 from kasched.rates import rate_bits

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kasched.errors import KaschedError
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 from kasched.results import GroupResult, NodeResult
 

@@ -9,7 +9,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from kasched.deploy.workflow import TransferReport
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 
 if TYPE_CHECKING:
     from kasched.deploy.operations import PendingOperation

@@ -15,7 +15,7 @@ from kasched.bus import Bus
 from kasched.config import Config
 from kasched.errors import KaschedError
 from kasched.identity import Caller
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.service.client import ServiceClient, client_for
 from kasched.stats import StatsFilter, StatsGroup
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView

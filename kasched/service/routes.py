@@ -192,7 +192,7 @@ def _env_check(api: Kasched, params: dict[str, str], query: dict[str, str], body
 
 
 def _job_start(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    from kasched.jobs import JobInfo
+    from kasched.messages import JobInfo
 
     fields = _fields(
         body,
@@ -215,7 +215,7 @@ def _job_start(api: Kasched, params: dict[str, str], query: dict[str, str], body
 
 
 def _job_end(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    from kasched.jobs import JobEnd
+    from kasched.messages import JobEnd
 
     fields = _fields(body, {"scheduler": str, "cluster": str, "job_id": str}, {"reason": str})
     return api.job_ended(

@@ -19,7 +19,7 @@ from kasched_oar.oarjobs import OarError, OarJob, OarSettings, api_reachable, re
 
 from kasched.errors import InputError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.schedulers import Check, SchedulerAdapter
 
 OAR_CONF = Path("/etc/oar/oar.conf")

@@ -19,7 +19,7 @@ from kasched_pbs import hold, pbscli
 
 from kasched.errors import InputError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

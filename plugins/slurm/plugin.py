@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from kasched.errors import InputError, KaschedError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.nodeset import expand
 from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 

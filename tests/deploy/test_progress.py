@@ -9,7 +9,7 @@ from pathlib import Path
 from kasched.cli.progress import ProgressView
 from kasched.deploy.transfer import CountingReader, TransferMeter
 from kasched.deploy.workflow import TransferReport
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 
 

@@ -15,7 +15,7 @@ from kasched import grants
 from kasched.api import Kasched
 from kasched.deploy import records
 from kasched.errors import ConflictError, NodesBeingGivenBack, NotFoundError, PermissionDenied
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.models import Deployment, NodeState
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
 from kasched.errors import DriverError
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.results import GroupResult, NodeResult
 
 NODES = [f"n{i}" for i in range(1, 7)]

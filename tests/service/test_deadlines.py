@@ -25,7 +25,7 @@ from kasched import deadline
 from kasched.api import Kasched
 from kasched.config import load
 from kasched.errors import DatabaseError
-from kasched.jobs import JobInfo
+from kasched.messages import JobInfo
 from tests.conftest import EXAMPLES
 from tests.schedulers.test_pbs_hooks import Site, deploy_job, log_text
 from tests.service.conftest import kaschedd

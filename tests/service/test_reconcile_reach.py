@@ -10,7 +10,7 @@ import pytest
 
 from kasched.api import Kasched
 from kasched.identity import Caller
-from kasched.jobs import JobInfo
+from kasched.messages import JobInfo
 from tests.service.tcpsite import Site, kasched_as
 from tests.service.test_small_ones import site  # noqa: F401 (the fixture: kaschedd on a scratch site)
 

@@ -124,7 +124,7 @@ def test_kaschedd_reconciles_on_its_own(tmp_path: Path) -> None:
 
     from kasched.api import Kasched
     from kasched.identity import Caller
-    from kasched.jobs import JobInfo
+    from kasched.messages import JobInfo
     from kasched.service.main import serve
 
     config = Config(site="t", state_dir=tmp_path / "state", reconcile_interval=0.5, reconcile_walltime_grace=0)

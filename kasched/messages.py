@@ -1,5 +1,6 @@
-"""What a scheduler tells kasched about a job, and what the operations report, as plain data passed
-along the plugin bus."""
+"""The plugin bus's messages, as plain data: what a scheduler tells kasched about a job (:class:`JobInfo`,
+:class:`JobEnd`), what an operation reports of each step on each node (:class:`StepEvent`), and what a
+person should hear about (:class:`Notification`)."""
 
 from __future__ import annotations
 
