@@ -29,10 +29,10 @@ class Recording(SchedulerAdapter):
     def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
         return False
 
-    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+    def read_job_start(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
         raise NotImplementedError
 
-    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+    def read_job_end(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         raise NotImplementedError
 
     def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:

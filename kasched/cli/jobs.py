@@ -57,7 +57,7 @@ def _hook_output() -> None:
 def job_start(args: argparse.Namespace, context: Context) -> int:
     _hook_output()
     adapter = _adapter(args, context)
-    job = adapter.job_started(os.environ, args.hook_args)
+    job = adapter.read_job_start(os.environ, args.hook_args)
     if not adapter.is_deploy_job(job):
         print(f"{adapter.name} job {job.job_id} is not a deploy job: no grant")
         return 0
@@ -72,7 +72,7 @@ def job_start(args: argparse.Namespace, context: Context) -> int:
 def job_end(args: argparse.Namespace, context: Context) -> int:
     _hook_output()
     adapter = _adapter(args, context)
-    end = adapter.job_ended(os.environ, args.hook_args)
+    end = adapter.read_job_end(os.environ, args.hook_args)
     grant = context.api.job_ended(end)
     print(f"grant {grant.id} of {adapter.name} job {end.job_id} revoked: {grant.user} on {fold(grant.nodes)}")
     return 0
