@@ -329,7 +329,7 @@ class Kasched:
             nodes=tuple(self.node_names(nodes)),
             walltime=hours * 3600,
         )
-        return self.job_started(job)
+        return self.record_job_start(job)
 
     def revoke(self, grant_id: int, reason: str = "revoked by an admin") -> GrantView:
         self._require_admin("revoke grants by hand")
@@ -359,14 +359,14 @@ class Kasched:
 
     # --- Jobs (called by the scheduler hooks) --------------------------------------------------------------
 
-    def job_started(self, job: JobInfo) -> GrantView:
+    def record_job_start(self, job: JobInfo) -> GrantView:
         self._require_admin("record a job start")
         created = self.bus.job_started(job)
         if not created:
             raise NotFoundError("no plugin created a grant (is the grant-keeper plugin disabled?)")
         return created[0]
 
-    def job_ended(self, end: JobEnd) -> GrantView:
+    def record_job_end(self, end: JobEnd) -> GrantView:
         self._require_admin("record a job end")
         revoked = self.bus.job_ended(end)
         if not revoked:

@@ -64,10 +64,10 @@ class Recorder:
 def test_plugins_hear_grant_events_once(cluster: Kasched) -> None:
     recorder = Recorder()
     cluster.bus.register(recorder, "recorder")
-    grant = cluster.job_started(JobInfo("oar", "c", "1", "alice", ("node-1",), walltime=60))
-    cluster.job_started(JobInfo("oar", "c", "1", "alice", ("node-1",), walltime=60))  # prolog run twice
-    cluster.job_ended(JobEnd("oar", "c", "1", reason="cancelled"))
-    cluster.job_ended(JobEnd("oar", "c", "1", reason="cancelled"))
+    grant = cluster.record_job_start(JobInfo("oar", "c", "1", "alice", ("node-1",), walltime=60))
+    cluster.record_job_start(JobInfo("oar", "c", "1", "alice", ("node-1",), walltime=60))  # prolog run twice
+    cluster.record_job_end(JobEnd("oar", "c", "1", reason="cancelled"))
+    cluster.record_job_end(JobEnd("oar", "c", "1", reason="cancelled"))
     cluster.bus.notify(Notification("hello", "world"))
     # once each (the job's end also tells that it gives node-1 back: every node of a job goes back)
     grant_events = [event for event in recorder.seen if event[0] != "notify"]

@@ -61,7 +61,7 @@ def job_start(args: argparse.Namespace, context: Context) -> int:
     if not adapter.is_deploy_job(job):
         print(f"{adapter.name} job {job.job_id} is not a deploy job: no grant")
         return 0
-    grant = context.api.job_started(job)
+    grant = context.api.record_job_start(job)
     print(
         f"grant {grant.id}: {grant.user} may deploy {fold(grant.nodes)} for {adapter.name} job {job.job_id} "
         f"until {grant.expires_at:%Y-%m-%d %H:%M:%S}Z"
@@ -73,7 +73,7 @@ def job_end(args: argparse.Namespace, context: Context) -> int:
     _hook_output()
     adapter = _adapter(args, context)
     end = adapter.read_job_end(os.environ, args.hook_args)
-    grant = context.api.job_ended(end)
+    grant = context.api.record_job_end(end)
     print(f"grant {grant.id} of {adapter.name} job {end.job_id} revoked: {grant.user} on {fold(grant.nodes)}")
     return 0
 

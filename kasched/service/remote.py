@@ -126,7 +126,7 @@ class RemoteKasched:
         data = self.call("GET", "/v1/rights/check", {"nodes": names, "user": user})
         return Decision(data["user"], data["allowed"], data["refused"], data["grants"])
 
-    def job_started(self, job: JobInfo) -> GrantView:
+    def record_job_start(self, job: JobInfo) -> GrantView:
         body = {
             "scheduler": job.scheduler,
             "cluster": job.cluster,
@@ -138,7 +138,7 @@ class RemoteKasched:
         }
         return view(GrantView, self.call("POST", "/v1/jobs/start", body=body))
 
-    def job_ended(self, end: JobEnd) -> GrantView:
+    def record_job_end(self, end: JobEnd) -> GrantView:
         body = {"scheduler": end.scheduler, "cluster": end.cluster, "job_id": end.job_id, "reason": end.reason}
         return view(GrantView, self.call("POST", "/v1/jobs/end", body=body))
 

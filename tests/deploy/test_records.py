@@ -115,7 +115,7 @@ def test_a_revoke_waits_for_an_operation_taking_its_nodes_then_cancels_it(
     """records.start checks the grant, then records the operation: the grant stays locked in between
     (FOR UPDATE; SQLite's write lock). A revoke arriving there waits, then cancels the operation; an
     operation starting after the revoke is refused."""
-    cluster.job_started(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2"), walltime=3600))
+    cluster.record_job_start(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2"), walltime=3600))
     checked, release, started = threading.Event(), threading.Event(), []
     check = records.granted
 
@@ -156,7 +156,7 @@ def test_a_revoke_waits_for_an_operation_taking_its_nodes_then_cancels_it(
 
 def test_only_nodes_no_grant_and_no_operation_hold_are_releasable(cluster: Kasched) -> None:
     """What a revert at a job's end (or of orphans) may take, asked in the transaction that takes them."""
-    cluster.job_started(JobInfo("slurm", "c", "8", "bob", ("node-1",), walltime=3600))  # bob's next job
+    cluster.record_job_start(JobInfo("slurm", "c", "8", "bob", ("node-1",), walltime=3600))  # bob's next job
     with cluster.database.session() as session:
         records.start(session, "revert", "root", None, ["node-4"], NodeState.REVERTING, is_admin=True)
         assert records.releasable(session, ["node-1", "node-2", "node-4", "nope"]) == ["node-2"]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_doctor_reports_what_kaschedd_sees_of_each_scheduler(site: Site) -> None:  # noqa: F811
     admin = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
-        admin.job_started(JobInfo("slurm", "nowhere", "41", "kasched-alice", ("node-1",)))
+        admin.record_job_start(JobInfo("slurm", "nowhere", "41", "kasched-alice", ("node-1",)))
     finally:
         admin.close()
     doctor = kasched_as("root", site.client_config, "doctor", "--json", KASCHED_DIRECT="1")
