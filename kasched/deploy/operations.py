@@ -18,17 +18,13 @@ from kasched.api import Kasched
 from kasched.bootkeys import BootKeys
 from kasched.builtin.stateless import StatelessImages
 from kasched.config import Config
-from kasched.deploy import kexec, records, revert, steps
+from kasched.deploy import plans, records, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
 from kasched.deploy.workflow import (
-    Action,
-    MacroStep,
     NodeOutcome,
     ProgressListener,
-    Timeout,
     TransferReport,
-    Variant,
     Workflow,
 )
 from kasched.drivers.base import NodeTarget, PowerDriver
@@ -44,8 +40,6 @@ from kasched.transports.chain import BroadcastOptions
 from kasched.views import EnvironmentView, NodeView
 
 CANCEL_POLL = 1.0
-HARD_LEVELS = (RebootLevel.HARD, RebootLevel.VERY_HARD)
-ALL_LEVELS = (RebootLevel.SOFT, RebootLevel.HARD, RebootLevel.VERY_HARD)
 
 
 @dataclass(frozen=True)
@@ -74,7 +68,7 @@ class PendingOperation:
     names: list[str]
     env: EnvironmentView | None
     context: steps.StepContext
-    steps: list[MacroStep]
+    plan: plans.Plan  # what the workflow runs (kasched.deploy.plans)
     final: NodeState
     environment_id: int | None
 
@@ -132,24 +126,7 @@ class Operations:
         ImageStore(self.api.config).verify(env.image_location, env.sha256, env.postinstall, env.label)
         if stateless:
             return self._stateless(names, env)
-        return self._run("deploy", names, env, self._deploy_partition, user_key, self._deploy_steps())
-
-    def _deploy_steps(self) -> list[MacroStep]:
-        reboot = self.reboot_timeout
-        nomini = Variant("nomini", self._action(steps.use_running_reference), Timeout(60, 0.1))
-        to_deploy = Variant("kexec", self._action(kexec.setup_deploy_system_kexec), Timeout(reboot + 120, 0.5))
-        pxe = Variant("pxe", self._action(steps.setup_deploy_system(HARD_LEVELS)), Timeout(reboot * 2 + 60, 0.5))
-        chain = Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2))
-        unicast = Variant("unicast", self._action(steps.broadcast_alone), Timeout(600, 10))
-        configure = Variant("postinstall", self._action(steps.configure), Timeout(300, 1))
-        to_env = Variant("kexec", self._action(kexec.boot_environment_kexec), Timeout(reboot + 60, 0.5))
-        boot = Variant("pxe", self._action(steps.boot_environment(ALL_LEVELS)), Timeout(reboot * 3 + 60, 0.5))
-        return [
-            MacroStep("setup", (nomini, to_deploy, pxe)),
-            MacroStep("broadcast", (chain, unicast)),
-            MacroStep("configure", (configure,)),
-            MacroStep("boot", (to_env, boot)),
-        ]
+        return self._run("deploy", names, env, self._deploy_partition, user_key, plans.PLANS["deploy"])
 
     def _stateless(self, names: list[str], env: EnvironmentView) -> PendingOperation:
         if env.image_kind != "raw" or env.compression != "gz":
@@ -158,9 +135,9 @@ class Operations:
                 "(kind raw, compression gz)",
                 field="stateless",
             )
-        self._stateless_files = self._publish_stateless(env, names)
-        step = Variant("pxe", self._action(steps.boot_stateless), Timeout(self.reboot_timeout * 3 + 60, 0.5))
-        return self._run("deploy", names, env, self._deploy_partition, None, [MacroStep("boot", (step,))])
+        files = self._publish_stateless(env, names)
+        plan = plans.PLANS["deploy-stateless"]
+        return self._run("deploy", names, env, self._deploy_partition, None, plan, stateless_files=files)
 
     def _publish_stateless(self, env: EnvironmentView, names: list[str]) -> tuple[str, str]:
         """Publish the image (kaschedd's copy) where the nodes' network boot finds it, for the caller's
@@ -181,7 +158,7 @@ class Operations:
             blocks: BlockList | None = expected_blocks(self.api.config, reference)
         except InputError:  # not a raw image: no digest; the revert writes it whole
             blocks = None
-        plan = revert.revert_steps(self._action, self.reboot_timeout)
+        plan = plans.PLANS["revert"]
         pending = self._run(
             "revert", names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE
         )
@@ -193,19 +170,16 @@ class Operations:
     ) -> PendingOperation:
         """Reboot, starting at ``level`` and escalating, into ``to``: ``reference``, ``deploy`` (the
         deployment system) or an environment already deployed on the nodes' deploy partition."""
-        levels = ALL_LEVELS[ALL_LEVELS.index(level) :]
-        budget = Timeout(self.reboot_timeout * len(levels) + 60, 0.5)
         if to == "deploy":
             names = self._allowed(nodes)
             env = None  # the deployment system is the site's, not an environment of the catalog
-            step = Variant("deploy-system", self._action(steps.setup_deploy_system(levels)), budget)
             return self._run(
                 "reboot",
                 names,
                 env,
                 lambda n: n.deploy_partition,
                 None,
-                [MacroStep("reboot", (step,))],
+                plans.from_level(plans.PLANS["reboot-to-deploy"], level),
                 final=NodeState.DEPLOYED,
                 record_environment=False,
             )
@@ -218,8 +192,8 @@ class Operations:
             names = self._allowed(nodes)
             env = self.api.show_environment(to)
             partition, final = self._deploy_partition, NodeState.DEPLOYED
-        step = Variant("local", self._action(steps.boot_environment(levels)), budget)
-        return self._run("reboot", names, env, partition, None, [MacroStep("reboot", (step,))], final=final)
+        plan = plans.from_level(plans.PLANS["reboot"], level)
+        return self._run("reboot", names, env, partition, None, plan, final=final)
 
     def power(self, nodes: str | Sequence[str], action: str) -> GroupResult:
         """Power ``on``, ``off`` or ``status`` through each node's BMC driver; one result per node."""
@@ -276,9 +250,6 @@ class Operations:
             raise PermissionDenied(f"{self.api.caller.user} may not deploy these nodes: {decision.reason()}")
         return names
 
-    def _action(self, step: Callable[..., GroupResult]) -> Action:
-        return lambda names, deadline, cancel: step(self._context, names, deadline, cancel)
-
     def _run(
         self,
         kind: str,
@@ -286,13 +257,14 @@ class Operations:
         env: EnvironmentView | None,
         partition: Callable[[NodeTarget], int],
         user_key: str | None,
-        macro_steps: list[MacroStep],
+        plan: plans.Plan,
         final: NodeState = NodeState.DEPLOYED,
         record_environment: bool = True,
+        stateless_files: tuple[str, str] = ("", ""),
     ) -> PendingOperation:
         """Everything that can be refused is checked here; then the nodes are taken and recorded."""
         views = [self.api.show_node(name) for name in names]
-        context = self._make_context(views, env, partition, user_key)
+        context = self._make_context(views, env, partition, user_key, stateless_files)
         busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
         caller = self.api.caller
         with self.api.database.session() as session:  # the grant is checked again where the nodes are taken
@@ -309,16 +281,15 @@ class Operations:
         context.shell.pins.update(trust.pins)
         context.trusted = set(trust.trusted)
         env_id = self._environment_id(env) if record_environment else None
-        return PendingOperation(self, deployment_id, kind, names, env, context, macro_steps, final, env_id)
+        return PendingOperation(self, deployment_id, kind, names, env, context, plan, final, env_id)
 
     def execute(self, pending: PendingOperation) -> OperationResult:
         """Run a prepared operation's workflow, record its outcome, release its nodes."""
-        self._context = pending.context
         watcher = _CancelWatcher(self.api, pending.deployment_id, self.cancel)
         watcher.start()
         try:
             workflow = Workflow(
-                pending.steps,
+                plans.bind(pending.plan, pending.context, self.reboot_timeout),
                 cancel=self.cancel,
                 listener=lambda r: self._on_step(pending.kind, pending.deployment_id, pending.env, r),
                 guard=lambda: self._stop_reason(pending.deployment_id),
@@ -394,6 +365,7 @@ class Operations:
         env: EnvironmentView | None,
         partition: Callable[[NodeTarget], int],
         user_key: str | None,
+        stateless_files: tuple[str, str],
     ) -> steps.StepContext:
         config = self.api.config
         node_targets = {t.name: t for t in targets(config, views)}
@@ -415,8 +387,8 @@ class Operations:
             user_key=user_key,
             reboot_timeout=self.reboot_timeout,
             broadcast=self.broadcast_options or site_broadcast_options(config),
-            stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
-            stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
+            stateless_kernel=stateless_files[0],
+            stateless_initrd=stateless_files[1],
             on_transfer=lambda sent, elapsed, done: self.progress(TransferReport("broadcast", sent, elapsed, done)),
             keys=BootKeys(config.boot_dir),
         )
