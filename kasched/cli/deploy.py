@@ -191,25 +191,25 @@ def _run(args: argparse.Namespace, context: Context, operation: Any, count: int)
             result = when_given_back(lambda: operation(ops), context.config.revert_wait, view, cancel)
         finally:
             view.close()
-    _write_node_files(args, result.ok, result.failed)
+    _write_node_files(args, result.succeeded, result.failed)
     if args.json:
         print_json(
             {
                 "id": result.deployment_id,
                 "state": result.state,
-                "nodes": {n: vars(o) for n, o in result.outcomes.items()},
+                "nodes": {n: o.as_dict() for n, o in result.results.items()},
             }
         )
     else:
         print(
-            f"{result.kind} {result.deployment_id}: {result.state}; ok {fold(result.ok) if result.ok else '-'}"
+            f"{result.kind} {result.deployment_id}: {result.state}; ok {fold(result.succeeded) or '-'}"
             f"; failed {fold(result.failed) if result.failed else '-'}"
         )
         print_table(
             ["node", "result", "step", "variant", "seconds", "error"],
             [
                 (n, "ok" if o.ok else "failed", o.step, _variant(o), f"{o.duration:.1f}", o.error or "")
-                for n, o in result.outcomes.items()
+                for n, o in result.results.items()
             ],
         )
     return 0 if not result.failed else 1

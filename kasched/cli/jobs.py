@@ -141,15 +141,15 @@ def _revert(api: Any, what: str, user: str, todo: list[str], failed: dict[str, s
         print(f"{what}: {error}")
         failed.update(dict.fromkeys(todo, f"{HOLD_MARK} not given back: {error}"))
         return 0, []
-    for node, outcome in result.outcomes.items():
+    for node, outcome in result.results.items():
         print(f"{node}: {'ok' if outcome.ok else 'failed'} in {outcome.duration:.1f} s {outcome.error or ''}".rstrip())
         if not outcome.ok:
             failed[node] = f"{HOLD_MARK} revert {result.deployment_id} failed: {outcome.error or outcome.step}"
     for node in todo:
-        if node not in result.outcomes:  # granted or taken since the look above: not this job's to give back
+        if node not in result.results:  # granted or taken since the look above: not this job's to give back
             failed[node] = f"{HOLD_MARK} granted or taken meanwhile: not given back"
     print(f"revert {result.deployment_id}: {result.state}")
-    return (1 if result.failed else 0), list(result.ok)
+    return (1 if result.failed else 0), list(result.succeeded)
 
 
 def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:

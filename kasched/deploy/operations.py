@@ -22,7 +22,6 @@ from kasched.deploy import plans, records, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
 from kasched.deploy.workflow import (
-    NodeOutcome,
     ProgressListener,
     TransferReport,
     Workflow,
@@ -44,18 +43,24 @@ CANCEL_POLL = 1.0
 
 @dataclass(frozen=True)
 class OperationResult:
+    """An operation's record (its id, kind and final state) and one :class:`NodeResult` per node."""
+
     deployment_id: str
     kind: str
     state: str
-    outcomes: dict[str, NodeOutcome]
+    results: GroupResult
 
     @property
-    def ok(self) -> list[str]:
-        return [n for n, o in self.outcomes.items() if o.ok]
+    def ok(self) -> bool:
+        return self.results.ok
+
+    @property
+    def succeeded(self) -> list[str]:
+        return self.results.succeeded
 
     @property
     def failed(self) -> list[str]:
-        return [n for n, o in self.outcomes.items() if not o.ok]
+        return self.results.failed
 
 
 @dataclass
@@ -299,7 +304,7 @@ class Operations:
             watcher.stop()
         return self._finish(pending, outcomes)
 
-    def _finish(self, pending: PendingOperation, outcomes: dict[str, NodeOutcome]) -> OperationResult:
+    def _finish(self, pending: PendingOperation, outcomes: GroupResult) -> OperationResult:
         with self.api.database.session() as session:
             for node, outcome in outcomes.items():
                 records.record_node(
