@@ -35,7 +35,7 @@ from kasched.messages import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
 from kasched.stats import StatsFilter, StatsGroup
-from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
+from kasched.views import Decision, EnvironmentView, GrantView, NodeView, StepView
 
 
 @dataclass
@@ -378,7 +378,7 @@ class Kasched:
     def record_step(self, event: StepEvent) -> None:
         self.bus.deploy_step(event)
 
-    def stats(self, selection: StatsFilter) -> list[OperationView]:
+    def stats(self, selection: StatsFilter) -> list[StepView]:
         """Operations of the history: an ordinary user's own only, an admin's anyone's."""
         with self.database.session() as session:
             return stats.select_operations(session, stats.own(selection, self.caller))

@@ -34,7 +34,7 @@ from kasched.deploy.targets import targets
 from kasched.drivers.base import NodeTarget, PowerDriver, PowerState
 from kasched.errors import KaschedError
 from kasched.messages import StepEvent
-from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, utcnow
+from kasched.models import Node, NodeState, Operation, OperationNode, OperationState, utcnow
 
 CHECKED = (NodeState.REFERENCE, NodeState.DEPLOYED)  # recorded as running a system
 BMC_TIMEOUT = 5.0  # seconds each BMC has to answer
@@ -71,9 +71,9 @@ def idle_nodes(session: Session) -> dict[str, _Idle]:
 
 def _in_running_operations(session: Session) -> set[str]:
     running = (
-        select(DeploymentNode.node)
-        .join(Deployment, Deployment.id == DeploymentNode.deployment_id)
-        .where(Deployment.state == DeploymentState.RUNNING)
+        select(OperationNode.node)
+        .join(Operation, Operation.id == OperationNode.deployment_id)
+        .where(Operation.state == OperationState.RUNNING)
     )
     return set(session.scalars(running))
 

@@ -31,7 +31,7 @@ from kasched.drivers.reboot import RebootLevel
 from kasched.errors import ConfigError, ConflictError, InputError, PermissionDenied
 from kasched.imagestore import ImageStore
 from kasched.messages import StepEvent
-from kasched.models import NodeState, utcnow
+from kasched.models import NodeState, OperationKind, utcnow
 from kasched.partition_digest import BlockList, expected_blocks
 from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
@@ -69,7 +69,7 @@ class PendingOperation:
 
     operations: Operations
     deployment_id: str
-    kind: str
+    kind: OperationKind
     names: list[str]
     env: EnvironmentView | None
     context: steps.StepContext
@@ -131,7 +131,7 @@ class Operations:
         ImageStore(self.api.config).verify(env.image_location, env.sha256, env.postinstall, env.label)
         if stateless:
             return self._stateless(names, env)
-        return self._run("deploy", names, env, self._deploy_partition, user_key, plans.PLANS["deploy"])
+        return self._run(OperationKind.DEPLOY, names, env, self._deploy_partition, user_key, plans.PLANS["deploy"])
 
     def _stateless(self, names: list[str], env: EnvironmentView) -> PendingOperation:
         if env.image_kind != "raw" or env.compression != "gz":
@@ -142,7 +142,7 @@ class Operations:
             )
         files = self._publish_stateless(env, names)
         plan = plans.PLANS["deploy-stateless"]
-        return self._run("deploy", names, env, self._deploy_partition, None, plan, stateless_files=files)
+        return self._run(OperationKind.DEPLOY, names, env, self._deploy_partition, None, plan, stateless_files=files)
 
     def _publish_stateless(self, env: EnvironmentView, names: list[str]) -> tuple[str, str]:
         """Publish the image (kaschedd's copy) where the nodes' network boot finds it, for the caller's
@@ -165,7 +165,7 @@ class Operations:
             blocks = None
         plan = plans.PLANS["revert"]
         pending = self._run(
-            "revert", names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE
+            OperationKind.REVERT, names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE
         )
         pending.context.reference_blocks = blocks
         return pending
@@ -179,7 +179,7 @@ class Operations:
             names = self._allowed(nodes)
             env = None  # the deployment system is the site's, not an environment of the catalog
             return self._run(
-                "reboot",
+                OperationKind.REBOOT,
                 names,
                 env,
                 lambda n: n.deploy_partition,
@@ -198,7 +198,7 @@ class Operations:
             env = self.api.show_environment(to)
             partition, final = self._deploy_partition, NodeState.DEPLOYED
         plan = plans.from_level(plans.PLANS["reboot"], level)
-        return self._run("reboot", names, env, partition, None, plan, final=final)
+        return self._run(OperationKind.REBOOT, names, env, partition, None, plan, final=final)
 
     def power(self, nodes: str | Sequence[str], action: str) -> GroupResult:
         """Power ``on``, ``off`` or ``status`` through each node's BMC driver; one result per node."""
@@ -220,7 +220,7 @@ class Operations:
             results.add(result)
             self.api.record_step(
                 StepEvent(
-                    kind="power",
+                    kind=OperationKind.POWER,
                     node=name,
                     user=self.api.caller.user,
                     step=f"power_{action}",
@@ -257,7 +257,7 @@ class Operations:
 
     def _run(
         self,
-        kind: str,
+        kind: OperationKind,
         names: list[str],
         env: EnvironmentView | None,
         partition: Callable[[NodeTarget], int],
@@ -270,7 +270,7 @@ class Operations:
         """Everything that can be refused is checked here; then the nodes are taken and recorded."""
         views = [self.api.show_node(name) for name in names]
         context = self._make_context(views, env, partition, user_key, stateless_files)
-        busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
+        busy = NodeState.REVERTING if kind == OperationKind.REVERT else NodeState.DEPLOYING
         caller = self.api.caller
         with self.api.database.session() as session:  # the grant is checked again where the nodes are taken
             if self.releasing:

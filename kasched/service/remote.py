@@ -18,7 +18,7 @@ from kasched.identity import Caller
 from kasched.messages import JobEnd, JobInfo
 from kasched.service.client import ServiceClient, client_for
 from kasched.stats import StatsFilter, StatsGroup
-from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
+from kasched.views import Decision, EnvironmentView, GrantView, NodeView, StepView
 from kasched.yamlfile import read_text
 
 T = typing.TypeVar("T")
@@ -155,8 +155,8 @@ class RemoteKasched:
             "limit": selection.limit,
         }
 
-    def stats(self, selection: StatsFilter) -> list[OperationView]:
-        return [view(OperationView, op) for op in self.call("GET", "/v1/stats", self._stats_query(selection))]
+    def stats(self, selection: StatsFilter) -> list[StepView]:
+        return [view(StepView, op) for op in self.call("GET", "/v1/stats", self._stats_query(selection))]
 
     def stats_summary(self, selection: StatsFilter, by: str) -> list[StatsGroup]:
         groups = self.call("GET", "/v1/stats", {**self._stats_query(selection), "by": by})

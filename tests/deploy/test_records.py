@@ -1,4 +1,4 @@
-"""Deployment records: atomic node acquisition, final states, cancel requests, recovery after a crash."""
+"""Operation records: atomic node acquisition, final states, cancel requests, recovery after a crash."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kasched.api import Kasched
 from kasched.deploy import records
 from kasched.errors import ConflictError, NodesBeingGivenBack, NotFoundError, PermissionDenied
 from kasched.messages import JobEnd, JobInfo
-from kasched.models import Deployment, NodeState
+from kasched.models import NodeState, Operation
 
 
 def test_busy_nodes_are_refused_until_released(cluster: Kasched) -> None:
@@ -68,8 +68,8 @@ def test_a_dead_process_s_operation_is_recovered(cluster: Kasched) -> None:
             session, "deploy", "alice", None, ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
         )
         session.execute(
-            update(Deployment)
-            .where(Deployment.id == crashed)
+            update(Operation)
+            .where(Operation.id == crashed)
             .values(pid=dead.pid, instance=f"{'0' * 16}/{records.process_stamp(dead.pid)}")
         )
     with cluster.database.session() as session:
@@ -95,7 +95,7 @@ def test_a_dead_instance_is_recovered_though_its_pid_lives(cluster: Kasched, pid
             stamps = {dead: (pid, f"{'1' * 16}/0.0"), live: (sleeper.pid, f"{'2' * 16}/{alive_stamp}")}
             for deployment_id, (recorded_pid, instance) in stamps.items():
                 session.execute(
-                    update(Deployment).where(Deployment.id == deployment_id).values(pid=recorded_pid, instance=instance)
+                    update(Operation).where(Operation.id == deployment_id).values(pid=recorded_pid, instance=instance)
                 )
         with cluster.database.session() as session:
             assert records.recover_interrupted(session) == [dead]
