@@ -68,11 +68,6 @@ class PlannedStep:
 
 Plan = tuple[PlannedStep, ...]
 
-SETUP_BY_BMC = PlannedVariant(
-    "pxe", "steps.setup_deploy_system", "boot profile \"deployment system\"; reboot by the BMC (hard, then "
-    "power off and on)", 60, 0.5, reboots=2, levels=(HARD, VERY_HARD),
-)  # fmt: skip
-
 PLANS: dict[str, Plan] = {
     "deploy": (
         PlannedStep("setup", (
@@ -80,7 +75,8 @@ PLANS: dict[str, Plan] = {
                            "environment, with the tools the broadcast needs, is used as it is: no reboot", 60, 0.1),
             PlannedVariant("kexec", "kexec.setup_deploy_system_kexec", "kexec into the deployment system from the "
                            "running trusted system (no firmware, no BMC)", 120, 0.5, reboots=1),
-            SETUP_BY_BMC,
+            PlannedVariant("pxe", "steps.setup_deploy_system", "boot profile \"deployment system\"; reboot by "
+                           "the BMC (hard, then power off and on)", 60, 0.5, reboots=2, levels=(HARD, VERY_HARD)),
         )),
         PlannedStep("broadcast", (
             PlannedVariant("chain", "steps.broadcast_chain", "the image through a TCP chain of the nodes, each "
