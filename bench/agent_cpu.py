@@ -6,7 +6,7 @@
 Real agents (``python3 -I -S``, as shipped to the nodes) listen on 127.0.0.x; the server sends the
 image through them at ``--rate-mbit`` in frames of each ``--batches`` KiB, so that every node wakes up
 once per frame, as the pacer makes it do on a link of that speed (16 KiB is the floor a node waits
-for at 10-20 Mbit/s, see docs/engine-transports.md). Each node writes the stream to a file under a
+for at 10-20 Mbit/s, see docs/transports.md). Each node writes the stream to a file under a
 temporary directory. The CPU counted is the agents' own (user + system, from /proc) between "ready"
 and their report, so the interpreter's start is left out; on loopback the kernel's TCP receive path
 runs in the sender's system time, so the figure includes both ends of each hop. Batch sizes
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from labkit import ratio_line
 
-from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import AGENT_FLAGS, agent_program, new_key
+from kasched.transports.chain import BroadcastOptions, ChainNode, broadcast
+from kasched.transports.chain_ssh import AGENT_FLAGS, agent_program, new_key
 
 
 class FramedReader:

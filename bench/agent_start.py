@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from labkit import ratio_line
 
-from kasched.engine.chain_ssh import AGENT_FLAGS, agent_program, new_key
+from kasched.transports.chain_ssh import AGENT_FLAGS, agent_program, new_key
 
 SYSTEM_PYTHON = shutil.which("python3", path=os.defpath) or "python3"
 ARGS = ["-", "--listen", "127.0.0.1:0", "--name", "bench", "--accept-timeout", "0.001"]

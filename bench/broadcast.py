@@ -25,11 +25,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "engine"))
+sys.path.insert(0, str(REPO / "tests" / "transports"))
 
 from chain_agents import AgentGroup  # noqa: E402
 
-from kasched.engine.chain import BroadcastOptions, broadcast  # noqa: E402
+from kasched.transports.chain import BroadcastOptions, broadcast  # noqa: E402
 
 FETCH = """
 import hashlib, sys, urllib.request

@@ -48,12 +48,12 @@ import labkit
 from labkit import LabRun, ratio_line
 
 from kasched.deploy.nodes import NodeShell
-from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import broadcast_over_ssh, start_agents
-from kasched.engine.ssh_session import SshAuth
 from kasched.lab.network import shape_node_links
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
+from kasched.transports.chain import BroadcastOptions, ChainNode, broadcast
+from kasched.transports.chain_ssh import broadcast_over_ssh, start_agents
+from kasched.transports.ssh_session import SshAuth
 
 LAB = "kbcast"
 METHODS = ("chain", "chain-paced", "chain-overlap", "http", "taktuk-chain", "taktuk-tree", "udpcast")

@@ -39,9 +39,9 @@ import labkit
 from broadcast_lab import Bench
 from labkit import ratio_line
 
-from kasched.engine.chain import BroadcastOptions
 from kasched.lab.system import inside_netns, netns_pids
 from kasched.lab.topology import LabPlan
+from kasched.transports.chain import BroadcastOptions
 
 LAB = "kfault"
 

@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 from kasched.api import Kasched  # noqa: E402
 from kasched.config import Config  # noqa: E402
 from kasched.identity import Caller  # noqa: E402
-from kasched.jobs import JobEnd, JobInfo  # noqa: E402
+from kasched.messages import JobEnd, JobInfo  # noqa: E402
 from kasched.models import Cluster, Node  # noqa: E402
 
 SIZES = (1_000, 10_000)
@@ -61,13 +61,13 @@ def measure(api: Kasched, names: list[str], size: int, runs: int) -> dict[str, l
         job_id = f"{size}-{run}-{uuid.uuid4().hex[:6]}"
         job = JobInfo("slurm", "bench", job_id, "alice", tuple(names[:size]), walltime=3600)
         start = time.perf_counter()
-        api.job_started(job)
+        api.record_job_start(job)
         times["grant"].append(time.perf_counter() - start)
         start = time.perf_counter()
         assert api.check(names[:size], user="alice").allowed
         times["check"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        api.job_ended(JobEnd("slurm", "bench", job_id))
+        api.record_job_end(JobEnd("slurm", "bench", job_id))
         times["revoke"].append(time.perf_counter() - start)
     return times
 

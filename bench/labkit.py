@@ -32,11 +32,11 @@ sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 import yaml  # noqa: E402
 
 from kasched.drivers.base import BootTarget  # noqa: E402
-from kasched.engine import tree  # noqa: E402
 from kasched.lab import rootfs  # noqa: E402
 from kasched.lab.lab import Lab  # noqa: E402
 from kasched.lab.system import inside_netns, netns_pids  # noqa: E402
 from kasched.lab.topology import LabPlan  # noqa: E402
+from kasched.transports import tree  # noqa: E402
 
 KASCHED = [sys.executable, "-m", "kasched"]
 EXTRA_PACKAGES = ("perl-base", "taktuk", "udpcast", "openssh-client")

@@ -7,7 +7,7 @@ Builds a lab (``kprep``) of the largest ``--nodes`` count, boots the nodes into 
 then for each node count and round, the two ways in turn (so that the machine's load weighs on both):
 
 * ``separate``: the deployment's preparation (``umount; mkfs.ext4 -F`` the deploy partition
-  ``/dev/sda3``; ``mount`` it) through the engine's tree exec (``NodeShell.run_each``, window 32),
+  ``/dev/sda3``; ``mount`` it) through the transports' tree exec (``NodeShell.run_each``, window 32),
   then ``start_agents`` (window 32);
 * ``together``: ``start_agents(prepare=...)``, the same command in the agent's session.
 
@@ -32,11 +32,11 @@ import labkit
 from labkit import ratio_line
 
 from kasched.deploy.nodes import NodeShell, checked
-from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import AgentLaunch, start_agents
-from kasched.engine.ssh_session import SshAuth
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
+from kasched.transports.chain import BroadcastOptions, ChainNode, broadcast
+from kasched.transports.chain_ssh import AgentLaunch, start_agents
+from kasched.transports.ssh_session import SshAuth
 
 LAB = "kprep"
 PREPARE = "umount /mnt/kasched 2>/dev/null; mkfs.ext4 -q -F -L kasched /dev/sda3 && mkdir -p /mnt/kasched && " \

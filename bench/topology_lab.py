@@ -31,10 +31,10 @@ import labkit
 from broadcast_lab import Bench, warm_up
 from labkit import ratio_line
 
-from kasched.engine.chain import BroadcastOptions, natural_key
 from kasched.lab.network import shape_node_links, shape_uplinks
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
+from kasched.transports.chain import BroadcastOptions, natural_key
 
 LAB = "ktopo"
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "engine"))
+sys.path.insert(0, str(REPO / "tests" / "transports"))
 
 from sshd_nodes import RELAY_COMMAND, SshdCluster  # noqa: E402
 
-from kasched.engine import tree  # noqa: E402
+from kasched.transports import tree  # noqa: E402
 
 
 def time_run(cluster: SshdCluster, nodes: list[str], fanout: int, window: int) -> tuple[float, int]:

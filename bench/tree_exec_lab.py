@@ -8,7 +8,7 @@ Builds a lab (``ktree``) of max(N) nodes (up to 64 per switch), boots them into 
 (``labkit``). For each N, from the lab host (the lab namespace):
 
 * ``kasched direct``: ``tree.run(fanout=0, window=64)``, one paramiko connection per node;
-* ``kasched tree``: ``tree.run(fanout=--fanout)``, relays on the nodes (``python3 -m kasched.engine.relay``);
+* ``kasched tree``: ``tree.run(fanout=--fanout)``, relays on the nodes (``python3 -m kasched.transports.relay``);
 * ``clush``: ``clush -f 64`` (its default fan-out), OpenSSH from the host to every node;
 * ``taktuk``: ``taktuk -s`` (self-propagating, its default adaptive tree, window 10), OpenSSH.
 
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import labkit
 from labkit import LabRun, ratio_line
 
-from kasched.engine import tree
 from kasched.lab.system import inside_netns
 from kasched.lab.topology import LabPlan
+from kasched.transports import tree
 
 LAB = "ktree"
 CLUSH = str(Path(sys.executable).parent / "clush")

@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
-from kasched.engine.partition_node import Verify  # noqa: E402
 from kasched.partition_digest import BLOCK, HASH, BlockList  # noqa: E402
 from kasched.partition_verify import node_command  # noqa: E402
+from kasched.transports.partition_node import Verify  # noqa: E402
 
 MIB = 1 << 20
 HASHED = 256 * MIB  # the in-memory hash cycles through this much data

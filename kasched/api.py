@@ -31,11 +31,11 @@ from kasched.environments import EnvironmentReference
 from kasched.errors import ConflictError, InputError, NotFoundError, PermissionDenied
 from kasched.identity import Caller
 from kasched.imagestore import ImageStore
-from kasched.jobs import JobEnd, JobInfo, StepEvent
+from kasched.messages import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
 from kasched.stats import StatsFilter, StatsGroup
-from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
+from kasched.views import Decision, EnvironmentView, GrantView, NodeView, StepView
 
 
 @dataclass
@@ -329,7 +329,7 @@ class Kasched:
             nodes=tuple(self.node_names(nodes)),
             walltime=hours * 3600,
         )
-        return self.job_started(job)
+        return self.record_job_start(job)
 
     def revoke(self, grant_id: int, reason: str = "revoked by an admin") -> GrantView:
         self._require_admin("revoke grants by hand")
@@ -359,14 +359,14 @@ class Kasched:
 
     # --- Jobs (called by the scheduler hooks) --------------------------------------------------------------
 
-    def job_started(self, job: JobInfo) -> GrantView:
+    def record_job_start(self, job: JobInfo) -> GrantView:
         self._require_admin("record a job start")
         created = self.bus.job_started(job)
         if not created:
             raise NotFoundError("no plugin created a grant (is the grant-keeper plugin disabled?)")
         return created[0]
 
-    def job_ended(self, end: JobEnd) -> GrantView:
+    def record_job_end(self, end: JobEnd) -> GrantView:
         self._require_admin("record a job end")
         revoked = self.bus.job_ended(end)
         if not revoked:
@@ -378,7 +378,7 @@ class Kasched:
     def record_step(self, event: StepEvent) -> None:
         self.bus.deploy_step(event)
 
-    def stats(self, selection: StatsFilter) -> list[OperationView]:
+    def stats(self, selection: StatsFilter) -> list[StepView]:
         """Operations of the history: an ordinary user's own only, an admin's anyone's."""
         with self.database.session() as session:
             return stats.select_operations(session, stats.own(selection, self.caller))

@@ -6,7 +6,7 @@ files: a small gzip'd cpio archive, ``bootkeys/<mac>/<random>.cpio.gz`` under th
 the node's boot profile loads as one more initrd (iPXE ``initrd``; the kernel unpacks every initrd
 into the same initramfs). It holds ``kasched-boot/ssh_host_ed25519_key``; the system's early boot
 moves it to ``/run/kasched/boot/`` (a tmpfs: gone at the next boot) and its sshd presents it. kaschedd
-then connects to that node with this one key pinned (:mod:`kasched.engine.ssh_session`, strict): a
+then connects to that node with this one key pinned (:mod:`kasched.transports.ssh_session`, strict): a
 machine that took the node's address, or a system that stayed up instead of rebooting, cannot present
 it, and fails with ``host key mismatch``. As soon as the boot is checked (or failed), the file is
 removed and the profile rewritten without it, so a later boot, or a user on the node afterwards,

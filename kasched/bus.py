@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from kasched.config import Config
-    from kasched.drivers.base import BootDriver, ConsoleDriver, PowerDriver
-    from kasched.jobs import JobEnd, JobInfo, Notification, StepEvent
+    from kasched.drivers.base import BootDriver, PowerDriver
+    from kasched.messages import JobEnd, JobInfo, Notification, StepEvent
     from kasched.views import GrantView
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,6 @@ class Bus:
 
     def boot_drivers(self) -> dict[str, Callable[[Config], BootDriver]]:
         return _merge(self.manager.hook.kasched_boot_drivers())
-
-    def console_drivers(self) -> dict[str, Callable[[Config], ConsoleDriver]]:
-        return _merge(self.manager.hook.kasched_console_drivers())
-
-    def broadcast_methods(self) -> dict[str, Any]:
-        return _merge(self.manager.hook.kasched_broadcast_methods())
-
-    def exec_methods(self) -> dict[str, Any]:
-        return _merge(self.manager.hook.kasched_exec_methods())
 
     # Job phases
     def job_started(self, job: JobInfo) -> list[GrantView]:

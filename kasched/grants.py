@@ -15,8 +15,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from kasched.errors import ConflictError, InputError, NotFoundError
-from kasched.jobs import JobEnd, JobInfo
-from kasched.models import Deployment, DeploymentState, Grant, GrantNode, Node, utcnow
+from kasched.messages import JobEnd, JobInfo
+from kasched.models import Grant, GrantNode, Node, Operation, OperationState, utcnow
 from kasched.nodeset import fold
 from kasched.views import Decision, GrantView
 
@@ -111,9 +111,9 @@ def cancel_operations(session: Session, grant_id: int) -> list[str]:
     """Ask every running operation started under grant ``grant_id`` to stop; their ids. Operations of
     the same user on the same nodes under another grant (the user's next job) are left alone."""
     running = session.scalars(
-        select(Deployment)
-        .where(Deployment.grant_id == grant_id, Deployment.state == DeploymentState.RUNNING)
-        .order_by(Deployment.id)
+        select(Operation)
+        .where(Operation.grant_id == grant_id, Operation.state == OperationState.RUNNING)
+        .order_by(Operation.id)
         .with_for_update()
     ).all()
     for deployment in running:

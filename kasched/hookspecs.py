@@ -15,8 +15,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from kasched.config import Config
-    from kasched.drivers.base import BootDriver, ConsoleDriver, PowerDriver
-    from kasched.jobs import JobEnd, JobInfo, Notification, StepEvent
+    from kasched.drivers.base import BootDriver, PowerDriver
+    from kasched.messages import JobEnd, JobInfo, Notification, StepEvent
     from kasched.views import GrantView
 
 PROJECT = "kasched"
@@ -52,33 +52,6 @@ def kasched_boot_drivers() -> dict[str, Callable[[Config], BootDriver]]:
 
     Return a mapping of driver name (``pxe``...) to a factory that builds the
     :class:`~kasched.drivers.base.BootDriver` from the site configuration.
-    """
-
-
-@hookspec
-def kasched_console_drivers() -> dict[str, Callable[[Config], ConsoleDriver]]:
-    """Called once when console drivers are looked up.
-
-    Return a mapping of driver name to a factory that builds the
-    :class:`~kasched.drivers.base.ConsoleDriver` from the site configuration.
-    """
-
-
-@hookspec
-def kasched_broadcast_methods() -> dict[str, Any]:
-    """Called once when image broadcast methods are looked up.
-
-    Return a mapping of method name (``chain``, ``tree``, ``unicast``) to a callable that sends an
-    image to a list of nodes and returns a :class:`~kasched.results.GroupResult`.
-    """
-
-
-@hookspec
-def kasched_exec_methods() -> dict[str, Any]:
-    """Called once when remote execution methods are looked up.
-
-    Return a mapping of method name (``tree``, ``direct``) to a callable that runs a command on a
-    list of nodes and returns a :class:`~kasched.results.GroupResult`.
     """
 
 

@@ -184,8 +184,10 @@ class GrantNode(Base):
     node: Mapped[Node] = relationship()
 
 
-class Operation(Base):
-    """One step of a deployment, reboot or power operation on one node: the history behind ``stats``."""
+class StepRecord(Base):
+    """One step (one attempt of one variant) of an operation on one node: the history behind ``stats``.
+    Its table keeps its first name, ``operations`` (renaming a table needs a migration on every site's
+    database for no change in what it holds)."""
 
     __tablename__ = "operations"
     __table_args__ = (Index("ix_operations_node_started", "node", "started_at"),)
@@ -206,7 +208,16 @@ class Operation(Base):
     final: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
-class DeploymentState(enum.StrEnum):
+class OperationKind(enum.StrEnum):
+    """What an operation does to its nodes."""
+
+    DEPLOY = "deploy"
+    REVERT = "revert"
+    REBOOT = "reboot"
+    POWER = "power"
+
+
+class OperationState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"  # every node succeeded
     PARTIAL = "partial"  # some nodes failed
@@ -215,18 +226,19 @@ class DeploymentState(enum.StrEnum):
     INTERRUPTED = "interrupted"  # the process running it died; its nodes were put in a known state
 
 
-class Deployment(Base):
-    """One deploy, revert or reboot operation on a set of nodes, and its outcome per node."""
+class Operation(Base):
+    """One operation (deploy, revert or reboot) on a set of nodes, and its outcome per node. Its tables
+    keep their first names, ``deployments`` and ``deployment_nodes`` (no migration for a rename)."""
 
     __tablename__ = "deployments"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # an OperationKind value
     user: Mapped[str] = mapped_column(String(64), index=True)
     environment: Mapped[str | None] = mapped_column(String(200))
-    state: Mapped[DeploymentState] = mapped_column(
-        Enum(DeploymentState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=DeploymentState.RUNNING,
+    state: Mapped[OperationState] = mapped_column(
+        Enum(OperationState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=OperationState.RUNNING,
     )
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     host: Mapped[str] = mapped_column(String(255), default="")
@@ -244,10 +256,10 @@ class Deployment(Base):
     gives_back: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    nodes: Mapped[list[DeploymentNode]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    nodes: Mapped[list[OperationNode]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
 
 
-class DeploymentNode(Base):
+class OperationNode(Base):
     __tablename__ = "deployment_nodes"
 
     deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)

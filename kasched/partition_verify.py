@@ -1,7 +1,7 @@
 """Checking the reference partition of nodes against its block list, and rewriting only the blocks
 that differ, from the deployment system kaschedd booted.
 
-Each node runs :mod:`kasched.engine.partition_node` (shipped on the command line, standard library
+Each node runs :mod:`kasched.transports.partition_node` (shipped on the command line, standard library
 only): ``verify`` prints the hash of each block of the partition as read from its disk, and kaschedd
 compares them here with the list computed from its own copy of the image
 (:func:`kasched.partition_digest.expected_blocks`): the node's own verdict is never asked for.
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kasched.deploy.nodes import NodeShell, checked, stdout_of
-from kasched.engine import partition_node
 from kasched.errors import IntegrityError, KaschedError
 from kasched.partition_digest import BlockList, ImageCopy, raw_stream, read_blocks
 from kasched.results import GroupResult, NodeResult
+from kasched.transports import partition_node
 
 NODE_SOURCE = Path(partition_node.__file__).read_text()
 HEX = re.compile(r"^[0-9a-f]{64}$")

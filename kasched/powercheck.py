@@ -33,8 +33,8 @@ from kasched.deploy.operations import Operations
 from kasched.deploy.targets import targets
 from kasched.drivers.base import NodeTarget, PowerDriver, PowerState
 from kasched.errors import KaschedError
-from kasched.jobs import StepEvent
-from kasched.models import Deployment, DeploymentNode, DeploymentState, Node, NodeState, utcnow
+from kasched.messages import StepEvent
+from kasched.models import Node, NodeState, Operation, OperationNode, OperationState, utcnow
 
 CHECKED = (NodeState.REFERENCE, NodeState.DEPLOYED)  # recorded as running a system
 BMC_TIMEOUT = 5.0  # seconds each BMC has to answer
@@ -71,9 +71,9 @@ def idle_nodes(session: Session) -> dict[str, _Idle]:
 
 def _in_running_operations(session: Session) -> set[str]:
     running = (
-        select(DeploymentNode.node)
-        .join(Deployment, Deployment.id == DeploymentNode.deployment_id)
-        .where(Deployment.state == DeploymentState.RUNNING)
+        select(OperationNode.node)
+        .join(Operation, Operation.id == OperationNode.deployment_id)
+        .where(Operation.state == OperationState.RUNNING)
     )
     return set(session.scalars(running))
 
@@ -164,6 +164,8 @@ def _mark(api: Kasched, seen: dict[str, _Idle], why: dict[str, str]) -> set[str]
                 node=name,
                 user=api.caller.user,
                 step="power_check",
+                variant="",
+                attempt=1,
                 started_at=utcnow(),
                 duration=0.0,
                 ok=False,

@@ -35,7 +35,7 @@ from kasched import powercheck
 from kasched.api import Kasched
 from kasched.deploy import reclaim
 from kasched.errors import KaschedError, PermissionDenied
-from kasched.jobs import JobEnd
+from kasched.messages import JobEnd
 from kasched.models import utcnow
 from kasched.schedulers import Check
 from kasched.views import GrantView
@@ -143,5 +143,5 @@ def reach(api: Kasched) -> list[Check]:
 
 def _revoke(api: Kasched, report: ReconcileReport, grant: GrantView, why: str, dry_run: bool) -> None:
     if not dry_run:
-        api.job_ended(JobEnd(scheduler=grant.scheduler, cluster=grant.cluster, job_id=grant.job_id, reason=why))
+        api.record_job_end(JobEnd(scheduler=grant.scheduler, cluster=grant.cluster, job_id=grant.job_id, reason=why))
     report.revoked.append((grant, why))

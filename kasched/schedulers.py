@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kasched.errors import KaschedError
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 
 HOLD_MARK = "kasched:"  # how every reason or comment kasched writes on a scheduler's node starts
 
@@ -35,11 +35,11 @@ class SchedulerAdapter(ABC):
         """Whether the current process is a hook (prolog/epilog) run by this scheduler."""
 
     @abstractmethod
-    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+    def read_job_start(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
         """The job whose start the hook reports; a KaschedError if it cannot be read."""
 
     @abstractmethod
-    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+    def read_job_end(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         """The job whose end the hook reports."""
 
     def is_deploy_job(self, job: JobInfo) -> bool:

@@ -13,19 +13,19 @@ from sqlalchemy.orm import Session
 
 from kasched.errors import InputError, PermissionDenied
 from kasched.identity import Caller
-from kasched.jobs import StepEvent
-from kasched.models import Operation, utcnow
-from kasched.views import OperationView
+from kasched.messages import StepEvent
+from kasched.models import StepRecord, utcnow
+from kasched.views import StepView
 
 SelectT = TypeVar("SelectT", bound=Select[Any])
 RELATIVE_RE = re.compile(r"^(\d+)([smhdw])$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 GROUPS = {
-    "node": Operation.node,
-    "step": Operation.step,
-    "user": Operation.user,
-    "environment": Operation.environment,
-    "kind": Operation.kind,
+    "node": StepRecord.node,
+    "step": StepRecord.step,
+    "user": StepRecord.user,
+    "environment": StepRecord.environment,
+    "kind": StepRecord.kind,
 }
 
 
@@ -66,13 +66,13 @@ def own(selection: StatsFilter, caller: Caller) -> StatsFilter:
 
 def record(session: Session, event: StepEvent) -> None:
     session.add(
-        Operation(
+        StepRecord(
             kind=event.kind,
             node=event.node,
             user=event.user,
             environment=event.environment,
             deployment_id=event.deployment_id,
-            step=event.step,
+            step=event.label,
             started_at=event.started_at,
             duration=event.duration,
             ok=event.ok,
@@ -82,9 +82,9 @@ def record(session: Session, event: StepEvent) -> None:
     )
 
 
-def select_operations(session: Session, selection: StatsFilter) -> list[OperationView]:
-    query = _filtered(select(Operation), selection).order_by(Operation.started_at.desc(), Operation.id.desc())
-    return [OperationView.of(op) for op in session.scalars(query.limit(selection.limit))]
+def select_operations(session: Session, selection: StatsFilter) -> list[StepView]:
+    query = _filtered(select(StepRecord), selection).order_by(StepRecord.started_at.desc(), StepRecord.id.desc())
+    return [StepView.of(op) for op in session.scalars(query.limit(selection.limit))]
 
 
 def summarise(session: Session, selection: StatsFilter, by: str) -> list[StatsGroup]:
@@ -97,8 +97,8 @@ def summarise(session: Session, selection: StatsFilter, by: str) -> list[StatsGr
                 column,
                 func.count(),
                 func.sum(_failed_as_int()),
-                func.avg(Operation.duration),
-                func.max(Operation.duration),
+                func.avg(StepRecord.duration),
+                func.max(StepRecord.duration),
             ),
             selection,
         )
@@ -112,24 +112,24 @@ def summarise(session: Session, selection: StatsFilter, by: str) -> list[StatsGr
 
 
 def _failed_as_int() -> Case[int]:
-    return case((Operation.ok.is_(False), 1), else_=0)
+    return case((StepRecord.ok.is_(False), 1), else_=0)
 
 
 def _filtered(query: SelectT, selection: StatsFilter) -> SelectT:
     if selection.user:
-        query = query.where(Operation.user == selection.user)
+        query = query.where(StepRecord.user == selection.user)
     if selection.nodes:
-        query = query.where(Operation.node.in_(selection.nodes))
+        query = query.where(StepRecord.node.in_(selection.nodes))
     if selection.environment:
-        query = query.where(Operation.environment.like(f"{selection.environment}%"))
+        query = query.where(StepRecord.environment.like(f"{selection.environment}%"))
     if selection.kind:
-        query = query.where(Operation.kind == selection.kind)
+        query = query.where(StepRecord.kind == selection.kind)
     if selection.failed_only:
-        query = query.where(Operation.ok.is_(False))
+        query = query.where(StepRecord.ok.is_(False))
     if selection.since:
-        query = query.where(Operation.started_at >= selection.since)
+        query = query.where(StepRecord.started_at >= selection.since)
     if selection.until:
-        query = query.where(Operation.started_at < selection.until)
+        query = query.where(StepRecord.started_at < selection.until)
     return query
 
 

@@ -140,7 +140,7 @@ class GrantView:
 
 
 @dataclass(frozen=True)
-class OperationView:
+class StepView:
     kind: str
     node: str
     user: str
@@ -153,7 +153,7 @@ class OperationView:
     error: str | None
 
     @classmethod
-    def of(cls, op: models.Operation) -> OperationView:
+    def of(cls, op: models.StepRecord) -> StepView:
         return cls(
             kind=op.kind,
             node=op.node,

@@ -20,7 +20,7 @@ import sys
 from kasched.api import Kasched
 from kasched.config import Config
 from kasched.identity import Caller
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from pathlib import Path
 
 state, worker = Path(sys.argv[1]), int(sys.argv[2])
@@ -28,9 +28,9 @@ api = Kasched.open(Config(site="t", state_dir=state), Caller("root", True), load
 node = f"node-{worker % 8 + 1}"
 for round_ in range(4):
     job = f"{worker}-{round_}"
-    api.job_started(JobInfo("slurm", "c", job, f"user{worker}", (node,), walltime=600))
+    api.record_job_start(JobInfo("slurm", "c", job, f"user{worker}", (node,), walltime=600))
     if round_ % 2 == 0:
-        api.job_ended(JobEnd("slurm", "c", job, reason="done"))
+        api.record_job_end(JobEnd("slurm", "c", job, reason="done"))
 api.close()
 print("ok")
 """

@@ -14,7 +14,7 @@ from kasched.api import Kasched
 from kasched.deploy import records
 from kasched.deploy.release import release
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.models import NodeState
 from kasched.schedulers import SchedulerAdapter
 
@@ -29,10 +29,10 @@ class Recording(SchedulerAdapter):
     def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
         return False
 
-    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+    def read_job_start(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
         raise NotImplementedError
 
-    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+    def read_job_end(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         raise NotImplementedError
 
     def release(self, job_id: str | None, back: Sequence[str], failed: Mapping[str, str]) -> list[str]:
@@ -72,9 +72,9 @@ def test_only_the_grants_scheduler_is_told_and_a_broken_one_is_a_line(cluster: K
 def test_a_job_end_with_nothing_to_revert_releases_at_once(cluster: Kasched) -> None:
     slurm = Recording("slurm")
     cluster.bus.register(Adapters(slurm), "adapters")
-    cluster.job_started(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2")))
+    cluster.record_job_start(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2")))
     cluster.set_node_state("node-[1-2]", "down")
-    cluster.job_ended(JobEnd("slurm", "c", "7", "job ended"))
+    cluster.record_job_end(JobEnd("slurm", "c", "7", "job ended"))
     assert slurm.released == [("7", [], dict.fromkeys(["node-1", "node-2"], "kasched: set down in kasched"))]
 
 
@@ -82,8 +82,8 @@ def test_a_site_that_does_not_revert_releases_every_node_at_once(cluster: Kasche
     api = Kasched.open(replace(cluster.config, revert_at_job_end=False), cluster.caller, load_entry_points=False)
     slurm = Recording("slurm")
     api.bus.register(Adapters(slurm), "adapters")
-    api.job_started(JobInfo("slurm", "c", "8", "alice", ("node-3",)))
-    api.job_ended(JobEnd("slurm", "c", "8", "job ended"))
+    api.record_job_start(JobInfo("slurm", "c", "8", "alice", ("node-3",)))
+    api.record_job_end(JobEnd("slurm", "c", "8", "job ended"))
     assert slurm.released == [("8", ["node-3"], {})]
     api.close()
 
@@ -93,12 +93,12 @@ def test_an_epilog_after_reconcile_revoked_its_grant_releases_what_is_settled(cl
     again: its ``job end`` releases those not busy, as they are, since no revert of it will."""
     slurm = Recording("slurm")
     cluster.bus.register(Adapters(slurm), "adapters")
-    cluster.job_started(JobInfo("slurm", "c", "9", "alice", ("node-1", "node-2", "node-3")))
+    cluster.record_job_start(JobInfo("slurm", "c", "9", "alice", ("node-1", "node-2", "node-3")))
     cluster.set_node_state("node-[1-3]", "down")  # nothing to revert: this first end releases at once
-    cluster.job_ended(JobEnd("slurm", "c", "9", "reconcile: slurm no longer runs job 9"))
+    cluster.record_job_end(JobEnd("slurm", "c", "9", "reconcile: slurm no longer runs job 9"))
     cluster.set_node_state("node-1", "reference")
     cluster.set_node_state("node-2", "deploy_failed")
     with cluster.database.session() as session:
         records.start(session, "revert", "root", None, ["node-3"], NodeState.REVERTING, is_admin=True)
-    cluster.job_ended(JobEnd("slurm", "c", "9", "job ended (exit 0)"))  # the late epilog
+    cluster.record_job_end(JobEnd("slurm", "c", "9", "job ended (exit 0)"))  # the late epilog
     assert slurm.released[-1] == ("9", ["node-1"], {"node-2": "kasched: deploy_failed after job 9: not given back"})

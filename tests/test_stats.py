@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
 
 from kasched.api import Kasched
 from kasched.errors import InputError
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 from kasched.stats import StatsFilter, parse_time
 
@@ -28,6 +29,8 @@ def event(
         node=node,
         user=user,
         step=step,
+        variant="",
+        attempt=1,
         started_at=utcnow() - timedelta(hours=ago_hours),
         duration=duration,
         ok=ok,
@@ -67,6 +70,14 @@ def test_summary_per_step_and_node(history: Kasched) -> None:
     assert by_node["node-1"].count == 3 and by_node["node-1"].max_duration == pytest.approx(20)
     with pytest.raises(InputError, match="'colour' is not one of"):
         history.stats_summary(StatsFilter(), "colour")
+
+
+def test_a_step_is_recorded_with_the_variant_it_was_tried_with(admin: Kasched) -> None:
+    tried = replace(event("node-1", "setup", ok=False), variant="kexec", final=False)
+    admin.record_step(tried)
+    admin.record_step(replace(event("node-1", "setup"), variant="pxe", attempt=2))
+    recorded = admin.stats(StatsFilter(nodes=("node-1",)))
+    assert sorted((op.step, op.ok) for op in recorded) == [("setup/kexec", False), ("setup/pxe", True)]
 
 
 def test_time_parsing() -> None:

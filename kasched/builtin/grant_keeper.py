@@ -12,7 +12,7 @@ from kasched.deploy import reclaim
 from kasched.deploy.release import release
 from kasched.errors import DatabaseError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.views import GrantView
 
 ATTEMPTS = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kasched import stats
 from kasched.db import Database
 from kasched.hookspecs import hookimpl
-from kasched.jobs import StepEvent
+from kasched.messages import StepEvent
 
 
 class History:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from kasched.hookspecs import hookimpl
-from kasched.jobs import Notification
+from kasched.messages import Notification
 from kasched.nodeset import fold
 from kasched.views import GrantView
 

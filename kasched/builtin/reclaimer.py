@@ -18,7 +18,7 @@ from kasched.deploy import reclaim
 from kasched.deploy.release import release
 from kasched.errors import KaschedError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import Notification
+from kasched.messages import Notification
 from kasched.nodeset import fold
 from kasched.schedulers import HOLD_MARK
 from kasched.views import GrantView

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
-from kasched.deploy.workflow import StepReport, TransferReport
+from kasched.deploy.workflow import TransferReport
 from kasched.errors import DatabaseError, InputError, KaschedError, NodesBeingGivenBack
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 from kasched.nodeset import expand, fold
 
@@ -190,25 +191,25 @@ def _run(args: argparse.Namespace, context: Context, operation: Any, count: int)
             result = when_given_back(lambda: operation(ops), context.config.revert_wait, view, cancel)
         finally:
             view.close()
-    _write_node_files(args, result.ok, result.failed)
+    _write_node_files(args, result.succeeded, result.failed)
     if args.json:
         print_json(
             {
                 "id": result.deployment_id,
                 "state": result.state,
-                "nodes": {n: vars(o) for n, o in result.outcomes.items()},
+                "nodes": {n: o.as_dict() for n, o in result.results.items()},
             }
         )
     else:
         print(
-            f"{result.kind} {result.deployment_id}: {result.state}; ok {fold(result.ok) if result.ok else '-'}"
+            f"{result.kind} {result.deployment_id}: {result.state}; ok {fold(result.succeeded) or '-'}"
             f"; failed {fold(result.failed) if result.failed else '-'}"
         )
         print_table(
             ["node", "result", "step", "variant", "seconds", "error"],
             [
                 (n, "ok" if o.ok else "failed", o.step, _variant(o), f"{o.duration:.1f}", o.error or "")
-                for n, o in result.outcomes.items()
+                for n, o in result.results.items()
             ],
         )
     return 0 if not result.failed else 1
@@ -361,7 +362,7 @@ def _show_poll(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
         final = entry.get("final") is not False
         seen.steps.add(step)
         duration, ok, error = entry["duration"], entry["ok"], entry["error"]
-        view(StepReport(entry["node"], step, variant, 0, utcnow(), duration, ok, error, final))
+        view(StepEvent(entry["node"], step, variant, 0, utcnow(), duration, ok, error, final))
     seen.history = len(history)
     if not history:
         _show_nodes(shown, view, seen)
@@ -376,7 +377,7 @@ def _show_nodes(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
         seen.nodes[node] = state
         seen.steps.add(detail["step"])
         ok = detail["error"] is None if detail["ok"] is None else bool(detail["ok"])
-        view(StepReport(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
+        view(StepEvent(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
 
 
 def _show_transfer(transfer: dict[str, Any] | None, view: ProgressView, seen: _Seen) -> None:

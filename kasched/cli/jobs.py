@@ -57,11 +57,11 @@ def _hook_output() -> None:
 def job_start(args: argparse.Namespace, context: Context) -> int:
     _hook_output()
     adapter = _adapter(args, context)
-    job = adapter.job_started(os.environ, args.hook_args)
+    job = adapter.read_job_start(os.environ, args.hook_args)
     if not adapter.is_deploy_job(job):
         print(f"{adapter.name} job {job.job_id} is not a deploy job: no grant")
         return 0
-    grant = context.api.job_started(job)
+    grant = context.api.record_job_start(job)
     print(
         f"grant {grant.id}: {grant.user} may deploy {fold(grant.nodes)} for {adapter.name} job {job.job_id} "
         f"until {grant.expires_at:%Y-%m-%d %H:%M:%S}Z"
@@ -72,8 +72,8 @@ def job_start(args: argparse.Namespace, context: Context) -> int:
 def job_end(args: argparse.Namespace, context: Context) -> int:
     _hook_output()
     adapter = _adapter(args, context)
-    end = adapter.job_ended(os.environ, args.hook_args)
-    grant = context.api.job_ended(end)
+    end = adapter.read_job_end(os.environ, args.hook_args)
+    grant = context.api.record_job_end(end)
     print(f"grant {grant.id} of {adapter.name} job {end.job_id} revoked: {grant.user} on {fold(grant.nodes)}")
     return 0
 
@@ -141,15 +141,15 @@ def _revert(api: Any, what: str, user: str, todo: list[str], failed: dict[str, s
         print(f"{what}: {error}")
         failed.update(dict.fromkeys(todo, f"{HOLD_MARK} not given back: {error}"))
         return 0, []
-    for node, outcome in result.outcomes.items():
+    for node, outcome in result.results.items():
         print(f"{node}: {'ok' if outcome.ok else 'failed'} in {outcome.duration:.1f} s {outcome.error or ''}".rstrip())
         if not outcome.ok:
             failed[node] = f"{HOLD_MARK} revert {result.deployment_id} failed: {outcome.error or outcome.step}"
     for node in todo:
-        if node not in result.outcomes:  # granted or taken since the look above: not this job's to give back
+        if node not in result.results:  # granted or taken since the look above: not this job's to give back
             failed[node] = f"{HOLD_MARK} granted or taken meanwhile: not given back"
     print(f"revert {result.deployment_id}: {result.state}")
-    return (1 if result.failed else 0), list(result.ok)
+    return (1 if result.failed else 0), list(result.succeeded)
 
 
 def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:

@@ -9,7 +9,8 @@ import time
 from collections import defaultdict
 from typing import TextIO
 
-from kasched.deploy.workflow import StepReport, TransferReport
+from kasched.deploy.workflow import TransferReport
+from kasched.messages import StepEvent
 
 MIB = 1 << 20
 RATE_LINE_EVERY = 5.0  # seconds between two rate lines when the output is not a terminal
@@ -30,7 +31,7 @@ class ProgressView:
         self.transfer: TransferReport | None = None  # the stream of the current step, if any
         self.rate_shown = 0.0
 
-    def __call__(self, report: StepReport | TransferReport) -> None:
+    def __call__(self, report: StepEvent | TransferReport) -> None:
         with self.lock:
             if isinstance(report, TransferReport):
                 self._transfer(report)
@@ -68,7 +69,7 @@ class ProgressView:
             line += f"  sent {self.transfer.sent / MIB:.1f} MiB at {self.transfer.rate / MIB:.1f} MiB/s"
         return line
 
-    def _show(self, report: StepReport | None) -> None:
+    def _show(self, report: StepEvent | None) -> None:
         line = self.line()
         if self.tty:
             self.out.write("\r" + line.ljust(78))

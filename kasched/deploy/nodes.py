@@ -1,6 +1,6 @@
 """Running commands on a deployment's nodes, and telling which system a node runs.
 
-The command runner is the engine's tree exec (direct or through relays): the steps see one function
+The command runner is the transports' tree exec (direct or through relays): the steps see one function
 that runs a command on nodes and returns per-node results, whichever way it travels.
 """
 
@@ -13,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kasched.engine import tree
-from kasched.engine.ssh_session import (
+from kasched.errors import KaschedError
+from kasched.results import GroupResult, NodeResult
+from kasched.transports import tree
+from kasched.transports.ssh_session import (
     CommandOutput,
     HostKeyPolicy,
     SshAuth,
@@ -23,8 +25,6 @@ from kasched.engine.ssh_session import (
     load_private_key,
     split_address,
 )
-from kasched.errors import KaschedError
-from kasched.results import GroupResult, NodeResult
 
 # Which system a node booted, from the node side: the kernel command line says kasched.system=...
 # (the lab's simulated firmware records its command line in /run/kasched/cmdline).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from kasched import grants
@@ -18,51 +18,49 @@ from kasched.api import Kasched
 from kasched.bootkeys import BootKeys
 from kasched.builtin.stateless import StatelessImages
 from kasched.config import Config
-from kasched.deploy import kexec, records, revert, steps
+from kasched.deploy import plans, records, steps
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
 from kasched.deploy.workflow import (
-    Action,
-    MacroStep,
-    NodeOutcome,
     ProgressListener,
-    StepReport,
-    Timeout,
     TransferReport,
-    Variant,
     Workflow,
 )
 from kasched.drivers.base import NodeTarget, PowerDriver
 from kasched.drivers.reboot import RebootLevel
-from kasched.engine.chain import BroadcastOptions
 from kasched.errors import ConfigError, ConflictError, InputError, PermissionDenied
 from kasched.imagestore import ImageStore
-from kasched.jobs import StepEvent
-from kasched.models import NodeState, utcnow
+from kasched.messages import StepEvent
+from kasched.models import NodeState, OperationKind, utcnow
 from kasched.partition_digest import BlockList, expected_blocks
 from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
+from kasched.transports.chain import BroadcastOptions
 from kasched.views import EnvironmentView, NodeView
 
 CANCEL_POLL = 1.0
-HARD_LEVELS = (RebootLevel.HARD, RebootLevel.VERY_HARD)
-ALL_LEVELS = (RebootLevel.SOFT, RebootLevel.HARD, RebootLevel.VERY_HARD)
 
 
 @dataclass(frozen=True)
 class OperationResult:
+    """An operation's record (its id, kind and final state) and one :class:`NodeResult` per node."""
+
     deployment_id: str
     kind: str
     state: str
-    outcomes: dict[str, NodeOutcome]
+    results: GroupResult
 
     @property
-    def ok(self) -> list[str]:
-        return [n for n, o in self.outcomes.items() if o.ok]
+    def ok(self) -> bool:
+        return self.results.ok
+
+    @property
+    def succeeded(self) -> list[str]:
+        return self.results.succeeded
 
     @property
     def failed(self) -> list[str]:
-        return [n for n, o in self.outcomes.items() if not o.ok]
+        return self.results.failed
 
 
 @dataclass
@@ -71,11 +69,11 @@ class PendingOperation:
 
     operations: Operations
     deployment_id: str
-    kind: str
+    kind: OperationKind
     names: list[str]
     env: EnvironmentView | None
     context: steps.StepContext
-    steps: list[MacroStep]
+    plan: plans.Plan  # what the workflow runs (kasched.deploy.plans)
     final: NodeState
     environment_id: int | None
 
@@ -133,24 +131,7 @@ class Operations:
         ImageStore(self.api.config).verify(env.image_location, env.sha256, env.postinstall, env.label)
         if stateless:
             return self._stateless(names, env)
-        return self._run("deploy", names, env, self._deploy_partition, user_key, self._deploy_steps())
-
-    def _deploy_steps(self) -> list[MacroStep]:
-        reboot = self.reboot_timeout
-        nomini = Variant("nomini", self._action(steps.use_running_reference), Timeout(60, 0.1))
-        to_deploy = Variant("kexec", self._action(kexec.setup_deploy_system_kexec), Timeout(reboot + 120, 0.5))
-        pxe = Variant("pxe", self._action(steps.setup_deploy_system(HARD_LEVELS)), Timeout(reboot * 2 + 60, 0.5))
-        chain = Variant("chain", self._action(steps.broadcast_chain), Timeout(600, 2))
-        unicast = Variant("unicast", self._action(steps.broadcast_alone), Timeout(600, 10))
-        configure = Variant("postinstall", self._action(steps.configure), Timeout(300, 1))
-        to_env = Variant("kexec", self._action(kexec.boot_environment_kexec), Timeout(reboot + 60, 0.5))
-        boot = Variant("pxe", self._action(steps.boot_environment(ALL_LEVELS)), Timeout(reboot * 3 + 60, 0.5))
-        return [
-            MacroStep("setup", (nomini, to_deploy, pxe)),
-            MacroStep("broadcast", (chain, unicast)),
-            MacroStep("configure", (configure,)),
-            MacroStep("boot", (to_env, boot)),
-        ]
+        return self._run(OperationKind.DEPLOY, names, env, self._deploy_partition, user_key, plans.PLANS["deploy"])
 
     def _stateless(self, names: list[str], env: EnvironmentView) -> PendingOperation:
         if env.image_kind != "raw" or env.compression != "gz":
@@ -159,9 +140,9 @@ class Operations:
                 "(kind raw, compression gz)",
                 field="stateless",
             )
-        self._stateless_files = self._publish_stateless(env, names)
-        step = Variant("pxe", self._action(steps.boot_stateless), Timeout(self.reboot_timeout * 3 + 60, 0.5))
-        return self._run("deploy", names, env, self._deploy_partition, None, [MacroStep("boot", (step,))])
+        files = self._publish_stateless(env, names)
+        plan = plans.PLANS["deploy-stateless"]
+        return self._run(OperationKind.DEPLOY, names, env, self._deploy_partition, None, plan, stateless_files=files)
 
     def _publish_stateless(self, env: EnvironmentView, names: list[str]) -> tuple[str, str]:
         """Publish the image (kaschedd's copy) where the nodes' network boot finds it, for the caller's
@@ -182,9 +163,9 @@ class Operations:
             blocks: BlockList | None = expected_blocks(self.api.config, reference)
         except InputError:  # not a raw image: no digest; the revert writes it whole
             blocks = None
-        plan = revert.revert_steps(self._action, self.reboot_timeout)
+        plan = plans.PLANS["revert"]
         pending = self._run(
-            "revert", names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE
+            OperationKind.REVERT, names, reference, self._reference_partition, None, plan, final=NodeState.REFERENCE
         )
         pending.context.reference_blocks = blocks
         return pending
@@ -194,19 +175,16 @@ class Operations:
     ) -> PendingOperation:
         """Reboot, starting at ``level`` and escalating, into ``to``: ``reference``, ``deploy`` (the
         deployment system) or an environment already deployed on the nodes' deploy partition."""
-        levels = ALL_LEVELS[ALL_LEVELS.index(level) :]
-        budget = Timeout(self.reboot_timeout * len(levels) + 60, 0.5)
         if to == "deploy":
             names = self._allowed(nodes)
             env = None  # the deployment system is the site's, not an environment of the catalog
-            step = Variant("deploy-system", self._action(steps.setup_deploy_system(levels)), budget)
             return self._run(
-                "reboot",
+                OperationKind.REBOOT,
                 names,
                 env,
                 lambda n: n.deploy_partition,
                 None,
-                [MacroStep("reboot", (step,))],
+                plans.from_level(plans.PLANS["reboot-to-deploy"], level),
                 final=NodeState.DEPLOYED,
                 record_environment=False,
             )
@@ -219,8 +197,8 @@ class Operations:
             names = self._allowed(nodes)
             env = self.api.show_environment(to)
             partition, final = self._deploy_partition, NodeState.DEPLOYED
-        step = Variant("local", self._action(steps.boot_environment(levels)), budget)
-        return self._run("reboot", names, env, partition, None, [MacroStep("reboot", (step,))], final=final)
+        plan = plans.from_level(plans.PLANS["reboot"], level)
+        return self._run(OperationKind.REBOOT, names, env, partition, None, plan, final=final)
 
     def power(self, nodes: str | Sequence[str], action: str) -> GroupResult:
         """Power ``on``, ``off`` or ``status`` through each node's BMC driver; one result per node."""
@@ -242,10 +220,12 @@ class Operations:
             results.add(result)
             self.api.record_step(
                 StepEvent(
-                    kind="power",
+                    kind=OperationKind.POWER,
                     node=name,
                     user=self.api.caller.user,
                     step=f"power_{action}",
+                    variant="",
+                    attempt=1,
                     started_at=utcnow(),
                     duration=result.duration,
                     ok=result.ok,
@@ -275,24 +255,22 @@ class Operations:
             raise PermissionDenied(f"{self.api.caller.user} may not deploy these nodes: {decision.reason()}")
         return names
 
-    def _action(self, step: Callable[..., GroupResult]) -> Action:
-        return lambda names, deadline, cancel: step(self._context, names, deadline, cancel)
-
     def _run(
         self,
-        kind: str,
+        kind: OperationKind,
         names: list[str],
         env: EnvironmentView | None,
         partition: Callable[[NodeTarget], int],
         user_key: str | None,
-        macro_steps: list[MacroStep],
+        plan: plans.Plan,
         final: NodeState = NodeState.DEPLOYED,
         record_environment: bool = True,
+        stateless_files: tuple[str, str] = ("", ""),
     ) -> PendingOperation:
         """Everything that can be refused is checked here; then the nodes are taken and recorded."""
         views = [self.api.show_node(name) for name in names]
-        context = self._make_context(views, env, partition, user_key)
-        busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
+        context = self._make_context(views, env, partition, user_key, stateless_files)
+        busy = NodeState.REVERTING if kind == OperationKind.REVERT else NodeState.DEPLOYING
         caller = self.api.caller
         with self.api.database.session() as session:  # the grant is checked again where the nodes are taken
             if self.releasing:
@@ -308,16 +286,15 @@ class Operations:
         context.shell.pins.update(trust.pins)
         context.trusted = set(trust.trusted)
         env_id = self._environment_id(env) if record_environment else None
-        return PendingOperation(self, deployment_id, kind, names, env, context, macro_steps, final, env_id)
+        return PendingOperation(self, deployment_id, kind, names, env, context, plan, final, env_id)
 
     def execute(self, pending: PendingOperation) -> OperationResult:
         """Run a prepared operation's workflow, record its outcome, release its nodes."""
-        self._context = pending.context
         watcher = _CancelWatcher(self.api, pending.deployment_id, self.cancel)
         watcher.start()
         try:
             workflow = Workflow(
-                pending.steps,
+                plans.bind(pending.plan, pending.context, self.reboot_timeout),
                 cancel=self.cancel,
                 listener=lambda r: self._on_step(pending.kind, pending.deployment_id, pending.env, r),
                 guard=lambda: self._stop_reason(pending.deployment_id),
@@ -327,7 +304,7 @@ class Operations:
             watcher.stop()
         return self._finish(pending, outcomes)
 
-    def _finish(self, pending: PendingOperation, outcomes: dict[str, NodeOutcome]) -> OperationResult:
+    def _finish(self, pending: PendingOperation, outcomes: GroupResult) -> OperationResult:
         with self.api.database.session() as session:
             for node, outcome in outcomes.items():
                 records.record_node(
@@ -365,20 +342,14 @@ class Operations:
                 )
             )
 
-    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView | None, report: StepReport) -> None:
+    def _on_step(self, kind: str, deployment_id: str, env: EnvironmentView | None, report: StepEvent) -> None:
         self.api.record_step(
-            StepEvent(
+            replace(
+                report,
                 kind=kind,
-                node=report.node,
                 user=self.api.caller.user,
-                step=f"{report.step}/{report.variant}",
-                started_at=report.started_at,
-                duration=report.duration,
-                ok=report.ok,
-                error=report.error,
                 environment=env.label if env else None,
                 deployment_id=deployment_id,
-                final=report.final,
             )
         )
         with self.api.database.session() as session:  # live per-node progress for --status and the service
@@ -399,6 +370,7 @@ class Operations:
         env: EnvironmentView | None,
         partition: Callable[[NodeTarget], int],
         user_key: str | None,
+        stateless_files: tuple[str, str],
     ) -> steps.StepContext:
         config = self.api.config
         node_targets = {t.name: t for t in targets(config, views)}
@@ -420,8 +392,8 @@ class Operations:
             user_key=user_key,
             reboot_timeout=self.reboot_timeout,
             broadcast=self.broadcast_options or site_broadcast_options(config),
-            stateless_kernel=getattr(self, "_stateless_files", ("", ""))[0],
-            stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
+            stateless_kernel=stateless_files[0],
+            stateless_initrd=stateless_files[1],
             on_transfer=lambda sent, elapsed, done: self.progress(TransferReport("broadcast", sent, elapsed, done)),
             keys=BootKeys(config.boot_dir),
         )

@@ -1,4 +1,4 @@
-"""Deployment records: which operation holds which nodes, its outcome per node, and its cancellation.
+"""Operation records: which operation holds which nodes, its outcome per node, and its cancellation.
 
 Nodes are taken atomically: an operation starts only if none of its nodes is busy (deploying or
 reverting) in another one, and a user's operation only if every node is in an active grant of the user,
@@ -28,14 +28,14 @@ from sqlalchemy.orm import Session
 from kasched.errors import ConflictError, NodesBeingGivenBack, NotFoundError, PermissionDenied
 from kasched.grants import node_ids_by_name
 from kasched.models import (
-    Deployment,
-    DeploymentNode,
-    DeploymentState,
     Grant,
     GrantNode,
     Node,
     NodeState,
     Operation,
+    OperationNode,
+    OperationState,
+    StepRecord,
     utcnow,
 )
 from kasched.nodeset import fold
@@ -98,7 +98,7 @@ def start(
         _refuse_busy(session, [name for name, _ in busy], busy[0][1])
     deployment_id = f"{kind[:1]}{utcnow():%m%d%H%M%S}-{secrets.token_hex(3)}"
     session.add(
-        Deployment(
+        Operation(
             id=deployment_id,
             kind=kind,
             user=user,
@@ -108,7 +108,7 @@ def start(
             instance=INSTANCE,
             grant_id=grant_id,
             gives_back=gives_back,
-            nodes=[DeploymentNode(node=name) for name in nodes],
+            nodes=[OperationNode(node=name) for name in nodes],
         )
     )
     session.execute(update(Node).where(Node.id.in_(ids.values())).values(state=busy_state, state_changed_at=utcnow()))
@@ -212,7 +212,7 @@ def releasable(session: Session, nodes: Sequence[str]) -> list[str]:
 def stop_reason(session: Session, deployment_id: str) -> str | None:
     """Why a running operation must stop now, if it must: a user's operation whose grant ended (revoked,
     or past its end), or one of whose nodes no active grant of the user holds any more. None: go on."""
-    deployment = session.get(Deployment, deployment_id)
+    deployment = session.get(Operation, deployment_id)
     if deployment is None or deployment.grant_id is None:
         return None
     grant = session.get(Grant, deployment.grant_id)
@@ -238,9 +238,9 @@ def _refuse_busy(session: Session, names: list[str], state: NodeState) -> None:
     """Raise the error for ``names`` busy in running operations: :class:`NodesBeingGivenBack` when every
     one is held only by the revert of an ended job, else :class:`ConflictError`."""
     rows = session.execute(
-        select(Deployment.id, Deployment.user, Deployment.gives_back, DeploymentNode.node)
-        .join(DeploymentNode)
-        .where(DeploymentNode.node.in_(names), Deployment.state == DeploymentState.RUNNING)
+        select(Operation.id, Operation.user, Operation.gives_back, OperationNode.node)
+        .join(OperationNode)
+        .where(OperationNode.node.in_(names), Operation.state == OperationState.RUNNING)
     ).all()
     holders = ", ".join(sorted({f"{d} of {u}" for d, u, _, _ in rows})) or "an operation that left no record"
     giving_back = {node for _, _, gives_back, node in rows if gives_back}
@@ -253,7 +253,7 @@ def _refuse_busy(session: Session, names: list[str], state: NodeState) -> None:
 def record_node(
     session: Session, deployment_id: str, node: str, step: str, ok: bool | None, error: str | None, duration: float
 ) -> None:
-    row = session.get(DeploymentNode, (deployment_id, node))
+    row = session.get(OperationNode, (deployment_id, node))
     if row is not None:
         row.step, row.ok, row.error, row.duration = step, ok, error, duration
 
@@ -266,10 +266,10 @@ def finish(
     *,
     cancelled: bool = False,
     trust: Trust | None = None,
-) -> DeploymentState:
+) -> OperationState:
     """Release the nodes in their final states and close the record; ``trust``: each node's pinned
     key now, and those that end trusted (a verified revert)."""
-    deployment = session.get(Deployment, deployment_id)
+    deployment = session.get(Operation, deployment_id)
     if deployment is None:
         raise NotFoundError(f"no deployment {deployment_id}")
     for node in session.scalars(select(Node).where(Node.name.in_(list(node_states)))):
@@ -281,32 +281,32 @@ def finish(
             node.environment_id = environment_id
     results = [row.ok for row in deployment.nodes]
     if cancelled or stop_reason(session, deployment_id) is not None:
-        deployment.state = DeploymentState.CANCELLED
+        deployment.state = OperationState.CANCELLED
     elif all(results):
-        deployment.state = DeploymentState.DONE
+        deployment.state = OperationState.DONE
     else:
-        deployment.state = DeploymentState.PARTIAL if any(results) else DeploymentState.FAILED
+        deployment.state = OperationState.PARTIAL if any(results) else OperationState.FAILED
     deployment.ended_at = utcnow()
     return deployment.state
 
 
 def request_cancel(session: Session, deployment_id: str, user: str, is_admin: bool) -> None:
-    deployment = session.get(Deployment, deployment_id)
+    deployment = session.get(Operation, deployment_id)
     if deployment is None:
         raise NotFoundError(f"no deployment {deployment_id}")
     if deployment.user != user and not is_admin:
         raise PermissionDenied(f"deployment {deployment_id} belongs to {deployment.user}")
-    if deployment.state is not DeploymentState.RUNNING:
+    if deployment.state is not OperationState.RUNNING:
         raise ConflictError(f"deployment {deployment_id} is {deployment.state.value} already")
     deployment.cancel_requested = True
 
 
 def cancel_requested(session: Session, deployment_id: str) -> bool:
-    return bool(session.scalar(select(Deployment.cancel_requested).where(Deployment.id == deployment_id)))
+    return bool(session.scalar(select(Operation.cancel_requested).where(Operation.id == deployment_id)))
 
 
 def view(session: Session, deployment_id: str) -> DeploymentView:
-    deployment = session.get(Deployment, deployment_id)
+    deployment = session.get(Operation, deployment_id)
     if deployment is None:
         raise NotFoundError(f"no deployment {deployment_id}")
     return DeploymentView(
@@ -331,7 +331,7 @@ def view(session: Session, deployment_id: str) -> DeploymentView:
                 "final": op.final is not False,
             }
             for op in session.scalars(
-                select(Operation).where(Operation.deployment_id == deployment_id).order_by(Operation.id)
+                select(StepRecord).where(StepRecord.deployment_id == deployment_id).order_by(StepRecord.id)
             )
         ],
     )
@@ -343,11 +343,11 @@ def recover_interrupted(session: Session) -> list[str]:
     host = socket.gethostname()
     recovered = []
     for deployment in session.scalars(
-        select(Deployment).where(Deployment.state == DeploymentState.RUNNING, Deployment.host == host)
+        select(Operation).where(Operation.state == OperationState.RUNNING, Operation.host == host)
     ):
         if instance_alive(deployment.instance, deployment.pid):
             continue
-        deployment.state, deployment.ended_at = DeploymentState.INTERRUPTED, utcnow()
+        deployment.state, deployment.ended_at = OperationState.INTERRUPTED, utcnow()
         names = [row.node for row in deployment.nodes]
         for row in deployment.nodes:
             if row.ok is None:

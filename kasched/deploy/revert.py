@@ -2,32 +2,8 @@
 its last user did with it (they were root on it, could read and write every byte of its disk, answer
 any command as they liked, ignore a soft reboot, take other addresses).
 
-The plan, one table (``R`` is the site's ``reboot_timeout``):
-
-=========  ==============  ===================  ====================================================
-step       variant         timeout              what it does, and what it trusts
-=========  ==============  ===================  ====================================================
-check      ``trusted``     60 s + 0.1 s/node    a node kasched still vouches for (the verified
-                                                reference, no user since, its per-boot key pinned)
-                                                that answers with that key and runs the reference
-                                                partition is done: nothing to give back. Every
-                                                other node goes on (no reboot is asked of it).
-setup      ``power-cycle`` 2R + 60 s + 0.5 s/n  boot profile "deployment system" with a new per-boot
-                                                host key; the BMC forces the boot device to the
-                                                network and resets the node, then powers it off and
-                                                on if it does not come back (no system can refuse
-                                                either; a node the user turned off comes back on);
-                                                the node must answer with that key.
-verify     ``digest``      300 s + 1 s/node     from that deployment system, hash the reference
-                                                partition (block by block) and compare on kaschedd
-                                                with the digest recorded from the site's image.
-           ``rewrite``     600 s + 2 s/node     a node that differs gets the reference image again
-                                                through the chain broadcast, then is hashed again.
-boot       ``pxe``         3R + 60 s + 0.5 s/n  boot profile "local partition" with a new per-boot
-                                                key; reboot (soft from the deployment system, which
-                                                kasched trusts; then the BMC); the node must answer
-                                                with that key and run the reference partition.
-=========  ==============  ===================  ====================================================
+Its plan (check, setup, verify, boot; variants, timeouts) is the ``revert`` entry of
+:data:`kasched.deploy.plans.PLANS`, printed in docs/deployment.md; the step functions are here.
 
 A node that ends the plan is ``reference`` and trusted again (``nodes.trusted``, its key recorded in
 ``nodes.host_key``); a node that fails a step is ``deploy_failed`` with the step and the reason.
@@ -37,11 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from kasched.deploy import steps
 from kasched.deploy.nodes import SYSTEM_PROBE, stdout_of
-from kasched.deploy.workflow import FINISHED, Action, MacroStep, Timeout, Variant
+from kasched.deploy.workflow import FINISHED
 from kasched.drivers.reboot import RebootLevel
 from kasched.partition_verify import PartitionCheck, patch_partitions, verify_partitions
 from kasched.results import GroupResult, NodeResult
@@ -54,7 +30,6 @@ NO_DIGEST = "the site's reference image is not raw: no digest to check the parti
 # 8 power-ons asked at once under load outran the IPMI driver's 15 s wait for "on" (CI), resets did not.
 POWER_CYCLE = (RebootLevel.HARD, RebootLevel.VERY_HARD)
 FROM_TRUSTED = (RebootLevel.SOFT, RebootLevel.HARD, RebootLevel.VERY_HARD)
-Wrap = Callable[[Callable[..., GroupResult]], Action]
 
 
 def check_trusted(
@@ -169,20 +144,3 @@ def boot_reference(
 ) -> GroupResult:
     """The verified reference partition booted, proven by its per-boot key."""
     return steps.boot_environment(FROM_TRUSTED, trusted=True)(ctx, names, deadline, cancel)
-
-
-def revert_steps(wrap: Wrap, reboot_timeout: float) -> list[MacroStep]:
-    """The plan above; ``wrap`` makes a step function a workflow action (``Operations._action``)."""
-    r = reboot_timeout
-    check = Variant("trusted", wrap(check_trusted), Timeout(60, 0.1))
-    setup = Variant("power-cycle", wrap(power_cycle), Timeout(r * 2 + 60, 0.5))
-    digest = Variant("digest", wrap(verify_digest), Timeout(300, 1))
-    patched = Variant("patch", wrap(patch), Timeout(600, 2))
-    again = Variant("rewrite", wrap(rewrite), Timeout(900, 2))
-    boot = Variant("pxe", wrap(boot_reference), Timeout(r * 3 + 60, 0.5))
-    return [
-        MacroStep("check", (check,)),
-        MacroStep("setup", (setup,)),
-        MacroStep("verify", (digest, patched, again)),
-        MacroStep("boot", (boot,)),
-    ]

@@ -30,13 +30,13 @@ from kasched.deploy.nodes import NO_PIN, SYSTEM_PROBE, NodeShell, checked, stdou
 from kasched.deploy.transfer import CountingReader, TransferMeter
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
 from kasched.drivers.reboot import Rebooter, RebootLevel
-from kasched.engine.chain import BroadcastOptions, ChainNode
-from kasched.engine.chain_ssh import broadcast_over_ssh
-from kasched.engine.ssh_session import CommandOutput
 from kasched.errors import KaschedError
 from kasched.partition_digest import BlockList
 from kasched.partition_verify import PartitionCheck
 from kasched.results import GroupResult, NodeResult, run_on_node
+from kasched.transports.chain import BroadcastOptions, ChainNode
+from kasched.transports.chain_ssh import broadcast_over_ssh
+from kasched.transports.ssh_session import CommandOutput
 from kasched.views import EnvironmentView
 
 MOUNT = "/mnt/kasched"

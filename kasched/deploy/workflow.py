@@ -5,7 +5,8 @@ the new environment...). Each macro-step is an ordered list of variants (PXE reb
 each with a timeout that may grow with the node count, and a number of retries. Nodes move through the
 steps together; a node that fails a variant is retried, then falls to the next variant; a node that
 fails every variant of a step leaves the workflow as failed, with the step and the reason. The others
-go on. Every node ends with an :class:`NodeOutcome`: data, never an exception that loses the others.
+go on. Every node ends with a :class:`~kasched.results.NodeResult` (the last step it reached, the variant
+that ran, every failed attempt, how long): data, never an exception that loses the others.
 
 Before each attempt (each variant, each retry, each macro-step) the workflow asks its *guard* whether
 it may go on (an operation's guard: is its grant still active?); a reason to stop cancels the rest.
@@ -16,10 +17,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 
 from kasched.errors import KaschedError
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 from kasched.results import GroupResult, NodeResult
 
@@ -59,38 +60,6 @@ class MacroStep:
     variants: tuple[Variant, ...]
 
 
-@dataclass
-class NodeOutcome:
-    """Where a node got to: the last step it reached, whether it finished, why not, and how long."""
-
-    node: str
-    ok: bool = False
-    step: str = ""
-    variant: str = ""
-    error: str | None = None
-    durations: dict[str, float] = field(default_factory=dict)
-    fallbacks: list[str] = field(default_factory=list)  # "step/variant: error" of each failed attempt
-
-    @property
-    def duration(self) -> float:
-        return sum(self.durations.values())
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """One attempt of one variant on one node, as it finished (for progress views and statistics)."""
-
-    node: str
-    step: str
-    variant: str
-    attempt: int
-    started_at: datetime
-    duration: float
-    ok: bool
-    error: str | None
-    final: bool = True  # False: a failed attempt after which the node gets another retry or variant
-
-
 @dataclass(frozen=True)
 class TransferReport:
     """How much of the image the server has sent in a step so far, for the live view's rate."""
@@ -105,8 +74,8 @@ class TransferReport:
         return self.sent / self.elapsed if self.elapsed > 0 else 0.0
 
 
-Listener = Callable[[StepReport], None]
-ProgressListener = Callable[[StepReport | TransferReport], None]
+Listener = Callable[[StepEvent], None]
+ProgressListener = Callable[[StepEvent | TransferReport], None]
 Guard = Callable[[], str | None]  # why the workflow must stop now, or None
 
 
@@ -130,8 +99,8 @@ class Workflow:
         self.stopped: str = CANCELLED  # the error of the nodes a cancel stopped
         self.finished: set[str] = set()  # nodes done before the last step (an action said FINISHED)
 
-    def run(self, nodes: Sequence[str]) -> dict[str, NodeOutcome]:
-        outcomes = {node: NodeOutcome(node) for node in nodes}
+    def run(self, nodes: Sequence[str]) -> GroupResult:
+        outcomes = GroupResult({node: NodeResult(node, False) for node in nodes})
         alive = list(nodes)
         self.finished = set()
         for step in self.steps:
@@ -142,7 +111,7 @@ class Workflow:
             outcomes[node].ok = True
         return outcomes
 
-    def _run_step(self, step: MacroStep, nodes: list[str], outcomes: dict[str, NodeOutcome]) -> list[str]:
+    def _run_step(self, step: MacroStep, nodes: list[str], outcomes: GroupResult) -> list[str]:
         pending: list[str] = list(nodes)
         done: list[str] = []
         for node in nodes:
@@ -170,7 +139,7 @@ class Workflow:
         variant: Variant,
         attempt: int,
         nodes: list[str],
-        outcomes: dict[str, NodeOutcome],
+        outcomes: GroupResult,
         last: bool = True,
     ) -> list[str]:
         started_at, start = utcnow(), time.monotonic()
@@ -182,7 +151,9 @@ class Workflow:
             result = results.get(node) or NodeResult(node, False, step.name, f"timeout after {budget:.0f}s")
             outcome = outcomes[node]
             outcome.variant = variant.name
-            outcome.durations[step.name] = outcome.durations.get(step.name, 0.0) + (result.duration or elapsed)
+            spent = result.duration or elapsed
+            outcome.durations[step.name] = outcome.durations.get(step.name, 0.0) + spent
+            outcome.duration += spent
             outcome.error = None if result.ok else result.error
             if not result.ok:
                 outcome.fallbacks.append(f"{step.name}/{variant.name}: {result.error}")
@@ -191,7 +162,7 @@ class Workflow:
                 if result.value == FINISHED:
                     self.finished.add(node)
             self.listener(
-                StepReport(
+                StepEvent(
                     node,
                     step.name,
                     variant.name,
@@ -220,7 +191,7 @@ class Workflow:
         return True
 
     @staticmethod
-    def _fail(nodes: list[str], outcomes: dict[str, NodeOutcome], reason: str) -> None:
+    def _fail(nodes: list[str], outcomes: GroupResult, reason: str) -> None:
         for node in nodes:
             outcomes[node].error = reason
 

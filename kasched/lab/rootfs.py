@@ -21,7 +21,7 @@ from kasched.lab.system import run
 DEFAULT_CACHE = Path("/var/cache/kasched-lab")
 BASE_PACKAGES = ("busybox-static", "dash", "openssh-server", "e2fsprogs")
 # The deployment system also carries python3 with paramiko, GNU tar, xz and zstd: what the deployment
-# engine's node-side agent and relay, and image unpacking, need.
+# transports' node-side agent and relay, and image unpacking, need.
 DEPLOY_PACKAGES = (
     *BASE_PACKAGES,
     "python3-minimal",
@@ -31,7 +31,7 @@ DEPLOY_PACKAGES = (
     "tar",
     "xz-utils",
     "zstd",
-    # paramiko, for the engine's relay (tree exec); the lab adds the kasched package itself
+    # paramiko, for the transports' relay (tree exec); the lab adds the kasched package itself
     "python3-paramiko",
     "python3-bcrypt",
     "python3-cffi-backend",

@@ -158,7 +158,7 @@ def make_keys(directory: Path) -> tuple[Path, Path]:
 
 def add_kasched_package(tree: Path) -> None:
     """Put the running kasched package (its .py files) where the tree's python3 finds it, for the
-    engine's node-side programs (``python3 -m kasched.engine.relay``)."""
+    transports' node-side programs (``python3 -m kasched.transports.relay``)."""
     import kasched
 
     source = Path(kasched.__file__).resolve().parent

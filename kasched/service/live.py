@@ -8,7 +8,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from kasched.deploy.workflow import StepReport, TransferReport
+from kasched.deploy.workflow import TransferReport
+from kasched.messages import StepEvent
 
 if TYPE_CHECKING:
     from kasched.deploy.operations import PendingOperation
@@ -61,7 +62,7 @@ class LiveProgress:
         self.board = board
         self.deployment_id = ""
 
-    def __call__(self, report: StepReport | TransferReport) -> None:
+    def __call__(self, report: StepEvent | TransferReport) -> None:
         if not self.deployment_id:
             return
         if isinstance(report, TransferReport):

@@ -15,10 +15,10 @@ from kasched.bus import Bus
 from kasched.config import Config
 from kasched.errors import KaschedError
 from kasched.identity import Caller
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.service.client import ServiceClient, client_for
 from kasched.stats import StatsFilter, StatsGroup
-from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
+from kasched.views import Decision, EnvironmentView, GrantView, NodeView, StepView
 from kasched.yamlfile import read_text
 
 T = typing.TypeVar("T")
@@ -126,7 +126,7 @@ class RemoteKasched:
         data = self.call("GET", "/v1/rights/check", {"nodes": names, "user": user})
         return Decision(data["user"], data["allowed"], data["refused"], data["grants"])
 
-    def job_started(self, job: JobInfo) -> GrantView:
+    def record_job_start(self, job: JobInfo) -> GrantView:
         body = {
             "scheduler": job.scheduler,
             "cluster": job.cluster,
@@ -138,7 +138,7 @@ class RemoteKasched:
         }
         return view(GrantView, self.call("POST", "/v1/jobs/start", body=body))
 
-    def job_ended(self, end: JobEnd) -> GrantView:
+    def record_job_end(self, end: JobEnd) -> GrantView:
         body = {"scheduler": end.scheduler, "cluster": end.cluster, "job_id": end.job_id, "reason": end.reason}
         return view(GrantView, self.call("POST", "/v1/jobs/end", body=body))
 
@@ -155,8 +155,8 @@ class RemoteKasched:
             "limit": selection.limit,
         }
 
-    def stats(self, selection: StatsFilter) -> list[OperationView]:
-        return [view(OperationView, op) for op in self.call("GET", "/v1/stats", self._stats_query(selection))]
+    def stats(self, selection: StatsFilter) -> list[StepView]:
+        return [view(StepView, op) for op in self.call("GET", "/v1/stats", self._stats_query(selection))]
 
     def stats_summary(self, selection: StatsFilter, by: str) -> list[StatsGroup]:
         groups = self.call("GET", "/v1/stats", {**self._stats_query(selection), "by": by})

@@ -192,7 +192,7 @@ def _env_check(api: Kasched, params: dict[str, str], query: dict[str, str], body
 
 
 def _job_start(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    from kasched.jobs import JobInfo
+    from kasched.messages import JobInfo
 
     fields = _fields(
         body,
@@ -201,7 +201,7 @@ def _job_start(api: Kasched, params: dict[str, str], query: dict[str, str], body
     )
     if not all(isinstance(node, str) for node in fields["nodes"]):
         raise InputError("expected a list of node names", field="nodes")
-    return api.job_started(
+    return api.record_job_start(
         JobInfo(
             fields["scheduler"],
             fields["cluster"],
@@ -215,10 +215,10 @@ def _job_start(api: Kasched, params: dict[str, str], query: dict[str, str], body
 
 
 def _job_end(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    from kasched.jobs import JobEnd
+    from kasched.messages import JobEnd
 
     fields = _fields(body, {"scheduler": str, "cluster": str, "job_id": str}, {"reason": str})
-    return api.job_ended(
+    return api.record_job_end(
         JobEnd(fields["scheduler"], fields["cluster"], fields["job_id"], fields["reason"] or "job ended")
     )
 

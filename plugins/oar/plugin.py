@@ -19,7 +19,7 @@ from kasched_oar.oarjobs import OarError, OarJob, OarSettings, api_reachable, re
 
 from kasched.errors import InputError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.schedulers import Check, SchedulerAdapter
 
 OAR_CONF = Path("/etc/oar/oar.conf")
@@ -34,7 +34,7 @@ class OarAdapter(SchedulerAdapter):
         foreign = any(key.startswith(("SLURM_", "PBS_")) for key in environ)
         return len(argv) == 1 and argv[0].isdigit() and not foreign
 
-    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+    def read_job_start(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
         settings = OarSettings.from_environ(environ)
         job = self.job(environ, argv)
         if not job.user or not job.nodes:
@@ -50,7 +50,7 @@ class OarAdapter(SchedulerAdapter):
             extra={"types": list(job.types), "name": job.name, "source": job.source},
         )
 
-    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+    def read_job_end(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         settings = OarSettings.from_environ(environ)
         job_id = _job_id(argv)
         try:

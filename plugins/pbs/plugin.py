@@ -19,7 +19,7 @@ from kasched_pbs import hold, pbscli
 
 from kasched.errors import InputError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -32,7 +32,7 @@ class PbsAdapter(SchedulerAdapter):
     def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
         return "KASCHED_PBS_EVENT" in environ
 
-    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+    def read_job_start(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
         missing = [v for v in ("PBS_JOBID", "KASCHED_PBS_USER", "KASCHED_PBS_NODES") if not environ.get(v)]
         if missing:
             raise InputError(f"the PBS hook did not set {', '.join(missing)}", field="pbs")
@@ -50,7 +50,7 @@ class PbsAdapter(SchedulerAdapter):
             },
         )
 
-    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+    def read_job_end(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         if not environ.get("PBS_JOBID"):
             raise InputError("the PBS hook did not set PBS_JOBID", field="pbs")
         return JobEnd(

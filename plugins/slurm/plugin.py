@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from kasched.errors import InputError, KaschedError
 from kasched.hookspecs import hookimpl
-from kasched.jobs import JobEnd, JobInfo
+from kasched.messages import JobEnd, JobInfo
 from kasched.nodeset import expand
 from kasched.schedulers import Check, SchedulerAdapter, positive_seconds
 
@@ -43,7 +43,7 @@ class SlurmAdapter(SchedulerAdapter):
     def detect(self, environ: Mapping[str, str], argv: list[str]) -> bool:
         return "SLURM_JOB_ID" in environ and "SLURM_SCRIPT_CONTEXT" in environ
 
-    def job_started(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
+    def read_job_start(self, environ: Mapping[str, str], argv: list[str]) -> JobInfo:
         missing = [v for v in ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_NODELIST") if not environ.get(v)]
         if missing:
             raise InputError(f"Slurm did not set {', '.join(missing)}", field="slurm")
@@ -63,7 +63,7 @@ class SlurmAdapter(SchedulerAdapter):
             },
         )
 
-    def job_ended(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
+    def read_job_end(self, environ: Mapping[str, str], argv: list[str]) -> JobEnd:
         if not environ.get("SLURM_JOB_ID"):
             raise InputError("Slurm did not set SLURM_JOB_ID", field="slurm")
         code = environ.get("SLURM_JOB_EXIT_CODE")

@@ -67,7 +67,7 @@ def test_a_node_answering_with_another_key_fails_with_the_host_key_reason_and_ge
     pinned to another key (a machine that took its address) fails with that reason and never sees the
     command (its marker file is not written); a node with no pinned key is not contacted at all."""
     from kasched.deploy.nodes import NO_PIN, NodeShell
-    from tests.engine.sshd_nodes import SshdCluster
+    from tests.transports.sshd_nodes import SshdCluster
 
     cluster = SshdCluster(tmp_path / "sshd", 3, subnet=47).start()
     try:

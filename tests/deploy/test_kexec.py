@@ -27,8 +27,8 @@ from kasched.deploy.steps import UNTRUSTED, StepContext
 from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
 from kasched.drivers.base import BootDriver, BootFiles, BootTarget, NodeTarget
 from kasched.drivers.pxe import PxeBootDriver
-from kasched.engine.ssh_session import CommandOutput
 from kasched.results import GroupResult, NodeResult
+from kasched.transports.ssh_session import CommandOutput
 from kasched.views import EnvironmentView
 
 NODE = NodeTarget("node-1", "02:00:00:00:00:01", "10.0.0.1", disk_device="/dev/vdb")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from kasched.cli.progress import ProgressView
 from kasched.deploy.transfer import CountingReader, TransferMeter
-from kasched.deploy.workflow import StepReport, TransferReport
+from kasched.deploy.workflow import TransferReport
+from kasched.messages import StepEvent
 from kasched.models import utcnow
 
 
-def report(node: str, step: str, ok: bool = True, error: str | None = None) -> StepReport:
-    return StepReport(node, step, "v", 1, utcnow(), 0.1, ok, error)
+def report(node: str, step: str, ok: bool = True, error: str | None = None) -> StepEvent:
+    return StepEvent(node, step, "v", 1, utcnow(), 0.1, ok, error)
 
 
 def test_counting_reader_reports_every_byte_and_the_end(tmp_path: Path) -> None:
@@ -64,12 +65,12 @@ def test_a_failed_attempt_with_a_fallback_left_is_not_a_failure() -> None:
     """The kexec or nomini variant failing on a node is not the node failing: the next variant runs."""
     out = io.StringIO()
     view = ProgressView(1, out)
-    view(StepReport("n1", "setup", "nomini", 1, utcnow(), 0.1, False, "missing python3", final=False))
-    view(StepReport("n1", "setup", "pxe", 1, utcnow(), 5.0, True, None))
+    view(StepEvent("n1", "setup", "nomini", 1, utcnow(), 0.1, False, "missing python3", final=False))
+    view(StepEvent("n1", "setup", "pxe", 1, utcnow(), 5.0, True, None))
     lines = out.getvalue().splitlines()
     assert "failed 0" in lines[0] and "nomini did not work, trying the next way: missing python3" in lines[0]
     assert "ok 1/1" in lines[1] and "failed 0" in lines[1]
-    view(StepReport("n1", "boot", "pxe", 2, utcnow(), 5.0, False, "did not come back", final=True))
+    view(StepEvent("n1", "boot", "pxe", 2, utcnow(), 5.0, False, "did not come back", final=True))
     assert "failed 1" in out.getvalue().splitlines()[-1]
 
 
@@ -80,7 +81,7 @@ def test_workflow_marks_only_the_last_chance_final() -> None:
     def fails(nodes: list[str], deadline: float, cancel: object) -> GroupResult:
         return GroupResult({n: NodeResult(n, False, "setup", "no") for n in nodes})
 
-    seen: list[StepReport] = []
+    seen: list[StepEvent] = []
     steps = [MacroStep("setup", (Variant("a", fails, Timeout(5, 0), retries=1), Variant("b", fails, Timeout(5, 0))))]
-    Workflow(steps, listener=lambda r: seen.append(r) if isinstance(r, StepReport) else None).run(["n1"])
+    Workflow(steps, listener=lambda r: seen.append(r) if isinstance(r, StepEvent) else None).run(["n1"])
     assert [(r.variant, r.attempt, r.final) for r in seen] == [("a", 1, False), ("a", 2, False), ("b", 1, True)]

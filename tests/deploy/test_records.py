@@ -1,4 +1,4 @@
-"""Deployment records: atomic node acquisition, final states, cancel requests, recovery after a crash."""
+"""Operation records: atomic node acquisition, final states, cancel requests, recovery after a crash."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from kasched import grants
 from kasched.api import Kasched
 from kasched.deploy import records
 from kasched.errors import ConflictError, NodesBeingGivenBack, NotFoundError, PermissionDenied
-from kasched.jobs import JobEnd, JobInfo
-from kasched.models import Deployment, NodeState
+from kasched.messages import JobEnd, JobInfo
+from kasched.models import NodeState, Operation
 
 
 def test_busy_nodes_are_refused_until_released(cluster: Kasched) -> None:
@@ -68,8 +68,8 @@ def test_a_dead_process_s_operation_is_recovered(cluster: Kasched) -> None:
             session, "deploy", "alice", None, ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
         )
         session.execute(
-            update(Deployment)
-            .where(Deployment.id == crashed)
+            update(Operation)
+            .where(Operation.id == crashed)
             .values(pid=dead.pid, instance=f"{'0' * 16}/{records.process_stamp(dead.pid)}")
         )
     with cluster.database.session() as session:
@@ -95,7 +95,7 @@ def test_a_dead_instance_is_recovered_though_its_pid_lives(cluster: Kasched, pid
             stamps = {dead: (pid, f"{'1' * 16}/0.0"), live: (sleeper.pid, f"{'2' * 16}/{alive_stamp}")}
             for deployment_id, (recorded_pid, instance) in stamps.items():
                 session.execute(
-                    update(Deployment).where(Deployment.id == deployment_id).values(pid=recorded_pid, instance=instance)
+                    update(Operation).where(Operation.id == deployment_id).values(pid=recorded_pid, instance=instance)
                 )
         with cluster.database.session() as session:
             assert records.recover_interrupted(session) == [dead]
@@ -115,7 +115,7 @@ def test_a_revoke_waits_for_an_operation_taking_its_nodes_then_cancels_it(
     """records.start checks the grant, then records the operation: the grant stays locked in between
     (FOR UPDATE; SQLite's write lock). A revoke arriving there waits, then cancels the operation; an
     operation starting after the revoke is refused."""
-    cluster.job_started(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2"), walltime=3600))
+    cluster.record_job_start(JobInfo("slurm", "c", "7", "alice", ("node-1", "node-2"), walltime=3600))
     checked, release, started = threading.Event(), threading.Event(), []
     check = records.granted
 
@@ -156,7 +156,7 @@ def test_a_revoke_waits_for_an_operation_taking_its_nodes_then_cancels_it(
 
 def test_only_nodes_no_grant_and_no_operation_hold_are_releasable(cluster: Kasched) -> None:
     """What a revert at a job's end (or of orphans) may take, asked in the transaction that takes them."""
-    cluster.job_started(JobInfo("slurm", "c", "8", "bob", ("node-1",), walltime=3600))  # bob's next job
+    cluster.record_job_start(JobInfo("slurm", "c", "8", "bob", ("node-1",), walltime=3600))  # bob's next job
     with cluster.database.session() as session:
         records.start(session, "revert", "root", None, ["node-4"], NodeState.REVERTING, is_admin=True)
         assert records.releasable(session, ["node-1", "node-2", "node-4", "nope"]) == ["node-2"]

@@ -10,8 +10,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from kasched.deploy.workflow import MacroStep, StepReport, Timeout, Variant, Workflow
+from kasched.deploy.workflow import MacroStep, Timeout, Variant, Workflow
 from kasched.errors import DriverError
+from kasched.messages import StepEvent
 from kasched.results import GroupResult, NodeResult
 
 NODES = [f"n{i}" for i in range(1, 7)]
@@ -44,7 +45,7 @@ def action(
 
 
 def test_all_nodes_pass_every_step() -> None:
-    reports: list[StepReport] = []
+    reports: list[StepEvent] = []
     workflow = Workflow(
         [
             MacroStep("setup", (Variant("pxe", action(), Timeout(5)),)),

@@ -33,7 +33,7 @@ def test_nodes_reach_each_other_across_the_switch_uplink(in_lab: LabHandle) -> N
     first, last = in_lab.targets["node-1"], in_lab.targets["node-8"]
     assert in_lab.plan.node("node-1").switch != in_lab.plan.node("node-8").switch
     result = in_lab.ssh.run(first, f"ping -c 1 -W 2 {last.ip}")
-    assert result.exit_code == 0, result.stdout + result.stderr
+    assert result.exit_status == 0, result.stdout + result.stderr
 
 
 def test_ipmi_power_off_and_on(in_lab: LabHandle) -> None:
@@ -62,8 +62,8 @@ def test_deploy_system_then_back_to_reference(in_lab: LabHandle) -> None:
         view = in_lab.wait_view(node)
         assert (view.hostname, view.system, view.root_fstype) == (node.name, "deploy", "tmpfs")
         assert "kasched.system=deploy" in view.cmdline
-        tools = in_lab.ssh.run(node, "python3 -c 'import paramiko, kasched.engine.relay' && tar --version")
-        assert tools.exit_code == 0 and "GNU tar" in tools.stdout, tools.stderr  # what the engine uses
+        tools = in_lab.ssh.run(node, "python3 -c 'import paramiko, kasched.transports.relay' && tar --version")
+        assert tools.exit_status == 0 and "GNU tar" in tools.stdout, tools.stderr  # what the engine uses
         boot.set_profile(node, BootTarget.LOCAL, partition=2)
     soft = Rebooter(in_lab.ipmi, SshPowerDriver(in_lab.ssh), window=2, timeout=60, levels=[RebootLevel.SOFT])
     results = soft.reboot(nodes)
@@ -212,7 +212,7 @@ def test_an_environment_written_to_partition_3_boots(in_lab: LabHandle) -> None:
             " mkfs.ext4 -q -F /dev/sda3; mount /dev/sda3 /mnt; tar -xzf /tmp/env.tgz -C /mnt; umount /mnt"
         )
         done = in_lab.ssh.run(node, script, timeout=120)
-        assert done.exit_code == 0, done.stdout + done.stderr
+        assert done.exit_status == 0, done.stdout + done.stderr
         boot.set_profile(node, BootTarget.LOCAL, partition=3)
         in_lab.ipmi.reset(node)
         view = in_lab.wait_view(node)

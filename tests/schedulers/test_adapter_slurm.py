@@ -19,9 +19,9 @@ PROLOG = {
 
 
 def test_walltime_comes_from_the_hooks_variable() -> None:
-    assert SlurmAdapter().job_started({**PROLOG, "KASCHED_SLURM_TIME_LIMIT": "300"}, []).walltime == 300
-    assert SlurmAdapter().job_started(PROLOG, []).walltime is None
-    assert SlurmAdapter().job_started({**PROLOG, "KASCHED_SLURM_TIME_LIMIT": "junk"}, []).walltime is None
+    assert SlurmAdapter().read_job_start({**PROLOG, "KASCHED_SLURM_TIME_LIMIT": "300"}, []).walltime == 300
+    assert SlurmAdapter().read_job_start(PROLOG, []).walltime is None
+    assert SlurmAdapter().read_job_start({**PROLOG, "KASCHED_SLURM_TIME_LIMIT": "junk"}, []).walltime is None
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_walltime_comes_from_the_hooks_variable() -> None:
 )
 def test_end_reason(state: str, reason: str) -> None:
     end = {**PROLOG, "SLURM_JOB_EXIT_CODE": "0", "KASCHED_SLURM_JOB_STATE": state}
-    assert SlurmAdapter().job_ended(end, []).reason == reason
+    assert SlurmAdapter().read_job_end(end, []).reason == reason
 
 
 def squeue_entry(**fields: object) -> dict[str, object]:

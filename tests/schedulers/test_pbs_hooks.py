@@ -287,16 +287,16 @@ def test_adapter_reads_the_hook_environment() -> None:
         "KASCHED_PBS_ENV": "debian12", "KASCHED_PBS_DEPLOY": "true",
     }
     assert adapter.detect(environ, []) and not adapter.detect({"PBS_JOBID": "1"}, [])
-    job = adapter.job_started(environ, [])
+    job = adapter.read_job_start(environ, [])
     assert (job.job_id, job.user, job.nodes, job.walltime, job.environment) == (
         "41.pbs-server", "alice", ("node-1", "node-2"), 5400.0, "debian12")
     assert adapter.is_deploy_job(job)
     from kasched.errors import InputError
 
     with pytest.raises(InputError, match="did not set KASCHED_PBS_NODES"):
-        adapter.job_started({**environ, "KASCHED_PBS_NODES": ""}, [])
+        adapter.read_job_start({**environ, "KASCHED_PBS_NODES": ""}, [])
     with pytest.raises(InputError, match="not a list of vnode names"):
-        adapter.job_started({**environ, "KASCHED_PBS_NODES": "node-1,(node-2"}, [])
+        adapter.read_job_start({**environ, "KASCHED_PBS_NODES": "node-1,(node-2"}, [])
     assert end_reason("0") == "job ended (exit 0)"
     assert end_reason("271") == "killed by signal 15, e.g. qdel or walltime (exit 271)"
     assert end_reason("-1") == "PBS could not run the job (exit -1)"

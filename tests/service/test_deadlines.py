@@ -25,7 +25,7 @@ from kasched import deadline
 from kasched.api import Kasched
 from kasched.config import load
 from kasched.errors import DatabaseError
-from kasched.jobs import JobInfo
+from kasched.messages import JobInfo
 from tests.conftest import EXAMPLES
 from tests.schedulers.test_pbs_hooks import Site, deploy_job, log_text
 from tests.service.conftest import kaschedd
@@ -162,7 +162,7 @@ def test_a_deadline_bounds_every_backends_lock_wait(cluster: Kasched) -> None:
     assert locked.wait(30)
     started = time.monotonic()
     with pytest.raises(DatabaseError), deadline.within(1.5):
-        cluster.job_started(slurm_job("91"))
+        cluster.record_job_start(slurm_job("91"))
     assert time.monotonic() - started < 4
     holder.join(30)
     assert [g.job_id for g in cluster.rights(include_ended=True)] == []
@@ -176,5 +176,5 @@ def test_a_commit_after_the_deadline_is_refused(cluster: Kasched) -> None:
         time.sleep(0.5)  # the grant is written, and the deadline passes before the commit
     assert cluster.rights(include_ended=True) == []
     with deadline.within(30):
-        cluster.job_started(slurm_job("93"))
+        cluster.record_job_start(slurm_job("93"))
     assert [g.job_id for g in cluster.rights()] == ["93"]

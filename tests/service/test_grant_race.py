@@ -26,7 +26,7 @@ from kasched.api import Kasched
 from kasched.config import Config
 from kasched.deploy import kexec, steps
 from kasched.identity import Caller
-from kasched.models import Deployment, DeploymentState, Node, NodeState, Operation
+from kasched.models import Node, NodeState, Operation, OperationState, StepRecord
 from kasched.results import GroupResult, NodeResult
 from kasched.service.client import ServiceClient
 from tests.conftest import write
@@ -151,7 +151,7 @@ def _wait_all_ended(admin: Kasched, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with admin.database.session() as session:
-            if not session.scalars(select(Deployment.id).where(Deployment.state == DeploymentState.RUNNING)).all():
+            if not session.scalars(select(Operation.id).where(Operation.state == OperationState.RUNNING)).all():
                 return
         time.sleep(0.1)
     pytest.fail("deployments still running")
@@ -163,7 +163,7 @@ def _check(admin: Kasched, config: Config, rounds: list[dict[str, Any]]) -> None
     print(f"{len(rounds)} rounds: {len(accepted)} deploys started before the revoke, {len(refused)} refused")
     with admin.database.session() as session:
         for answer in accepted:
-            deployment = session.get(Deployment, json.loads(answer["body"])["id"])
+            deployment = session.get(Operation, json.loads(answer["body"])["id"])
             assert deployment is not None
             revoked_at = datetime.fromisoformat(answer["revoked_at"])
             assert deployment.created_at < revoked_at, f"{deployment.id} was created after the revoke"
@@ -171,9 +171,9 @@ def _check(admin: Kasched, config: Config, rounds: list[dict[str, Any]]) -> None
             # Before each attempt the operation asks whether its grant is active: nothing starts after
             # the revoke but for the attempt in flight when it came.
             late = session.scalars(
-                select(Operation.step).where(
-                    Operation.deployment_id == deployment.id,
-                    Operation.started_at > revoked_at + timedelta(seconds=0.1),
+                select(StepRecord.step).where(
+                    StepRecord.deployment_id == deployment.id,
+                    StepRecord.started_at > revoked_at + timedelta(seconds=0.1),
                 )
             ).all()
             assert late == [], f"{deployment.id} ran {late} after its grant was revoked"

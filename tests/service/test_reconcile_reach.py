@@ -10,7 +10,7 @@ import pytest
 
 from kasched.api import Kasched
 from kasched.identity import Caller
-from kasched.jobs import JobInfo
+from kasched.messages import JobInfo
 from tests.service.tcpsite import Site, kasched_as
 from tests.service.test_small_ones import site  # noqa: F401 (the fixture: kaschedd on a scratch site)
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_doctor_reports_what_kaschedd_sees_of_each_scheduler(site: Site) -> None:  # noqa: F811
     admin = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
-        admin.job_started(JobInfo("slurm", "nowhere", "41", "kasched-alice", ("node-1",)))
+        admin.record_job_start(JobInfo("slurm", "nowhere", "41", "kasched-alice", ("node-1",)))
     finally:
         admin.close()
     doctor = kasched_as("root", site.client_config, "doctor", "--json", KASCHED_DIRECT="1")

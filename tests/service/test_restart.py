@@ -19,7 +19,7 @@ from kasched.config import Config
 from kasched.deploy import records
 from kasched.errors import KaschedError
 from kasched.identity import Caller
-from kasched.models import Deployment, NodeState
+from kasched.models import NodeState, Operation
 from kasched.service.client import ServiceClient
 from tests.conftest import EXAMPLES, ROOT
 
@@ -55,7 +55,7 @@ def test_kill_9_then_restart_leaves_a_known_state() -> None:
                 session, "deploy", "alice", "tiny@alice:1", ["node-1", "node-2"], NodeState.DEPLOYING, is_admin=True
             )
             instance = f"{'0' * 16}/{records.process_stamp(first.pid)}"  # as the service records its own
-            session.execute(update(Deployment).where(Deployment.id == running).values(pid=first.pid, instance=instance))
+            session.execute(update(Operation).where(Operation.id == running).values(pid=first.pid, instance=instance))
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         second = start_service(config_file, config.service_socket)

@@ -124,14 +124,14 @@ def test_kaschedd_reconciles_on_its_own(tmp_path: Path) -> None:
 
     from kasched.api import Kasched
     from kasched.identity import Caller
-    from kasched.jobs import JobInfo
+    from kasched.messages import JobInfo
     from kasched.service.main import serve
 
     config = Config(site="t", state_dir=tmp_path / "state", reconcile_interval=0.5, reconcile_walltime_grace=0)
     admin = Kasched.open(config, Caller("root", is_admin=True))
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     job = JobInfo(scheduler="slurm", cluster="c", job_id="5", user="alice", nodes=("node-1",), walltime=1)
-    admin.job_started(job)
+    admin.record_job_start(job)
     time.sleep(1.2)  # its walltime passes; no epilog comes
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=serve, args=(config, config.service_socket, ready, stop), daemon=True)

@@ -148,13 +148,13 @@ def slurm_environ(job_id: str, comment: str) -> dict[str, str]:
 def test_an_over_long_env_in_a_slurm_comment_is_one_line_and_the_job_keeps_its_grant(
     site: Site, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    job = SlurmAdapter().job_started(slurm_environ("7", f"kasched:env={'a' * 300}"), [])
+    job = SlurmAdapter().read_job_start(slurm_environ("7", f"kasched:env={'a' * 300}"), [])
     assert job.environment is None
     assert (
         capsys.readouterr().err == "kasched: warning: job 7: env= of the comment ignored (longer than 200 characters)\n"
     )
-    assert SlurmAdapter().job_started(slurm_environ("8", "env=\x1b[31mred"), []).environment is None
-    assert SlurmAdapter().job_started(slurm_environ("9", "env=debian12@alice"), []).environment == "debian12@alice"
+    assert SlurmAdapter().read_job_start(slurm_environ("8", "env=\x1b[31mred"), []).environment is None
+    assert SlurmAdapter().read_job_start(slurm_environ("9", "env=debian12@alice"), []).environment == "debian12@alice"
     environ = {**os.environ, **slurm_environ("70", f"env={'b' * 5000}"), "KASCHED_CONFIG": str(site.client_config)}
     started = subprocess.run([str(KASCHED), "job", "start", "--scheduler", "slurm"], capture_output=True, text=True,
                              env=environ, timeout=60)  # fmt: skip

@@ -1,8 +1,8 @@
-"""The relay of tree exec, started over SSH on a head node: ``python3 -m kasched.engine.relay``.
+"""The relay of tree exec, started over SSH on a head node: ``python3 -m kasched.transports.relay``.
 
 It reads one JSON request line on stdin (the command, the SSH credentials held in memory only, the
 nodes of its subtree and their addresses, the time left), runs the command on this node and, at the
-same time, on its subtree through :func:`kasched.engine.tree.run_level` (which may start further
+same time, on its subtree through :func:`kasched.transports.tree.run_level` (which may start further
 relays), and writes one JSON result line per node on stdout as soon as it is known. The node needs
 python3 with paramiko and the kasched package importable (in the lab, node namespaces share the
 host's filesystem; on a cluster, the deployment environment provides them).
@@ -20,10 +20,10 @@ import threading
 import time
 from typing import Any, TextIO
 
-from kasched.engine.ssh_session import CommandOutput
-from kasched.engine.tree import STEP, ExecRequest, command_result, result_message, run_level
 from kasched.errors import DriverTimeout
 from kasched.results import NodeResult
+from kasched.transports.ssh_session import CommandOutput
+from kasched.transports.tree import STEP, ExecRequest, command_result, result_message, run_level
 
 
 def login_shell() -> str:

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kasched.engine.chain import LOW_WATER_RANGE, low_water_for
-from kasched.engine.chain_agent import BATCH_RANGE, BATCH_SECONDS, CHUNK, RATE_WINDOW, Agent, Pacer
+from kasched.transports.chain import LOW_WATER_RANGE, low_water_for
+from kasched.transports.chain_agent import BATCH_RANGE, BATCH_SECONDS, CHUNK, RATE_WINDOW, Agent, Pacer
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_batches_follow_the_rate_the_stream_arrives_at() -> None:
 
 
 def test_a_session_can_ask_for_longer_batches() -> None:
-    from kasched.engine.chain import BroadcastOptions, _session_config
+    from kasched.transports.chain import BroadcastOptions, _session_config
 
     config = _session_config("s", {"kind": "discard"}, BroadcastOptions(batch_seconds=0.04), ":1")
     assert config["batch_seconds"] == 0.04  # what each agent's header carries

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kasched.engine import chain_agent
-from kasched.engine.chain_agent import SESSION_GONE
-from kasched.engine.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, agent_program, bundled_agent_source, new_key
+from kasched.transports import chain_agent
+from kasched.transports.chain_agent import SESSION_GONE
+from kasched.transports.chain_ssh import AGENT_FLAGS, AGENT_SOURCE, agent_program, bundled_agent_source, new_key
 
 PROGRAM = agent_program(new_key())  # the program shipped to a node: the source and a broadcast's key
 

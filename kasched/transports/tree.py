@@ -3,12 +3,12 @@ ClusterShell tree mode), with per-node results as data.
 
 ``fanout=0`` is direct mode: the caller connects to every node, at most ``window`` at a time. With
 ``fanout=k`` the nodes are cut into ``k`` contiguous groups; the caller connects to the first node
-of each group (its *head*) and starts a relay there (:mod:`kasched.engine.relay`), which runs the
+of each group (its *head*) and starts a relay there (:mod:`kasched.transports.relay`), which runs the
 command on the head and does the same for the rest of the group, recursively: depth ~ log_k(N). Each
 relay streams one JSON line per node back up. A head that cannot be reached is reported failed and
 its group is handled by its parent; a relay that dies leaves its missing nodes reported failed.
 Whatever the mode, the caller gets the same :class:`~kasched.results.GroupResult` whose values are
-:class:`~kasched.engine.ssh_session.CommandOutput`.
+:class:`~kasched.transports.ssh_session.CommandOutput`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 import paramiko
 
-from kasched.engine.ssh_session import CommandOutput, HostKeyPolicy, SshAuth, SshSession, load_private_key
 from kasched.errors import DriverError, DriverTimeout, KaschedError
 from kasched.results import GroupResult, NodeResult
+from kasched.transports.ssh_session import CommandOutput, HostKeyPolicy, SshAuth, SshSession, load_private_key
 
 STEP = "exec"
-DEFAULT_RELAY_COMMAND = "python3 -m kasched.engine.relay"
+DEFAULT_RELAY_COMMAND = "python3 -m kasched.transports.relay"
 RELAY_MARGIN = 1.0  # seconds a relay keeps in hand to report its own timeouts before its parent does
 
 Emit = Callable[[NodeResult, str], None]  # a node's result and the host key line seen for it

@@ -1,4 +1,4 @@
-"""The node program of the partition check (kasched.engine.partition_node), run as a node runs it
+"""The node program of the partition check (kasched.transports.partition_node), run as a node runs it
 (``python3 -I -S -c``, the standard library only) on files of this host: the same hashes whether the
 device takes direct reads or not and whatever the size, and patch records outside the image refused."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kasched.engine import partition_node
-from kasched.engine.partition_node import RECORD
 from kasched.partition_verify import node_command
+from kasched.transports import partition_node
+from kasched.transports.partition_node import RECORD
 
 BLOCK = 1 << 20
 SIZE = 3 * BLOCK + 1000  # the last block is short, and not whole pages: read through the page cache

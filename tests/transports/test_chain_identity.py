@@ -19,10 +19,10 @@ import pytest
 from chain_agents import AgentGroup
 from sshd_nodes import SshdCluster
 
-from kasched.engine import chain
-from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast
-from kasched.engine.chain_ssh import new_key, start_agents
-from kasched.engine.chain_wire import (
+from kasched.transports import chain
+from kasched.transports.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast
+from kasched.transports.chain_ssh import new_key, start_agents
+from kasched.transports.chain_wire import (
     CHALLENGE,
     DATA,
     END,
@@ -39,7 +39,7 @@ from kasched.engine.chain_wire import (
     sign,
     split_address,
 )
-from kasched.engine.ssh_session import SshAuth
+from kasched.transports.ssh_session import SshAuth
 
 FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
 IDENTITY = "did not prove it is {} (wrong key: another machine may hold its address)"

@@ -13,10 +13,10 @@ import pytest
 from sshd_nodes import SshdCluster
 from test_chain import FAST, random_image, sha256_file
 
-from kasched.engine.chain import ChainNode
-from kasched.engine.chain_ssh import broadcast_over_ssh, session_command
-from kasched.engine.ssh_session import SshAuth
 from kasched.results import GroupResult
+from kasched.transports.chain import ChainNode
+from kasched.transports.chain_ssh import broadcast_over_ssh, session_command
+from kasched.transports.ssh_session import SshAuth
 
 
 def chain_of(cluster: SshdCluster, names: list[str]) -> list[ChainNode]:

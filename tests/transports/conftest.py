@@ -1,4 +1,4 @@
-"""Fixtures of the engine tests: real sshd fake nodes on loopback, always killed."""
+"""Fixtures of the transport tests: real sshd fake nodes on loopback, always killed."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """The node side of the chain broadcast: receive an image stream from the predecessor, write it to a
 sink (untar into a directory, or raw into a file/device), forward it to the successor (with
-:mod:`kasched.engine.chain_wire`'s :class:`Forwarder`), check its sha256 and report to the server.
-Standard library only: run it as ``python3 -m kasched.engine.chain_agent --listen HOST:PORT --name
+:mod:`kasched.transports.chain_wire`'s :class:`Forwarder`), check its sha256 and report to the server.
+Standard library only: run it as ``python3 -m kasched.transports.chain_agent --listen HOST:PORT --name
 NODE`` with the broadcast's key on stdin (one line of hex), or ship it over SSH as one program,
 ``chain_wire``'s source followed by this one's without its import of ``chain_wire``, the key written
 into it (``chain_ssh.agent_program(key)``, read by ``python3 - --listen ...``). The protocol is
-described in ``docs/engine-transports.md``.
+described in ``docs/transports.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 # bundle: begin (chain_ssh.AGENT_SOURCE leaves this import out: chain_wire's source comes first there)
-from kasched.engine.chain_wire import (
+from kasched.transports.chain_wire import (
     ABORT,
     ACK,
     CHUNK,

@@ -1,4 +1,4 @@
-"""Fake nodes for engine tests and benches: real OpenSSH ``sshd`` processes, one per node, each on
+"""Fake nodes for transport tests and benches: real OpenSSH ``sshd`` processes, one per node, each on
 its own 127.0.x.y address, with a generated host key and an authorized_keys file in a temp dir."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
 REPO = Path(__file__).resolve().parents[2]
-RELAY_COMMAND = f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m kasched.engine.relay"
+RELAY_COMMAND = f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m kasched.transports.relay"
 
 
 def node_address(index: int, subnet: int = 41) -> str:

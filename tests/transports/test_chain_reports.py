@@ -11,10 +11,10 @@ import socket
 import threading
 import time
 
-from kasched.engine.chain import ReportCollector
-from kasched.engine.chain_agent import Reporter
-from kasched.engine.chain_ssh import new_key
-from kasched.engine.chain_wire import (
+from kasched.transports.chain import ReportCollector
+from kasched.transports.chain_agent import Reporter
+from kasched.transports.chain_ssh import new_key
+from kasched.transports.chain_wire import (
     HEADER,
     NONCE_BYTES,
     PROOF,

@@ -18,10 +18,11 @@ import pytest
 from chain_agents import AgentGroup
 from sshd_nodes import SshdCluster, free_port
 
-from kasched.engine.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
-from kasched.engine.chain_agent import SINK_PIPE
-from kasched.engine.chain_ssh import broadcast_over_ssh, new_key
-from kasched.engine.chain_wire import (
+from kasched.errors import InputError
+from kasched.transports.chain import BroadcastOptions, ChainNode, ReportCollector, broadcast, order_chain
+from kasched.transports.chain_agent import SINK_PIPE
+from kasched.transports.chain_ssh import broadcast_over_ssh, new_key
+from kasched.transports.chain_wire import (
     DATA,
     END,
     END_PAYLOAD,
@@ -31,8 +32,7 @@ from kasched.engine.chain_wire import (
     recv_exact,
     split_address,
 )
-from kasched.engine.ssh_session import SshAuth
-from kasched.errors import InputError
+from kasched.transports.ssh_session import SshAuth
 
 FAST = BroadcastOptions(timeout=60.0, stall_timeout=5.0, reconnect_timeout=5.0, lost_grace=1.0)
 

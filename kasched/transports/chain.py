@@ -1,9 +1,9 @@
 """Chain broadcast, server side: the image leaves the server once, into a TCP pipeline of nodes
 ordered by switch then rack then name (one crossing per switch uplink); each node writes it to its
-sink while forwarding it (:mod:`kasched.engine.chain_agent`), checks its sha256 and reports here.
+sink while forwarding it (:mod:`kasched.transports.chain_agent`), checks its sha256 and reports here.
 
 The agents must already listen on their nodes (started over SSH by the deployment workflow, e.g.
-with :func:`kasched.engine.chain_ssh.start_agents`), each holding the broadcast's key. A node that
+with :func:`kasched.transports.chain_ssh.start_agents`), each holding the broadcast's key. A node that
 dies mid-stream is bypassed by its predecessor and reported failed; the others still get the whole
 stream. Every chain connection, and every report to the server, opens with a handshake in which both
 ends prove they hold the key (``chain_wire.connect_as``): a machine that took a node's address gets
@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-from kasched.engine.chain_wire import (
+from kasched.errors import DriverError, DriverTimeout, InputError, IntegrityError
+from kasched.results import GroupResult, NodeResult
+from kasched.transports.chain_wire import (
     CHUNK,
     END_PAYLOAD,
     HEADER,
@@ -45,11 +47,9 @@ from kasched.engine.chain_wire import (
     send_frame,
     unseal,
 )
-from kasched.errors import DriverError, DriverTimeout, InputError, IntegrityError
-from kasched.results import GroupResult, NodeResult
 
 STEP = "broadcast"
-AGENT_MODULE = "kasched.engine.chain_agent"
+AGENT_MODULE = "kasched.transports.chain_agent"
 LOG = logging.getLogger(__name__)
 
 
@@ -257,7 +257,7 @@ def broadcast(
     started: only the agent that proves it holds the key under a node's name receives the stream
     meant for that node.
 
-    ``sink`` says where each node writes it (see :class:`~kasched.engine.chain_agent.Sink`).
+    ``sink`` says where each node writes it (see :class:`~kasched.transports.chain_agent.Sink`).
     ``expected_sha256`` (the image catalogue's) is what nodes check against; by default the sha256
     the server computes while sending. Results are in the order of ``nodes``; a node is ok when it
     reported the whole stream with the right checksum and a clean sink.

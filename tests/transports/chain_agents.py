@@ -1,4 +1,4 @@
-"""Chain agents for engine tests and benches: real agent processes listening on 127.0.x.y, each running
+"""Chain agents for transport tests and benches: real agent processes listening on 127.0.x.y, each running
 the program shipped to nodes (``chain_ssh.agent_program(key)``) read on its stdin, as over SSH, under
 ``python3 -I -S``: it must need nothing but the standard library. The group's ``key`` is the one to
 broadcast to them with."""
@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kasched.engine.chain import ChainNode
-from kasched.engine.chain_ssh import AGENT_FLAGS, agent_program, new_key
+from kasched.transports.chain import ChainNode
+from kasched.transports.chain_ssh import AGENT_FLAGS, agent_program, new_key
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""The wire side of the chain broadcast, shared by the server (:mod:`kasched.engine.chain`) and the
-node agents (:mod:`kasched.engine.chain_agent`): the framing, the handshake that opens every chain
+"""The wire side of the chain broadcast, shared by the server (:mod:`kasched.transports.chain`) and the
+node agents (:mod:`kasched.transports.chain_agent`): the framing, the handshake that opens every chain
 connection (both ends prove they hold the broadcast's key, each under its own name), the chain
 connections' socket options, and the :class:`Forwarder`, which sends the stream to the first live
 successor out of a bounded replay buffer and bypasses successors that die. Standard library only: it
 is shipped to the nodes ahead of the agent's own source, as one program (``chain_ssh.AGENT_SOURCE``).
-The protocol is described in ``docs/engine-transports.md``.
+The protocol is described in ``docs/transports.md``.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def cap_pacing(sock: socket.socket, rate: float) -> None:
     The source uses it when its link is faster than the nodes': BBR, probing for more bandwidth,
     sends a quarter above the first node's link every few round trips and queues there; capped at that
     link's rate, the stream of a 64-node lab at 10 Mbit/s took 43.27 s on average instead of 43.93
-    (docs/engine-transports.md, "Pacing the source")."""
+    (docs/transports.md, "Pacing the source")."""
     if rate <= 0:
         return
     value = min(int(rate), (1 << 64) - 2)  # past a C int (2 GB/s, 17 Gbit/s): as the kernel's u64

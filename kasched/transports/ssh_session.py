@@ -1,6 +1,9 @@
-"""One SSH session to one node (paramiko): connect with a private key, run one command, collect its
-stdout, stderr and exit status under a deadline. paramiko and socket errors are wrapped here, at the
-boundary, into :class:`~kasched.errors.DriverError` / :class:`~kasched.errors.DriverTimeout`."""
+"""kasched's one SSH layer (paramiko), used by the transports and by the SSH power driver
+(:mod:`kasched.drivers.ssh`): log in with :class:`SshAuth` (a user, a private key, a host key policy,
+known hosts), open one :class:`SshSession` to one node, run one command and collect its
+:class:`CommandOutput` (stdout, stderr, exit status) under a deadline, or start one without waiting.
+paramiko and socket errors are wrapped here, at the boundary, into
+:class:`~kasched.errors.DriverError` / :class:`~kasched.errors.DriverTimeout`."""
 
 from __future__ import annotations
 
@@ -144,6 +147,13 @@ class SshSession:
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise DriverError(f"cannot start command: {error}", node=self.node) from error
         return channel
+
+    def start(self, command: str, settle: float = 1.0) -> None:
+        """Start ``command`` without waiting for it to end (``reboot`` cuts the connection): wait at
+        most ``settle`` seconds for an exit status, which a reboot may never send."""
+        channel = self.open_command(command)
+        channel.status_event.wait(settle)
+        channel.close()
 
     def run(self, command: str, timeout: float, stdin_data: bytes = b"") -> CommandOutput:
         """Run ``command``; :class:`DriverTimeout` if it does not finish within ``timeout`` seconds."""

@@ -17,9 +17,9 @@ import pytest
 from chain_agents import AgentGroup
 from test_chain import random_image, sha256_file
 
-from kasched.engine.chain import BroadcastOptions, broadcast
 from kasched.lab.system import inside_netns
 from kasched.results import GroupResult
+from kasched.transports.chain import BroadcastOptions, broadcast
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sshd_nodes import RELAY_COMMAND, SshdCluster, free_port
 
-from kasched.engine import tree
-from kasched.engine.ssh_session import HostKeyPolicy
+from kasched.transports import tree
+from kasched.transports.ssh_session import HostKeyPolicy
 
 COMMAND = "echo out-$((6*7)); echo err >&2; exit 0"
 

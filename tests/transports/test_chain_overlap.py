@@ -13,8 +13,10 @@ from sshd_nodes import SshdCluster, free_port
 from test_chain import FAST, random_image, sha256_file
 from test_chain_prepare import assert_no_agent_left
 
-from kasched.engine.chain import BroadcastOptions, ChainNode, broadcast
-from kasched.engine.chain_ssh import (
+from kasched.errors import DriverError
+from kasched.results import GroupResult
+from kasched.transports.chain import BroadcastOptions, ChainNode, broadcast
+from kasched.transports.chain_ssh import (
     AGENT_FLAGS,
     StartStates,
     agent_program,
@@ -23,10 +25,8 @@ from kasched.engine.chain_ssh import (
     session_command,
     start_agents,
 )
-from kasched.engine.chain_wire import STARTING
-from kasched.engine.ssh_session import SshAuth
-from kasched.errors import DriverError
-from kasched.results import GroupResult
+from kasched.transports.chain_wire import STARTING
+from kasched.transports.ssh_session import SshAuth
 
 IMAGE_MIB = 2
 

@@ -1,5 +1,5 @@
 """Start chain agents on nodes over SSH, shipping the agent itself: ``python3 - --listen ...`` with
-the source of :mod:`kasched.engine.chain_agent` sent on stdin, so nodes need only python3. Then
+the source of :mod:`kasched.transports.chain_agent` sent on stdin, so nodes need only python3. Then
 broadcast to the agents that started; the others are failed results. The program sent holds the
 broadcast's key (:func:`agent_program`): it reaches each node only over that node's SSH session (with
 pinned host keys, the genuine node), and every chain connection proves it (``chain_wire.connect_as``).
@@ -30,19 +30,19 @@ from typing import Any, BinaryIO
 
 import paramiko
 
-from kasched.engine import chain_agent, chain_wire
-from kasched.engine.chain import STEP, BroadcastOptions, ChainNode, broadcast, check_options, order_chain
-from kasched.engine.chain_wire import KEY_BYTES, STARTING, split_address
-from kasched.engine.ssh_session import SshAuth, SshSession, load_private_key
 from kasched.errors import DriverError, KaschedError
 from kasched.results import GroupResult, NodeResult
+from kasched.transports import chain_agent, chain_wire
+from kasched.transports.chain import STEP, BroadcastOptions, ChainNode, broadcast, check_options, order_chain
+from kasched.transports.chain_wire import KEY_BYTES, STARTING, split_address
+from kasched.transports.ssh_session import SshAuth, SshSession, load_private_key
 
 BUNDLE_BEGIN, BUNDLE_END = "# bundle: begin", "# bundle: end"
 
 
 def bundled_agent_source() -> bytes:
-    """The agent as one program: :mod:`~kasched.engine.chain_wire`'s source, then
-    :mod:`~kasched.engine.chain_agent`'s without its import of chain_wire (between its ``# bundle:``
+    """The agent as one program: :mod:`~kasched.transports.chain_wire`'s source, then
+    :mod:`~kasched.transports.chain_agent`'s without its import of chain_wire (between its ``# bundle:``
     lines) and its ``from __future__`` line (chain_wire's, first in the program, holds for all)."""
     wire = Path(chain_wire.__file__).read_text()
     agent = Path(chain_agent.__file__).read_text()

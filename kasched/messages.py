@@ -1,4 +1,6 @@
-"""What a scheduler tells kasched about a job, as plain data passed along the plugin bus."""
+"""The plugin bus's messages, as plain data: what a scheduler tells kasched about a job (:class:`JobInfo`,
+:class:`JobEnd`), what an operation reports of each step on each node (:class:`StepEvent`), and what a
+person should hear about (:class:`Notification`)."""
 
 from __future__ import annotations
 
@@ -34,19 +36,28 @@ class JobEnd:
 
 @dataclass(frozen=True)
 class StepEvent:
-    """One step of a deployment, reboot or power operation on one node, finished."""
+    """One attempt of one step (one variant of it) of an operation on one node, finished: what the live
+    view shows, the plugin bus carries (``kasched_deploy_step``) and the statistics keep. The workflow
+    fills the attempt; the operation running it adds who, what and which operation (``kind`` ...)."""
 
-    kind: str  # deploy, reboot, power, revert
     node: str
-    user: str
     step: str  # e.g. "setup", "broadcast", "boot", "power_on"
+    variant: str  # the way the step was tried (e.g. "pxe", "kexec"); "" for a step with one way
+    attempt: int  # 1 for the first try of this variant on this node
     started_at: datetime
     duration: float
     ok: bool
     error: str | None = None
+    final: bool = True  # False: a failed attempt after which the node gets another retry or variant
+    kind: str = ""  # deploy, revert, reboot, power, reconcile
+    user: str = ""
     environment: str | None = None
     deployment_id: str | None = None
-    final: bool = True  # False: a failed attempt after which the node gets another retry or variant
+
+    @property
+    def label(self) -> str:
+        """``step/variant`` (``step`` alone for a step with one way): the step as statistics name it."""
+        return f"{self.step}/{self.variant}" if self.variant else self.step
 
 
 @dataclass(frozen=True)
