@@ -101,8 +101,14 @@ def fold(names: Iterable[str]) -> str:
     """Fold names back into the shortest range string (``node-[1-4]``); names that are not node
     names (in an error message about them, say) are listed as they are."""
     names = list(names)
+    numbers, others = _split(names)
+    if len(numbers) == 1 and not others and not any(c.isdigit() for c in next(iter(numbers))):
+        # One prefix without digits (n-1 ... n-10000): ClusterShell's text is the range itself; it
+        # would sort every number one by one again (20 ms at 10,000 nodes) to write it.
+        [(prefix, found)] = numbers.items()
+        return f"{prefix}{found.pop()}" if len(found) == 1 else f"{prefix}[{_ranges(sorted(found))}]"
     try:
-        return str(NodeSet(_prefolded(names), resolver=RESOLVER_NOGROUP)) if names else ""
+        return str(NodeSet(_prefolded(numbers, others), resolver=RESOLVER_NOGROUP)) if names else ""
     except (NodeSetParseError, RangeSetParseError, ValueError):
         return ",".join(names)
 
@@ -110,10 +116,8 @@ def fold(names: Iterable[str]) -> str:
 _PLAIN = re.compile(r"^([A-Za-z0-9._-]*[A-Za-z._-])(0|[1-9][0-9]{0,17})$")  # node-12: no padding, no brackets
 
 
-def _prefolded(names: list[str]) -> str:
-    """The same set as ``names``, written with ranges for the plain names (a prefix, then a number
-    without leading zeros) and the others as they are: ClusterShell then reads a few ranges instead of
-    parsing every name (10,000 names: 0.46 s one by one, a few ms so)."""
+def _split(names: list[str]) -> tuple[dict[str, set[int]], list[str]]:
+    """The plain names (a prefix, then a number without leading zeros) as numbers by prefix, and the others."""
     numbers: dict[str, set[int]] = {}
     others = []
     for name in names:
@@ -122,6 +126,13 @@ def _prefolded(names: list[str]) -> str:
             numbers.setdefault(match.group(1), set()).add(int(match.group(2)))
         else:
             others.append(name)
+    return numbers, others
+
+
+def _prefolded(numbers: dict[str, set[int]], others: list[str]) -> str:
+    """The same set as the names :func:`_split` gave, written with ranges for the plain names and the
+    others as they are: ClusterShell then reads a few ranges instead of parsing every name (10,000
+    names: 0.46 s one by one, a few ms so)."""
     ranges = [f"{prefix}[{_ranges(sorted(found))}]" for prefix, found in numbers.items()]
     return ",".join([*ranges, *others])
 
