@@ -57,7 +57,7 @@ def test_a_job_of_many_nodes_is_granted_checked_and_revoked(admin: Kasched) -> N
     grant = admin.job_started(JobInfo("slurm", "big", "7", "alice", tuple(names), walltime=3600))
     assert sorted(grant.nodes) == sorted(names)
     assert sorted(admin.rights()[0].nodes) == sorted(names)
-    decision = admin.check(names[:10] + ["b-999999"], user="alice")
+    decision = admin.check([*names[:10], "b-999999"], user="alice")
     assert not decision.allowed and list(decision.refused) == ["b-999999"] and len(decision.grants) == 10
     revoked = admin.job_ended(JobEnd("slurm", "big", "7"))
     assert revoked.revoked_at is not None and not admin.check(names[:3], user="alice").allowed
