@@ -66,8 +66,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     wanted = set(COMMAND_MODULES) if argv is None else {COMMANDS[c][0] for c in [_command(argv)] if c in COMMANDS}
     for module_name in COMMAND_MODULES:
         if module_name not in wanted:
-            for command, (module, helptext) in COMMANDS.items():
-                if module == module_name:
+            for command, (group, helptext) in COMMANDS.items():
+                if group == module_name:
                     subparsers.add_parser(command, help=helptext, add_help=False)
             continue
         try:
