@@ -136,6 +136,23 @@ def part_slurm(jobs: int, slurm_nodes: int) -> None:
         print(f"submitted in {submitted:.1f} s; all ended in {took:.1f} s ({took / jobs:.2f} s per job)")
         print(f"grants created {len(mine)}/{jobs}, revoked {len(revoked)}/{jobs}; prolog failures {failures}")
         print(f"jobs not COMPLETED: {len(not_completed)} {dict(list(not_completed.items())[:5])}")
+        print_hook_times(slurm.log("hooks-time.log"))
+
+
+def print_hook_times(log: str) -> None:
+    """The wall time of each PrologSlurmctld / EpilogSlurmctld run (the wrapper's hooks-time.log lines:
+    ``job ID prolog exit CODE SECONDS s``): what a job waits for kasched on real Slurm."""
+    times: dict[str, list[float]] = {"prolog": [], "epilog": []}
+    for line in log.splitlines():
+        words = line.split()
+        if len(words) == 7 and words[2] in times:
+            times[words[2]].append(float(words[5]))
+    for hook, values in times.items():
+        if values:
+            print(
+                f"{hook} on real Slurm: {len(values)} runs, p50 {statistics.median(values) * 1000:.0f} ms, "
+                f"max {max(values) * 1000:.0f} ms"
+            )
 
 
 def wait_all_ended(slurm: object, ids: list[str], timeout: float) -> dict[str, str]:
