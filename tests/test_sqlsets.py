@@ -61,3 +61,25 @@ def test_a_job_of_many_nodes_is_granted_checked_and_revoked(admin: Kasched) -> N
     assert not decision.allowed and list(decision.refused) == ["b-999999"] and len(decision.grants) == 10
     revoked = admin.job_ended(JobEnd("slurm", "big", "7"))
     assert revoked.revoked_at is not None and not admin.check(names[:3], user="alice").allowed
+
+
+def test_the_reclaim_plan_reads_the_settled_nodes_and_those_of_other_active_grants(cluster: Kasched) -> None:
+    """The epilog's plan reads only the exceptions: node-3 down (settled), node-2 in the user's next
+    job (another active grant), node-1 in an old revoked grant (not a holder): node-1 and node-4 go back."""
+    from kasched.deploy import reclaim
+    from kasched.jobs import JobEnd, JobInfo
+    from kasched.models import NodeState
+
+    def job(job_id: str, nodes: tuple[str, ...]) -> JobInfo:
+        return JobInfo("slurm", "c1", job_id, "alice", nodes, walltime=3600)
+
+    cluster.job_started(job("1", ("node-1",)))
+    cluster.job_ended(JobEnd("slurm", "c1", "1"))
+    ending = cluster.job_started(job("2", ("node-1", "node-2", "node-3", "node-4")))
+    cluster.job_started(job("3", ("node-2", "node-5")))
+    with cluster.database.session() as session:
+        session.get(Node, grants.node_ids_by_name(session, ["node-3"])["node-3"]).state = NodeState.DOWN  # type: ignore[union-attr]
+    with cluster.database.session() as session:
+        grants.revoke(session, JobEnd("slurm", "c1", "2"))
+        todo = reclaim.plan(session, ending.id, ending.nodes)
+    assert (todo.to_revert, todo.settled, todo.others) == (("node-1", "node-4"), ("node-3",), ("node-2",))

@@ -92,14 +92,18 @@ def plan(session: Session, grant_id: int, nodes: Sequence[str]) -> ReclaimPlan:
 
 
 def held_by_others(session: Session, grant_id: int) -> set[str]:
-    """The nodes of grant ``grant_id`` that another active grant (of anyone) holds now."""
+    """The nodes of grant ``grant_id`` that another active grant (of anyone) holds now. Read from the
+    active grants (a few) rather than from each node's history of grants (which only grows)."""
+    active = session.scalars(
+        select(Grant.id).where(Grant.id != grant_id, Grant.revoked_at.is_(None), Grant.expires_at > utcnow())
+    ).all()
+    if not active:
+        return set()
     linked = select(GrantNode.node_id).where(GrantNode.grant_id == grant_id)
     rows = (
         select(Node.name)
         .join(GrantNode, GrantNode.node_id == Node.id)
-        .join(Grant, Grant.id == GrantNode.grant_id)
-        .where(Grant.id != grant_id, Grant.revoked_at.is_(None), Grant.expires_at > utcnow())
-        .where(GrantNode.node_id.in_(linked))
+        .where(GrantNode.grant_id.in_(active), GrantNode.node_id.in_(linked))
         .distinct()
     )
     return set(session.scalars(rows))
