@@ -1,8 +1,11 @@
 """Grant and revoke times for 1,000-node and 10,000-node jobs, on SQLite and PostgreSQL.
 
-Run: .venv/bin/python bench/grants.py [--runs N] [--postgresql URL]
-Prints p50/p99 per backend and job size, and the ratios measured side by side in this run.
-Target (issue 2): p99 under 100 ms for a 1,000-node grant.
+Run: .venv/bin/python bench/grants.py [--runs N] [--sizes 1000,10000] [--postgresql URL]
+Each run is what a prolog and an epilog do in process: ``Kasched.job_started`` (the grant, its node
+links, the journal) and ``Kasched.job_ended`` (the revoke, the cancel of its operations, the reclaim
+plan, the start of the background revert: a process, here ``true``). Prints p50/p99 per backend and
+job size, then ``RATIO`` lines: each p99 against the 100 ms target (issue 21: grant and revoke of a
+10,000-node job under 100 ms p99 on both databases).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 from kasched.api import Kasched  # noqa: E402
 from kasched.config import Config  # noqa: E402
+from kasched.deploy import reclaim  # noqa: E402
 from kasched.identity import Caller  # noqa: E402
 from kasched.messages import JobEnd, JobInfo  # noqa: E402
 from kasched.models import Cluster, Node  # noqa: E402
 
 SIZES = (1_000, 10_000)
+TARGET = 0.100  # seconds, p99 of a grant and of a revoke
 
 
 def populate(api: Kasched, count: int) -> list[str]:
@@ -48,6 +53,13 @@ def populate(api: Kasched, count: int) -> list[str]:
         ]
         session.execute(insert(Node), rows)
     return [row["name"] for row in rows]
+
+
+def start_no_revert(config: Config, grant_id: int | None) -> int:
+    """Stands for :func:`kasched.deploy.reclaim.spawn` here: a process is started (its cost is the
+    epilog's), but not the background revert of nodes that have no BMC (its CPU would slow the runs
+    that follow, on a 2-CPU machine)."""
+    return subprocess.Popen(["true"], stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True).pid
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -89,8 +101,10 @@ def postgresql_scratch(admin_url: str) -> tuple[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="runs per size (default 30)")
+    parser.add_argument("--sizes", default="1000,10000", help="job sizes, comma-separated (default 1000,10000)")
     parser.add_argument("--postgresql", help="admin URL (default: start it with scripts/start-databases.sh)")
     args = parser.parse_args()
+    sizes = tuple(int(size) for size in args.sizes.split(","))
     pg_url = (
         args.postgresql
         or subprocess.run(
@@ -98,6 +112,7 @@ def main() -> int:
         ).stdout.split()[-1]
     )
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
+    reclaim.spawn = start_no_revert
     with tempfile.TemporaryDirectory() as directory:
         scratch_url, drop = postgresql_scratch(pg_url)
         backends = {"sqlite": f"sqlite:///{directory}/bench.db", "postgresql": scratch_url}
@@ -105,8 +120,8 @@ def main() -> int:
             for backend, url in backends.items():
                 config = Config(site="bench", state_dir=Path(directory), database=url)
                 api = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
-                names = populate(api, max(SIZES))
-                for size in SIZES:
+                names = populate(api, max(sizes))
+                for size in sizes:
                     runs = args.runs if size <= 1000 else max(5, args.runs // 3)
                     measure(api, names, size, 2)  # warm up
                     results[(backend, size)] = measure(api, names, size, runs)
@@ -129,18 +144,10 @@ def report(results: dict[tuple[str, int], dict[str, list[float]]]) -> None:
             f"{percentile(ms['grant'], 0.99):>9.1f}  {statistics.median(ms['revoke']):>10.1f} "
             f"{percentile(ms['revoke'], 0.99):>10.1f}  {statistics.median(ms['check']):>9.1f}"
         )
-    print("\nratios (p50 grant, measured in this run):")
-    for backend in ("sqlite", "postgresql"):
-        small, large = results[(backend, 1000)]["grant"], results[(backend, 10000)]["grant"]
-        print(f"  {backend}: 10,000 nodes / 1,000 nodes = {statistics.median(large) / statistics.median(small):.1f}x")
-    for size in SIZES:
-        pg, lite = results[("postgresql", size)]["grant"], results[("sqlite", size)]["grant"]
-        print(f"  {size} nodes: postgresql / sqlite = {statistics.median(pg) / statistics.median(lite):.2f}x")
-    p99 = percentile(results[("sqlite", 1000)]["grant"], 0.99) * 1000
-    print(
-        f"\ntarget: 1,000-node grant p99 < 100 ms on the SQLite default: {p99:.1f} ms "
-        f"({'met' if p99 < 100 else 'NOT met'})"
-    )
+    print(f"\nratios: p99 against the {TARGET * 1000:.0f} ms target (under 1.00 meets it)")
+    for (backend, size), times in results.items():
+        for kind in ("grant", "revoke"):
+            print(f"RATIO {kind} p99 {size} nodes {backend} / target = {percentile(times[kind], 0.99) / TARGET:.2f}")
 
 
 if __name__ == "__main__":

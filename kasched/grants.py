@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, literal, select
 from sqlalchemy.orm import Session
 
 from kasched.errors import ConflictError, InputError, NotFoundError
 from kasched.messages import JobEnd, JobInfo
 from kasched.models import Grant, GrantNode, Node, Operation, OperationState, utcnow
 from kasched.nodeset import fold
+from kasched.sqlsets import members
 from kasched.views import Decision, GrantView
 
-CHUNK = 2000  # names per IN (...) query, well under every backend's parameter limit
 JOB_ID_MAX = 64
 
 
@@ -33,7 +33,6 @@ def create(session: Session, job: JobInfo, *, origin: str, max_hours: float) -> 
     if existing is not None:  # a new job under an old id: the old grant keeps its history, renamed
         existing.job_id = _retired_id(existing)
         session.flush()
-    node_ids = node_ids_by_name(session, job.nodes)
     start = job.started_at or utcnow()
     hours = min(job.walltime / 3600, max_hours) if job.walltime else max_hours
     grant = Grant(
@@ -48,8 +47,23 @@ def create(session: Session, job: JobInfo, *, origin: str, max_hours: float) -> 
     )
     session.add(grant)
     session.flush()
-    session.execute(insert(GrantNode), [{"grant_id": grant.id, "node_id": node_ids[n]} for n in job.nodes])
+    _insert_nodes(session, grant.id, job.nodes)
     return _view(grant, tuple(job.nodes)), True
+
+
+def _insert_nodes(session: Session, grant_id: int, names: Sequence[str]) -> None:
+    """Link grant ``grant_id`` to the nodes ``names`` in the database itself (``INSERT ... SELECT``, no
+    round trip per node); an unknown name is an error naming it, and the caller's transaction with the
+    half-made grant is rolled back."""
+    wanted = list(dict.fromkeys(names))
+    stored = 0
+    for condition in members(session, Node.name, wanted):
+        rows = select(literal(grant_id), Node.id).where(condition)
+        statement = insert(GrantNode).from_select(["grant_id", "node_id"], rows)
+        stored += session.connection().execute(statement.execution_options(preserve_rowcount=True)).rowcount
+    if stored != len(wanted):
+        node_ids_by_name(session, wanted)  # raises NotFoundError naming the unknown nodes
+        raise NotFoundError(f"some of the nodes {fold(wanted)} are unknown")
 
 
 def _id_reused(grant: Grant, job: JobInfo) -> bool:
@@ -145,11 +159,11 @@ def check(session: Session, user: str, nodes: Sequence[str], *, is_admin: bool =
 def active_holders(session: Session, node_ids: Iterable[int]) -> dict[int, list[tuple[str, str]]]:
     now = utcnow()
     holders: dict[int, list[tuple[str, str]]] = {}
-    for chunk in _chunks(list(node_ids)):
+    for condition in members(session, GrantNode.node_id, list(node_ids)):
         rows = session.execute(
             select(GrantNode.node_id, Grant.user, Grant.scheduler, Grant.cluster, Grant.job_id)
             .join(Grant, Grant.id == GrantNode.grant_id)
-            .where(GrantNode.node_id.in_(chunk), Grant.revoked_at.is_(None), Grant.expires_at > now)
+            .where(condition, Grant.revoked_at.is_(None), Grant.expires_at > now)
         )
         for node_id, user, scheduler, cluster, job_id in rows:
             holders.setdefault(node_id, []).append((user, f"{scheduler}:{cluster}:{job_id}"))
@@ -175,10 +189,8 @@ def node_ids_by_name(session: Session, names: Iterable[str], *, missing_ok: bool
     """Node ids by name; unknown names are an error naming them unless ``missing_ok``."""
     wanted = list(dict.fromkeys(names))
     found: dict[str, int] = {}
-    for chunk in _chunks(wanted):
-        found.update(
-            (name, node_id) for name, node_id in session.execute(select(Node.name, Node.id).where(Node.name.in_(chunk)))
-        )
+    for condition in members(session, Node.name, wanted):
+        found.update(session.execute(select(Node.name, Node.id).where(condition)).all())
     missing = [name for name in wanted if name not in found]
     if missing and not missing_ok:
         raise NotFoundError(f"unknown node(s) {fold(missing)}")
@@ -227,8 +239,3 @@ def _check_job(job: JobInfo) -> None:
         raise InputError(f"job {job.job_id} has no nodes", field="job")
     if job.walltime is not None and job.walltime <= 0:
         raise InputError(f"walltime {job.walltime} is not positive", field="job")
-
-
-def _chunks(items: list[str] | list[int]) -> Iterable[list]:  # type: ignore[type-arg]
-    for start in range(0, len(items), CHUNK):
-        yield items[start : start + CHUNK]

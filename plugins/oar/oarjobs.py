@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
-
 from kasched.errors import KaschedError
 from kasched.schedulers import json_object, run_command
 
@@ -190,6 +188,8 @@ def _job(data: Mapping[str, Any], nodes: Any, source: str) -> OarJob:
 
 
 def _get(settings: OarSettings, path: str) -> dict[str, Any]:
+    import requests  # here: every hook loads this plugin, and requests alone costs 0.1 s to import
+
     url = f"{settings.api_url}{path}"
     try:
         response = requests.get(url, headers={"X-Remote-Ident": settings.api_ident}, timeout=settings.timeout)
