@@ -1,8 +1,8 @@
 """Grant and revoke times for 1,000-node and 10,000-node jobs, on SQLite and PostgreSQL.
 
 Run: .venv/bin/python bench/grants.py [--runs N] [--sizes 1000,10000] [--postgresql URL]
-Each run is what a prolog and an epilog do in process: ``Kasched.job_started`` (the grant, its node
-links, the journal) and ``Kasched.job_ended`` (the revoke, the cancel of its operations, the reclaim
+Each run is what a prolog and an epilog do in process: ``Kasched.record_job_start`` (the grant, its node
+links, the journal) and ``Kasched.record_job_end`` (the revoke, the cancel of its operations, the reclaim
 plan, the start of the background revert: a process, here ``true``). Prints p50/p99 per backend and
 job size, then ``RATIO`` lines: each p99 against the 100 ms target (issue 21: grant and revoke of a
 10,000-node job under 100 ms p99 on both databases).

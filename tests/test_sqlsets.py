@@ -51,15 +51,15 @@ def test_node_ids_of_a_long_list_in_one_statement_where_the_backend_takes_a_list
 
 
 def test_a_job_of_many_nodes_is_granted_checked_and_revoked(admin: Kasched) -> None:
-    from kasched.jobs import JobEnd, JobInfo
+    from kasched.messages import JobEnd, JobInfo
 
     names = _populate(admin)
-    grant = admin.job_started(JobInfo("slurm", "big", "7", "alice", tuple(names), walltime=3600))
+    grant = admin.record_job_start(JobInfo("slurm", "big", "7", "alice", tuple(names), walltime=3600))
     assert sorted(grant.nodes) == sorted(names)
     assert sorted(admin.rights()[0].nodes) == sorted(names)
     decision = admin.check([*names[:10], "b-999999"], user="alice")
     assert not decision.allowed and list(decision.refused) == ["b-999999"] and len(decision.grants) == 10
-    revoked = admin.job_ended(JobEnd("slurm", "big", "7"))
+    revoked = admin.record_job_end(JobEnd("slurm", "big", "7"))
     assert revoked.revoked_at is not None and not admin.check(names[:3], user="alice").allowed
 
 
@@ -67,16 +67,16 @@ def test_the_reclaim_plan_reads_the_settled_nodes_and_those_of_other_active_gran
     """The epilog's plan reads only the exceptions: node-3 down (settled), node-2 in the user's next
     job (another active grant), node-1 in an old revoked grant (not a holder): node-1 and node-4 go back."""
     from kasched.deploy import reclaim
-    from kasched.jobs import JobEnd, JobInfo
+    from kasched.messages import JobEnd, JobInfo
     from kasched.models import NodeState
 
     def job(job_id: str, nodes: tuple[str, ...]) -> JobInfo:
         return JobInfo("slurm", "c1", job_id, "alice", nodes, walltime=3600)
 
-    cluster.job_started(job("1", ("node-1",)))
-    cluster.job_ended(JobEnd("slurm", "c1", "1"))
-    ending = cluster.job_started(job("2", ("node-1", "node-2", "node-3", "node-4")))
-    cluster.job_started(job("3", ("node-2", "node-5")))
+    cluster.record_job_start(job("1", ("node-1",)))
+    cluster.record_job_end(JobEnd("slurm", "c1", "1"))
+    ending = cluster.record_job_start(job("2", ("node-1", "node-2", "node-3", "node-4")))
+    cluster.record_job_start(job("3", ("node-2", "node-5")))
     with cluster.database.session() as session:
         session.get(Node, grants.node_ids_by_name(session, ["node-3"])["node-3"]).state = NodeState.DOWN  # type: ignore[union-attr]
     with cluster.database.session() as session:
