@@ -10,6 +10,7 @@ from typing import Any
 from kasched import hookspecs
 from kasched.api import Kasched
 from kasched.bus import Bus
+from kasched.compose import open_site
 from kasched.hookspecs import hookimpl
 from kasched.jobs import JobEnd, JobInfo, Notification
 from kasched.views import GrantView
@@ -35,7 +36,7 @@ def test_every_hook_is_prefixed_documented_and_typed() -> None:
 
 
 def test_builtins_are_plugins(sqlite_config: Any) -> None:
-    api = Kasched.open(sqlite_config, load_entry_points=False)
+    api = open_site(sqlite_config, load_entry_points=False)
     try:
         assert {"grant-keeper", "history", "journal"} <= set(api.bus.plugin_names())
     finally:
@@ -79,7 +80,7 @@ def test_plugins_hear_grant_events_once(cluster: Kasched) -> None:
 def test_disabled_plugin_is_not_loaded(sqlite_config: Any) -> None:
     from dataclasses import replace
 
-    api = Kasched.open(replace(sqlite_config, disabled_plugins=("journal",)), load_entry_points=False)
+    api = open_site(replace(sqlite_config, disabled_plugins=("journal",)), load_entry_points=False)
     try:
         assert "journal" not in api.bus.plugin_names()
     finally:
