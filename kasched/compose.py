@@ -41,10 +41,11 @@ def open_site(config: Config, caller: Caller | None = None, *, load_entry_points
     database = Database(config.database)
     database.upgrade()
     bus = Bus(load_entry_points=load_entry_points, disabled=config.disabled_plugins)
-    bus.register(GrantKeeper(database, config, bus), "grant-keeper")
+    give_back = DeployGiveBack(database, config, bus)
+    bus.register(GrantKeeper(database, config, bus, give_back), "grant-keeper")
     bus.register(History(database), "history")
     bus.register(Journal(), "journal")
-    bus.register(Reclaimer(config, bus, DeployGiveBack(database, config, bus)), "reclaimer")
+    bus.register(Reclaimer(config, bus, give_back), "reclaimer")
     bus.register(BuiltinDrivers(), "drivers")
     bus.register(StatelessImages(database, config), "stateless")
     bus.register(ConsoleMarks(config), "console-marks")
@@ -57,8 +58,8 @@ def open_local(config: Config, caller: Caller | None = None) -> LocalKasched:
 
 
 class DeployGiveBack:
-    """The reclaimer's :class:`~kasched.builtin.reclaimer.GiveBack`, from :mod:`kasched.deploy.reclaim`
-    and :mod:`kasched.deploy.release`."""
+    """The :class:`~kasched.builtin.reclaimer.GiveBack` of the reclaimer and the grant keeper, from
+    :mod:`kasched.deploy.reclaim` and :mod:`kasched.deploy.release`."""
 
     def __init__(self, database: Database, config: Config, bus: Bus) -> None:
         self.database, self.config, self.bus = database, config, bus
@@ -74,4 +75,9 @@ class DeployGiveBack:
         return reclaim.spawn(self.config, grant.id), reclaim.log_path(self.config, grant.id)
 
     def release(self, grant: GrantView, back: Sequence[str], kept: Mapping[str, str]) -> None:
+        release(self.bus, grant.scheduler, grant.job_id, back, kept)
+
+    def release_as_they_are(self, grant: GrantView) -> None:
+        with self.database.session() as session:
+            back, kept = reclaim.settled_release(session, grant)
         release(self.bus, grant.scheduler, grant.job_id, back, kept)

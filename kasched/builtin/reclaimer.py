@@ -61,6 +61,10 @@ class GiveBack(Protocol):
     def release(self, grant: GrantView, back: Sequence[str], kept: Mapping[str, str]) -> None:
         """Tell the grant's scheduler which nodes are back, and which stay out and why."""
 
+    def release_as_they_are(self, grant: GrantView) -> None:
+        """For an epilog that comes after its grant was revoked already (reconcile was first): release
+        the grant's nodes that are not busy, as they are now (no revert of this end will)."""
+
 
 class Reclaimer:
     def __init__(self, config: Config, bus: Bus, give_back: GiveBack) -> None:
