@@ -34,6 +34,8 @@ def register(subparsers: Any) -> None:
     deploy.add_argument("--stateless", action="store_true", help="boot the environment into RAM, no disk write")
     deploy.add_argument("--cancel", metavar="ID", help="cancel a running deployment")
     deploy.add_argument("--status", metavar="ID", help="show a deployment and its nodes")
+    deploy.add_argument("--list", action="store_true", help="list the running and recent operations (admins: anyone's)")
+    deploy.add_argument("--running", action="store_true", help="with --list: the running operations only")
     deploy.add_argument("--json", action="store_true")
     deploy.set_defaults(handler=deploy_command)
 
@@ -110,6 +112,8 @@ def deploy_command(args: argparse.Namespace, context: Context) -> int:
         return 0
     if args.status:
         return _show_status(front.status(args.status), args.json)
+    if args.list:
+        return _show_list(front.operations(running=args.running), args.json)
     if not args.env:
         raise InputError("give the environment to deploy with -e NAME[@OWNER][:VERSION]", field="env")
     key = _read_key(args.key)
@@ -206,6 +210,29 @@ def _read_key(path: str | None) -> str | None:
         return Path(path).expanduser().read_text().strip()
     except OSError as error:
         raise InputError(f"{path}: {error.strerror}", field="key") from None
+
+
+def _show_list(listed: list[DeploymentView], as_json: bool) -> int:
+    """Operations, newest first: one line each (their nodes folded)."""
+    if as_json:
+        print_json([{key: value for key, value in vars(shown).items() if key != "steps"} for shown in listed])
+        return 0
+    print_table(
+        ["id", "kind", "user", "state", "environment", "started", "nodes"],
+        [
+            (
+                d.id,
+                d.kind,
+                d.user,
+                d.state,
+                d.environment or "-",
+                f"{d.created_at:%Y-%m-%d %H:%M:%S}",
+                fold(list(d.nodes)),
+            )
+            for d in listed
+        ],
+    )
+    return 0
 
 
 def _show_status(shown: DeploymentView, as_json: bool) -> int:

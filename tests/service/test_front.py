@@ -4,6 +4,7 @@ on the same site) give the same answers, the same error kinds, and the same stre
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kasched.cli import main
 from kasched.compose import open_local
 from kasched.config import Config
 from kasched.deploy.workflow import StepReport
@@ -112,3 +114,39 @@ def test_a_deploy_gives_the_same_result_and_events_both_ways(
     listed = [[op.id for op in front.operations(limit=10)] for front in (local, remote)]
     assert listed[0] == listed[1] and set(listed[0]) == {mine.deployment_id, theirs.deployment_id}
     assert local.operations(running=True) == remote.operations(running=True) == []
+
+
+def test_the_cli_lists_the_same_operations_both_ways(
+    fronts: tuple[KaschedFront, KaschedFront],
+    service: tuple[Config, ServiceClient],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``kasched deploy --list`` in this process (KASCHED_DIRECT=1) and through kaschedd: the same
+    operations, newest first; ``--running`` the running ones only (none once they ended)."""
+    local, remote = fronts
+    fake_deploy_steps(monkeypatch)
+    monkeypatch.setattr(follow, "POLL", 0.05)
+    make_image(tmp_path)
+    local.add_environment(env_yaml(tmp_path, "tiny", "public"))
+    local.grant("root", "node-[1-2]", 1.0)
+    first = local.deploy("tiny", ["node-1"]).deployment_id
+    second = remote.reboot(["node-2"], to="deploy").deployment_id
+    config = service[0]
+    config_file = tmp_path / "kasched.yaml"
+    config_file.write_text(f"site: t\nstate_dir: {config.state_dir}\nadmin_group: kasched-test-admins\n")
+    for name in ("KASCHED_URL", "KASCHED_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    listed = []
+    for direct in ("1", "0"):
+        monkeypatch.setenv("KASCHED_DIRECT", direct)
+        capsys.readouterr()
+        assert main(["--config", str(config_file), "deploy", "--list", "--json"]) == 0
+        listed.append(
+            [(d["id"], d["kind"], d["state"], sorted(d["nodes"])) for d in json.loads(capsys.readouterr().out)]
+        )
+        assert main(["--config", str(config_file), "deploy", "--list", "--running"]) == 0
+        assert capsys.readouterr().out.split() == ["ID", "KIND", "USER", "STATE", "ENVIRONMENT", "STARTED", "NODES"]
+    assert listed[0] == listed[1]
+    assert [entry[:2] for entry in listed[0]] == [(second, "reboot"), (first, "deploy")]
