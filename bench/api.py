@@ -32,9 +32,9 @@ from kasched.service.client import ServiceClient  # noqa: E402
 QUERIES = {"health": "/v1/health", "rights check": "/v1/rights/check?nodes=node-%5B1-8%5D"}
 OLD = "30f8e4e"  # the commit issue 18's request checks start from
 SETUP = (
-    "import sys; from pathlib import Path; from kasched.api import Kasched; from kasched.config import Config; "
+    "import sys; from pathlib import Path; from kasched.compose import open_site; from kasched.config import Config; "
     "from kasched.identity import Caller; config = Config(site='bench', state_dir=Path(sys.argv[1])); "
-    "api = Kasched.open(config, Caller('root', is_admin=True), load_entry_points=False); "
+    "api = open_site(config, Caller('root', is_admin=True), load_entry_points=False); "
     "api.import_nodes(sys.argv[2]); api.grant('root', 'node-[1-8]', hours=1); api.close()"
 )
 

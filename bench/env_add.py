@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 from kasched.api import Kasched  # noqa: E402
+from kasched.compose import open_site  # noqa: E402
 from kasched.config import Config  # noqa: E402
 from kasched.identity import Caller  # noqa: E402
 
@@ -70,7 +71,7 @@ def main() -> int:
         description = work / "env.yaml"
         description.write_text("name: big\nimage: {file: image.raw, kind: raw}\n")
         config = Config(site="bench", state_dir=work / "state", image_max_size=(args.size_mib + 1) << 20)
-        api = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+        api = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
         hashes, adds = [], []
         hash_alone(image)  # the page cache holds the image for both from here on
         for _ in range(args.rounds):

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 from kasched.api import Kasched  # noqa: E402
+from kasched.compose import open_site  # noqa: E402
 from kasched.config import Config  # noqa: E402
 from kasched.deploy import reclaim  # noqa: E402
 from kasched.identity import Caller  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> int:
         try:
             for backend, url in backends.items():
                 config = Config(site="bench", state_dir=Path(directory), database=url)
-                api = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+                api = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
                 names = populate(api, max(sizes))
                 for size in sizes:
                     runs = args.runs if size <= 1000 else max(5, args.runs // 3)

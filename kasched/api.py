@@ -1,5 +1,6 @@
-"""The typed API of kasched: every command of the CLI is one call here, and the service exposes the
-same calls. Each call checks the caller's rights, runs in a short transaction and returns views."""
+"""The typed API of kasched on the database: nodes, environments, rights, jobs, statistics. Each call
+checks the caller's rights, runs in a short transaction and returns views. The front door
+(:mod:`kasched.front`) composes it with the operations; :func:`kasched.compose.open_site` builds it."""
 
 from __future__ import annotations
 
@@ -17,13 +18,6 @@ from sqlalchemy.orm import Session, selectinload
 
 from kasched import environments as env_catalog
 from kasched import grants, imagestore, inventory, partition_digest, stats, urlfetch
-from kasched.builtin.console_marks import ConsoleMarks
-from kasched.builtin.drivers import BuiltinDrivers
-from kasched.builtin.grant_keeper import GrantKeeper
-from kasched.builtin.history import History
-from kasched.builtin.journal import Journal
-from kasched.builtin.reclaimer import Reclaimer
-from kasched.builtin.stateless import StatelessImages
 from kasched.bus import Bus
 from kasched.config import Config
 from kasched.db import Database
@@ -53,20 +47,6 @@ class Kasched:
         self.database = database
         self.bus = bus
         self.caller = caller
-
-    @classmethod
-    def open(cls, config: Config, caller: Caller | None = None, *, load_entry_points: bool = True) -> Kasched:
-        database = Database(config.database)
-        database.upgrade()
-        bus = Bus(load_entry_points=load_entry_points, disabled=config.disabled_plugins)
-        bus.register(GrantKeeper(database, config, bus), "grant-keeper")
-        bus.register(History(database), "history")
-        bus.register(Journal(), "journal")
-        bus.register(Reclaimer(database, config, bus), "reclaimer")
-        bus.register(BuiltinDrivers(), "drivers")
-        bus.register(StatelessImages(database, config), "stateless")
-        bus.register(ConsoleMarks(config), "console-marks")
-        return cls(config, database, bus, caller or Caller.current(config.admin_group))
 
     def close(self) -> None:
         self.database.dispose()

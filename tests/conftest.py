@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import ProgrammingError
 
 from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.identity import Caller
 
@@ -98,7 +99,7 @@ def sqlite_config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 def admin(config: Config) -> Iterator[Kasched]:
-    api = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    api = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     yield api
     api.close()
 

@@ -11,6 +11,7 @@ from typing import Any
 from kasched import hookspecs
 from kasched.api import Kasched
 from kasched.bus import Bus
+from kasched.compose import open_site
 from kasched.hookspecs import hookimpl
 from kasched.messages import JobEnd, JobInfo, Notification
 from kasched.views import GrantView
@@ -51,7 +52,7 @@ def test_every_hook_is_called() -> None:
 
 
 def test_builtins_are_plugins(sqlite_config: Any) -> None:
-    api = Kasched.open(sqlite_config, load_entry_points=False)
+    api = open_site(sqlite_config, load_entry_points=False)
     try:
         assert {"grant-keeper", "history", "journal"} <= set(api.bus.plugin_names())
     finally:
@@ -95,7 +96,7 @@ def test_plugins_hear_grant_events_once(cluster: Kasched) -> None:
 def test_disabled_plugin_is_not_loaded(sqlite_config: Any) -> None:
     from dataclasses import replace
 
-    api = Kasched.open(replace(sqlite_config, disabled_plugins=("journal",)), load_entry_points=False)
+    api = open_site(replace(sqlite_config, disabled_plugins=("journal",)), load_entry_points=False)
     try:
         assert "journal" not in api.bus.plugin_names()
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.identity import Caller
 from tests.conftest import EXAMPLES, ROOT
@@ -17,14 +17,14 @@ from tests.conftest import EXAMPLES, ROOT
 PROCESSES = 50
 WORKER = """
 import sys
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.identity import Caller
 from kasched.messages import JobEnd, JobInfo
 from pathlib import Path
 
 state, worker = Path(sys.argv[1]), int(sys.argv[2])
-api = Kasched.open(Config(site="t", state_dir=state), Caller("root", True), load_entry_points=False)
+api = open_site(Config(site="t", state_dir=state), Caller("root", True), load_entry_points=False)
 node = f"node-{worker % 8 + 1}"
 for round_ in range(4):
     job = f"{worker}-{round_}"
@@ -39,7 +39,7 @@ print("ok")
 @pytest.mark.slow
 def test_fifty_processes_grant_and_revoke_at_once(tmp_path: Path) -> None:
     config = Config(site="t", state_dir=tmp_path / "state")
-    api = Kasched.open(config, Caller("root", True), load_entry_points=False)
+    api = open_site(config, Caller("root", True), load_entry_points=False)
     api.import_nodes(EXAMPLES / "cluster.yaml")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")])}
     workers = [

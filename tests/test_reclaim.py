@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import load
 from kasched.deploy import records
 from kasched.models import NodeState
@@ -77,7 +77,7 @@ def test_job_end_cancels_operations_and_reverts_in_background(run: Run, site: Pa
     env = hook_env("22", "node-[1-3]")
     hook("prolog/kasched-prolog", env)
     run("nodes", "set-state", "-m", "node-2", "deployed")
-    api = Kasched.open(load())
+    api = open_site(load())
     try:
         with api.database.session() as session:  # alice's deployment on node-3, still running
             deployment = records.start(session, "deploy", "alice", "mine", ["node-3"], NodeState.DEPLOYING)
@@ -91,7 +91,7 @@ def test_job_end_cancels_operations_and_reverts_in_background(run: Run, site: Pa
     assert found, ended.stdout
     assert found.group(1) == "node-[1-3]", "every node of the job is given back, node-1 (reference) too"
     assert returned_in < 30, "the epilog does not wait for the revert"
-    api = Kasched.open(load())
+    api = open_site(load())
     try:
         with api.database.session() as session:
             assert records.cancel_requested(session, deployment)
@@ -145,7 +145,7 @@ def test_a_job_s_end_touches_only_its_own_job(run: Run, site: Path, monkeypatch:
     run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
     first, second = hook_env("41", "node-[1-2]"), hook_env("42", "node-[1-2]")
     hook("prolog/kasched-prolog", first)
-    api = Kasched.open(load())
+    api = open_site(load())
     try:
         with api.database.session() as session:
             mine = records.start(session, "deploy", "alice", "a", ["node-1"], NodeState.DEPLOYING)
@@ -184,7 +184,7 @@ def test_reference_nodes_left_untrusted_by_an_ended_grant_are_orphans(run: Run, 
     run("nodes", "import", str(EXAMPLES / "cluster.yaml"))
     env = hook_env("31", "node-[1-2]")
     hook("prolog/kasched-prolog", env)
-    api = Kasched.open(load())
+    api = open_site(load())
     try:
         with api.database.session() as session:  # the epilog's revoke, its revert lost
             grant_id = session.scalars(select(Grant.id).where(Grant.revoked_at.is_(None))).one()

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.deploy import records
 from kasched.deploy.release import release
 from kasched.hookspecs import hookimpl
@@ -79,7 +80,7 @@ def test_a_job_end_with_nothing_to_revert_releases_at_once(cluster: Kasched) -> 
 
 
 def test_a_site_that_does_not_revert_releases_every_node_at_once(cluster: Kasched) -> None:
-    api = Kasched.open(replace(cluster.config, revert_at_job_end=False), cluster.caller, load_entry_points=False)
+    api = open_site(replace(cluster.config, revert_at_job_end=False), cluster.caller, load_entry_points=False)
     slurm = Recording("slurm")
     api.bus.register(Adapters(slurm), "adapters")
     api.record_job_start(JobInfo("slurm", "c", "8", "alice", ("node-3",)))

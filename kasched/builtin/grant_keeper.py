@@ -5,11 +5,10 @@ from __future__ import annotations
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from kasched import grants
+from kasched.builtin.reclaimer import GiveBack
 from kasched.bus import Bus
 from kasched.config import Config
 from kasched.db import Database
-from kasched.deploy import reclaim
-from kasched.deploy.release import release
 from kasched.errors import DatabaseError
 from kasched.hookspecs import hookimpl
 from kasched.messages import JobEnd, JobInfo
@@ -21,7 +20,8 @@ ATTEMPTS = 3
 class GrantKeeper:
     """Stores grants for jobs. Idempotent: a prolog or epilog run twice leaves one grant."""
 
-    def __init__(self, database: Database, config: Config, bus: Bus) -> None:
+    def __init__(self, database: Database, config: Config, bus: Bus, give_back: GiveBack) -> None:
+        self.give_back = give_back
         self.database = database
         self.config = config
         self.bus = bus
@@ -47,11 +47,8 @@ class GrantKeeper:
     def kasched_job_ended(self, job: JobEnd) -> GrantView:
         with self.database.session() as session:
             view, revoked_now = grants.revoke(session, job)
-            late = (
-                None if revoked_now or view.scheduler == reclaim.HAND_MADE else reclaim.settled_release(session, view)
-            )
         if revoked_now:
             self.bus.grant_revoked(view, job.reason)
-        elif late is not None:  # revoked before (reconcile): the hook held the nodes again, nothing else frees them
-            release(self.bus, view.scheduler, view.job_id, *late)
+        elif not self.give_back.is_hand_made(view):  # revoked before (reconcile): the hook held the nodes
+            self.give_back.release_as_they_are(view)  # again, and nothing else frees them
         return view

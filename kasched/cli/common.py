@@ -1,4 +1,4 @@
-"""What every command handler shares: the configuration, the API session, and table printing."""
+"""What every command handler shares: the configuration, the front door, and table printing."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kasched import config as config_module
 from kasched.config import Config
 
+if TYPE_CHECKING:
+    from kasched.front import KaschedFront
+
 
 class Context:
-    """Lazily loads the configuration and opens the API for a command."""
+    """Lazily loads the configuration and opens the front door for a command: the one place that
+    picks where it runs (through kaschedd, or in this process on the database)."""
 
     def __init__(self, config_path: str | None = None) -> None:
         self.config_path = config_path
         self._config: Config | None = None
-        self._api: Any = None
+        self._front: KaschedFront | None = None
 
     @property
     def config(self) -> Config:
@@ -37,21 +41,21 @@ class Context:
         return bool(os.environ.get("KASCHED_URL") or self.config.service_url) or _is_socket(self.config.service_socket)
 
     @property
-    def api(self) -> Any:
-        if self._api is None:
+    def front(self) -> KaschedFront:
+        if self._front is None:
             if self.remote:
                 from kasched.service.remote import RemoteKasched
 
-                self._api = RemoteKasched(self.config)
+                self._front = RemoteKasched(self.config)
             else:
-                from kasched.api import Kasched
+                from kasched.compose import open_local
 
-                self._api = Kasched.open(self.config)
-        return self._api
+                self._front = open_local(self.config)
+        return self._front
 
     def close(self) -> None:
-        if self._api is not None:
-            self._api.close()
+        if self._front is not None:
+            self._front.close()
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: Any = None) -> None:

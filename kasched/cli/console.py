@@ -6,7 +6,6 @@ import argparse
 import sys
 import time
 from typing import Any
-from urllib.parse import quote
 
 from kasched.cli.common import Context
 from kasched.errors import InputError
@@ -21,29 +20,19 @@ def register(subparsers: Any) -> None:
     console.set_defaults(handler=show_console)
 
 
-def _read(context: Context, node: str, offset: int | None, lines: int) -> dict[str, Any]:
-    query = {"lines": str(lines), "offset": None if offset is None else str(offset)}
-    if context.remote:
-        page: dict[str, Any] = context.api.call("GET", f"/v1/nodes/{quote(node, safe='')}/console", query)
-        return page
-    from kasched.service.access import console_read
-
-    return console_read(context.api, node, query["offset"], query["lines"])
-
-
 def show_console(args: argparse.Namespace, context: Context) -> int:
     if args.lines < 0:
         raise InputError("expected zero or more", field="--lines")
     if "," in args.node or "[" in args.node:
         raise InputError("one node at a time", field="--node")
-    shown = _read(context, args.node, None, args.lines)
-    sys.stdout.write(shown["text"])
+    shown = context.front.console(args.node, None, args.lines)
+    sys.stdout.write(shown.text)
     sys.stdout.flush()
     try:
         while args.follow:
             time.sleep(args.interval)
-            shown = _read(context, args.node, shown["offset"], args.lines)
-            sys.stdout.write(shown["text"])
+            shown = context.front.console(args.node, shown.offset, args.lines)
+            sys.stdout.write(shown.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass

@@ -7,23 +7,20 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from kasched.cli.common import Context, print_json, print_table
 from kasched.cli.progress import ProgressView
-from kasched.deploy.workflow import TransferReport
-from kasched.errors import DatabaseError, InputError, KaschedError, NodesBeingGivenBack
-from kasched.messages import StepEvent
-from kasched.models import utcnow
+from kasched.errors import InputError
 from kasched.nodeset import expand, fold
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from kasched.deploy.operations import OperationResult
+    from kasched.deploy.records import DeploymentView
+    from kasched.front import Listener
 
 
 def register(subparsers: Any) -> None:
@@ -37,6 +34,8 @@ def register(subparsers: Any) -> None:
     deploy.add_argument("--stateless", action="store_true", help="boot the environment into RAM, no disk write")
     deploy.add_argument("--cancel", metavar="ID", help="cancel a running deployment")
     deploy.add_argument("--status", metavar="ID", help="show a deployment and its nodes")
+    deploy.add_argument("--list", action="store_true", help="list the running and recent operations (admins: anyone's)")
+    deploy.add_argument("--running", action="store_true", help="with --list: the running operations only")
     deploy.add_argument("--json", action="store_true")
     deploy.set_defaults(handler=deploy_command)
 
@@ -106,52 +105,46 @@ def cancellable() -> Iterator[threading.Event]:
 
 
 def deploy_command(args: argparse.Namespace, context: Context) -> int:
-    from kasched.deploy import records
-
-    if context.remote:
-        return _deploy_remote(args, context)
+    front = context.front
     if args.cancel:
-        with context.api.database.session() as session:
-            records.request_cancel(session, args.cancel, context.api.caller.user, context.api.caller.is_admin)
+        front.cancel(args.cancel)
         print(f"deployment {args.cancel}: cancel requested")
         return 0
     if args.status:
-        with context.api.database.session() as session:
-            shown = records.view(session, args.status)
-        return _show_status(shown, args.json)
+        return _show_status(front.status(args.status), args.json)
+    if args.list:
+        return _show_list(front.operations(running=args.running), args.json)
     if not args.env:
         raise InputError("give the environment to deploy with -e NAME[@OWNER][:VERSION]", field="env")
     key = _read_key(args.key)
     nodes = job_nodes(args)
-    return _run(args, context, lambda ops: ops.deploy(args.env, nodes, key, stateless=args.stateless), len(nodes))
+    return _run(
+        args,
+        len(nodes),
+        lambda listener, stop: front.deploy(
+            args.env, nodes, key, stateless=args.stateless, fanout=args.fanout, listener=listener, stop=stop
+        ),
+    )
 
 
 def revert_command(args: argparse.Namespace, context: Context) -> int:
     nodes = job_nodes(args)
-    if context.remote:
-        return _run_remote(args, context, {"kind": "revert", "nodes": ",".join(nodes)}, len(nodes))
-    return _run(args, context, lambda ops: ops.revert(nodes), len(nodes))
+    return _run(args, len(nodes), lambda listener, stop: context.front.revert(nodes, listener=listener, stop=stop))
 
 
 def reboot_command(args: argparse.Namespace, context: Context) -> int:
     from kasched.drivers.reboot import RebootLevel
 
     nodes = job_nodes(args)
-    if context.remote:
-        body = {"kind": "reboot", "nodes": ",".join(nodes), "level": args.level, "to": args.to}
-        return _run_remote(args, context, body, len(nodes))
-    return _run(args, context, lambda ops: ops.reboot(nodes, RebootLevel(args.level), args.to), len(nodes))
+    level, front = RebootLevel(args.level), context.front
+    return _run(
+        args, len(nodes), lambda listener, stop: front.reboot(nodes, level, args.to, listener=listener, stop=stop)
+    )
 
 
 def power_command(args: argparse.Namespace, context: Context) -> int:
-    from kasched.deploy.operations import Operations
-
     nodes = job_nodes(args)
-    if context.remote:  # the BMCs and their credentials are the service's
-        body = {"action": args.action, "nodes": ",".join(nodes)}
-        results = context.api.call("POST", "/v1/power", body=body)
-    else:
-        results = [r.as_dict() for r in Operations(context.api).power(nodes, args.action).values()]
+    results = [r.as_dict() for r in context.front.power(nodes, args.action)]
     if args.json:
         print_json(results)
     else:
@@ -162,33 +155,14 @@ def power_command(args: argparse.Namespace, context: Context) -> int:
     return 0 if all(r["ok"] for r in results) else 1
 
 
-def when_given_back(start: Callable[[], T], limit: float, view: ProgressView, cancel: threading.Event) -> T:
-    """``start()``; while it is refused only because the nodes are still being given back after their
-    previous job, say so in the live view and try again every POLL seconds, for at most ``limit``."""
-    deadline = time.monotonic() + limit
-    said = ""
-    while True:
-        try:
-            return start()
-        except NodesBeingGivenBack as error:
-            if time.monotonic() >= deadline:
-                waited = f" for {limit:g} s (revert_wait)" if limit else " (revert_wait: 0)"
-                raise NodesBeingGivenBack(f"{error}; waited{waited}; try again later") from None
-            if str(error) != said:
-                view.waiting(f"{error}: waiting for it, at most {limit:g} s")
-                said = str(error)
-        if cancel.wait(POLL):
-            raise KaschedError("interrupted while waiting for the nodes to be given back: nothing was started")
-
-
-def _run(args: argparse.Namespace, context: Context, operation: Any, count: int) -> int:
-    from kasched.deploy.operations import Operations
-
+def _run(
+    args: argparse.Namespace, count: int, operation: Callable[[Listener, threading.Event], OperationResult]
+) -> int:
+    """Run an operation through the front, its progress in the live view; print its result."""
     view = ProgressView(count)
-    with cancellable() as cancel:
-        ops = Operations(context.api, progress=view, cancel=cancel, fanout=getattr(args, "fanout", 0))
+    with cancellable() as stop:
         try:
-            result = when_given_back(lambda: operation(ops), context.config.revert_wait, view, cancel)
+            result = operation(view, stop)
         finally:
             view.close()
     _write_node_files(args, result.succeeded, result.failed)
@@ -196,6 +170,7 @@ def _run(args: argparse.Namespace, context: Context, operation: Any, count: int)
         print_json(
             {
                 "id": result.deployment_id,
+                "kind": result.kind,
                 "state": result.state,
                 "nodes": {n: o.as_dict() for n, o in result.results.items()},
             }
@@ -237,7 +212,30 @@ def _read_key(path: str | None) -> str | None:
         raise InputError(f"{path}: {error.strerror}", field="key") from None
 
 
-def _show_status(shown: Any, as_json: bool) -> int:
+def _show_list(listed: list[DeploymentView], as_json: bool) -> int:
+    """Operations, newest first: one line each (their nodes folded)."""
+    if as_json:
+        print_json([{key: value for key, value in vars(shown).items() if key != "steps"} for shown in listed])
+        return 0
+    print_table(
+        ["id", "kind", "user", "state", "environment", "started", "nodes"],
+        [
+            (
+                d.id,
+                d.kind,
+                d.user,
+                d.state,
+                d.environment or "-",
+                f"{d.created_at:%Y-%m-%d %H:%M:%S}",
+                fold(list(d.nodes)),
+            )
+            for d in listed
+        ],
+    )
+    return 0
+
+
+def _show_status(shown: DeploymentView, as_json: bool) -> int:
     if as_json:
         print_json(vars(shown))
         return 0
@@ -247,7 +245,7 @@ def _show_status(shown: Any, as_json: bool) -> int:
         [
             (
                 n,
-                {True: "ok", False: "failed", None: "running"}[d["ok"]],
+                ("ok" if d["ok"] else "failed") if isinstance(d["ok"], bool) else "running",
                 d["step"],
                 f"{d['duration']:.1f}",
                 d["error"] or "",
@@ -256,139 +254,3 @@ def _show_status(shown: Any, as_json: bool) -> int:
         ],
     )
     return 0
-
-
-# --- Through kaschedd: start, then follow the operation by polling its record ---------------------------
-
-POLL = 1.0
-RESTART_WAIT = 180.0  # how long the command waits for a kaschedd that stopped answering (a restart)
-
-
-def _deploy_remote(args: argparse.Namespace, context: Context) -> int:
-    api = context.api
-    if args.cancel:
-        api.call("POST", f"/v1/deployments/{args.cancel}/cancel")
-        print(f"deployment {args.cancel}: cancel requested")
-        return 0
-    if args.status:
-        return _show_status(SimpleNamespace(**api.call("GET", f"/v1/deployments/{args.status}")), args.json)
-    if not args.env:
-        raise InputError("give the environment to deploy with -e NAME[@OWNER][:VERSION]", field="env")
-    nodes = job_nodes(args)
-    body = {
-        "kind": "deploy",
-        "nodes": ",".join(nodes),
-        "environment": args.env,
-        "key": _read_key(args.key),
-        "stateless": args.stateless,
-        "fanout": args.fanout,
-    }
-    return _run_remote(args, context, body, len(nodes))
-
-
-def _run_remote(args: argparse.Namespace, context: Context, body: dict[str, Any], count: int) -> int:
-    api = context.api
-    view: ProgressView = ProgressView(count)
-    seen = _Seen()
-    with cancellable() as cancel:
-        asked = False
-        try:
-            start = lambda: api.call("POST", "/v1/deployments", body=body)  # noqa: E731
-            operation_id = when_given_back(start, context.config.revert_wait, view, cancel)["id"]
-            print(
-                f"{body['kind']} {operation_id} started in kaschedd (kasched deploy --status {operation_id})",
-                file=sys.stderr,
-            )
-            while True:
-                shown = _poll(api, operation_id)
-                _show_poll(shown, view, seen)
-                if shown["state"] != "running":
-                    break
-                if cancel.is_set() and not asked:
-                    api.call("POST", f"/v1/deployments/{operation_id}/cancel")
-                    asked = True
-                time.sleep(POLL)
-        finally:
-            view.close()
-    ok = [n for n, d in shown["nodes"].items() if d["ok"]]
-    failed = [n for n, d in shown["nodes"].items() if not d["ok"]]
-    _write_node_files(args, ok, failed)
-    if args.json:
-        print_json(shown)
-    else:
-        print(
-            f"{shown['kind']} {operation_id}: {shown['state']}; ok {fold(ok) if ok else '-'}; "
-            f"failed {fold(failed) if failed else '-'}"
-        )
-        _show_status(SimpleNamespace(**shown), False)
-    return 0 if not failed else 1
-
-
-def _poll(api: Any, operation_id: str) -> dict[str, Any]:
-    """The operation's record. While kaschedd does not answer (it is restarting), keep asking for a
-    while: after a crash, the restarted service marks the operation interrupted, and that is shown."""
-    deadline, warned = time.monotonic() + RESTART_WAIT, False
-    while True:
-        try:
-            shown: dict[str, Any] = api.call("GET", f"/v1/deployments/{operation_id}")
-            return shown
-        except DatabaseError as error:
-            if time.monotonic() > deadline:
-                raise
-            if not warned:
-                print(f"\nkasched: {error}; waiting for it to come back", file=sys.stderr)
-                warned = True
-            time.sleep(POLL)
-
-
-@dataclass
-class _Seen:
-    """What the live view was fed already, from the previous polls of the operation's record."""
-
-    history: int = 0  # entries of the step history
-    nodes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # without a history: each node's last state
-    steps: set[str] = field(default_factory=set)  # the steps shown
-    transfer: dict[str, Any] | None = None
-
-
-def _show_poll(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
-    """Feed the live view (the same as without the service) what happened since the last poll: every
-    attempt the operation's history recorded (``final`` false: the node had another retry or variant,
-    so it did not fail; older services leave it out: final); without a history, each node's last
-    finished step; then the image's broadcast progress, if it streams."""
-    history = shown.get("steps") or []
-    for entry in history[seen.history :]:
-        step, _, variant = str(entry["step"]).partition("/")
-        final = entry.get("final") is not False
-        seen.steps.add(step)
-        duration, ok, error = entry["duration"], entry["ok"], entry["error"]
-        view(StepEvent(entry["node"], step, variant, 0, utcnow(), duration, ok, error, final))
-    seen.history = len(history)
-    if not history:
-        _show_nodes(shown, view, seen)
-    _show_transfer(shown.get("transfer"), view, seen)
-
-
-def _show_nodes(shown: dict[str, Any], view: ProgressView, seen: _Seen) -> None:
-    for node, detail in shown["nodes"].items():
-        state = (detail["step"], detail["error"], detail["ok"])
-        if not detail["step"] or seen.nodes.get(node) == state:
-            continue
-        seen.nodes[node] = state
-        seen.steps.add(detail["step"])
-        ok = detail["error"] is None if detail["ok"] is None else bool(detail["ok"])
-        view(StepEvent(node, detail["step"], "", 0, utcnow(), detail["duration"] or 0.0, ok, detail["error"]))
-
-
-def _show_transfer(transfer: dict[str, Any] | None, view: ProgressView, seen: _Seen) -> None:
-    """The service's latest report of the image's stream (not stored: ``transfer``), once per change.
-    A stream of a step the view has left is not shown again (a poll may see the service's report of
-    it just before the service forgets it)."""
-    if not transfer or transfer == seen.transfer:
-        return
-    seen.transfer = transfer
-    step = str(transfer["step"])
-    if step != view.step and step in seen.steps:
-        return
-    seen.steps.add(step)
-    view(TransferReport(step, int(transfer["sent"]), float(transfer["elapsed"]), bool(transfer["done"])))

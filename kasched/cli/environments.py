@@ -36,13 +36,13 @@ def register(subparsers: Any) -> None:
 
 
 def add_environment(args: argparse.Namespace, context: Context) -> int:
-    env = context.api.add_environment(args.file, owner=args.owner)
+    env = context.front.add_environment(args.file, owner=args.owner)
     print(f"added {env.label} ({env.visibility}, {env.image_size} bytes, sha256 {env.sha256[:16]}...)")
     return 0
 
 
 def list_environments(args: argparse.Namespace, context: Context) -> int:
-    envs = context.api.list_environments(include_shared=args.all, owner=args.owner)
+    envs = context.front.list_environments(include_shared=args.all, owner=args.owner)
     if args.json:
         print_json([e.as_dict() for e in envs])
         return 0
@@ -54,19 +54,19 @@ def list_environments(args: argparse.Namespace, context: Context) -> int:
 
 
 def show_environment(args: argparse.Namespace, context: Context) -> int:
-    env = context.api.show_environment(args.environment)
+    env = context.front.show_environment(args.environment)
     print_view(env.as_dict(), args.json)
     return 0
 
 
 def check_env(args: argparse.Namespace, context: Context) -> int:
-    env = context.api.check_environment(args.environment)
+    env = context.front.check_environment(args.environment)
     print(f"{env.label}: image {env.image_location} matches sha256 {env.sha256}")
     return 0
 
 
 def remove_env(args: argparse.Namespace, context: Context) -> int:
-    env = context.api.remove_environment(args.environment)
+    env = context.front.remove_environment(args.environment)
     print(f"removed {env.label}")
     return 0
 

@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, cast
+from typing import Any
 
 from kasched.cli.common import Context
 from kasched.deploy.release import release
@@ -61,7 +61,7 @@ def job_start(args: argparse.Namespace, context: Context) -> int:
     if not adapter.is_deploy_job(job):
         print(f"{adapter.name} job {job.job_id} is not a deploy job: no grant")
         return 0
-    grant = context.api.record_job_start(job)
+    grant = context.front.record_job_start(job)
     print(
         f"grant {grant.id}: {grant.user} may deploy {fold(grant.nodes)} for {adapter.name} job {job.job_id} "
         f"until {grant.expires_at:%Y-%m-%d %H:%M:%S}Z"
@@ -73,7 +73,7 @@ def job_end(args: argparse.Namespace, context: Context) -> int:
     _hook_output()
     adapter = _adapter(args, context)
     end = adapter.read_job_end(os.environ, args.hook_args)
-    grant = context.api.record_job_end(end)
+    grant = context.front.record_job_end(end)
     print(f"grant {grant.id} of {adapter.name} job {end.job_id} revoked: {grant.user} on {fold(grant.nodes)}")
     return 0
 
@@ -81,16 +81,13 @@ def job_end(args: argparse.Namespace, context: Context) -> int:
 def job_reclaim(args: argparse.Namespace, context: Context) -> int:
     """Wait for the cancelled operations to stop, then revert the grant's nodes that are not back and
     that no other active grant holds (asked again in the transaction that takes them)."""
-    from kasched.api import Kasched
     from kasched.deploy import reclaim
 
     if not 0 <= args.wait < float("inf"):
         raise InputError("expected seconds (0 or more)", field="wait")
     if args.orphans == (args.grant is not None):
         raise InputError("give either a grant id or --orphans", field="grant")
-    api = context.api
-    if not isinstance(api, Kasched):
-        raise InputError("'kasched job reclaim' runs beside the database: set KASCHED_DIRECT=1", field="service")
+    api = context.front.beside_database("'kasched job reclaim' runs beside the database: set KASCHED_DIRECT=1")
     if not api.caller.is_admin:
         raise PermissionDenied("only an admin (or the epilog) gives a job's nodes back")
     what = "orphans" if args.orphans else f"grant {args.grant}"
@@ -153,17 +150,17 @@ def _revert(api: Any, what: str, user: str, todo: list[str], failed: dict[str, s
 
 
 def _adapter(args: argparse.Namespace, context: Context) -> SchedulerAdapter:
-    adapters = context.api.bus.scheduler_adapters()
+    adapters = context.front.scheduler_adapters()
     if args.scheduler:
         chosen = [a for a in adapters if a.name == args.scheduler]
         if not chosen:
             known = ", ".join(sorted(a.name for a in adapters)) or "none"
             raise InputError(f"no plugin for scheduler {args.scheduler!r} (installed: {known})", field="scheduler")
-        return cast(SchedulerAdapter, chosen[0])
+        return chosen[0]
     detected = [a for a in adapters if a.detect(os.environ, args.hook_args)]
     if len(detected) != 1:
         names = ", ".join(a.name for a in detected) or "none"
         raise InputError(
             f"cannot tell which scheduler runs this hook (recognised: {names}); use --scheduler", field="scheduler"
         )
-    return cast(SchedulerAdapter, detected[0])
+    return detected[0]

@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
 
 
 def import_nodes(args: argparse.Namespace, context: Context) -> int:
-    report = context.api.import_nodes(args.file)
+    report = context.front.import_nodes(args.file)
     for label, names in (("added", report.added), ("updated", report.updated), ("unchanged", report.unchanged)):
         if names:
             print(f"{label}: {len(names)} node(s) {fold(names)}")
@@ -47,7 +47,7 @@ def import_nodes(args: argparse.Namespace, context: Context) -> int:
 
 
 def list_nodes(args: argparse.Namespace, context: Context) -> int:
-    nodes = context.api.list_nodes(args.machines, args.state)
+    nodes = context.front.list_nodes(args.machines, args.state)
     if args.json:
         print_json([n.as_dict() for n in nodes])
         return 0
@@ -59,19 +59,19 @@ def list_nodes(args: argparse.Namespace, context: Context) -> int:
 
 
 def show_node(args: argparse.Namespace, context: Context) -> int:
-    node = context.api.show_node(args.name)
+    node = context.front.show_node(args.name)
     print_view(node.as_dict(), args.json)
     return 0
 
 
 def remove_nodes(args: argparse.Namespace, context: Context) -> int:
-    names = context.api.remove_nodes(args.machines)
+    names = context.front.remove_nodes(args.machines)
     print(f"removed: {len(names)} node(s) {fold(names)}")
     return 0
 
 
 def set_state(args: argparse.Namespace, context: Context) -> int:
-    names = context.api.set_node_state(args.machines, args.state)
+    names = context.front.set_node_state(args.machines, args.state)
     print(f"{fold(names)}: {args.state}")
     return 0
 

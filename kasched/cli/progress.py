@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import TextIO
 
 from kasched.deploy.workflow import TransferReport
+from kasched.front import Event, Started, Waiting
 from kasched.messages import StepEvent
 
 MIB = 1 << 20
@@ -31,7 +32,13 @@ class ProgressView:
         self.transfer: TransferReport | None = None  # the stream of the current step, if any
         self.rate_shown = 0.0
 
-    def __call__(self, report: StepEvent | TransferReport) -> None:
+    def __call__(self, report: Event) -> None:
+        if isinstance(report, Waiting):
+            self.waiting(report.why)
+            return
+        if isinstance(report, Started):
+            self.announce(report)
+            return
         with self.lock:
             if isinstance(report, TransferReport):
                 self._transfer(report)
@@ -88,6 +95,16 @@ class ProgressView:
             self.step = "waiting"
             line = f"[{time.monotonic() - self.started:6.1f}s] waiting    {why}"
             self.out.write(("\r" + line.ljust(78)) if self.tty else line + "\n")
+            self.out.flush()
+
+    def announce(self, event: Started) -> None:
+        """The operation holds its nodes: its id, to follow it from elsewhere."""
+        where = f" {event.where}" if event.where else ""
+        with self.lock:
+            if self.tty and self.step:
+                self.out.write("\n")
+            follow = f"kasched deploy --status {event.operation_id}"
+            self.out.write(f"{event.kind} {event.operation_id} started{where} ({follow})\n")
             self.out.flush()
 
     def close(self) -> None:

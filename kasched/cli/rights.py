@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
 
 
 def list_rights(args: argparse.Namespace, context: Context) -> int:
-    grants = context.api.rights(user=args.user, nodes=args.machines, include_ended=args.all)
+    grants = context.front.rights(user=args.user, nodes=args.machines, include_ended=args.all)
     if args.json:
         print_json([g.as_dict() for g in grants])
         return 0
@@ -60,7 +60,7 @@ def list_rights(args: argparse.Namespace, context: Context) -> int:
 
 
 def check_rights(args: argparse.Namespace, context: Context) -> int:
-    decision = context.api.check(args.machines, user=args.check_user)
+    decision = context.front.check(args.machines, user=args.check_user)
     if decision.allowed:
         jobs = sorted(set(decision.grants.values()))
         print(f"{decision.user} may deploy {args.machines} (grant of {', '.join(jobs)})")
@@ -70,13 +70,13 @@ def check_rights(args: argparse.Namespace, context: Context) -> int:
 
 
 def grant_rights(args: argparse.Namespace, context: Context) -> int:
-    grant = context.api.grant(args.grant_user, args.machines, args.hours, job_id=args.job)
+    grant = context.front.grant(args.grant_user, args.machines, args.hours, job_id=args.job)
     print(f"grant {grant.id}: {grant.user} may deploy {fold(grant.nodes)} until {_time(grant.expires_at)}")
     return 0
 
 
 def revoke_rights(args: argparse.Namespace, context: Context) -> int:
-    grant = context.api.revoke(args.grant_id, args.reason)
+    grant = context.front.revoke(args.grant_id, args.reason)
     print(f"grant {grant.id} revoked: {grant.user} on {fold(grant.nodes)} ({grant.revoke_reason})")
     return 0
 

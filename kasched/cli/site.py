@@ -32,11 +32,7 @@ def register(subparsers: Any) -> None:
 
 
 def _local_api(context: Context) -> Any:
-    from kasched.api import Kasched
-
-    if not isinstance(context.api, Kasched):
-        raise InputError("this command runs beside the database: run it on the kaschedd host as root", field="service")
-    return context.api
+    return context.front.beside_database("this command runs beside the database: run it on the kaschedd host as root")
 
 
 def reconcile_command(args: argparse.Namespace, context: Context) -> int:

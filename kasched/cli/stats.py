@@ -37,7 +37,7 @@ def show_stats(args: argparse.Namespace, context: Context) -> int:
         limit=args.limit,
     )
     if args.by:
-        groups = context.api.stats_summary(selection, args.by)
+        groups = context.front.stats_summary(selection, args.by)
         if args.json:
             print_json([vars(g) for g in groups])
             return 0
@@ -46,7 +46,7 @@ def show_stats(args: argparse.Namespace, context: Context) -> int:
             [(g.key, g.count, g.failures, f"{g.mean_duration:.2f}", f"{g.max_duration:.2f}") for g in groups],
         )
         return 0
-    operations = context.api.stats(selection)
+    operations = context.front.stats(selection)
     if args.json:
         print_json([op.as_dict() for op in operations])
         return 0

@@ -29,28 +29,18 @@ def issue_token(args: argparse.Namespace, context: Context) -> int:
         pwd.getpwnam(args.user)
     except KeyError:
         raise InputError(f"{args.user!r} is not a user of this host", field="user") from None
-    if context.remote:
-        issued = context.api.call("POST", "/v1/tokens", body={"user": args.user, "hours": args.hours})
-    else:
-        from kasched.service.access import token_issue
-
-        issued = token_issue(context.api, args.user, args.hours)
+    issued = context.front.issue_token(args.user, args.hours)
     if args.json:
-        print_json(issued)
+        print_json(vars(issued))
         return 0
-    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(issued["expires"]))
-    print(issued["token"])
-    print(f"# token {issued['id']} for {issued['user']}, valid until {expires}; the user puts it in "
+    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(issued.expires))
+    print(issued.token)
+    print(f"# token {issued.id} for {issued.user}, valid until {expires}; the user puts it in "
           "~/.config/kasched/token (mode 600) or $KASCHED_TOKEN")  # fmt: skip
     return 0
 
 
 def revoke_token(args: argparse.Namespace, context: Context) -> int:
-    if context.remote:
-        context.api.call("DELETE", f"/v1/tokens/{args.id}")
-    else:
-        from kasched.service.access import token_revoke
-
-        token_revoke(context.api, args.id)
+    context.front.revoke_token(args.id)
     print(f"token {args.id} revoked")
     return 0

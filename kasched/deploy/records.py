@@ -309,6 +309,22 @@ def view(session: Session, deployment_id: str) -> DeploymentView:
     deployment = session.get(Operation, deployment_id)
     if deployment is None:
         raise NotFoundError(f"no deployment {deployment_id}")
+    return _view(session, deployment, with_steps=True)
+
+
+def recent(session: Session, user: str | None, *, running: bool = False, limit: int = 50) -> list[DeploymentView]:
+    """The newest ``limit`` operations (of ``user``; None: anyone's), the running ones only with
+    ``running``, without their step histories."""
+    query = select(Operation).order_by(Operation.created_at.desc(), Operation.id.desc()).limit(limit)
+    if user is not None:
+        query = query.where(Operation.user == user)
+    if running:
+        query = query.where(Operation.state == OperationState.RUNNING)
+    return [_view(session, deployment, with_steps=False) for deployment in session.scalars(query)]
+
+
+def _view(session: Session, deployment: Operation, *, with_steps: bool) -> DeploymentView:
+    deployment_id = deployment.id
     return DeploymentView(
         id=deployment.id,
         kind=deployment.kind,
@@ -333,7 +349,9 @@ def view(session: Session, deployment_id: str) -> DeploymentView:
             for op in session.scalars(
                 select(StepRecord).where(StepRecord.deployment_id == deployment_id).order_by(StepRecord.id)
             )
-        ],
+        ]
+        if with_steps
+        else [],
     )
 
 

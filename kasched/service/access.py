@@ -1,18 +1,21 @@
-"""Operations of the service beyond the typed API: a node's console (for whoever holds a grant on it,
-or an admin) and signed tokens (admins issue and revoke them). Used by the REST routes and, without
-kaschedd, by the CLI directly."""
+"""Calls of the front beyond the typed API: a node's console (for whoever holds a grant on it, or an
+admin) and signed tokens (admins issue and revoke them). The local front
+(:class:`kasched.local.LocalKasched`) and the REST routes call them; they import neither."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kasched.builtin.console_marks import read_mark
 from kasched.config import is_set
 from kasched.drivers.console import LogFileConsole
 from kasched.errors import InputError, NotFoundError, PermissionDenied
 from kasched.service import auth
+
+if TYPE_CHECKING:
+    from kasched.api import Kasched
 
 
 def _whole(value: str | None, name: str, default: int | None) -> int | None:
@@ -23,7 +26,7 @@ def _whole(value: str | None, name: str, default: int | None) -> int | None:
     return int(value)
 
 
-def console_read(api: Any, name: str, offset: str | None = None, lines: str | None = None) -> dict[str, Any]:
+def console_read(api: Kasched, name: str, offset: str | None = None, lines: str | None = None) -> dict[str, Any]:
     """The console of node ``name`` as ``{"node", "text", "offset"}``: its last ``lines`` lines, or
     what follows byte ``offset``. Only for a caller whose grant covers the node, or an admin; and a
     caller with a grant sees only what was written since the grant began (ConsoleMarks)."""
@@ -48,7 +51,7 @@ def console_read(api: Any, name: str, offset: str | None = None, lines: str | No
     return {"node": node.name, "text": text, "offset": next_offset}
 
 
-def _floor(api: Any, node: str, job: str) -> int | None:
+def _floor(api: Kasched, node: str, job: str) -> int | None:
     """Where the console stood when the grant of ``job`` began; None when unknown (then only what is
     written from now on is served: never what the node printed for someone else)."""
     mark = read_mark(api.config, node)
@@ -75,7 +78,7 @@ def _read_since(path: Path, floor: int | None, offset: int | None, lines: int) -
         raise NotFoundError(f"console log {path}: {error.strerror}") from None
 
 
-def _require_admin(api: Any, action: str) -> None:
+def _require_admin(api: Kasched, action: str) -> None:
     if not api.caller.is_admin:
         raise PermissionDenied(
             f"only admins may {action} (you are {api.caller.user}; admins are root "
@@ -83,7 +86,13 @@ def _require_admin(api: Any, action: str) -> None:
         )
 
 
-def token_issue(api: Any, user: str, hours: float) -> dict[str, Any]:
+def require_own(api: Kasched, owner: str, what: str) -> None:
+    """Refuse unless the caller is ``owner`` or an admin."""
+    if owner != api.caller.user and not api.caller.is_admin:
+        raise PermissionDenied(f"{what} belongs to {owner}")
+
+
+def token_issue(api: Kasched, user: str, hours: float) -> dict[str, Any]:
     """A signed token for ``user`` (admins); the site's secret is created on first use (mode 600)."""
     _require_admin(api, "issue tokens")
     secret = auth.load_secret(api.config.token_secret, create=True)
@@ -91,25 +100,7 @@ def token_issue(api: Any, user: str, hours: float) -> dict[str, Any]:
     return {"token": token, "user": claims.user, "expires": claims.expires, "id": claims.id}
 
 
-def token_revoke(api: Any, token_id: str) -> dict[str, Any]:
+def token_revoke(api: Kasched, token_id: str) -> dict[str, Any]:
     _require_admin(api, "revoke tokens")
     auth.revoke(api.config, token_id)
     return {"id": token_id, "revoked": True}
-
-
-# --- REST handlers (see routes.py) -------------------------------------------------------------------
-
-
-def route_console(api: Any, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    return console_read(api, params["name"], query.get("offset"), query.get("lines"))
-
-
-def route_token_issue(api: Any, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    from kasched.service.routes import _fields
-
-    fields = _fields(body, {"user": str}, {"hours": float})
-    return token_issue(api, fields["user"], 24.0 if fields["hours"] is None else float(fields["hours"]))
-
-
-def route_token_revoke(api: Any, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
-    return token_revoke(api, params["id"])

@@ -13,6 +13,7 @@ from typing import Any
 
 from kasched import config as config_module
 from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.deploy import records
 from kasched.errors import KaschedError
 from kasched.identity import Caller
@@ -29,7 +30,7 @@ def serve(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
-    api = Kasched.open(config, Caller("root", is_admin=True))
+    api = open_site(config, Caller("root", is_admin=True))
     with api.database.session() as session:
         for deployment_id in records.recover_interrupted(session):
             log.warning(

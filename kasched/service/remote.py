@@ -1,21 +1,31 @@
-"""The API as the CLI sees it when kaschedd runs: the same calls as :class:`kasched.api.Kasched`,
-answered by the service over its Unix socket. The CLI holds no database credential, no BMC password."""
+"""The front door over kaschedd (:class:`RemoteKasched`): every call of :class:`kasched.front.KaschedFront`,
+answered by the service over its Unix socket or TCP. The CLI holds no database credential, no BMC
+password. An operation is started, then followed by polling its record (:mod:`kasched.service.follow`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import typing
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from kasched import errors
-from kasched.api import ImportReport
+from kasched.api import ImportReport, Kasched
 from kasched.bus import Bus
 from kasched.config import Config
-from kasched.errors import KaschedError
+from kasched.deploy.operations import OperationResult
+from kasched.deploy.records import DeploymentView
+from kasched.drivers.reboot import RebootLevel
+from kasched.errors import InputError, KaschedError
+from kasched.front import ConsolePage, IssuedToken, Listener, Started, ignore, when_given_back
 from kasched.identity import Caller
 from kasched.messages import JobEnd, JobInfo
+from kasched.results import NodeResult
+from kasched.schedulers import SchedulerAdapter
+from kasched.service import follow
 from kasched.service.client import ServiceClient, client_for
 from kasched.stats import StatsFilter, StatsGroup
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, StepView
@@ -57,6 +67,9 @@ class RemoteKasched:
 
     def close(self) -> None:
         """Nothing to release: every call is its own connection."""
+
+    def beside_database(self, why: str) -> Kasched:
+        raise InputError(why, field="service")
 
     def call(self, method: str, url: str, query: dict[str, Any] | None = None, body: Any = None) -> Any:
         status, data = self.client.request(method, url, query, body)
@@ -142,6 +155,9 @@ class RemoteKasched:
         body = {"scheduler": end.scheduler, "cluster": end.cluster, "job_id": end.job_id, "reason": end.reason}
         return view(GrantView, self.call("POST", "/v1/jobs/end", body=body))
 
+    def scheduler_adapters(self) -> list[SchedulerAdapter]:
+        return typing.cast(list[SchedulerAdapter], self.bus.scheduler_adapters())
+
     # Statistics
     def _stats_query(self, selection: StatsFilter) -> dict[str, Any]:
         return {
@@ -161,6 +177,80 @@ class RemoteKasched:
     def stats_summary(self, selection: StatsFilter, by: str) -> list[StatsGroup]:
         groups = self.call("GET", "/v1/stats", {**self._stats_query(selection), "by": by})
         return [StatsGroup(**g) for g in groups]
+
+    # Operations
+    def deploy(
+        self,
+        environment: str,
+        nodes: Sequence[str],
+        key: str | None = None,
+        *,
+        stateless: bool = False,
+        fanout: int = 0,
+        listener: Listener = ignore,
+        stop: threading.Event | None = None,
+    ) -> OperationResult:
+        body = {"kind": "deploy", "nodes": ",".join(nodes), "environment": environment, "key": key,
+                "stateless": stateless, "fanout": fanout}  # fmt: skip
+        return self._operate(body, listener, stop)
+
+    def revert(
+        self, nodes: Sequence[str], *, listener: Listener = ignore, stop: threading.Event | None = None
+    ) -> OperationResult:
+        return self._operate({"kind": "revert", "nodes": ",".join(nodes)}, listener, stop)
+
+    def reboot(
+        self,
+        nodes: Sequence[str],
+        level: RebootLevel | None = None,
+        to: str = "reference",
+        *,
+        listener: Listener = ignore,
+        stop: threading.Event | None = None,
+    ) -> OperationResult:
+        body = {"kind": "reboot", "nodes": ",".join(nodes), "level": (level or RebootLevel.SOFT).value, "to": to}
+        return self._operate(body, listener, stop)
+
+    def _operate(self, body: dict[str, Any], listener: Listener, stop: threading.Event | None) -> OperationResult:
+        """Start the operation in kaschedd (waiting while the nodes are being given back), then follow it."""
+        stop = stop or threading.Event()
+        start = lambda: self.call("POST", "/v1/deployments", body=body)  # noqa: E731
+        operation_id = str(when_given_back(start, self.config.revert_wait, listener, stop)["id"])
+        listener(Started(str(body["kind"]), operation_id, "in kaschedd"))
+        return follow.result(follow.follow(self.call, operation_id, listener, stop))
+
+    def power(self, nodes: Sequence[str], action: str) -> list[NodeResult]:
+        answers = self.call("POST", "/v1/power", body={"action": action, "nodes": ",".join(nodes)})
+        return [NodeResult(**answer) for answer in answers]
+
+    def status(self, operation_id: str) -> DeploymentView:
+        return _deployment(self.call("GET", f"/v1/deployments/{_quote(operation_id)}"))
+
+    def cancel(self, operation_id: str) -> None:
+        self.call("POST", f"/v1/deployments/{_quote(operation_id)}/cancel")
+
+    def operations(self, *, running: bool = False, limit: int = 50) -> list[DeploymentView]:
+        found = self.call("GET", "/v1/deployments", {"running": str(running).lower(), "limit": limit})
+        return [_deployment(d) for d in found]
+
+    # Console and tokens
+    def console(self, node: str, offset: int | None = None, lines: int = 40) -> ConsolePage:
+        query = {"lines": str(lines), "offset": None if offset is None else str(offset)}
+        return view(ConsolePage, self.call("GET", f"/v1/nodes/{_quote(node)}/console", query))
+
+    def issue_token(self, user: str, hours: float = 24.0) -> IssuedToken:
+        return view(IssuedToken, self.call("POST", "/v1/tokens", body={"user": user, "hours": hours}))
+
+    def revoke_token(self, token_id: str) -> None:
+        self.call("DELETE", f"/v1/tokens/{_quote(token_id)}")
+
+
+def _deployment(data: dict[str, Any]) -> DeploymentView:
+    """An operation's record from its JSON form (its times restored)."""
+    shown = view(DeploymentView, data)
+    times = {name: datetime.fromisoformat(value) for name in ("created_at", "ended_at")
+             if isinstance(value := data.get(name), str)}  # fmt: skip
+    return dataclasses.replace(shown, **times)  # type: ignore[arg-type]
 
 
 def _quote(text: str) -> str:

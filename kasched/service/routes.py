@@ -11,7 +11,7 @@ from typing import Any
 
 from kasched.api import Kasched
 from kasched.errors import InputError
-from kasched.service.access import route_console, route_token_issue, route_token_revoke
+from kasched.service import access
 from kasched.stats import StatsFilter, parse_time
 
 Handler = Callable[[Kasched, dict[str, str], dict[str, str], Any], Any]
@@ -127,10 +127,7 @@ def _deployment_show(api: Kasched, params: dict[str, str], query: dict[str, str]
 
     with api.database.session() as session:
         shown = records.view(session, params["id"])
-    if shown.user != api.caller.user and not api.caller.is_admin:
-        from kasched.errors import PermissionDenied
-
-        raise PermissionDenied(f"deployment {shown.id} belongs to {shown.user}")
+    access.require_own(api, shown.user, f"deployment {shown.id}")
     return {**to_json(shown), "transfer": TRANSFERS.latest(shown.id)}  # live, not stored
 
 
@@ -140,6 +137,30 @@ def _deployment_cancel(api: Kasched, params: dict[str, str], query: dict[str, st
     with api.database.session() as session:
         records.request_cancel(session, params["id"], api.caller.user, api.caller.is_admin)
     return {"id": params["id"], "cancel_requested": True}
+
+
+def _deployments_list(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    from kasched.deploy import records
+
+    limit = query.get("limit", "50")
+    if not (limit.isascii() and limit.isdigit() and 0 < int(limit) <= 10_000):
+        raise InputError(f"{limit!r} is not a whole number from 1 to 10000", field="limit")
+    owner = None if api.caller.is_admin else api.caller.user
+    with api.database.session() as session:
+        return records.recent(session, owner, running=_flag(query, "running"), limit=int(limit))
+
+
+def route_console(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    return access.console_read(api, params["name"], query.get("offset"), query.get("lines"))
+
+
+def route_token_issue(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    fields = _fields(body, {"user": str}, {"hours": float})
+    return access.token_issue(api, fields["user"], 24.0 if fields["hours"] is None else float(fields["hours"]))
+
+
+def route_token_revoke(api: Kasched, params: dict[str, str], query: dict[str, str], body: Any) -> Any:
+    return access.token_revoke(api, params["id"])
 
 
 _KIND_WORDS = {str: "a string", float: "a number", int: "a whole number", bool: "true or false", list: "a list"}
@@ -461,6 +482,14 @@ ROUTES = (
         _stats,
         query=("user", "nodes", "environment", "kind", "failed", "since", "until", "by", "limit"),
         response=ARRAY,
+    ),
+    Route(
+        "GET",
+        "/v1/deployments",
+        "Running and recent operations, newest first (your own; admins anyone's), without their step history",
+        _deployments_list,
+        query=("running", "limit"),
+        response={"type": "array", "items": DEPLOYMENT},
     ),
     Route(
         "GET",

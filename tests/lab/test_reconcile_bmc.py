@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import load
 from kasched.deploy.operations import Operations
 from kasched.identity import Caller
@@ -33,7 +33,7 @@ def test_reconcile_reports_and_marks_nodes_whose_bmc_contradicts_them(in_lab: La
     site = {"site": "lab", "state_dir": str(tmp_path / "state"), "credentials_file": str(lab.credentials_file)}
     (tmp_path / "kasched.yaml").write_text(yaml.safe_dump(site))
     config = load(tmp_path / "kasched.yaml")
-    api = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    api = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     targets = in_lab.targets
     try:
         api.import_nodes(tmp_path / "inventory.yaml")

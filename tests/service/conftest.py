@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.identity import Caller
 from kasched.service.client import ServiceClient
@@ -31,7 +31,7 @@ def scratch_config(base: Path, **settings: Any) -> Config:
         **settings,
     )
     config.credentials_file.write_text("demo-bmc: {user: admin, password: pw}\n")
-    admin = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     admin.close()
     config.state_dir.chmod(0o755)

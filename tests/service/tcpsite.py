@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.identity import Caller
 from kasched.service.main import serve
@@ -120,7 +120,7 @@ def kaschedd(base: Path, client: dict[str, str], **settings: object) -> Iterator
     """kaschedd (as root, in a thread) on a site with the sample inventory, and ``client`` as the
     client configuration file (besides site, state_dir and admin_group)."""
     config = Config(site="t", state_dir=base / "state", admin_group=ADMIN_GROUP, **settings)  # type: ignore[arg-type]
-    admin = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     admin.close()
     config.state_dir.chmod(0o755)

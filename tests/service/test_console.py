@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.identity import Caller
 from kasched.service.access import console_read
 from kasched.service.client import ServiceClient
@@ -59,7 +59,7 @@ def test_a_new_grant_shows_nothing_of_the_previous_job(site: Site) -> None:
     status, data = client.request("GET", "/v1/nodes/node-1/console", {"offset": "0"})
     assert status == 200, data  # as root: an admin reads it all
     assert PREVIOUS in data["text"]
-    alice = Kasched.open(site.config, Caller("kasched-alice"), load_entry_points=False)
+    alice = open_site(site.config, Caller("kasched-alice"), load_entry_points=False)
     try:
         from_start = console_read(alice, "node-1", offset="0")
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.deploy import steps
 from kasched.deploy.operations import Operations
@@ -91,7 +91,7 @@ def site() -> Iterator[Site]:
     config = load(config_file)
     (base / "credentials.yaml").write_text(f"demo-bmc: {{user: admin, password: {SECRET}}}\n")
     (base / "credentials.yaml").chmod(0o600)
-    admin = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     admin.close()
     config.state_dir.chmod(0o755)
@@ -124,7 +124,7 @@ def environment(directory: Path, name: str, extra: str = "", image: str = "root.
 
 def configure_command_for(config: Config, reference: str, user: str) -> str:
     """The configure command kaschedd builds for node-1 (what the node's shell receives)."""
-    api = Kasched.open(config, Caller(user), load_entry_points=False)
+    api = open_site(config, Caller(user), load_entry_points=False)
     try:
         env = api.show_environment(reference)
     finally:
@@ -230,7 +230,7 @@ def test_rename_race_never_records_a_root_only_file(site: Site) -> None:
     assert time.monotonic() - started >= 5 and swaps[0] > 1000, swaps
     print("race outcomes", outcomes, "swaps", swaps[0])
     assert sum(outcomes.values()) >= 20, outcomes
-    api = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
+    api = open_site(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
         recorded = [e for e in api.list_environments(include_shared=True) if e.name == "race"]
     finally:
@@ -285,7 +285,7 @@ def test_shared_environment_needs_no_access_to_the_owners_files(site: Site) -> N
     checked = site.kasched(BOB, "env", "check", f"team@{ALICE}")
     assert checked.returncode == 0 and "matches sha256" in checked.stdout, checked.stderr
     assert site.kasched("root", "rights", "grant", "-u", BOB, "-m", "node-1").returncode == 0
-    api = Kasched.open(site.config, Caller(BOB), load_entry_points=False)
+    api = open_site(site.config, Caller(BOB), load_entry_points=False)
     try:
         pending = Operations(api).prepare_deploy(f"team@{ALICE}", "node-1")  # the pre-deploy check passed
         assert decoded_payloads(steps.configure_command(pending.context, "node-1")) == [

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.deploy import records
 from kasched.identity import Caller
@@ -53,7 +54,7 @@ def _release(admin: Kasched, operation: str, nodes: list[str]) -> None:
 @pytest.fixture
 def admin(race_site: tuple[Config, ServiceClient, Path]) -> Kasched:  # noqa: F811
     config, _, _ = race_site
-    api = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    api = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     api.grant(USER, "node-[1-4]", 1.0)
     return api
 

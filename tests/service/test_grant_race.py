@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.deploy import kexec, steps
 from kasched.identity import Caller
@@ -110,7 +111,7 @@ def test_a_deploy_racing_the_epilog_never_outlives_the_grant(race_site: tuple[Co
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert user.stdin is not None and user.stdout is not None
-    admin = Kasched.open(config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(config, Caller("root", is_admin=True), load_entry_points=False)
     rounds: list[dict[str, Any]] = []
     try:
         started = time.monotonic()

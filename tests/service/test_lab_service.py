@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kasched.cli.deploy import POLL
 from kasched.config import Config
 from kasched.errors import KaschedError
 from kasched.service.client import ServiceClient
+from kasched.service.follow import POLL
 from tests.conftest import ROOT
 from tests.e2e.conftest import Site, _reference_environment, _user_environment
 from tests.service.test_service import as_user

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from kasched.cli import deploy as deploy_cli
 from kasched.cli import main
 from kasched.cli.progress import ProgressView
 from kasched.config import Config
 from kasched.deploy import kexec, steps
 from kasched.results import GroupResult, NodeResult
+from kasched.service import follow
 from kasched.service.client import ServiceClient
 from kasched.service.live import TransferBoard
 from tests.conftest import write
@@ -73,7 +73,7 @@ def deploy_through_service(
     )
     for name in ("KASCHED_DIRECT", "KASCHED_URL", "KASCHED_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(deploy_cli, "POLL", 0.05)
+    monkeypatch.setattr(follow, "POLL", 0.05)
     capsys.readouterr()
     code = main(["--config", str(config_file), "deploy", "-e", "tiny", "-m", "node-[1-2]"])
     err = capsys.readouterr().err
@@ -137,14 +137,14 @@ def test_old_answers_and_stale_transfers() -> None:
     """An answer without ``final`` (an older service) shows a failed attempt as a failure; a transfer
     of a step the view has left is not shown again."""
     out = io.StringIO()
-    view, seen = ProgressView(1, out), deploy_cli._Seen()
+    view, seen = ProgressView(1, out), follow.Seen()
     entry = {"node": "n1", "step": "setup/nomini", "ok": False, "error": "no", "duration": 0.1}
     transfer = {"step": "broadcast", "sent": 4 * MIB, "elapsed": 1.0, "done": True, "rate": 4 * MIB}
-    deploy_cli._show_poll({"steps": [entry], "nodes": {}, "transfer": None}, view, seen)
+    follow.feed({"steps": [entry], "nodes": {}, "transfer": None}, view, seen)
     assert "failed 1" in out.getvalue().splitlines()[-1]
-    deploy_cli._show_poll({"steps": [entry], "nodes": {}, "transfer": transfer}, view, seen)
+    follow.feed({"steps": [entry], "nodes": {}, "transfer": transfer}, view, seen)
     assert "sent 4.0 MiB at 4.0 MiB/s" in out.getvalue().splitlines()[-1]
     boot = {"node": "n1", "step": "boot/pxe", "ok": True, "error": None, "duration": 0.1}
     changed = {**transfer, "sent": 5 * MIB}
-    deploy_cli._show_poll({"steps": [entry, boot], "nodes": {}, "transfer": changed}, view, seen)
+    follow.feed({"steps": [entry, boot], "nodes": {}, "transfer": changed}, view, seen)
     assert view.step == "boot" and "sent" not in out.getvalue().splitlines()[-1]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.identity import Caller
 from kasched.messages import JobInfo
 from tests.service.tcpsite import Site, kasched_as
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_doctor_reports_what_kaschedd_sees_of_each_scheduler(site: Site) -> None:  # noqa: F811
-    admin = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
         admin.record_job_start(JobInfo("slurm", "nowhere", "41", "kasched-alice", ("node-1",)))
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import update
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.deploy import records
 from kasched.errors import KaschedError
@@ -46,7 +46,7 @@ def test_kill_9_then_restart_leaves_a_known_state() -> None:
         config_file = base / "kasched.yaml"
         config_file.write_text(f"site: t\nstate_dir: {base / 'state'}\n")
         config = Config(site="t", state_dir=base / "state")
-        api = Kasched.open(config, Caller("root", True), load_entry_points=False)
+        api = open_site(config, Caller("root", True), load_entry_points=False)
         api.import_nodes(EXAMPLES / "cluster.yaml")
         first = start_service(config_file, config.service_socket)
         # An operation running inside this kaschedd (its threads carry the service's pid).

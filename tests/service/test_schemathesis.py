@@ -18,7 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.config import Config
 from kasched.identity import Caller
 from kasched.service.openapi import schema as openapi_schema
@@ -45,7 +45,7 @@ class FixedIdentityTcpServer(socketserver.ThreadingMixIn, http.server.HTTPServer
 def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     directory = Path(tempfile.mkdtemp(prefix="kaschedd-fuzz-"))
     config = Config(site="t", state_dir=directory / "state")
-    api = Kasched.open(config, Caller("root", True), load_entry_points=False)
+    api = open_site(config, Caller("root", True), load_entry_points=False)
     api.import_nodes(EXAMPLES / "cluster.yaml")
     api.grant("kasched-alice", "node-[1-2]", hours=1)
     server = FixedIdentityTcpServer(ServiceApp(api), request.param)

@@ -122,13 +122,13 @@ def test_kaschedd_reconciles_on_its_own(tmp_path: Path) -> None:
     epilog revoked."""
     import threading
 
-    from kasched.api import Kasched
+    from kasched.compose import open_site
     from kasched.identity import Caller
     from kasched.messages import JobInfo
     from kasched.service.main import serve
 
     config = Config(site="t", state_dir=tmp_path / "state", reconcile_interval=0.5, reconcile_walltime_grace=0)
-    admin = Kasched.open(config, Caller("root", is_admin=True))
+    admin = open_site(config, Caller("root", is_admin=True))
     admin.import_nodes(EXAMPLES / "cluster.yaml")
     job = JobInfo(scheduler="slurm", cluster="c", job_id="5", user="alice", nodes=("node-1",), walltime=1)
     admin.record_job_start(job)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kasched_slurm.plugin import SlurmAdapter
 
-from kasched.api import Kasched
+from kasched.compose import open_site
 from kasched.errors import AuthenticationError
 from kasched.identity import Caller
 from kasched.models import utcnow
@@ -48,8 +48,8 @@ def test_database_files_are_mode_600_under_umask_022(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     config_file = write(tmp_path / "kasched.yaml", f"site: t\nstate_dir: {tmp_path / 'state'}\n")
     script = (
-        "import os, sys; os.umask(0o022); from kasched.api import Kasched; from kasched.config import load; "
-        "api = Kasched.open(load(sys.argv[1]), load_entry_points=False); api.rights(); "
+        "import os, sys; os.umask(0o022); from kasched.compose import open_site; from kasched.config import load; "
+        "api = open_site(load(sys.argv[1]), load_entry_points=False); api.rights(); "
         "print(sorted(os.listdir(sys.argv[2])))"
     )  # the database open, with its -wal and -shm, when the modes are read
     opened = subprocess.run(
@@ -77,7 +77,7 @@ def test_config_check_flags_a_database_others_may_read(site: Site) -> None:
 
 
 def test_an_ordinary_users_stats_show_only_their_own(site: Site) -> None:
-    admin = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
         admin.record_step(event("node-1", "setup", user="kasched-alice", env="mine@kasched-alice:1"))
         admin.record_step(event("node-2", "setup", user="kasched-bob", env="secret@kasched-bob:1", ok=False))
@@ -160,7 +160,7 @@ def test_an_over_long_env_in_a_slurm_comment_is_one_line_and_the_job_keeps_its_g
                              env=environ, timeout=60)  # fmt: skip
     assert started.returncode == 0, started.stderr  # through kaschedd: the prolog does not fail
     assert started.stderr == "kasched: warning: job 70: env= of the comment ignored (longer than 200 characters)\n"
-    admin = Kasched.open(site.config, Caller("root", is_admin=True), load_entry_points=False)
+    admin = open_site(site.config, Caller("root", is_admin=True), load_entry_points=False)
     try:
         [grant] = admin.rights(nodes="node-1")
     finally:
