@@ -98,10 +98,10 @@ def test_a_deploy_gives_the_same_result_and_events_both_ways(
         result = front.deploy("tiny", ["node-1", "node-2"], listener=events.append, stop=threading.Event())
         runs[name] = (result, events)
     (mine, my_events), (theirs, their_events) = runs["local"], runs["remote"]
-    assert (mine.kind, mine.state, mine.ok, mine.failed) == (theirs.kind, theirs.state, theirs.ok, theirs.failed)
-    assert (mine.ok, mine.failed) == (["node-1"], ["node-2"])
+    assert (mine.kind, mine.state, mine.succeeded, mine.failed) == (theirs.kind, theirs.state, theirs.succeeded, theirs.failed)
+    assert (mine.ok, mine.succeeded, mine.failed) == (False, ["node-1"], ["node-2"])
     for node in ("node-1", "node-2"):
-        a, b = mine.outcomes[node], theirs.outcomes[node]
+        a, b = mine.results[node], theirs.results[node]
         assert (a.ok, a.step, a.variant, a.error, a.fallbacks) == (b.ok, b.step, b.variant, b.error, b.fallbacks)
         assert set(a.durations) == set(b.durations)
     steps = [[(e.node, e.step, e.variant, e.ok, e.final) for e in run if isinstance(e, StepEvent)]
