@@ -45,6 +45,7 @@ CLUSH = str(Path(sys.executable).parent / "clush")
 # What a ``kasched`` process does to run a command on nodes: start, import, run, report (exit 0: all ok).
 EXEC = """
 import json, sys
+from kasched.transports import tree
 args = json.loads(sys.argv[1])
 result = tree.run(args.pop("nodes"), "true", window=64, connect_timeout=30, command_timeout=120, **args)
 failed = [(r.node, r.error) for r in result.values() if not r.ok]
