@@ -22,7 +22,13 @@ trap 'rm -f "$host_log"' EXIT
 nice -n 10 "${PYTEST[@]}" -m "not ($MACHINE)" >"$host_log" 2>&1 &
 host=$!
 machine_status=0
-"${PYTEST[@]}" -m "$MACHINE" || machine_status=$?
+# The schedulers' tests (mostly waiting) first, the QEMU and hostile-node ones (e2e: busy CPUs) last,
+# once the other process is likely done: niced, it would get little CPU beside QEMU under TCG.
+first=(tests/schedulers)
+for path in tests/*/ tests/test_*.py; do
+    case "$path" in tests/schedulers/|tests/e2e/|tests/__pycache__/) ;; *) first+=("${path%/}") ;; esac
+done
+"${PYTEST[@]}" -m "$MACHINE" "${first[@]}" tests/e2e || machine_status=$?
 host_status=0
 wait "$host" || host_status=$?
 echo "=== the tests without a lab or a scheduler (run at the same time, niced) ==="
