@@ -34,6 +34,7 @@ from kasched.imagestore import ImageStore
 from kasched.jobs import JobEnd, JobInfo, StepEvent
 from kasched.models import Cluster, Environment, GrantNode, Node, NodeState, Visibility, utcnow
 from kasched.nodeset import MAX_NODES, SMALL, check_size, count, expand_many, fold
+from kasched.simulated.plugin import SimulatedDrivers
 from kasched.stats import StatsFilter, StatsGroup
 from kasched.views import Decision, EnvironmentView, GrantView, NodeView, OperationView
 
@@ -64,6 +65,7 @@ class Kasched:
         bus.register(Journal(), "journal")
         bus.register(Reclaimer(database, config, bus), "reclaimer")
         bus.register(BuiltinDrivers(), "drivers")
+        bus.register(SimulatedDrivers(), "simulated")
         bus.register(StatelessImages(database, config), "stateless")
         bus.register(ConsoleMarks(config), "console-marks")
         return cls(config, database, bus, caller or Caller.current(config.admin_group))

@@ -66,19 +66,23 @@ def kasched_console_drivers() -> dict[str, Callable[[Config], ConsoleDriver]]:
 
 @hookspec
 def kasched_broadcast_methods() -> dict[str, Any]:
-    """Called once when image broadcast methods are looked up.
+    """Called when an operation starts, if the site's ``broadcast_method`` is not the built-in
+    ``chain`` (over SSH).
 
-    Return a mapping of method name (``chain``, ``tree``, ``unicast``) to a callable that sends an
-    image to a list of nodes and returns a :class:`~kasched.results.GroupResult`.
+    Return a mapping of method name to a factory that builds, from the site configuration, a
+    :class:`~kasched.drivers.transport.BroadcastMethod` (sends an image to nodes and returns a
+    :class:`~kasched.results.GroupResult`). The simulated hardware kind registers ``simulated``.
     """
 
 
 @hookspec
 def kasched_exec_methods() -> dict[str, Any]:
-    """Called once when remote execution methods are looked up.
+    """Called when an operation starts, if the site's ``exec_method`` is not the built-in ``tree``
+    (SSH, direct or through relays).
 
-    Return a mapping of method name (``tree``, ``direct``) to a callable that runs a command on a
-    list of nodes and returns a :class:`~kasched.results.GroupResult`.
+    Return a mapping of method name to a factory that builds, from the site configuration, a
+    :class:`~kasched.drivers.transport.ExecMethod` (runs a command on nodes and returns a
+    :class:`~kasched.results.GroupResult`). The simulated hardware kind registers ``simulated``.
     """
 
 

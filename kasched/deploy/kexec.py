@@ -88,7 +88,7 @@ def kexec_setup_command(files: BootFiles) -> str:
 def kexec_into(ctx: StepContext, names: Sequence[str], command_for: Callable[[str], str]) -> GroupResult:
     """Run each node's kexec command, then wait for each node to go down and come back."""
     started = checked(ctx.shell.run_each(names, command_for, ctx.command_timeout), "kexec")
-    wait_up = port_cycle()
+    wait_up = ctx.wait_up or port_cycle()
 
     def back(name: str) -> NodeResult:
         if not wait_up(ctx.targets[name], ctx.reboot_timeout, True):

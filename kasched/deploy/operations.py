@@ -18,7 +18,7 @@ from kasched.api import Kasched
 from kasched.bootkeys import BootKeys
 from kasched.builtin.stateless import StatelessImages
 from kasched.config import Config
-from kasched.deploy import kexec, records, revert, steps
+from kasched.deploy import kexec, records, revert, steps, transports
 from kasched.deploy.nodes import NodeShell
 from kasched.deploy.targets import targets
 from kasched.deploy.workflow import (
@@ -404,16 +404,19 @@ class Operations:
         node_targets = {t.name: t for t in targets(config, views)}
         power = self._power_drivers(views, node_targets)
         boot_factories = self.api.bus.boot_drivers()
-        if "pxe" not in boot_factories:
-            raise ConfigError("no 'pxe' boot driver is registered (is the 'drivers' plugin disabled?)")
-        soft = self.api.bus.power_drivers()["ssh"](config)
-        shell = NodeShell(config.service_key, {v.name: v.ip for v in views}, fanout=self.fanout)
+        if config.boot_driver not in boot_factories:
+            raise ConfigError(
+                f"no {config.boot_driver!r} boot driver is registered (is the 'drivers' plugin disabled?)"
+            )
+        method = transports.exec_method(self.api.bus, config)
+        soft = method.soft_power() if method is not None else self.api.bus.power_drivers()["ssh"](config)
+        shell = NodeShell(config.service_key, {v.name: v.ip for v in views}, fanout=self.fanout, method=method)
         return steps.StepContext(
             targets=node_targets,
             placement={v.name: (v.switch, v.rack) for v in views},
             power=power,
             soft=soft,
-            boot=boot_factories["pxe"](config),
+            boot=boot_factories[config.boot_driver](config),
             shell=shell,
             environment=env,
             partition=partition,
@@ -424,6 +427,8 @@ class Operations:
             stateless_initrd=getattr(self, "_stateless_files", ("", ""))[1],
             on_transfer=lambda sent, elapsed, done: self.progress(TransferReport("broadcast", sent, elapsed, done)),
             keys=BootKeys(config.boot_dir),
+            wait_up=method.wait_up if method is not None else None,
+            broadcast_method=transports.broadcast_method(self.api.bus, config),
         )
 
     def _power_drivers(self, views: list[NodeView], node_targets: dict[str, NodeTarget]) -> dict[str, PowerDriver]:
