@@ -42,6 +42,7 @@ def answer(site: SimulatedSite, node: SimulatedNode, command: str, stdin: Iterab
         return probe(node, command)
     if command == f"touch {REBOOT_TOKEN}":
         node.token = True
+        site.touch(node)
         return OK
     if command == "sync" or command.startswith(f"set -e; cd {MOUNT}"):
         return OK

@@ -64,7 +64,9 @@ class SimulatedPower(PowerDriver):
             self.site.boot(simulated)
 
     def set_boot_device(self, node: NodeTarget, device: BootDevice) -> None:
-        self._bmc(node).network_boot = device is BootDevice.NETWORK
+        simulated = self._bmc(node)
+        simulated.network_boot = device is BootDevice.NETWORK
+        self.site.touch(simulated)
 
 
 class SimulatedSoftPower(PowerDriver):
@@ -126,7 +128,8 @@ class SimulatedBoot(BootDriver):
         key = next((k for k in keys if k), None)
         simulated = self.site.node(node)
         with self.site.lock:
-            simulated.profile = Profile(target, partition if partition is not None else None, cmdline, key)
+            simulated.profile = Profile(target, partition, cmdline, key)
+            self.site.touch(simulated)
 
     def boot_files(self, node: NodeTarget, target: BootTarget) -> BootFiles | None:
         if target is not BootTarget.DEPLOY:

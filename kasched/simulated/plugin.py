@@ -54,3 +54,11 @@ class SimulatedDrivers:
     @hookimpl
     def kasched_broadcast_methods(self) -> dict[str, Any]:
         return {NAME: _broadcast}
+
+    @hookimpl
+    def kasched_grant_revoked(self, grant: Any, reason: str) -> None:
+        """Before the reclaimer (registered earlier, so called later) starts the job's revert in a
+        process of its own: that process must find the nodes as this one left them."""
+        from kasched.simulated.site import save_sites
+
+        save_sites()

@@ -10,6 +10,7 @@ again when it changes, so a test can inject a fault between two operations.
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import hashlib
 import json
@@ -18,6 +19,7 @@ import math
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 from kasched.config import Config
 from kasched.drivers.base import BootTarget, NodeTarget
 from kasched.errors import ConfigError
+from kasched.simulated import persist
 from kasched.simulated.calibration import Calibration, Clock
 
 SETTINGS = "simulated.json"
@@ -36,13 +39,14 @@ FAULTS = {
     "dies_mid_broadcast": "the node powers off in the middle of the broadcast",
     "wrong_host_key": "something else answers on the node's address (not the key of its boot)",
     "ignores_soft_reboot": "the running system ignores its own reboot (a user's system may)",
-    "reference_changed": "two blocks of the reference partition differ (what a user's boot writes)",
+    "reference_changed": "one block of the reference partition differs (what a boot of it writes)",
     "reference_rewritten": "every block of the reference partition differs",
     "no_kexec": "the running system has no kexec-tools",
     "no_tools": "the running system lacks the tools the broadcast needs (no 'nomini')",
 }
 KEY_LINE = re.compile(rb"ssh-ed25519 [A-Za-z0-9+/=]+")
 NEVER = math.inf
+SAVE_EVERY = 0.5  # seconds between two saves of the nodes' state
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class SimulatedNode:
     received: dict[str, bytes] = field(default_factory=dict)  # files pushed into /run/kasched-kexec
     faults: frozenset[str] = frozenset()
     boots: int = 0
+    version: int = 0  # wall clock (ns) of its last change (kasched.simulated.persist)
     went_down: bool = False  # restarted since a reboot's wait last looked (what sshd's port going down shows)
 
     @property
@@ -129,7 +134,13 @@ class SimulatedSite:
         self.clock = Clock(Calibration.default())
         self.reference: Content | None = None
         self.image_size: int | None = None
+        self.nodes_path = config.state_dir / persist.NODES
+        self.nodes_stamp: int | None = None  # of the nodes' file as this process last read or wrote it
+        self.dirty = threading.Event()
         self.reload()
+        self._load_nodes()
+        threading.Thread(target=self._save_loop, name="kasched-simulated-save", daemon=True).start()
+        atexit.register(self.save)
 
     # --- settings ------------------------------------------------------------------------------------
 
@@ -162,6 +173,57 @@ class SimulatedSite:
                 self._disk_faults(node, new - node.faults)
                 node.faults = new
 
+    # --- the nodes' state shared with other processes (kasched.simulated.persist) -----------------------
+
+    def touch(self, node: SimulatedNode) -> None:
+        """``node`` changed: a newer version, saved soon."""
+        node.version = time.time_ns()
+        self.dirty.set()
+
+    def _load_nodes(self) -> None:
+        """Merge the nodes another process saved (newer versions win), if the file changed."""
+        try:
+            stamp = self.nodes_path.stat().st_mtime_ns
+        except OSError:
+            return
+        if stamp == self.nodes_stamp:
+            return
+        with self.lock:
+            self._merge(persist.read(self.nodes_path))
+            self.nodes_stamp = stamp
+
+    def _merge(self, saved: dict[str, dict[str, Any]]) -> None:
+        now, wall = time.monotonic(), time.time()
+        for name, data in saved.items():
+            mine = self.nodes.get(name)
+            if mine is None or data["version"] > mine.version:
+                node = persist.restore(self, data, now, wall)
+                node.faults = frozenset(self.settings.get("faults", {}).get(name, ()))
+                self.nodes[name] = node
+
+    def save(self) -> None:
+        """Write every node (merged with what another process saved meanwhile)."""
+        if not self.dirty.is_set():
+            return
+        with self.lock:
+            self.dirty.clear()
+            self._load_nodes()
+            now, wall = time.monotonic(), time.time()
+            saved = persist.read(self.nodes_path) if self.nodes_stamp is not None else {}
+            for name, node in self.nodes.items():
+                if name not in saved or saved[name]["version"] <= node.version:
+                    saved[name] = persist.record(node, now, wall)
+            self.nodes_stamp = persist.write(self.nodes_path, saved)
+
+    def _save_loop(self) -> None:
+        while True:
+            self.dirty.wait()
+            time.sleep(SAVE_EVERY)
+            try:
+                self.save()
+            except OSError:  # the site's directory is gone (a test ended): nothing to keep
+                return
+
     def content(self, data: bytes, *, raw: bool) -> Content:
         """The shared content object of ``data``."""
         digest = hashlib.sha256(data).hexdigest()
@@ -180,6 +242,7 @@ class SimulatedSite:
             if node is None:
                 node = self._new_node(target)
                 self.nodes[target.name] = node
+                self.touch(node)
             return node
 
     def by_name(self, name: str) -> SimulatedNode | None:
@@ -201,7 +264,7 @@ class SimulatedSite:
         content = node.partitions.get(device)
         count = len(content.hashes(4 << 20)) if content is not None else 0
         if "reference_changed" in faults:
-            node.changed[device] = {index: "0" * 64 for index in range(min(2, count))}
+            node.changed[device] = {index: "0" * 64 for index in range(min(1, count))}
         if "reference_rewritten" in faults:
             node.changed[device] = {index: "0" * 64 for index in range(count)}
 
@@ -213,6 +276,7 @@ class SimulatedSite:
         draw = self.clock.draw
         with self.lock:
             node.boots += 1
+            self.touch(node)
             node.went_down = True
             node.token = False
             node.received = {} if kexec is None else node.received
@@ -247,6 +311,7 @@ class SimulatedSite:
     def power_off(self, node: SimulatedNode) -> None:
         with self.lock:
             node.powered, node.system, node.up_at = False, "", NEVER
+            self.touch(node)
 
     def verify_hashes(self, node: SimulatedNode, device: str, block: int) -> tuple[str, ...] | None:
         """What reading the partition back block by block gives, or None (nothing written there)."""
@@ -262,6 +327,7 @@ class SimulatedSite:
     def write_block(self, node: SimulatedNode, device: str, index: int, value: str, block: int) -> None:
         content = node.partitions.get(device)
         with self.lock:
+            self.touch(node)
             changed = node.changed.setdefault(device, {})
             if content is not None and index < len(content.hashes(block)) and content.hashes(block)[index] == value:
                 changed.pop(index, None)
@@ -272,6 +338,7 @@ class SimulatedSite:
         with self.lock:
             node.partitions[device] = content
             node.changed.pop(device, None)
+            self.touch(node)
 
 
 _sites: dict[Path, SimulatedSite] = {}
@@ -286,7 +353,16 @@ def site_of(config: Config) -> SimulatedSite:
         if site is None:
             site = _sites[config.state_dir] = SimulatedSite(config)
     site.reload()
+    site._load_nodes()
     return site
+
+
+def save_sites() -> None:
+    """Save the nodes of every site of this process now (another process is about to drive them)."""
+    with _sites_lock:
+        sites = list(_sites.values())
+    for site in sites:
+        site.save()
 
 
 def forget_sites() -> None:
