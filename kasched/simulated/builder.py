@@ -63,13 +63,13 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def inventory(nodes: int, per_switch: int = 50) -> dict[str, Any]:
-    """``nodes`` simulated nodes (node-1 ...), ``per_switch`` (at most 250) to a switch, two switches
+    """``nodes`` simulated nodes (node-1 ...), ``per_switch`` (at most 99) to a switch, two switches
     to a rack; switch ``g`` has MACs 02:5a:00:GG:GG:xx and addresses 10.(100+g/250).(g%250).x."""
     groups = []
     for first in range(1, nodes + 1, per_switch):
         last = min(nodes, first + per_switch - 1)
         g = (first - 1) // per_switch
-        span = (f"[{1:02x}-{last - first + 1:02x}]", f"[1-{last - first + 1}]") if last > first else ("01", "1")
+        span = (f"[01-{last - first + 1:02d}]", f"[1-{last - first + 1}]") if last > first else ("01", "1")
         groups.append(
             {
                 "name": f"node-[{first}-{last}]" if last > first else f"node-{first}",
