@@ -2,7 +2,7 @@
 real kaschedd process and the real CLI, on SQLite and PostgreSQL, with the prolog and epilog of an
 N-node job.
 
-Run: .venv/bin/python bench/scale.py [--quick] [--nodes N] [--db sqlite|postgresql|both] [--scales 0.01,0.05]
+Run: .venv/bin/python bench/scale.py [--quick] [--nodes N] [--db sqlite|postgresql|both] [--scales 0.01,0.1]
      [--image-gb 5] [--link-gbit 10] [--profile]
 
 ``--quick``: 1,000 nodes; default 10,000. Each operation runs at two time scales (the simulated
@@ -262,7 +262,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 nodes (default 10,000)")
     parser.add_argument("--nodes", type=int, help="another node count")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="sqlite")
-    parser.add_argument("--scales", default="0.01,0.03", help="two time scales (default 0.01,0.03)")
+    parser.add_argument("--scales", default="0.01,0.1", help="two time scales (default 0.01,0.1)")
     parser.add_argument("--image-gb", type=float, default=5.0, help="the image size the timings use (GB)")
     parser.add_argument("--link-gbit", type=float, default=10.0, help="the nodes' link rate (Gbit/s)")
     parser.add_argument("--profile", action="store_true", help="kaschedd under cProfile; print where time goes")

@@ -38,6 +38,7 @@ from kasched.drivers.reboot import port_cycle
 from kasched.results import GroupResult, NodeResult
 
 KEXEC_MOUNT = "/mnt/kasched-kexec"
+WAIT_WINDOW = 1024  # nodes waited for at once after their jump (32 made 100 nodes come back in 4 turns)
 KEXEC_FILES = "/run/kasched-kexec"  # where the deployment system's kernel and initrd are sent
 INSTALLED = "command -v kexec >/dev/null || { echo 'kexec-tools is not installed on the node' >&2; exit 3; }"
 # Detached in plain shell: no nohup (a coreutils program; busybox-static has none, so a deployment
@@ -97,7 +98,7 @@ def kexec_into(ctx: StepContext, names: Sequence[str], command_for: Callable[[st
 
     results = GroupResult()
     alive = [name for name, result in started.items() if result.ok]
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(alive)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(WAIT_WINDOW, len(alive)))) as pool:  # waits, not commands
         for result in pool.map(back, alive):
             results.add(result)
     for result in started.values():

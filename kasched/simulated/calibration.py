@@ -77,6 +77,11 @@ class Calibration:
     def median(self, name: str) -> float:
         return self.figures[name].median
 
+    def worst(self, name: str) -> float:
+        """The slowest draw: what the last of many nodes takes (a critical path waits for it)."""
+        figure = self.figures[name]
+        return figure.median * (1 + figure.spread)
+
 
 class Clock:
     """Draws durations and sleeps them, scaled; also keeps the simulated critical path of the
@@ -176,7 +181,7 @@ PLANS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
 def step_seconds(calibration: Calibration, step: str, variant: str, nodes: int, size: int, reference: int) -> float:
     """The physical time of one variant of one step on ``nodes`` at once (the model the simulated
     drivers follow): the commands' rounds, the boots, the chain's stream, the disks' reads."""
-    median, ex = calibration.median, exec_seconds(calibration, nodes)
+    median, ex = calibration.worst, calibration.worst("exec_round")
     network_boot = 2 * median("bmc_call") + median("firmware") + median("boot_network")
     table = {
         ("setup", "nomini"): ex,
