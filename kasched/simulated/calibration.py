@@ -47,8 +47,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("link_rate", 1e9, 0.0, "bit/s", "the lab's node links, 1 Gbit/s (revert bench); 10 GbE for a projection"),
     Figure("tcp_efficiency", 0.952, 0.0, "", "docs/benchmarks.md, broadcast session 11: TCP on 1500-byte frames "
            "carries 0.956 x 0.996 of a link"),
-    Figure("chain_hop", 0.0137, 0.3, "s", "docs/benchmarks.md, broadcast session 11: the chain's per-hop delay, "
-           "0.86 s over 63 hops"),
+    Figure("chain_batch", 16384, 0.0, "B", "docs/benchmarks.md, broadcast session 11: a node forwards up to one "
+           "16 KiB batch; 0.86 s over 63 hops at 10 Mbit/s is 13.7 ms a hop, one batch's time on the link (13.1 ms)"),
+    Figure("hop_latency", 0.0005, 0.3, "s", "a node's own forwarding of a batch (the agent's loop): stated, 0.5 ms; "
+           "below what the lab's 10 Mbit/s runs could tell apart"),
     Figure("disk_write", 500e6, 0.1, "B/s", "docs/benchmarks.md, verify rate: 'a SATA disk (500 MB/s)'"),
     Figure("disk_read_hash", 500e6, 0.1, "B/s", "docs/benchmarks.md, verify rate: SHA-256 at 1060 MiB/s a core "
            "outruns a SATA disk, so the disk's 500 MB/s sets the verify"),
@@ -120,10 +122,12 @@ class Clock:
 
 def stream_seconds(calibration: Calibration, size: int, hops: int) -> float:
     """The chain's stream of ``size`` bytes through ``hops`` nodes: the slowest of the link (times
-    TCP's efficiency) and the disk sets the rate; each hop adds its delay."""
+    TCP's efficiency) and the disk sets the rate; each hop adds its delay (one batch on the link,
+    and the node's forwarding)."""
     link = calibration.median("link_rate") / 8 * calibration.median("tcp_efficiency")
     rate = min(link, calibration.median("disk_write"))
-    return size / rate + max(0, hops - 1) * calibration.median("chain_hop")
+    hop = calibration.median("chain_batch") / link + calibration.median("hop_latency")
+    return size / rate + max(0, hops - 1) * hop
 
 
 def exec_seconds(calibration: Calibration, count: int) -> float:
