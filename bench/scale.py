@@ -2,17 +2,16 @@
 real kaschedd process and the real CLI, on SQLite and PostgreSQL, with the prolog and epilog of an
 N-node job.
 
-Run: .venv/bin/python bench/scale.py [--quick] [--nodes N] [--db sqlite|postgresql|both] [--scales 0.01,0.1]
+Run: .venv/bin/python bench/scale.py [--quick] [--nodes N] [--db sqlite|postgresql|both] [--scale 1]
      [--image-gb 5] [--link-gbit 10] [--profile]
 
-``--quick``: 1,000 nodes; default 10,000. Each operation runs at two time scales (the simulated
-hardware's pace times ``scale``); the wall time is then ``fixed + scale * paced``: ``fixed`` is what
-does not follow the hardware's pace (CPU, database, kaschedd), ``paced`` the physical critical path P
-(the calibration's model for the variants the nodes took) plus whatever kasched makes the nodes wait
-for in turn (windows). Printed per database and operation:
+``--quick``: 1,000 nodes; default 10,000. The nodes first get a revert (they are not trusted yet:
+power cycle, verify, boot), then a deploy (from the trusted reference) and a revert are measured.
+Printed per database and operation:
 
-* ``RATIO overhead = (wall - P) / wall`` at the hardware's own pace (scale 1), from the two runs;
-  and at each measured scale, the same ratio as measured;
+* ``RATIO overhead = (wall - scale x P) / wall``: P is the physical critical path (the calibration's
+  model, kasched/simulated/calibration.py, for the variants the nodes took, the slowest node's draw);
+  at ``--scale 1`` (the default) the hardware's own pace;
 * kaschedd's CPU seconds, and the CLI's; kaschedd's peak resident memory;
 * database rows per node (all tables, after everything) and transactions per node (PostgreSQL);
 * the live view's cost: one ``kasched deploy --status ID`` (kaschedd's CPU and the wall time);
@@ -129,7 +128,7 @@ class Bench:
         self.nodes, self.args, self.database = nodes, args, database
         image = int(args.image_gb * GB)
         self.calibration = {"link_rate": args.link_gbit * 1e9}
-        self.files = write_site(base, nodes, scale=args.scales[0], database=database, image_size=image,
+        self.files = write_site(base, nodes, scale=args.scale, database=database, image_size=image,
                                 calibration=self.calibration)  # fmt: skip
         started = time.perf_counter()
         config = populate(self.files)
@@ -175,7 +174,7 @@ class Bench:
         prolog, _, done = run([str(ROOT / "prolog" / "kasched-prolog")], hook)
         if done.returncode != 0:
             raise SystemExit(f"bench: prolog failed: {done.stderr[-1000:]}")
-        self.operation(kaschedd, "deploy", self.args.scales[0])
+        self.operation(kaschedd, "deploy", self.args.scale)
         hook = {**job, "SLURM_SCRIPT_CONTEXT": "epilog_slurmctld"}
         epilog, _, done = run([str(ROOT / "epilog" / "kasched-epilog")], hook)
         if done.returncode != 0:
@@ -199,21 +198,15 @@ class Bench:
         return None
 
 
-def report(name: str, runs: list[dict[str, Any]]) -> None:
-    first, second = runs
-    paced = (second["wall"] - first["wall"]) / (second["scale"] - first["scale"])
-    fixed = first["wall"] - first["scale"] * paced
-    waits = max(0.0, paced - first["path"])
-    at_pace = fixed + paced  # scale 1: the hardware's own pace
-    print(f"  {name}: P = {first['path']:.1f} s (variants {first['used']}), failed nodes {first['failed']}")
-    for measured in runs:
-        ratio = (measured["wall"] - measured["scale"] * measured["path"]) / measured["wall"]
-        print(f"    scale {measured['scale']}: wall {measured['wall']:.2f} s, kaschedd CPU {measured['cpu']:.2f} s, "
-              f"CLI CPU {measured['cli_cpu']:.2f} s, overhead at this scale {ratio:.1%}"
-              + (f", {measured['xacts']} transactions" if measured["xacts"] is not None else ""))  # fmt: skip
-    print(f"    fixed {fixed:.2f} s, paced {paced:.1f} s (P {first['path']:.1f} s + waits kasched adds {waits:.1f} s)")
-    print(f"RATIO overhead = {(at_pace - first['path']) / at_pace:.4f}  ({name}, at the hardware's pace: "
-          f"{at_pace:.0f} s against P {first['path']:.0f} s)")  # fmt: skip
+def report(name: str, measured: dict[str, Any]) -> None:
+    scaled = measured["scale"] * measured["path"]
+    ratio = (measured["wall"] - scaled) / measured["wall"]
+    xacts = f", {measured['xacts']} transactions" if measured["xacts"] is not None else ""
+    print(f"  {name}: P = {measured['path']:.1f} s at the hardware's pace (variants {measured['used']}), "
+          f"failed nodes {measured['failed']}")
+    print(f"    scale {measured['scale']}: wall {measured['wall']:.2f} s against {scaled:.2f} s of P, kaschedd CPU "
+          f"{measured['cpu']:.2f} s, CLI CPU {measured['cli_cpu']:.2f} s{xacts}")
+    print(f"RATIO overhead = {ratio:.4f}  ({name}, scale {measured['scale']})")
 
 
 def bench_database(base: Path, nodes: int, database: str, label: str, args: argparse.Namespace) -> None:
@@ -222,19 +215,17 @@ def bench_database(base: Path, nodes: int, database: str, label: str, args: argp
     profile = base / "kaschedd.prof" if args.profile else None
     kaschedd = Kaschedd(bench.files.config_path, bench.env, profile)
     try:
-        results: dict[str, list[dict[str, Any]]] = {"deploy": [], "revert": []}
-        warm = bench.operation(kaschedd, "revert", args.scales[0])  # every node verified and trusted: same paths after
-        print(f"  first revert (nodes not trusted yet): {warm['wall']:.1f} s, variants {warm['used']}")
-        for scale in args.scales:
-            for kind in ("deploy", "revert"):
-                results[kind].append(bench.operation(kaschedd, kind, scale))
-        for kind, runs in results.items():
-            report(f"{label} {kind}", runs)
+        results: dict[str, dict[str, Any]] = {}
+        warm = bench.operation(kaschedd, "revert", args.scale)  # every node verified and trusted
+        report(f"{label} first revert (nodes not trusted yet)", warm)
+        for kind in ("deploy", "revert"):
+            results[kind] = bench.operation(kaschedd, kind, args.scale)
+            report(f"{label} {kind}", results[kind])
         rows = database_counts(bench.url)[0]
-        per_op = [r["xacts"] / nodes for runs in results.values() for r in runs if r["xacts"] is not None]
+        per_op = [r["xacts"] / nodes for r in results.values() if r["xacts"] is not None]
         xacts = f"; transactions per node per operation {min(per_op):.2f}-{max(per_op):.2f}" if per_op else ""
-        print(f"  database: {rows / nodes:.1f} rows per node after {2 * len(args.scales) + 1} operations{xacts}")
-        status_wall, status_cpu = bench.live_view(kaschedd, results["deploy"][0]["id"])
+        print(f"  database: {rows / nodes:.1f} rows per node after 3 operations{xacts}")
+        status_wall, status_cpu = bench.live_view(kaschedd, results["deploy"]["id"])
         print(f"  live view: one status of a {nodes}-node deploy {status_wall * 1000:.0f} ms wall, "
               f"kaschedd CPU {status_cpu * 1000:.0f} ms")  # fmt: skip
         prolog, epilog, back = bench.hooks(kaschedd)
@@ -262,14 +253,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 nodes (default 10,000)")
     parser.add_argument("--nodes", type=int, help="another node count")
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="sqlite")
-    parser.add_argument("--scales", default="0.01,0.1", help="two time scales (default 0.01,0.1)")
+    parser.add_argument("--scale", type=float, default=1.0, help="time scale of the simulated hardware (default 1)")
     parser.add_argument("--image-gb", type=float, default=5.0, help="the image size the timings use (GB)")
     parser.add_argument("--link-gbit", type=float, default=10.0, help="the nodes' link rate (Gbit/s)")
     parser.add_argument("--profile", action="store_true", help="kaschedd under cProfile; print where time goes")
     args = parser.parse_args()
-    args.scales = [float(s) for s in args.scales.split(",")]
-    if len(args.scales) != 2 or args.scales[0] >= args.scales[1]:
-        parser.error("--scales: two increasing values")
     nodes = args.nodes or (1_000 if args.quick else 10_000)
     with tempfile.TemporaryDirectory(prefix="kasched-scale-") as directory:
         if args.db in ("sqlite", "both"):
