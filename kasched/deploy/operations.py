@@ -321,6 +321,7 @@ class Operations:
                 cancel=self.cancel,
                 listener=lambda r: self._on_step(pending.kind, pending.deployment_id, pending.env, r),
                 guard=lambda: self._stop_reason(pending.deployment_id),
+                on_attempt=lambda reports: self._on_attempt(pending.deployment_id, reports),
             )
             outcomes = workflow.run(pending.names)
         finally:
@@ -381,17 +382,15 @@ class Operations:
                 final=report.final,
             )
         )
-        with self.api.database.session() as session:  # live per-node progress for --status and the service
-            records.record_node(
-                session,
-                deployment_id,
-                report.node,
-                report.step,
-                None,
-                None if report.ok else report.error,
-                report.duration,
-            )
         self.progress(report)
+
+    def _on_attempt(self, deployment_id: str, reports: list[StepReport]) -> None:
+        """Live per-node progress for --status and the service: every node of an attempt in one
+        transaction (one per node made a 1,000-node revert wait on SQLite's commits, bench/scale.py)."""
+        with self.api.database.session() as session:
+            for report in reports:
+                error = None if report.ok else report.error
+                records.record_node(session, deployment_id, report.node, report.step, None, error, report.duration)
 
     def _make_context(
         self,

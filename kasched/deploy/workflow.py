@@ -106,6 +106,7 @@ class TransferReport:
 
 
 Listener = Callable[[StepReport], None]
+AttemptListener = Callable[[list[StepReport]], None]  # every node's report of one attempt, at once
 ProgressListener = Callable[[StepReport | TransferReport], None]
 Guard = Callable[[], str | None]  # why the workflow must stop now, or None
 
@@ -120,6 +121,7 @@ class Workflow:
         listener: Listener | None = None,
         cancel: threading.Event | None = None,
         guard: Guard | None = None,
+        on_attempt: AttemptListener | None = None,
     ) -> None:
         if not steps or any(not step.variants for step in steps):
             raise ValueError("a workflow needs steps, each with at least one variant")
@@ -127,6 +129,7 @@ class Workflow:
         self.listener = listener or (lambda report: None)
         self.cancel = cancel or threading.Event()
         self.guard = guard or (lambda: None)
+        self.on_attempt = on_attempt or (lambda reports: None)
         self.stopped: str = CANCELLED  # the error of the nodes a cancel stopped
         self.finished: set[str] = set()  # nodes done before the last step (an action said FINISHED)
 
@@ -178,6 +181,7 @@ class Workflow:
         results = _run_with_deadline(variant.action, nodes, start + budget, self.cancel)
         elapsed = time.monotonic() - start
         succeeded = []
+        reports = []
         for node in nodes:
             result = results.get(node) or NodeResult(node, False, step.name, f"timeout after {budget:.0f}s")
             outcome = outcomes[node]
@@ -190,19 +194,13 @@ class Workflow:
                 succeeded.append(node)
                 if result.value == FINISHED:
                     self.finished.add(node)
-            self.listener(
-                StepReport(
-                    node,
-                    step.name,
-                    variant.name,
-                    attempt,
-                    started_at,
-                    result.duration or elapsed,
-                    result.ok,
-                    result.error,
-                    last,
-                )
-            )
+            report = StepReport(
+                node, step.name, variant.name, attempt, started_at, result.duration or elapsed, result.ok, result.error,
+                last,
+            )  # fmt: skip
+            reports.append(report)
+            self.listener(report)
+        self.on_attempt(reports)
         return succeeded
 
     def _must_stop(self) -> bool:
