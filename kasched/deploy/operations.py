@@ -330,10 +330,8 @@ class Operations:
 
     def _finish(self, pending: PendingOperation, outcomes: dict[str, NodeOutcome]) -> OperationResult:
         with self.api.database.session() as session:
-            for node, outcome in outcomes.items():
-                records.record_node(
-                    session, pending.deployment_id, node, outcome.step, outcome.ok, outcome.error, outcome.duration
-                )
+            rows = [(node, o.step, o.ok, o.error, o.duration) for node, o in outcomes.items()]
+            records.record_nodes(session, pending.deployment_id, rows)
             states = {n: pending.final if o.ok else NodeState.DEPLOY_FAILED for n, o in outcomes.items()}
             ctx = pending.context
             trust = records.Trust(dict(ctx.shell.pins), frozenset(ctx.trusted))
@@ -387,10 +385,9 @@ class Operations:
     def _on_attempt(self, deployment_id: str, reports: list[StepReport]) -> None:
         """Live per-node progress for --status and the service: every node of an attempt in one
         transaction (one per node made a 1,000-node revert wait on SQLite's commits, bench/scale.py)."""
+        rows = [(r.node, r.step, None, None if r.ok else r.error, r.duration) for r in reports]
         with self.api.database.session() as session:
-            for report in reports:
-                error = None if report.ok else report.error
-                records.record_node(session, deployment_id, report.node, report.step, None, error, report.duration)
+            records.record_nodes(session, deployment_id, rows)
 
     def _make_context(
         self,
