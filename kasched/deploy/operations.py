@@ -39,6 +39,7 @@ from kasched.errors import ConfigError, ConflictError, InputError, PermissionDen
 from kasched.imagestore import ImageStore
 from kasched.jobs import StepEvent
 from kasched.models import NodeState, utcnow
+from kasched.nodeset import fold
 from kasched.partition_digest import BlockList, expected_blocks
 from kasched.rates import rate_bits
 from kasched.results import GroupResult, run_on_node
@@ -227,7 +228,7 @@ class Operations:
         if action not in ("on", "off", "status"):
             raise InputError(f"{action!r} is not one of on, off, status", field="power")
         names = self._allowed(nodes)
-        views = [self.api.show_node(name) for name in names]
+        views = self._views(names)
         node_targets = {t.name: t for t in targets(self.api.config, views)}
         drivers = self._power_drivers(views, node_targets)
         if action != "status":  # whatever boots now, kasched did not boot it: the next revert cycles it
@@ -253,6 +254,11 @@ class Operations:
                 )
             )
         return results
+
+    def _views(self, names: list[str]) -> list[NodeView]:
+        """The nodes' views in one query (one per node cost 2.9 ms a node at 1,000 nodes)."""
+        found = {view.name: view for view in self.api.list_nodes(fold(names))} if names else {}
+        return [found[name] if name in found else self.api.show_node(name) for name in names]
 
     @staticmethod
     def _reference_partition(node: NodeTarget) -> int:
@@ -290,7 +296,7 @@ class Operations:
         record_environment: bool = True,
     ) -> PendingOperation:
         """Everything that can be refused is checked here; then the nodes are taken and recorded."""
-        views = [self.api.show_node(name) for name in names]
+        views = self._views(names)
         context = self._make_context(views, env, partition, user_key)
         busy = NodeState.REVERTING if kind == "revert" else NodeState.DEPLOYING
         caller = self.api.caller
