@@ -207,13 +207,12 @@ class SimulatedSite:
             return
         with self.lock:
             self.dirty.clear()
-            self._load_nodes()
+            self._load_nodes()  # what another process saved meanwhile, merged (newer versions win)
             now, wall = time.monotonic(), time.time()
-            saved = persist.read(self.nodes_path) if self.nodes_stamp is not None else {}
-            for name, node in self.nodes.items():
-                if name not in saved or saved[name]["version"] <= node.version:
-                    saved[name] = persist.record(node, now, wall)
-            self.nodes_stamp = persist.write(self.nodes_path, saved)
+            saved = {name: persist.record(node, now, wall) for name, node in self.nodes.items()}
+        stamp = persist.write(self.nodes_path, saved)  # written outside the lock: the nodes go on
+        with self.lock:
+            self.nodes_stamp = stamp
 
     def _save_loop(self) -> None:
         while True:
