@@ -55,6 +55,12 @@ class Bus:
     def boot_drivers(self) -> dict[str, Callable[[Config], BootDriver]]:
         return _merge(self.manager.hook.kasched_boot_drivers())
 
+    def broadcast_methods(self) -> dict[str, Any]:
+        return _merge(self.manager.hook.kasched_broadcast_methods())
+
+    def exec_methods(self) -> dict[str, Any]:
+        return _merge(self.manager.hook.kasched_exec_methods())
+
     # Job phases
     def job_started(self, job: JobInfo) -> list[GrantView]:
         return [grant for grant in self.manager.hook.kasched_job_started(job=job) if grant is not None]

@@ -25,6 +25,7 @@ from kasched.deploy import reclaim
 from kasched.deploy.release import release
 from kasched.identity import Caller
 from kasched.local import LocalKasched
+from kasched.simulated.plugin import SimulatedDrivers
 from kasched.views import GrantView
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def open_site(config: Config, caller: Caller | None = None, *, load_entry_points
     bus.register(Journal(), "journal")
     bus.register(Reclaimer(config, bus, give_back), "reclaimer")
     bus.register(BuiltinDrivers(), "drivers")
+    bus.register(SimulatedDrivers(), "simulated")
     bus.register(StatelessImages(database, config), "stateless")
     bus.register(ConsoleMarks(config), "console-marks")
     return Kasched(config, database, bus, caller or Caller.current(config.admin_group))

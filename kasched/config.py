@@ -61,6 +61,12 @@ class Config:
     pxe_base_url: str = ""
     pxe_local_initrd: str = ""
     pxe_kernel_args: str = ""
+    # The drivers and transports every operation uses (docs/drivers.md): the boot profile driver, how
+    # commands reach the nodes (tree: SSH) and how an image does (chain: over SSH). ``simulated`` for
+    # all three, with nodes whose bmc.driver is ``simulated``: the simulated hardware kind (docs/simulated.md).
+    boot_driver: str = "pxe"
+    exec_method: str = "tree"
+    broadcast_method: str = "chain"
     revert_at_job_end: bool = True
     reconcile_interval: float = 300.0  # kaschedd runs 'kasched reconcile' this often (seconds; 0: never)
     image_max_size: int = 16 << 30  # bytes (or 16G): the largest image or URL env add copies into image_dir

@@ -55,6 +55,28 @@ def kasched_boot_drivers() -> dict[str, Callable[[Config], BootDriver]]:
     """
 
 
+@hookspec
+def kasched_broadcast_methods() -> dict[str, Any]:
+    """Called when an operation starts, if the site's ``broadcast_method`` is not the built-in
+    ``chain`` (over SSH).
+
+    Return a mapping of method name to a factory that builds, from the site configuration, a
+    :class:`~kasched.drivers.transport.BroadcastMethod` (sends an image to nodes and returns a
+    :class:`~kasched.results.GroupResult`). The simulated hardware kind registers ``simulated``.
+    """
+
+
+@hookspec
+def kasched_exec_methods() -> dict[str, Any]:
+    """Called when an operation starts, if the site's ``exec_method`` is not the built-in ``tree``
+    (SSH, direct or through relays).
+
+    Return a mapping of method name to a factory that builds, from the site configuration, a
+    :class:`~kasched.drivers.transport.ExecMethod` (runs a command on nodes and returns a
+    :class:`~kasched.results.GroupResult`). The simulated hardware kind registers ``simulated``.
+    """
+
+
 # --- Job start: a scheduler allocated nodes to a job -----------------------------------------------
 
 

@@ -17,7 +17,7 @@ MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 NODE_KEYS = {"name", "mac", "ip", "bmc", "switch", "rack", "disk"}
 BMC_KEYS = {"driver", "address", "port", "credentials"}
 DISK_KEYS = {"device", "reference_partition", "deploy_partition"}
-POWER_DRIVERS = {"ipmi", "ssh"}
+POWER_DRIVERS = {"ipmi", "ssh", "simulated"}  # simulated: docs/simulated.md
 
 
 @dataclass(frozen=True)

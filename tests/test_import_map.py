@@ -26,13 +26,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "kasched.partition_digest", "kasched.imagesecrets", "kasched.drivers",
               "kasched.drivers.*", "kasched.builtin", "kasched.builtin.*", "kasched.api")),
     ("deploy", ("kasched.deploy", "kasched.deploy.*", "kasched.partition_verify", "kasched.powercheck",
-                "kasched.reconcile")),
+                "kasched.reconcile", "kasched.simulated", "kasched.simulated.calibration",
+                "kasched.simulated.commands", "kasched.simulated.drivers", "kasched.simulated.node", "kasched.simulated.persist",
+                "kasched.simulated.plugin", "kasched.simulated.site")),
     ("front", ("kasched.front", "kasched.local", "kasched.compose", "kasched.doctor", "kasched.service",
                "kasched.service.remote",
                "kasched.service.follow", "kasched.service.access", "kasched.service.client",
                "kasched.service.auth")),
     ("service", ("kasched.service.*",)),
-    ("lab", ("kasched.lab", "kasched.lab.*")),
+    ("lab", ("kasched.lab", "kasched.lab.*", "kasched.simulated.builder")),
     ("cli", ("kasched.cli", "kasched.cli.*", "kasched.__main__")),
 ]  # fmt: skip
 

@@ -38,6 +38,7 @@ from kasched.drivers.reboot import port_cycle
 from kasched.results import GroupResult, NodeResult
 
 KEXEC_MOUNT = "/mnt/kasched-kexec"
+WAIT_WINDOW = 1024  # nodes waited for at once after their jump (32 made 100 nodes come back in 4 turns)
 KEXEC_FILES = "/run/kasched-kexec"  # where the deployment system's kernel and initrd are sent
 INSTALLED = "command -v kexec >/dev/null || { echo 'kexec-tools is not installed on the node' >&2; exit 3; }"
 # Detached in plain shell: no nohup (a coreutils program; busybox-static has none, so a deployment
@@ -88,7 +89,7 @@ def kexec_setup_command(files: BootFiles) -> str:
 def kexec_into(ctx: StepContext, names: Sequence[str], command_for: Callable[[str], str]) -> GroupResult:
     """Run each node's kexec command, then wait for each node to go down and come back."""
     started = checked(ctx.shell.run_each(names, command_for, ctx.command_timeout), "kexec")
-    wait_up = port_cycle()
+    wait_up = ctx.wait_up or port_cycle()
 
     def back(name: str) -> NodeResult:
         if not wait_up(ctx.targets[name], ctx.reboot_timeout, True):
@@ -97,7 +98,7 @@ def kexec_into(ctx: StepContext, names: Sequence[str], command_for: Callable[[st
 
     results = GroupResult()
     alive = [name for name, result in started.items() if result.ok]
-    with ThreadPoolExecutor(max_workers=max(1, min(32, len(alive)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(WAIT_WINDOW, len(alive)))) as pool:  # waits, not commands
         for result in pool.map(back, alive):
             results.add(result)
     for result in started.values():

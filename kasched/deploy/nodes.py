@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kasched.drivers.transport import ExecMethod
 from kasched.errors import KaschedError
 from kasched.results import GroupResult, NodeResult
 from kasched.transports import tree
@@ -47,6 +48,7 @@ class NodeShell:
     window: int = 32
     connect_timeout: float = 10.0
     pins: dict[str, str] = field(default_factory=dict)  # node name -> "ssh-ed25519 AAAA..."
+    method: ExecMethod | None = None  # another exec method than SSH (the site's exec_method), if any
 
     def known_hosts(self, nodes: Sequence[str]) -> str:
         """The pinned keys of ``nodes`` as ``known_hosts`` lines (by address)."""
@@ -64,6 +66,9 @@ class NodeShell:
     def run(self, nodes: Sequence[str], command: str, timeout: float, *, trust_any: bool = False) -> GroupResult:
         """The same command on every node."""
         pinned = list(nodes) if trust_any else [node for node in nodes if node in self.pins]
+        if self.method is not None:
+            pins = None if trust_any else {node: self.pins[node] for node in pinned}
+            return self._each_node(nodes, self.method.run(pinned, command, timeout, pins))
         group = tree.run(
             pinned,
             command,
@@ -76,6 +81,10 @@ class NodeShell:
             host_key_policy=HostKeyPolicy.ACCEPT if trust_any else HostKeyPolicy.STRICT,
             known_hosts="" if trust_any else self.known_hosts(pinned),
         )
+        return self._each_node(nodes, group)
+
+    @staticmethod
+    def _each_node(nodes: Sequence[str], group: GroupResult) -> GroupResult:
         results = GroupResult()
         for node in nodes:
             results.add(group[node] if node in group else NodeResult(node, False, tree.STEP, NO_PIN))
@@ -101,6 +110,21 @@ class NodeShell:
         then one ``cat >`` per file on one connection), at most ``window`` nodes at once. A node's
         result is its last command's, as for :meth:`run`."""
 
+        if self.method is not None:
+            method = self.method
+            commands = {name: f"mkdir -p {shlex.quote(directory)} && cat > {shlex.quote(f'{directory}/{name}')}"
+                        for name in files}  # fmt: skip
+
+            def push_method(node: str) -> NodeResult:
+                result = NodeResult(node, True, tree.STEP)
+                for name, content in files.items():
+                    result = method.feed(node, commands[name], [content], timeout, self.pins[node])
+                    if not result.ok:
+                        break
+                return result
+
+            return self._per_node(nodes, push_method)
+
         def push_one(node: str, session: SshSession) -> CommandOutput:
             output = CommandOutput("", "", 0)
             for name, content in files.items():
@@ -119,6 +143,11 @@ class NodeShell:
         """A command of its own on each node with its own data streamed on its stdin (one SSH session
         per node, at most ``window`` at once). A node's result is its command's, as for :meth:`run`."""
         deadline = time.monotonic() + timeout
+        if self.method is not None:
+            method = self.method
+            return self._per_node(
+                nodes, lambda node: method.feed(node, command_for(node), data_for(node), timeout, self.pins[node])
+            )
         return self._per_session(
             nodes, lambda node, session: session.stream(command_for(node), deadline, data_for(node))
         )
@@ -140,10 +169,19 @@ class NodeShell:
                 return NodeResult(node, False, tree.STEP, str(error), time.monotonic() - started)
             return tree.command_result(node, output, time.monotonic() - started)
 
+        return self._per_node(nodes, one)
+
+    def _per_node(self, nodes: Sequence[str], one: Callable[[str], NodeResult]) -> GroupResult:
+        """``one(node)`` for each node, at most ``window`` at once; a node without a pinned key is not
+        contacted."""
+
+        def pinned(node: str) -> NodeResult:
+            return one(node) if node in self.pins else NodeResult(node, False, tree.STEP, NO_PIN)
+
         group = GroupResult()
         if nodes:
             with ThreadPoolExecutor(max_workers=min(self.window, len(nodes))) as pool:
-                for result in pool.map(one, nodes):
+                for result in pool.map(pinned, nodes):
                     group.add(result)
         return group
 

@@ -258,6 +258,20 @@ def record_node(
         row.step, row.ok, row.error, row.duration = step, ok, error, duration
 
 
+NodeRow = tuple[str, str, bool | None, str | None, float]  # node, step, ok, error, duration
+
+
+def record_nodes(session: Session, deployment_id: str, rows: Sequence[NodeRow]) -> None:
+    """:func:`record_node` for many nodes ``(node, step, ok, error, duration)`` in one bulk UPDATE by
+    primary key (a row per node looked up first cost 1.4 ms a node at 1,000 nodes, bench/scale.py)."""
+    if rows:
+        session.execute(
+            update(OperationNode),
+            [{"deployment_id": deployment_id, "node": node, "step": step, "ok": ok, "error": error,
+              "duration": duration} for node, step, ok, error, duration in rows],
+        )  # fmt: skip
+
+
 def finish(
     session: Session,
     deployment_id: str,

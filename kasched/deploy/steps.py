@@ -29,7 +29,8 @@ from kasched.bootkeys import BootKeys
 from kasched.deploy.nodes import NO_PIN, SYSTEM_PROBE, NodeShell, checked, stdout_of
 from kasched.deploy.transfer import CountingReader, TransferMeter
 from kasched.drivers.base import BootDevice, BootDriver, BootTarget, NodeTarget, PowerDriver
-from kasched.drivers.reboot import Rebooter, RebootLevel
+from kasched.drivers.reboot import Rebooter, RebootLevel, WaitUp, port_cycle
+from kasched.drivers.transport import BroadcastMethod
 from kasched.errors import KaschedError
 from kasched.partition_digest import BlockList
 from kasched.partition_verify import PartitionCheck
@@ -69,6 +70,10 @@ class StepContext:
     # Nodes whose running system kasched vouches for: the verified reference no user held since, or a
     # system booted in this operation with its per-boot key checked. Only they get a soft reboot.
     trusted: set[str] = field(default_factory=set)
+    # The site's transports when they are not SSH's (exec_method, broadcast_method): how a reboot sees a
+    # node back, and how the image is sent (None: sshd's port, the chain over SSH).
+    wait_up: WaitUp | None = None
+    broadcast_method: BroadcastMethod | None = None
 
     @property
     def env(self) -> EnvironmentView:
@@ -109,6 +114,7 @@ def reboot(ctx: StepContext, names: Sequence[str], levels: Sequence[RebootLevel]
             levels=usable,
             timeout=ctx.reboot_timeout,
             boot_device=BootDevice.NETWORK,
+            wait_up=ctx.wait_up or port_cycle(),
         )
         for result in rebooter.reboot(group).values():
             results.add(result)
@@ -408,7 +414,8 @@ def _send_one_chain(ctx: StepContext, chain: list[ChainNode], meter: TransferMet
     def send(source: BinaryIO) -> GroupResult:
         # The agents are shipped over SSH (the node needs python3 only), started, sent to, stopped.
         counted = cast(BinaryIO, CountingReader(source, meter)) if meter is not None else source  # reads, fileno
-        return broadcast_over_ssh(
+        method: BroadcastMethod = ctx.broadcast_method or broadcast_over_ssh
+        return method(
             counted, nodes, sink, addresses, auth, expected_sha256=ctx.env.sha256, options=ctx.broadcast,
             prepare=lambda name: prepare_command(ctx, ctx.targets[name]), prepare_timeout=ctx.command_timeout,
         )  # fmt: skip

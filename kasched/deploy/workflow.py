@@ -75,6 +75,7 @@ class TransferReport:
 
 
 Listener = Callable[[StepEvent], None]
+AttemptListener = Callable[[list[StepEvent]], None]  # every node's report of one attempt, at once
 ProgressListener = Callable[[StepEvent | TransferReport], None]
 Guard = Callable[[], str | None]  # why the workflow must stop now, or None
 
@@ -89,6 +90,7 @@ class Workflow:
         listener: Listener | None = None,
         cancel: threading.Event | None = None,
         guard: Guard | None = None,
+        on_attempt: AttemptListener | None = None,
     ) -> None:
         if not steps or any(not step.variants for step in steps):
             raise ValueError("a workflow needs steps, each with at least one variant")
@@ -96,6 +98,7 @@ class Workflow:
         self.listener = listener or (lambda report: None)
         self.cancel = cancel or threading.Event()
         self.guard = guard or (lambda: None)
+        self.on_attempt = on_attempt or (lambda reports: None)
         self.stopped: str = CANCELLED  # the error of the nodes a cancel stopped
         self.finished: set[str] = set()  # nodes done before the last step (an action said FINISHED)
 
@@ -147,6 +150,7 @@ class Workflow:
         results = _run_with_deadline(variant.action, nodes, start + budget, self.cancel)
         elapsed = time.monotonic() - start
         succeeded = []
+        reports = []
         for node in nodes:
             result = results.get(node) or NodeResult(node, False, step.name, f"timeout after {budget:.0f}s")
             outcome = outcomes[node]
@@ -161,19 +165,13 @@ class Workflow:
                 succeeded.append(node)
                 if result.value == FINISHED:
                     self.finished.add(node)
-            self.listener(
-                StepEvent(
-                    node,
-                    step.name,
-                    variant.name,
-                    attempt,
-                    started_at,
-                    result.duration or elapsed,
-                    result.ok,
-                    result.error,
-                    last,
-                )
-            )
+            report = StepEvent(
+                node, step.name, variant.name, attempt, started_at, result.duration or elapsed, result.ok, result.error,
+                last,
+            )  # fmt: skip
+            reports.append(report)
+            self.listener(report)
+        self.on_attempt(reports)
         return succeeded
 
     def _must_stop(self) -> bool:
