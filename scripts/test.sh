@@ -19,7 +19,9 @@ fi
 MACHINE="lab or slurm or oar"
 host_log=$(mktemp /tmp/kasched-host-tests.XXXXXX)
 trap 'rm -f "$host_log"' EXIT
-nice -n 10 "${PYTEST[@]}" -m "not ($MACHINE)" >"$host_log" 2>&1 &
+# A script's background command starts with SIGINT and SIGQUIT ignored, and so would every process the
+# tests start (a test that interrupts one would wait forever): give them back their default.
+env --default-signal=INT,QUIT nice -n 10 "${PYTEST[@]}" -m "not ($MACHINE)" >"$host_log" 2>&1 &
 host=$!
 machine_status=0
 # The schedulers' tests (mostly waiting) first, the QEMU and hostile-node ones (e2e: busy CPUs) last,
