@@ -15,7 +15,7 @@ import pytest
 from kasched.cli import main
 from kasched.compose import open_local
 from kasched.config import Config
-from kasched.errors import KaschedError
+from kasched.errors import InputError, KaschedError
 from kasched.front import Event, KaschedFront, Started
 from kasched.identity import Caller
 from kasched.messages import StepEvent
@@ -114,6 +114,13 @@ def test_a_deploy_gives_the_same_result_and_events_both_ways(
     listed = [[op.id for op in front.operations(limit=10)] for front in (local, remote)]
     assert listed[0] == listed[1] and set(listed[0]) == {mine.deployment_id, theirs.deployment_id}
     assert local.operations(running=True) == remote.operations(running=True) == []
+    other = open_local(local.api.config, Caller("kasched-bob", is_admin=False))  # type: ignore[attr-defined]
+    try:
+        assert other.operations(limit=10) == []  # an ordinary user lists only their own operations
+    finally:
+        other.close()
+    for limit in (0, 10_001):  # one clear error, both ways
+        assert error_kind(lambda front: front.operations(limit=limit), remote) is InputError  # noqa: B023
 
 
 def test_the_cli_lists_the_same_operations_both_ways(
