@@ -45,9 +45,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("agent_start", 0.15, 0.2, "s", "docs/benchmarks.md, prepare bench: a chain agent's start on a node, "
            "121-164 ms of CPU (the nodes start theirs in parallel)"),
     Figure("link_rate", 1e9, 0.0, "bit/s", "the lab's node links, 1 Gbit/s (revert bench); 10 GbE for a projection"),
-    Figure("tcp_efficiency", 0.952, 0.0, "", "docs/benchmarks.md, broadcast session 11: TCP on 1500-byte frames "
+    Figure("tcp_efficiency", 0.952, 0.0, "", "docs/benchmarks.md, 'Broadcast': TCP on 1500-byte frames "
            "carries 0.956 x 0.996 of a link"),
-    Figure("chain_batch", 16384, 0.0, "B", "docs/benchmarks.md, broadcast session 11: a node forwards up to one "
+    Figure("chain_batch", 16384, 0.0, "B", "docs/benchmarks.md, 'Broadcast': a node forwards up to one "
            "16 KiB batch; 0.86 s over 63 hops at 10 Mbit/s is 13.7 ms a hop, one batch's time on the link (13.1 ms)"),
     Figure("hop_latency", 0.0005, 0.3, "s", "a node's own forwarding of a batch (the agent's loop): stated, 0.5 ms; "
            "below what the lab's 10 Mbit/s runs could tell apart"),
